@@ -1,0 +1,105 @@
+# deltamla build.
+#   make            bin/deltamla (CPU backend; CUDA kernels too when nvcc is found)
+#   make test       every CPU test (the README's test command)
+#   make clean
+# MPI, CUDA, NCCL and HDF5 are found through their compiler wrappers, pkg-config or
+# *_HOME variables (MPI: mpicc on PATH or MPICC=; CUDA: nvcc on PATH or CUDA_HOME;
+# HDF5: pkg-config hdf5-openmpi or HDF5_HOME; NCCL: NCCL_HOME or the CUDA include path).
+
+CFLAGS_BASE := -std=c11 -O2 -g -Wall -Wextra -Wno-unused-parameter -fopenmp -MMD -MP
+LDLIBS := -lm -fopenmp
+
+# ---- MPI ----
+MPICC ?= $(shell command -v mpicc 2>/dev/null)
+ifneq ($(MPICC),)
+  CC := $(MPICC)
+  HAVE_MPI := yes
+  CFLAGS_BASE += -DDELTAMLA_HAVE_MPI
+else
+  CC := cc
+  HAVE_MPI := no
+endif
+
+# ---- CUDA ----
+NVCC ?= $(shell command -v nvcc 2>/dev/null || { test -n "$(CUDA_HOME)" && test -x "$(CUDA_HOME)/bin/nvcc" && echo "$(CUDA_HOME)/bin/nvcc"; })
+CU_SRCS := $(wildcard kernels/*.cu)
+ifneq ($(NVCC),)
+  HAVE_CUDA := yes
+  CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+  NVCCFLAGS := -O3 -g -lineinfo -arch=sm_90a -std=c++17 -Xcompiler -fPIC -MMD -MP
+else
+  HAVE_CUDA := no
+endif
+
+# ---- NCCL (header check only until the distributed runtime uses it) ----
+NCCL_INC := $(firstword $(wildcard $(NCCL_HOME)/include/nccl.h $(CUDA_HOME)/include/nccl.h /usr/include/nccl.h))
+HAVE_NCCL := $(if $(NCCL_INC),yes,no)
+
+# ---- HDF5 (parallel) ----
+HDF5_PC := $(shell pkg-config --exists hdf5-openmpi 2>/dev/null && echo hdf5-openmpi)
+ifneq ($(HDF5_HOME),)
+  HAVE_HDF5 := $(if $(wildcard $(HDF5_HOME)/include/hdf5.h),yes,no)
+else
+  HAVE_HDF5 := $(if $(HDF5_PC),yes,no)
+endif
+
+CFLAGS := $(CFLAGS_BASE) $(CFLAGS_EXTRA)
+
+LIB_SRCS := $(filter-out src/main.c,$(wildcard src/*.c src/cpu/*.c io/*.c))
+LIB_OBJS := $(patsubst %.c,build/obj/%.o,$(LIB_SRCS))
+CU_OBJS := $(if $(filter yes,$(HAVE_CUDA)),$(patsubst %.cu,build/obj/%.o,$(CU_SRCS)))
+DBL_OBJS := $(patsubst %.c,build/dbl/%.o,$(wildcard src/cpu/*.c)) build/dbl/tests/ops/gradcheck.o
+
+OPS_TESTS := $(patsubst tests/ops/%.c,build/tests/%,$(filter-out tests/ops/gradcheck.c,$(wildcard tests/ops/*.c)))
+LIB_TESTS := $(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c))
+
+.PHONY: all test clean found tests-build
+all: found bin/deltamla
+
+found:
+	@echo "deltamla build: MPI=$(HAVE_MPI)$(if $(filter yes,$(HAVE_MPI)), ($(MPICC)))  CUDA=$(HAVE_CUDA)$(if $(filter yes,$(HAVE_CUDA)), ($(NVCC)))  NCCL=$(HAVE_NCCL)  HDF5=$(HAVE_HDF5)"
+
+build/libdeltamla.a: $(LIB_OBJS) $(CU_OBJS)
+	@mkdir -p $(@D)
+	ar rcs $@ $^
+
+bin/deltamla: build/obj/src/main.o build/libdeltamla.a
+	@mkdir -p $(@D)
+	$(CC) -o $@ $(filter %.c %.o %.a,$^) $(LDLIBS)
+	@echo "built $@ (backends: cpu$(if $(filter yes,$(HAVE_CUDA)), + compiled kernels/))"
+
+build/obj/%.o: %.c
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -Isrc -c $< -o $@
+
+build/obj/%.o: %.cu
+	@mkdir -p $(@D)
+	$(NVCC) $(NVCCFLAGS) -Isrc -c $< -o $@
+
+build/dbl/%.o: %.c
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -DCPU_REAL_DOUBLE -Isrc -Isrc/cpu -Itests/ops -c $< -o $@
+
+build/tests/%: tests/ops/%.c $(DBL_OBJS)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -DCPU_REAL_DOUBLE -Isrc -Isrc/cpu -Itests/ops -o $@ $(filter %.c %.o %.a,$^) $(LDLIBS)
+
+build/tests/%: tests/%.c build/libdeltamla.a
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -Isrc -o $@ $(filter %.c %.o %.a,$^) $(LDLIBS)
+
+TOOLS := $(patsubst tests/tools/%.c,build/tests/%,$(wildcard tests/tools/*.c))
+
+build/tests/%: tests/tools/%.c build/libdeltamla.a
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -Isrc -o $@ $(filter %.c %.o %.a,$^) $(LDLIBS)
+
+tests-build: bin/deltamla $(OPS_TESTS) $(LIB_TESTS) $(TOOLS)
+
+test: found tests-build
+	bash tests/run_tests.sh
+
+clean:
+	rm -rf build bin
+
+-include $(shell find build -name '*.d' 2>/dev/null)

@@ -1,0 +1,191 @@
+/* backend.h: the op table that the model graph is written against.
+ *
+ * The model graph (src/model*.c) decides which op runs when and on which buffers; a
+ * backend decides how. The CPU backend (src/cpu/) is plain C + OpenMP in fp32 and is
+ * the oracle for every other backend; the CUDA backend (kernels/) fills the same table.
+ * Every pointer argument is a buffer of the backend's memory (host memory for the CPU
+ * backend, device memory for CUDA) unless its comment says "host".
+ *
+ * Conventions shared by every op:
+ *   - N = B*T tokens, row-major [N, C] activations (token-major, channel-minor).
+ *   - A Linear weight is [out, in] and computes y = x W^T (MODEL.md).
+ *   - Forward ops overwrite their outputs. Backward ops ACCUMULATE (+=) into every
+ *     gradient they produce (input gradients and parameter gradients alike), so a
+ *     tensor used twice (shared QK, residual branches, gradient accumulation) simply
+ *     receives both contributions; callers zero what must start at zero.
+ *   - Ops are deterministic: the same inputs give bit-identical outputs run after run.
+ *   - "save" buffers are written by the forward op and read by its backward.
+ */
+#ifndef DELTAMLA_BACKEND_H
+#define DELTAMLA_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct backend {
+    const char *name; /* "cpu" or "cuda" */
+
+    /* ---- memory ---- */
+    void *(*alloc)(size_t bytes);                 /* zero-filled; aborts with a message on failure */
+    void (*free)(void *p);
+    void (*zero)(void *p, size_t bytes);
+    void (*to_host)(void *host_dst, const void *src, size_t bytes);
+    void (*from_host)(void *dst, const void *host_src, size_t bytes);
+    void (*copy)(void *dst, const void *src, size_t bytes);
+    void (*sync)(void);                           /* wait for all queued work */
+
+    /* ---- elementwise ---- */
+    /* y[i] += x[i] for i < n */
+    void (*add_inplace)(float *y, const float *x, size_t n);
+    /* x[i] *= s */
+    void (*scale_inplace)(float *x, float s, size_t n);
+    /* host: returns sum of x[i]^2 computed in double */
+    double (*sumsq)(const float *x, size_t n);
+
+    /* ---- embedding (tied with the head) ---- */
+    /* out[N,C] = wte[tokens[i], :] ; tokens is int32 in backend memory */
+    void (*embedding_forward)(float *out, const int32_t *tokens, const float *wte, int N, int C);
+    /* dwte[tokens[i], :] += dout[i, :] */
+    void (*embedding_backward)(float *dwte, const float *dout, const int32_t *tokens, int N, int C);
+
+    /* ---- dense matmul ---- */
+    /* y[N,out] = x[N,in] W[out,in]^T */
+    void (*matmul_forward)(float *y, const float *x, const float *w, int N, int in, int out);
+    /* dx[N,in] += dy W (skipped if dx NULL); dw[out,in] += dy^T x (skipped if dw NULL) */
+    void (*matmul_backward)(float *dx, float *dw, const float *dy, const float *x, const float *w,
+                            int N, int in, int out);
+
+    /* ---- norms ---- */
+    /* RMSNorm, eps 1e-6: out = w * x / sqrt(mean(x^2) + eps); rstd[N] saved */
+    void (*rmsnorm_forward)(float *out, float *rstd, const float *x, const float *w, int N, int C);
+    void (*rmsnorm_backward)(float *dx, float *dw, const float *dout, const float *x, const float *w,
+                             const float *rstd, int N, int C);
+    /* LayerNorm, eps 1e-5: out = (x - mean) * rstd * w + b; mean[N], rstd[N] saved */
+    void (*layernorm_forward)(float *out, float *mean, float *rstd, const float *x, const float *w,
+                              const float *b, int N, int C);
+    void (*layernorm_backward)(float *dx, float *dw, float *db, const float *dout, const float *x,
+                               const float *w, const float *mean, const float *rstd, int N, int C);
+
+    /* ---- SwiGLU ---- */
+    /* in[N,2h] = [first | second]; silu_first = 1: out = silu(first) * second (experts),
+     * silu_first = 0: out = first * silu(second) (dense MLP). out[N,h] */
+    void (*swiglu_forward)(float *out, const float *in, int N, int h, int silu_first);
+    void (*swiglu_backward)(float *din, const float *dout, const float *in, int N, int h, int silu_first);
+
+    /* ---- Gated DeltaNet pieces ---- */
+    /* Short causal depthwise conv, kernel 4, with bias: x,y [B,T,C], w [C,4] oldest tap
+     * first, bias [C]: y[b,t,c] = bias[c] + sum_s w[c,s] * x[b,t-3+s,c] (zero before t=0).
+     * doc_start: NULL, or int32 [B,T] with 1 where a document starts (history reset). */
+    void (*conv_forward)(float *y, const float *x, const float *w, const float *bias,
+                         const int32_t *doc_start, int B, int T, int C);
+    void (*conv_backward)(float *dx, float *dw, float *dbias, const float *dy, const float *x,
+                          const float *w, const int32_t *doc_start, int B, int T, int C);
+    /* g = logsigmoid(graw), beta = sigmoid(braw), all [n] */
+    void (*gates_forward)(float *g, float *beta, const float *graw, const float *braw, size_t n);
+    void (*gates_backward)(float *dgraw, float *dbraw, const float *dg, const float *dbeta,
+                           const float *graw, const float *braw, size_t n);
+    /* per row of length D (n rows): y = x / max(||x||_2, 1e-12); rnorm[n] = 1/max(..) saved */
+    void (*l2norm_forward)(float *y, float *rnorm, const float *x, int n, int D);
+    void (*l2norm_backward)(float *dx, const float *dy, const float *x, const float *rnorm, int n, int D);
+    /* The gated delta rule (MODEL.md section 3), chunked, per (b, h):
+     * q,k,v,o [B,T,H,D]; g,beta [B,T,H]; q is multiplied by `scale` inside.
+     * S <- exp(g_t) S; w = beta_t (v_t - S^T k_t); S <- S + k_t w^T; o_t = S^T (scale q_t).
+     * state_save: gdn_state_floats(B,T,H,D) floats, laid out [B, H, ceil(T/64), D, D]: the
+ * state entering each chunk (after any reset at the chunk's first token).
+     * doc_start: NULL or int32 [B,T], 1 where the state resets to 0 (before token t). */
+    void (*gdn_forward)(float *o, float *state_save, const float *q, const float *k, const float *v,
+                        const float *g, const float *beta, const int32_t *doc_start,
+                        int B, int T, int H, int D, float scale);
+    void (*gdn_backward)(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout,
+                         const float *q, const float *k, const float *v, const float *g,
+                         const float *beta, const float *state_save, const int32_t *doc_start,
+                         int B, int T, int H, int D, float scale);
+
+    /* ---- MLA pieces ---- */
+    /* Assemble per-head attention inputs from the projections (MODEL.md section 4):
+     *   q  [N, H*(dn+dr)]  per head [q_nope | q_pe]
+     *   kv [N, H*(dn+dv)]  per head [k_nope | v]
+     *   kpe [N, dr] with row stride kpe_stride (it lives inside c = [c_kv | k_pe])
+     * outputs qh, kh [N, H, dn+dr] (RoPE applied to the pe parts, k_pe broadcast to all
+     * heads) and vh [N, H, dv]. pos: NULL (position = t within its row of T tokens) or
+     * int32 [N] positions. Interleaved RoPE, theta given. */
+    void (*mla_prep_forward)(float *qh, float *kh, float *vh, const float *q, const float *kv,
+                             const float *kpe, int kpe_stride, const int32_t *pos,
+                             int B, int T, int H, int dn, int dr, int dv, float theta);
+    void (*mla_prep_backward)(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dqh,
+                              const float *dkh, const float *dvh, const int32_t *pos,
+                              int B, int T, int H, int dn, int dr, int dv, float theta);
+    /* Causal softmax attention per (b, h): q,k [B,T,H,Dk], v [B,T,H,Dv], out [B,T,H,Dv],
+     * lse [B,H,T] saved (log-sum-exp of the scaled scores of each query row).
+     * doc_id: NULL or int32 [B,T]: query t sees key s only if s <= t and doc_id equal. */
+    void (*attention_forward)(float *out, float *lse, const float *q, const float *k, const float *v,
+                              const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale);
+    void (*attention_backward)(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                               const float *lse, const float *q, const float *k, const float *v,
+                               const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale);
+
+    /* ---- mixture of experts (MODEL.md section 5) ---- */
+    /* Router: z [N,E] logits. aff = sigmoid(z); select top-k of aff + bias (ties: lower
+     * expert index first); gate = aff_sel / (sum aff_sel + 1e-9).
+     * Outputs: idx int32 [N,k] (in descending order of aff+bias), gate [N,k],
+     * counts int32 [E] (tokens routed to each expert, overwritten),
+     * zloss_out: one float in backend memory = zcoef * mean_i(logsumexp(z_i)^2). */
+    void (*moe_route_forward)(int32_t *idx, float *gate, int32_t *counts, float *zloss_out,
+                              const float *z, const float *bias, int N, int E, int k, float zcoef);
+    /* dz[N,E] += d(gates)/dz^T dgate + d(zloss)/dz * dzloss (dzloss a host scalar) */
+    void (*moe_route_backward)(float *dz, const float *dgate, float dzloss, const float *z,
+                               const int32_t *idx, int N, int E, int k, float zcoef);
+    /* Routed SwiGLU experts, stacks as stored by the reference: w1 [E, in, 2h] (x @ w1,
+     * columns [g | u]), w2 [E, h, out]. y[N,out] = sum_j gate[i,j] * expert_idx[i,j](x_i),
+     * expert(x) = (silu(x w1_g) * (x w1_u)) w2. save: N*k*3h floats. */
+    void (*moe_experts_forward)(float *y, float *save, const float *x, const int32_t *idx,
+                                const float *gate, const float *w1, const float *w2,
+                                int N, int E, int k, int in, int h, int out);
+    /* accumulates dx [N,in], dgate [N,k], dw1, dw2 */
+    void (*moe_experts_backward)(float *dx, float *dgate, float *dw1, float *dw2, const float *dy,
+                                 const float *save, const float *x, const int32_t *idx,
+                                 const float *gate, const float *w1, const float *w2,
+                                 int N, int E, int k, int in, int h, int out);
+
+    /* ---- tied head + cross-entropy, never storing [N,V] logits ---- */
+    /* logits_i = h_i wte^T; loss[i] = lse_i - logits_i[target_i], or 0 where target = -100.
+     * lse[N] saved. Returns nothing; loss [N] in backend memory. */
+    void (*classifier_forward)(float *loss, float *lse, const float *h, const float *wte,
+                               const int32_t *targets, int N, int V, int C);
+    /* dlogits_i = dloss_scale * (softmax_i - onehot(target_i)) for valid targets, 0 else;
+     * dh += dlogits wte, dwte += dlogits^T h */
+    void (*classifier_backward)(float *dh, float *dwte, const float *h, const float *wte,
+                                const int32_t *targets, const float *lse, float dloss_scale,
+                                int N, int V, int C);
+
+    /* ---- optimizers (MODEL.md section 9) ---- */
+    /* torch.optim.AdamW for one tensor; step is 1-based */
+    void (*adamw_update)(float *p, const float *g, float *m, float *v, size_t n, float lr,
+                         float beta1, float beta2, float eps, float wd, int step);
+    /* torch.optim.Muon for one [rows, cols] matrix, nesterov, NS5 with (a,b,c) of MODEL.md,
+     * eps 1e-7: buf <- mu buf + (1-mu) g; upd = NS5((1-mu) g + mu buf);
+     * p *= 1 - lr wd; p -= lr sqrt(max(1, rows/cols)) upd.
+     * work: muon_work_floats(rows, cols) floats of scratch. */
+    void (*muon_update)(float *p, const float *g, float *buf, float *work, int rows, int cols,
+                        float lr, float mu, float wd);
+} backend;
+
+/* floats of state_save for gdn_forward: one D x D state per (b, h, chunk start) */
+size_t gdn_state_floats(int B, int T, int H, int D);
+/* scratch floats muon_update needs for a rows x cols matrix */
+size_t muon_work_floats(int rows, int cols);
+
+#define GDN_CHUNK 64
+
+/* The CPU backend (always present). */
+const backend *backend_cpu(void);
+
+#ifdef DELTAMLA_HAVE_CUDA
+/* The CUDA backend on GPU `device` (of those visible); dies with one line if there is
+ * none. Built only when nvcc is found. */
+const backend *backend_cuda(int device);
+/* number of visible CUDA GPUs (0 without a driver) */
+int cuda_device_count(void);
+#endif
+
+#endif

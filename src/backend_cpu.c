@@ -1,0 +1,73 @@
+/* backend_cpu.c: the CPU backend's op table. The ops themselves live in src/cpu/ (one
+ * file per op family, built with real = float here); this file adds host memory
+ * management and fills the table. */
+#define _POSIX_C_SOURCE 200809L
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "cpu/cpu_ops.h"
+#include "util.h"
+
+_Static_assert(sizeof(real) == sizeof(float), "the CPU backend is built with real = float");
+
+static void *cpu_alloc(size_t bytes)
+{
+    void *p = NULL;
+    size_t rounded = (bytes + 63) & ~(size_t)63;
+    if (posix_memalign(&p, 64, rounded ? rounded : 64) != 0)
+        die("out of host memory allocating %zu bytes for the CPU backend", bytes);
+    memset(p, 0, rounded);
+    return p;
+}
+
+static void cpu_free(void *p) { free(p); }
+static void cpu_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
+static void cpu_copy(void *dst, const void *src, size_t bytes) { memmove(dst, src, bytes); }
+static void cpu_sync(void) {}
+
+static const backend cpu_backend = {
+    .name = "cpu",
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .zero = cpu_zero,
+    .to_host = cpu_copy,
+    .from_host = cpu_copy,
+    .copy = cpu_copy,
+    .sync = cpu_sync,
+    .add_inplace = cpu_add_inplace,
+    .scale_inplace = cpu_scale_inplace,
+    .sumsq = cpu_sumsq,
+    .embedding_forward = cpu_embedding_forward,
+    .embedding_backward = cpu_embedding_backward,
+    .matmul_forward = cpu_matmul_forward,
+    .matmul_backward = cpu_matmul_backward,
+    .rmsnorm_forward = cpu_rmsnorm_forward,
+    .rmsnorm_backward = cpu_rmsnorm_backward,
+    .layernorm_forward = cpu_layernorm_forward,
+    .layernorm_backward = cpu_layernorm_backward,
+    .swiglu_forward = cpu_swiglu_forward,
+    .swiglu_backward = cpu_swiglu_backward,
+    .conv_forward = cpu_conv_forward,
+    .conv_backward = cpu_conv_backward,
+    .gates_forward = cpu_gates_forward,
+    .gates_backward = cpu_gates_backward,
+    .l2norm_forward = cpu_l2norm_forward,
+    .l2norm_backward = cpu_l2norm_backward,
+    .gdn_forward = cpu_gdn_forward,
+    .gdn_backward = cpu_gdn_backward,
+    .mla_prep_forward = cpu_mla_prep_forward,
+    .mla_prep_backward = cpu_mla_prep_backward,
+    .attention_forward = cpu_attention_forward,
+    .attention_backward = cpu_attention_backward,
+    .moe_route_forward = cpu_moe_route_forward,
+    .moe_route_backward = cpu_moe_route_backward,
+    .moe_experts_forward = cpu_moe_experts_forward,
+    .moe_experts_backward = cpu_moe_experts_backward,
+    .classifier_forward = cpu_classifier_forward,
+    .classifier_backward = cpu_classifier_backward,
+    .adamw_update = cpu_adamw_update,
+    .muon_update = cpu_muon_update,
+};
+
+const backend *backend_cpu(void) { return &cpu_backend; }

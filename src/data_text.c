@@ -1,0 +1,108 @@
+/* data_text.c: the byte-level text data source (see data.h). The whole file is read
+ * into memory: it is meant for small corpora and demos; large corpora go through
+ * `deltamla prep` into token shards. */
+#define _POSIX_C_SOURCE 200809L
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "data.h"
+#include "rng.h"
+#include "util.h"
+
+typedef struct text_impl {
+    unsigned char *bytes;
+    int64_t n;
+    int T;
+    uint64_t seed;
+} text_impl;
+
+int64_t data_permute(int64_t i, int64_t n, uint64_t seed, int64_t epoch)
+{
+    if (n <= 1) return 0;
+    int bits = 2;
+    while (bits < 62 && ((int64_t)1 << bits) < n) bits++;
+    if (bits & 1) bits++;
+    int half = bits / 2;
+    uint64_t mask = ((uint64_t)1 << half) - 1;
+    uint64_t key = rng_key(seed, "data-order") ^ rng_bits((uint64_t)epoch, 0x5eed);
+    uint64_t x = (uint64_t)i;
+    do { /* cycle walking: re-encrypt until the value falls inside [0, n) */
+        uint64_t l = x >> half, r = x & mask;
+        for (int round = 0; round < 4; round++) {
+            uint64_t f = rng_bits(key + (uint64_t)round, r) & mask;
+            uint64_t nl = r;
+            r = l ^ f;
+            l = nl;
+        }
+        x = (l << half) | r;
+    } while (x >= (uint64_t)n);
+    return (int64_t)x;
+}
+
+static void text_next_batch(data_source *s, int32_t *inputs, int32_t *targets, int B, int T)
+{
+    text_impl *t = s->impl;
+    fatal_check(T == t->T);
+    for (int b = 0; b < B; b++) {
+        if (s->row >= s->num_rows) {
+            s->epoch++;
+            s->row = 0;
+        }
+        int64_t r = data_permute(s->row++, s->num_rows, t->seed, s->epoch);
+        const unsigned char *p = t->bytes + r * T;
+        for (int i = 0; i < T; i++) {
+            inputs[(size_t)b * T + i] = p[i];
+            targets[(size_t)b * T + i] = p[i + 1];
+        }
+    }
+}
+
+static void text_close(data_source *s)
+{
+    text_impl *t = s->impl;
+    free(t->bytes);
+    free(t);
+    free(s);
+}
+
+data_source *data_text_open(const char *path, int T, uint64_t seed)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) die("cannot open data file %s: %s", path, strerror(errno));
+    size_t cap = 1 << 20, n = 0;
+    unsigned char *buf = xmalloc(cap);
+    for (;;) {
+        if (n == cap) {
+            cap *= 2;
+            unsigned char *nb = realloc(buf, cap);
+            if (!nb) die("out of host memory reading %s", path);
+            buf = nb;
+        }
+        size_t got = fread(buf + n, 1, cap - n, f);
+        n += got;
+        if (got == 0) break;
+    }
+    int err = ferror(f);
+    fclose(f);
+    if (err) die("error reading data file %s", path);
+    if ((int64_t)n < (int64_t)T + 1)
+        die("data file %s holds %zu bytes, fewer than one row of --block_size %d + 1", path, n, T);
+    text_impl *t = xcalloc(1, sizeof *t);
+    t->bytes = buf;
+    t->n = (int64_t)n;
+    t->T = T;
+    t->seed = seed;
+    data_source *s = xcalloc(1, sizeof *s);
+    s->kind = "text";
+    s->num_tokens = (int64_t)n;
+    s->num_rows = ((int64_t)n - 1) / T;
+    s->max_token = 0;
+    for (size_t i = 0; i < n; i++)
+        if (buf[i] > s->max_token) s->max_token = buf[i];
+    s->next_batch = text_next_batch;
+    s->close = text_close;
+    s->impl = t;
+    return s;
+}

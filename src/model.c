@@ -1,0 +1,207 @@
+/* model.c: planning the model's memory, and the top of the graph: embedding, the
+ * stack of blocks, the final norm and the fused head + cross-entropy. The blocks
+ * themselves are in model_gdn.c and model_mla.c.
+ *
+ * Memory is planned once: one allocation each for parameters, gradients, router state,
+ * saved activations and backward scratch. With --gradient_checkpointing all blocks
+ * share one activation region and each block's forward is run again just before its
+ * backward, so only the block inputs (the residual stream) are kept per layer.
+ */
+#include "model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model_internal.h"
+#include "util.h"
+
+int model_index(const model *m, int l, const char *suffix, int required)
+{
+    char name[128];
+    snprintf(name, sizeof name, "transformer.h.%d.%s", l, suffix);
+    int i = params_find(&m->table, name);
+    if (i < 0 && required) die("internal: parameter %s missing from the table", name);
+    return required || i >= 0 ? i : -1;
+}
+
+/* Plan (a.base NULL) or place every block's saved activations; returns bytes needed. */
+static size_t plan_layers(model *m, char *base, size_t cap, size_t *one_layer_max)
+{
+    size_t shared_max = 0, total = 0;
+    m->n_moe = 0;
+    for (int l = 0; l < m->cfg.n_layer; l++) {
+        arena a = {base, 0, cap};
+        if (!m->cfg.gradient_checkpointing) { /* layers one after another */
+            a.base = base ? base + total : NULL;
+            a.cap = base ? cap - total : 0;
+        }
+        if (m->layers[l].is_gdn) gdn_plan(m, l, &a);
+        else mla_plan(m, l, &a);
+        size_t bytes = (a.used + 255) & ~(size_t)255;
+        total += bytes;
+        if (bytes > shared_max) shared_max = bytes;
+    }
+    *one_layer_max = shared_max;
+    return m->cfg.gradient_checkpointing ? shared_max : total;
+}
+
+void model_init(model *m, const config *cfg, const backend *be, int B, int T)
+{
+    memset(m, 0, sizeof *m);
+    m->cfg = *cfg;
+    m->be = be;
+    m->B = B;
+    m->T = T;
+    const config *c = &m->cfg;
+    int N = B * T, d = c->n_embd, L = c->n_layer;
+    params_build(&m->table, c);
+    m->layers = xcalloc((size_t)L, sizeof *m->layers);
+    for (int l = 0; l < L; l++) m->layers[l].is_gdn = config_is_gdn(c, l);
+
+    size_t one_layer_max;
+    size_t act_bytes = plan_layers(m, NULL, 0, &one_layer_max);
+    m->act_base = be->alloc(act_bytes);
+    plan_layers(m, m->act_base, act_bytes, &one_layer_max);
+
+    /* backward scratch: a block's backward takes at most one gradient buffer per saved
+     * activation (arena_take checks the bound on every use) */
+    size_t scratch_bytes = 2 * one_layer_max + 4 * (size_t)N * d * sizeof(float) + 65536;
+    m->scratch_base = be->alloc(scratch_bytes);
+    m->scratch_cap = scratch_bytes;
+
+    m->params = be->alloc(m->table.total * sizeof(float));
+    m->grads = be->alloc(m->table.total * sizeof(float));
+    float *host = xmalloc(m->table.total * sizeof(float));
+    params_init(&m->table, host, c->seed);
+    be->from_host(m->params, host, m->table.total * sizeof(float));
+    free(host);
+
+    size_t E = (size_t)(c->use_moe ? c->moe_E : 0);
+    m->router_bias = be->alloc((m->n_moe * E + 1) * sizeof(float));
+    m->counts = be->alloc((m->n_moe * E + 1) * sizeof(int32_t));
+    m->zloss = be->alloc((size_t)(m->n_moe + 1) * sizeof(float));
+    m->load_accum = xcalloc(m->n_moe * E + 1, sizeof(int64_t));
+    m->host_counts = xcalloc(m->n_moe * E + 1, sizeof(int32_t));
+    m->host_loads = xcalloc(m->n_moe * E + 1, sizeof(int64_t));
+
+    m->tokens = be->alloc((size_t)N * sizeof(int32_t));
+    m->targets = be->alloc((size_t)N * sizeof(int32_t));
+    m->resid = be->alloc((size_t)(L + 1) * N * d * sizeof(float));
+    m->lnf = be->alloc((size_t)N * d * sizeof(float));
+    m->lnf_rstd = be->alloc((size_t)N * sizeof(float));
+    m->loss = be->alloc((size_t)N * sizeof(float));
+    m->lse = be->alloc((size_t)N * sizeof(float));
+    m->dx = be->alloc((size_t)N * d * sizeof(float));
+    m->dlnf = be->alloc((size_t)N * d * sizeof(float));
+    m->host_loss = xmalloc((size_t)N * sizeof(float));
+    m->host_targets = xmalloc((size_t)N * sizeof(int32_t));
+    m->ln_f = params_find(&m->table, "transformer.ln_f.weight");
+    m->wte = params_find(&m->table, "transformer.wte.weight");
+}
+
+void model_free(model *m)
+{
+    const backend *be = m->be;
+    void *bufs[] = {m->act_base, m->scratch_base, m->params, m->grads, m->router_bias, m->counts,
+                    m->zloss, m->tokens, m->targets, m->resid, m->lnf, m->lnf_rstd, m->loss, m->lse,
+                    m->dx, m->dlnf};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be->free(bufs[i]);
+    free(m->load_accum);
+    free(m->host_counts);
+    free(m->host_loads);
+    free(m->host_loss);
+    free(m->host_targets);
+    free(m->layers);
+    params_free(&m->table);
+    memset(m, 0, sizeof *m);
+}
+
+static float *resid_at(const model *m, int l)
+{
+    return m->resid + (size_t)l * m->B * m->T * m->cfg.n_embd;
+}
+
+static void block_forward(model *m, int l)
+{
+    if (m->layers[l].is_gdn) gdn_forward(m, l, resid_at(m, l), resid_at(m, l + 1));
+    else mla_forward(m, l, resid_at(m, l), resid_at(m, l + 1));
+}
+
+double model_forward(model *m, const int32_t *inputs, const int32_t *targets, double *zloss)
+{
+    const backend *be = m->be;
+    const config *c = &m->cfg;
+    int N = m->B * m->T, d = c->n_embd, V = c->vocab_size;
+    for (int i = 0; i < N; i++) {
+        if (inputs[i] < 0 || inputs[i] >= V)
+            die("token %d at position %d is outside the vocabulary (vocab_size %d)", inputs[i], i, V);
+        if (targets[i] != -100 && (targets[i] < 0 || targets[i] >= V))
+            die("target %d at position %d is outside the vocabulary (vocab_size %d)", targets[i], i, V);
+    }
+    be->from_host(m->tokens, inputs, (size_t)N * sizeof(int32_t));
+    be->from_host(m->targets, targets, (size_t)N * sizeof(int32_t));
+    memcpy(m->host_targets, targets, (size_t)N * sizeof(int32_t));
+
+    be->embedding_forward(resid_at(m, 0), m->tokens, model_param(m, m->wte), N, d);
+    for (int l = 0; l < c->n_layer; l++) block_forward(m, l);
+    be->rmsnorm_forward(m->lnf, m->lnf_rstd, resid_at(m, c->n_layer), model_param(m, m->ln_f), N, d);
+    be->classifier_forward(m->loss, m->lse, m->lnf, model_param(m, m->wte), m->targets, N, V, d);
+
+    be->to_host(m->host_loss, m->loss, (size_t)N * sizeof(float));
+    double sum = 0;
+    int valid = 0;
+    for (int i = 0; i < N; i++) {
+        if (targets[i] == -100) continue;
+        sum += m->host_loss[i];
+        valid++;
+    }
+    m->last_valid = valid;
+
+    double z = 0;
+    if (m->n_moe) {
+        size_t E = (size_t)c->moe_E;
+        float zl[m->n_moe];
+        be->to_host(zl, m->zloss, (size_t)m->n_moe * sizeof(float));
+        for (int i = 0; i < m->n_moe; i++) z += zl[i];
+        be->to_host(m->host_counts, m->counts, m->n_moe * E * sizeof(int32_t));
+        for (size_t i = 0; i < m->n_moe * E; i++) m->load_accum[i] += m->host_counts[i];
+    }
+    if (zloss) *zloss = z;
+    return valid ? sum / valid : 0.0;
+}
+
+void model_backward(model *m, float scale, float zscale)
+{
+    const backend *be = m->be;
+    const config *c = &m->cfg;
+    int N = m->B * m->T, d = c->n_embd, V = c->vocab_size;
+    size_t Nd = (size_t)N * d;
+    m->zscale = zscale;
+
+    float dloss = m->last_valid ? scale / (float)m->last_valid : 0.0f;
+    be->zero(m->dlnf, Nd * sizeof(float));
+    be->classifier_backward(m->dlnf, model_grad(m, m->wte), m->lnf, model_param(m, m->wte), m->targets,
+                            m->lse, dloss, N, V, d);
+    be->zero(m->dx, Nd * sizeof(float));
+    be->rmsnorm_backward(m->dx, model_grad(m, m->ln_f), m->dlnf, resid_at(m, c->n_layer),
+                         model_param(m, m->ln_f), m->lnf_rstd, N, d);
+    arena s = {m->scratch_base, 0, m->scratch_cap};
+    for (int l = c->n_layer - 1; l >= 0; l--) {
+        if (c->gradient_checkpointing) block_forward(m, l); /* refill the shared activations */
+        if (m->layers[l].is_gdn) gdn_backward(m, l, resid_at(m, l), m->dx, &s);
+        else mla_backward(m, l, resid_at(m, l), m->dx, &s);
+    }
+    be->embedding_backward(model_grad(m, m->wte), m->dx, m->tokens, N, d);
+}
+
+void model_zero_grad(model *m) { m->be->zero(m->grads, m->table.total * sizeof(float)); }
+
+const int64_t *model_take_loads(model *m)
+{
+    size_t n = (size_t)m->n_moe * (size_t)(m->cfg.use_moe ? m->cfg.moe_E : 0);
+    memcpy(m->host_loads, m->load_accum, n * sizeof(int64_t));
+    memset(m->load_accum, 0, n * sizeof(int64_t));
+    return m->host_loads;
+}

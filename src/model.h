@@ -1,0 +1,75 @@
+/* model.h: the model graph, written once against the backend op table.
+ *
+ * model_init plans every buffer up front from the config (parameters, gradients,
+ * router biases, saved activations, backward scratch) in a few large allocations of the
+ * chosen backend. model_forward runs one micro-batch and keeps what the backward needs;
+ * model_backward runs the forward call list in reverse and accumulates into the
+ * parameter gradients, so gradient accumulation is simply several forward/backward
+ * pairs between two model_zero_grad calls.
+ */
+#ifndef DELTAMLA_MODEL_H
+#define DELTAMLA_MODEL_H
+
+#include <stdint.h>
+
+#include "backend.h"
+#include "config.h"
+#include "params.h"
+
+typedef struct model_layer model_layer; /* per-layer tensor indices and buffers (model_internal.h) */
+
+typedef struct model {
+    config cfg;
+    const backend *be;
+    param_table table;
+    float *params;        /* [table.total] backend memory, fp32 master weights */
+    float *grads;         /* [table.total] */
+    int n_moe;            /* MoE layers */
+    float *router_bias;   /* [n_moe * E] selection biases (buffers, not trained by gradients) */
+    int32_t *counts;      /* [n_moe * E] routing loads of the last forward */
+    float *zloss;         /* [n_moe] z-loss of each MoE layer in the last forward */
+    int64_t *load_accum;  /* host [n_moe * E]: loads summed since model_take_loads */
+    int B, T;             /* micro-batch shape the buffers were planned for */
+    model_layer *layers;  /* [n_layer] */
+    /* top-level buffers */
+    int32_t *tokens, *targets; /* [B*T] backend memory */
+    float *resid;         /* [(n_layer+1) * N * d] block inputs, then the final stream */
+    float *lnf, *lnf_rstd, *loss, *lse;
+    float *dx;            /* [N, d] running gradient of the residual stream */
+    float *dlnf;          /* [N, d] */
+    void *act_base, *scratch_base;
+    float *host_loss;     /* host [B*T] */
+    int32_t *host_targets;
+    int last_valid;       /* targets != -100 in the last forward */
+    float zscale;         /* weight of the z-losses in the running backward */
+    size_t scratch_cap;
+    int32_t *host_counts; /* host [n_moe * E] */
+    int64_t *host_loads;  /* host [n_moe * E], returned by model_take_loads */
+    int wte, ln_f;        /* table indices */
+} model;
+
+/* Plan and allocate everything for micro-batches of B x T tokens on backend be, and
+ * initialise the weights from cfg->seed (MODEL.md section 8). */
+void model_init(model *m, const config *cfg, const backend *be, int B, int T);
+void model_free(model *m);
+
+/* One micro-batch: inputs and targets are host int32 [B*T]. Returns the mean
+ * cross-entropy over targets != -100 (0 if there are none); *zloss receives the sum of
+ * the MoE layers' z-losses. Keeps activations for model_backward. */
+double model_forward(model *m, const int32_t *inputs, const int32_t *targets, double *zloss);
+
+/* Backward of the last forward for the objective scale * (CE_sum / n_valid) + zscale *
+ * sum zloss, accumulated into m->grads. Training uses scale = zscale = 1 / grad_accum. */
+void model_backward(model *m, float scale, float zscale);
+
+void model_zero_grad(model *m);
+
+/* Host copy of the routing loads summed over forwards since the last call, [n_moe * E];
+ * resets the sums. */
+const int64_t *model_take_loads(model *m);
+
+/* A parameter tensor's pointer in backend memory (params or grads buffer). */
+static inline float *model_param(const model *m, int idx) { return m->params + m->table.items[idx].offset; }
+static inline float *model_grad(const model *m, int idx) { return m->grads + m->table.items[idx].offset; }
+
+#endif

@@ -1,0 +1,74 @@
+/* params.h: the table of every trained tensor of the model, in one flat fp32 buffer.
+ *
+ * The table is built from the config alone (params_build), in a fixed order: the
+ * embedding, then each layer's tensors, then the final norm. Names and shapes are the
+ * PyTorch reference's (../shared/spec/SEED_NAMES.md), so that dumps, checkpoints and
+ * imports need no renaming. Gradients and optimizer state use the same layout: the
+ * tensor at table index i lives at items[i].offset in every such buffer.
+ */
+#ifndef DELTAMLA_PARAMS_H
+#define DELTAMLA_PARAMS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+
+typedef enum param_kind {
+    PARAM_MATRIX,    /* 2-D Linear weight [out, in]: Muon in muon mode */
+    PARAM_EMBEDDING, /* wte [V, d], tied with the head */
+    PARAM_NORM,      /* RMSNorm / LayerNorm weight */
+    PARAM_BIAS,      /* LayerNorm bias, short-conv bias */
+    PARAM_CONV,      /* short-conv taps [P, 1, 4] */
+    PARAM_EXPERTS    /* routed expert stack [E, in, out] */
+} param_kind;
+
+typedef enum param_init {
+    INIT_NORMAL_002, /* N(0, 0.02) */
+    INIT_ONES,
+    INIT_ZEROS,
+    INIT_UNIFORM_HALF /* U(-1/2, 1/2) */
+} param_init;
+
+typedef struct param_info {
+    char name[96];
+    int ndim;
+    int64_t shape[3];
+    size_t numel;
+    size_t offset;      /* in floats, into the flat buffer */
+    param_kind kind;
+    param_init init;
+    int layer;          /* -1 for wte and ln_f */
+    int active_num;     /* active share of this tensor = active_num / active_den */
+    int active_den;     /* (routed stacks: k / E; everything else 1 / 1) */
+} param_info;
+
+typedef struct param_table {
+    param_info *items;
+    int count;
+    int cap;
+    size_t total;       /* floats in the flat buffer */
+} param_table;
+
+/* Build the table for config c (config_finish must have run). Free with params_free. */
+void params_build(param_table *t, const config *c);
+void params_free(param_table *t);
+
+/* Index of the tensor called name, or -1. */
+int params_find(const param_table *t, const char *name);
+
+/* Fill host buffer w (t->total floats) with MODEL.md section 8's initialisation. Each
+ * tensor draws from its own stream keyed by (seed, name), so the weights do not depend
+ * on rank count or table order. */
+void params_init(const param_table *t, float *w, uint64_t seed);
+
+/* Total parameters and active parameters per token. */
+void params_count(const param_table *t, int64_t *total, int64_t *active);
+
+/* 1 if Muon updates this tensor in muon mode (MODEL.md section 9). */
+int params_is_muon(const param_info *p);
+
+/* AdamW weight decay applies to this tensor in adamw mode (section 9). */
+int params_adamw_decays(const param_info *p);
+
+#endif

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs every CPU test and prints one summary line "N passed, N failed".
+#   build/tests/test_*    C test programs (op gradients, GDN, config, ...)
+#   tests/test_*.sh       command-line tests of bin/deltamla
+#   tests/reference/      the whole model against the PyTorch float64 reference
+# Each test prints "ok - ..." / "not ok - ..." lines; a program that exits non-zero
+# without a "not ok" line counts as one failure. `make test` builds everything first.
+set -u
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+passed=0
+failed=0
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+run() { # name, command...
+    local name=$1
+    shift
+    local t0=$SECONDS
+    "$@" >"$log" 2>&1
+    local rc=$?
+    local p f
+    p=$(grep -c '^ok - ' "$log")
+    f=$(grep -c '^not ok - ' "$log")
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; echo "not ok - $name exited with status $rc"; fi
+    if [ "$p" -eq 0 ] && [ "$f" -eq 0 ]; then f=1; echo "not ok - $name ran no checks"; fi
+    passed=$((passed + p))
+    failed=$((failed + f))
+    grep '^not ok - ' "$log"
+    if [ "$f" -ne 0 ]; then
+        echo "---- output of $name ----"
+        tail -n 40 "$log"
+        echo "----"
+    fi
+    printf '%-34s %4d passed, %d failed (%ds)\n' "$name" "$p" "$f" $((SECONDS - t0))
+}
+
+for t in build/tests/test_*; do
+    [ -x "$t" ] && run "$(basename "$t")" "$t"
+done
+for t in tests/test_*.sh; do
+    run "$(basename "$t")" bash "$t"
+done
+run "reference self-check" python3 tests/reference/selfcheck.py
+run "reference (PyTorch float64)" python3 tests/reference/test_reference.py build/tests/refdump
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
