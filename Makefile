@@ -26,7 +26,11 @@ CU_SRCS := $(wildcard kernels/*.cu)
 ifneq ($(NVCC),)
   HAVE_CUDA := yes
   CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
-  NVCCFLAGS := -O3 -g -lineinfo -arch=sm_90a -std=c++17 -Xcompiler -fPIC -MMD -MP
+  # sm_90a: Hopper (H100/H200) with its architecture-specific instructions (wgmma)
+  NVCCFLAGS := -O3 -g -lineinfo -std=c++20 -gencode=arch=compute_90a,code=sm_90a -Xcompiler -fPIC -MMD -MP \
+               -DDELTAMLA_HAVE_CUDA
+  CFLAGS_BASE += -DDELTAMLA_HAVE_CUDA
+  LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcublasLt -lcudart -lstdc++
 else
   HAVE_CUDA := no
 endif
@@ -53,7 +57,8 @@ DBL_OBJS := $(patsubst %.c,build/dbl/%.o,$(wildcard src/cpu/*.c)) build/dbl/test
 OPS_TESTS := $(patsubst tests/ops/%.c,build/tests/%,$(filter-out tests/ops/gradcheck.c,$(wildcard tests/ops/*.c)))
 LIB_TESTS := $(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c))
 
-.PHONY: all test clean found tests-build
+.PHONY: all test clean found tests-build gpu-tests-build gpu-test bench
+.SECONDARY:
 all: found bin/deltamla
 
 found:
@@ -74,7 +79,7 @@ build/obj/%.o: %.c
 
 build/obj/%.o: %.cu
 	@mkdir -p $(@D)
-	$(NVCC) $(NVCCFLAGS) -Isrc -c $< -o $@
+	$(NVCC) $(NVCCFLAGS) -Isrc -Ikernels -c $< -o $@
 
 build/dbl/%.o: %.c
 	@mkdir -p $(@D)
@@ -98,6 +103,25 @@ tests-build: bin/deltamla $(OPS_TESTS) $(LIB_TESTS) $(TOOLS)
 
 test: found tests-build
 	bash tests/run_tests.sh
+
+# GPU tests: built wherever nvcc is, run on a machine with a GPU (skip without one)
+GPU_TESTS := $(if $(filter yes,$(HAVE_CUDA)),$(patsubst tests/gpu/%.c,build/gpu_tests/%,$(wildcard tests/gpu/test_gpu_*.c)))
+
+build/gpu_tests/%: tests/gpu/%.c tests/gpu/gpu_test.c build/libdeltamla.a
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -Isrc -Itests/gpu -o $@ $(filter %.c %.o %.a,$^) $(LDLIBS)
+
+gpu-tests-build: bin/deltamla $(GPU_TESTS) build/bench/bench_step
+
+# benchmarks
+build/bench/bench_step: benchmarks/bench_step.c benchmarks/timed_backend.c build/libdeltamla.a
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -Isrc -Ibenchmarks -o $@ $(filter %.c %.o %.a,$^) $(LDLIBS)
+
+bench: build/bench/bench_step
+
+gpu-test: found gpu-tests-build
+	bash tests/gpu/run_gpu_tests.sh
 
 clean:
 	rm -rf build bin

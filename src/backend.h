@@ -33,6 +33,7 @@ typedef struct backend {
     void (*from_host)(void *dst, const void *host_src, size_t bytes);
     void (*copy)(void *dst, const void *src, size_t bytes);
     void (*sync)(void);                           /* wait for all queued work */
+    size_t (*mem_peak)(void);                     /* most bytes held through alloc at once */
 
     /* ---- elementwise ---- */
     /* y[i] += x[i] for i < n */

@@ -11,17 +11,31 @@
 
 _Static_assert(sizeof(real) == sizeof(float), "the CPU backend is built with real = float");
 
+/* each allocation carries its size in a 64-byte header, for the peak-memory figure */
+static size_t held, peak;
+
 static void *cpu_alloc(size_t bytes)
 {
     void *p = NULL;
     size_t rounded = (bytes + 63) & ~(size_t)63;
-    if (posix_memalign(&p, 64, rounded ? rounded : 64) != 0)
+    if (posix_memalign(&p, 64, rounded + 64) != 0)
         die("out of host memory allocating %zu bytes for the CPU backend", bytes);
-    memset(p, 0, rounded);
-    return p;
+    memset(p, 0, rounded + 64);
+    *(size_t *)p = rounded;
+    held += rounded;
+    if (held > peak) peak = held;
+    return (char *)p + 64;
 }
 
-static void cpu_free(void *p) { free(p); }
+static void cpu_free(void *p)
+{
+    if (!p) return;
+    char *base = (char *)p - 64;
+    held -= *(size_t *)base;
+    free(base);
+}
+
+static size_t cpu_mem_peak(void) { return peak; }
 static void cpu_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
 static void cpu_copy(void *dst, const void *src, size_t bytes) { memmove(dst, src, bytes); }
 static void cpu_sync(void) {}
@@ -35,6 +49,7 @@ static const backend cpu_backend = {
     .from_host = cpu_copy,
     .copy = cpu_copy,
     .sync = cpu_sync,
+    .mem_peak = cpu_mem_peak,
     .add_inplace = cpu_add_inplace,
     .scale_inplace = cpu_scale_inplace,
     .sumsq = cpu_sumsq,

@@ -105,7 +105,7 @@ static const option_entry options[] = {
     FLAG(seed, "random seed (initialisation and data order)"),
     FLAG(data, "training data: a text file, read as bytes (tokens 0..255)"),
     FLAG(output_dir, "directory for metrics.jsonl and config.json"),
-    CHOICE_FLAG(device, "cpu cuda", "backend to train on"),
+    CHOICE_FLAG(device, "auto cpu cuda", "backend: auto = cuda when this build has it and a GPU is visible, else cpu"),
     BOOL_FLAG(gradient_checkpointing, "recompute each block's forward in backward to save memory"),
     BOOL_FLAG(skip_nonfinite, "skip a step whose gradients are not finite instead of stopping"),
     FLAG(threads, "OpenMP threads of the CPU backend, 0 = OpenMP's default"),
@@ -231,7 +231,7 @@ void config_defaults(config *c)
     c->seed = 1337;
     c->data[0] = '\0';
     snprintf(c->output_dir, sizeof c->output_dir, "out");
-    snprintf(c->device, sizeof c->device, "cpu");
+    snprintf(c->device, sizeof c->device, "auto");
     c->gradient_checkpointing = 0;
     c->skip_nonfinite = 0;
     c->threads = 0;

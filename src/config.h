@@ -61,7 +61,7 @@ typedef struct config {
     uint64_t seed;
     char data[CONFIG_PATH_MAX];       /* training data file */
     char output_dir[CONFIG_PATH_MAX];
-    char device[8];             /* "cpu" (CUDA arrives with the CUDA backend) */
+    char device[8];             /* "auto", "cpu" or "cuda" */
     int gradient_checkpointing; /* bool */
     int skip_nonfinite;         /* bool */
     int threads;                /* OpenMP threads for the CPU backend, 0 = default */

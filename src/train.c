@@ -75,10 +75,19 @@ static void make_dirs(const char *path)
     if (mkdir(buf, 0755) != 0 && errno != EEXIST) die("cannot create directory %s: %s", buf, strerror(errno));
 }
 
+const backend *train_backend(const config *c)
+{
+    int want_cuda = strcmp(c->device, "cuda") == 0;
+#ifdef DELTAMLA_HAVE_CUDA
+    if (want_cuda || (strcmp(c->device, "auto") == 0 && cuda_device_count() > 0)) return backend_cuda(0);
+#else
+    if (want_cuda) die("--device cuda: this build has no CUDA backend (nvcc was not found at build time)");
+#endif
+    return backend_cpu();
+}
+
 int train_main(const config *c)
 {
-    if (strcmp(c->device, "cpu") != 0)
-        die("--device %s: this build has only the CPU backend (use --device cpu)", c->device);
     if (!c->data[0]) die("no training data: pass --data FILE (a text file, read as bytes)");
 #ifdef _OPENMP
     if (c->threads > 0) omp_set_num_threads(c->threads);
@@ -97,16 +106,21 @@ int train_main(const config *c)
     config_json(c, cj);
     fclose(cj);
 
+    const backend *be = train_backend(c);
     trainer tr;
-    trainer_init(&tr, c, backend_cpu());
+    trainer_init(&tr, c, be);
     int64_t total, active;
     params_count(&tr.model.table, &total, &active);
     int threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    printf("deltamla train: size %s, %d layers, d %d, %lld parameters (%lld active), device cpu (%d threads)\n",
-           c->size, c->n_layer, c->n_embd, (long long)total, (long long)active, threads);
+    if (strcmp(be->name, "cpu") == 0)
+        printf("deltamla train: size %s, %d layers, d %d, %lld parameters (%lld active), device cpu (%d threads)\n",
+               c->size, c->n_layer, c->n_embd, (long long)total, (long long)active, threads);
+    else
+        printf("deltamla train: size %s, %d layers, d %d, %lld parameters (%lld active), device %s\n", c->size,
+               c->n_layer, c->n_embd, (long long)total, (long long)active, be->name);
     printf("data %s: %lld tokens, %lld rows of %d+1; batch %d x %d x %d accumulation; optimizer %s\n", c->data,
            (long long)src->num_tokens, (long long)src->num_rows, c->block_size, c->batch_size, c->block_size,
            c->gradient_accumulation_steps, c->optimizer_type);

@@ -40,6 +40,9 @@ void trainer_grads(trainer *tr, const int32_t *inputs, const int32_t *targets, s
 /* Clip, update and move router biases, then advance the iteration counter. */
 void trainer_apply(trainer *tr, step_stats *st);
 
+/* The backend --device asks for: auto = CUDA when built with it and a GPU is visible. */
+const backend *train_backend(const config *c);
+
 /* `deltamla train`: returns the process exit status. */
 int train_main(const config *c);
 

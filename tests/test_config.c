@@ -167,7 +167,7 @@ static void test_defaults(void)
          c.warmup_iters == 400 && c.learning_rate == 1e-4f && c.min_lr == 1e-5f &&
          c.weight_decay == 0.1f && c.grad_clip == 1.0f && strcmp(c.optimizer_type, "muon") == 0 &&
          c.log_interval == 10 && c.seed == 1337 && c.data[0] == '\0' &&
-         strcmp(c.output_dir, "out") == 0 && strcmp(c.device, "cpu") == 0 &&
+         strcmp(c.output_dir, "out") == 0 && strcmp(c.device, "auto") == 0 &&
          c.gradient_checkpointing == 0 && c.skip_nonfinite == 0 && c.threads == 0;
     check(ok, "defaults: training settings");
     check(c.head_dim == 85 && c.gdn_proj_dim == 1020 && c.moe_E == 128 && c.moe_k == 12 &&

@@ -1,0 +1,168 @@
+/* bench_step.c: the end-to-end training-step benchmark.
+ *
+ * usage: build/bench/bench_step [--bench_steps N] [--bench_warmup W] [deltamla train flags]
+ *
+ * 1. Measures the two ceilings of the device: a large GEMM through the backend's matmul
+ *    (FLOP/s) and a large device copy (bytes read + written per second).
+ * 2. Times N real training steps (forward, backward, clipping, optimizer, router-bias
+ *    update, and the host-side batch generation) after W warm-up steps: tokens/s,
+ *    model-FLOP utilisation and peak memory.
+ * 3. Runs two more steps through a timing wrapper (timed_backend.c) that synchronises
+ *    around every op, and prints per op family: ms per step, the floor (max of FLOPs
+ *    over the measured GEMM rate and bytes over the measured bandwidth) and the ratio.
+ *
+ * Model FLOPs per token (for MFU) = 6 x (active matrix parameters, the tied head counted
+ * once as a matmul, the embedding lookup not) + the sequence mixers: for each MLA layer
+ * 3 x 2 x (T/2) x H x (Dk + Dv) (causal QK^T and PV, forward + backward), for each GDN
+ * layer 3 x (chunked-form FLOPs of timed_backend.c's gdn_flops) / tokens. Batches are
+ * random tokens (the data path is not what this measures).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "rng.h"
+#include "timed_backend.h"
+#include "train.h"
+#include "util.h"
+
+#define H100_BF16_DENSE_PEAK 989e12 /* NVIDIA's datasheet figure, H100 SXM, dense bf16 */
+
+static double measure_gemm(const backend *be)
+{
+    int n = 8192;
+    float *a = be->alloc((size_t)n * n * sizeof(float)), *b = be->alloc((size_t)n * n * sizeof(float));
+    float *c = be->alloc((size_t)n * n * sizeof(float));
+    float *h = xmalloc((size_t)n * n * sizeof(float));
+    for (size_t i = 0; i < (size_t)n * n; i++) h[i] = (float)(rng_uniform(7, i) - 0.5);
+    be->from_host(a, h, (size_t)n * n * sizeof(float));
+    be->from_host(b, h, (size_t)n * n * sizeof(float));
+    free(h);
+    be->matmul_forward(c, a, b, n, n, n);
+    be->sync();
+    int reps = 10;
+    double t0 = wall_time();
+    for (int i = 0; i < reps; i++) be->matmul_forward(c, a, b, n, n, n);
+    be->sync();
+    double dt = (wall_time() - t0) / reps;
+    be->free(a);
+    be->free(b);
+    be->free(c);
+    return 2.0 * n * (double)n * n / dt;
+}
+
+static double measure_bandwidth(const backend *be)
+{
+    size_t bytes = (size_t)1 << 30;
+    void *a = be->alloc(bytes), *b = be->alloc(bytes);
+    be->copy(b, a, bytes);
+    be->sync();
+    int reps = 10;
+    double t0 = wall_time();
+    for (int i = 0; i < reps; i++) be->copy(b, a, bytes);
+    be->sync();
+    double dt = (wall_time() - t0) / reps;
+    be->free(a);
+    be->free(b);
+    return 2.0 * bytes / dt;
+}
+
+static double flops_per_token(const model *m)
+{
+    const config *c = &m->cfg;
+    double matrix = 0;
+    for (int i = 0; i < m->table.count; i++) {
+        const param_info *p = &m->table.items[i];
+        if (p->kind == PARAM_MATRIX || p->kind == PARAM_EMBEDDING || p->kind == PARAM_EXPERTS)
+            matrix += (double)p->numel * p->active_num / p->active_den;
+    }
+    double T = c->block_size, mixers = 0;
+    double C = GDN_CHUNK, D = c->head_dim;
+    for (int l = 0; l < c->n_layer; l++) {
+        if (config_is_gdn(c, l))
+            mixers += 3 * 2.0 * c->n_head * (4 * C * D + 6 * D * D); /* per token: chunk terms / C */
+        else
+            mixers += 3 * 2.0 * (T / 2) * c->n_head *
+                      (c->mla_qk_nope_head_dim + c->mla_qk_rope_head_dim + c->mla_v_head_dim);
+    }
+    return 6 * matrix + mixers;
+}
+
+int main(int argc, char **argv)
+{
+    int steps = 10, warmup = 3;
+    char **rest = xmalloc((size_t)argc * sizeof *rest);
+    int nrest = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--bench_steps") == 0 && i + 1 < argc) steps = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--bench_warmup") == 0 && i + 1 < argc) warmup = atoi(argv[++i]);
+        else rest[nrest++] = argv[i];
+    }
+    config c;
+    config_parse(&c, nrest, rest);
+    const backend *be = train_backend(&c);
+    printf("# bench_step: device %s, size %s, B %d, T %d, optimizer %s, checkpointing %d\n", be->name, c.size,
+           c.batch_size, c.block_size, c.optimizer_type, c.gradient_checkpointing);
+    double gemm = measure_gemm(be), bw = measure_bandwidth(be);
+    printf("# measured ceilings: GEMM %.1f TFLOP/s (8192^3 through matmul_forward), copy %.1f GB/s\n", gemm / 1e12,
+           bw / 1e9);
+    fflush(stdout);
+
+    trainer tr;
+    trainer_init(&tr, &c, be);
+    size_t n = (size_t)c.gradient_accumulation_steps * c.batch_size * c.block_size;
+    int32_t *in = xmalloc(n * sizeof *in), *tg = xmalloc(n * sizeof *tg);
+    uint64_t key = rng_key(c.seed, "bench");
+    step_stats st;
+    double t0 = 0;
+    for (int s = 0; s < warmup + steps; s++) {
+        if (s == warmup) {
+            be->sync();
+            t0 = wall_time();
+        }
+        for (size_t i = 0; i < n; i++) {
+            in[i] = (int32_t)(rng_bits(key, 2 * (s * n + i)) % (uint64_t)c.vocab_size);
+            tg[i] = (int32_t)(rng_bits(key, 2 * (s * n + i) + 1) % (uint64_t)c.vocab_size);
+        }
+        trainer_grads(&tr, in, tg, &st);
+        trainer_apply(&tr, &st);
+    }
+    be->sync();
+    double dt = (wall_time() - t0) / steps;
+    double tps = n / dt, fpt = flops_per_token(&tr.model);
+    int64_t total, active;
+    params_count(&tr.model.table, &total, &active);
+    printf("step %.2f ms | %.0f tokens/s | loss %.4f | model FLOPs/token %.3g | MFU %.1f%% of 989 TFLOP/s "
+           "(%.1f%% of the measured GEMM rate) | peak memory %.2f GiB | %lld params (%lld active)\n",
+           dt * 1e3, tps, st.loss, fpt, 100 * tps * fpt / H100_BF16_DENSE_PEAK, 100 * tps * fpt / gemm,
+           be->mem_peak() / 1073741824.0, (long long)total, (long long)active);
+    printf("floor of the step at the measured GEMM rate: %.2f ms (%.0f tokens/s)\n", 1e3 * n * fpt / gemm,
+           gemm / fpt);
+    fflush(stdout);
+
+    /* profiled pass */
+    const backend *tb = timed_backend(be);
+    tr.model.be = tb;
+    tr.opt.be = tb;
+    int prof = 2;
+    for (int s = 0; s < prof; s++) {
+        trainer_grads(&tr, in, tg, &st);
+        trainer_apply(&tr, &st);
+    }
+    family_stats *fs = timed_stats();
+    double sum = 0, sum_floor = 0;
+    printf("\n%-22s %10s %10s %8s %12s %12s\n", "op family", "ms/step", "floor ms", "ratio", "GFLOP/step", "GB/step");
+    for (int f = 0; f < FAM_COUNT; f++) {
+        if (!fs[f].calls) continue;
+        double ms = 1e3 * fs[f].seconds / prof, fl = fs[f].flops / prof, by = fs[f].bytes / prof;
+        double floor_ms = 1e3 * (fl / gemm > by / bw ? fl / gemm : by / bw);
+        sum += ms;
+        sum_floor += floor_ms;
+        printf("%-22s %10.3f %10.3f %8.1f %12.1f %12.2f\n", fs[f].name, ms, floor_ms, floor_ms > 0 ? ms / floor_ms : 0,
+               fl / 1e9, by / 1e9);
+    }
+    printf("%-22s %10.3f %10.3f %8.1f   (profiled: synchronised after every op)\n", "total", sum, sum_floor,
+           sum / sum_floor);
+    trainer_free(&tr);
+    return 0;
+}

@@ -1,0 +1,469 @@
+/* timed_backend.c: see timed_backend.h. The wrappers follow backend.h member by
+ * member; the cost_* functions state, per op, the matrix FLOPs and the minimum bytes
+ * (each input read once, each output written once, fp32) that its floor is computed
+ * from. */
+#include "timed_backend.h"
+
+#include <string.h>
+
+#include "util.h"
+
+static const backend *inner;
+static backend timed;
+static family_stats stats[FAM_COUNT];
+static const char *family_names[FAM_COUNT] = {
+    "gemm forward", "gemm backward", "norms", "elementwise", "short conv", "gdn forward", "gdn backward",
+    "mla prep (rope)", "attention forward", "attention backward", "moe routing", "moe experts forward",
+    "moe experts backward", "head+loss forward", "head+loss backward", "optimizer", "memset/copy"};
+
+static op_family current;
+
+static double begin(void)
+{
+    inner->sync();
+    return wall_time();
+}
+
+static void end(op_family f, double t0)
+{
+    inner->sync();
+    stats[f].seconds += wall_time() - t0;
+    stats[f].calls++;
+    current = f;
+}
+
+static void charge(double flops, double bytes)
+{
+    stats[current].flops += flops;
+    stats[current].bytes += bytes;
+}
+
+#define F4 4.0 /* bytes per float */
+
+static void cost_zero(void *p, size_t bytes) { charge(0, (double)bytes); }
+static void cost_copy(void *d, const void *s, size_t bytes) { charge(0, 2.0 * bytes); }
+static void cost_add_inplace(float *y, const float *x, size_t n) { charge(0, 3 * F4 * n); }
+static void cost_scale_inplace(float *x, float s, size_t n) { charge(0, 2 * F4 * n); }
+static void cost_sumsq(const float *x, size_t n) { charge(0, F4 * n); }
+static void cost_embedding_forward(float *o, const int32_t *t, const float *w, int N, int C) { charge(0, 2 * F4 * N * C); }
+static void cost_embedding_backward(float *dw, const float *d, const int32_t *t, int N, int C) { charge(0, 3 * F4 * N * C); }
+static void cost_matmul_forward(float *y, const float *x, const float *w, int N, int in, int out)
+{
+    charge(2.0 * N * in * out, F4 * ((double)N * in + (double)in * out + (double)N * out));
+}
+static void cost_matmul_backward(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out)
+{
+    double f = 0, b = F4 * (double)N * out;
+    if (dx) { f += 2.0 * N * in * out; b += F4 * ((double)in * out + 2.0 * N * in); }
+    if (dw) { f += 2.0 * N * in * out; b += F4 * ((double)N * in + 2.0 * in * out); }
+    charge(f, b);
+}
+static void cost_rmsnorm_forward(float *o, float *r, const float *x, const float *w, int N, int C) { charge(0, F4 * (2.0 * N * C + N)); }
+static void cost_rmsnorm_backward(float *dx, float *dw, const float *d, const float *x, const float *w, const float *r, int N, int C) { charge(0, F4 * 4.0 * N * C); }
+static void cost_layernorm_forward(float *o, float *m, float *r, const float *x, const float *w, const float *b, int N, int C) { charge(0, F4 * (2.0 * N * C + 2 * N)); }
+static void cost_layernorm_backward(float *dx, float *dw, float *db, const float *d, const float *x, const float *w, const float *m, const float *r, int N, int C) { charge(0, F4 * 4.0 * N * C); }
+static void cost_swiglu_forward(float *o, const float *in, int N, int h, int s) { charge(0, F4 * 3.0 * N * h); }
+static void cost_swiglu_backward(float *di, const float *d, const float *in, int N, int h, int s) { charge(0, F4 * 6.0 * N * h); }
+static void cost_conv_forward(float *y, const float *x, const float *w, const float *b, const int32_t *ds, int B, int T, int C) { charge(0, F4 * 2.0 * B * T * C); }
+static void cost_conv_backward(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w, const int32_t *ds, int B, int T, int C) { charge(0, F4 * 4.0 * B * T * C); }
+static void cost_gates_forward(float *g, float *b, const float *gr, const float *br, size_t n) { charge(0, F4 * 4.0 * n); }
+static void cost_gates_backward(float *dg, float *db, const float *g, const float *b, const float *gr, const float *br, size_t n) { charge(0, F4 * 6.0 * n); }
+static void cost_l2norm_forward(float *y, float *r, const float *x, int n, int D) { charge(0, F4 * 2.0 * n * D); }
+static void cost_l2norm_backward(float *dx, const float *dy, const float *x, const float *r, int n, int D) { charge(0, F4 * 4.0 * n * D); }
+/* chunked GDN per (b, h, chunk of C): K K^T, Q K^T (C^2 D each), the triangular solve
+ * (C^2 D / 2 for each of the two right-hand sides), S0 terms K S0, Q S0 and the state update
+ * (C D^2 each): about 4 C^2 D + 6 C D^2 multiply-adds per chunk; backward about twice that. */
+static double gdn_flops(int B, int T, int H, int D)
+{
+    double C = GDN_CHUNK, chunks = (T + GDN_CHUNK - 1) / GDN_CHUNK;
+    return 2.0 * B * H * chunks * (4 * C * C * D + 6 * C * (double)D * D);
+}
+static void cost_gdn_forward(float *o, float *s, const float *q, const float *k, const float *v, const float *g, const float *b, const int32_t *ds, int B, int T, int H, int D, float sc)
+{
+    charge(gdn_flops(B, T, H, D), F4 * ((double)B * T * H * (4.0 * D + 2) + gdn_state_floats(B, T, H, D)));
+}
+static void cost_gdn_backward(float *dq, float *dk, float *dv, float *dg, float *db, const float *d, const float *q, const float *k, const float *v, const float *g, const float *b, const float *s, const int32_t *ds, int B, int T, int H, int D, float sc)
+{
+    charge(2 * gdn_flops(B, T, H, D), F4 * ((double)B * T * H * (8.0 * D + 4) + gdn_state_floats(B, T, H, D)));
+}
+static void cost_mla_prep_forward(float *qh, float *kh, float *vh, const float *q, const float *kv, const float *kpe, int ks, const int32_t *pos, int B, int T, int H, int dn, int dr, int dv, float th)
+{
+    double N = (double)B * T;
+    charge(0, F4 * N * (2.0 * H * (dn + dr) + H * (dn + dv) + dr + H * (dn + dr) + H * dv));
+}
+static void cost_mla_prep_backward(float *dq, float *dkv, float *dkpe, int ks, const float *dqh, const float *dkh, const float *dvh, const int32_t *pos, int B, int T, int H, int dn, int dr, int dv, float th)
+{
+    double N = (double)B * T;
+    charge(0, F4 * N * (2.0 * H * (dn + dr) + H * (dn + dv) + dr + H * (dn + dr) + H * dv));
+}
+/* causal: half of the T x T score matrix; forward QK^T and PV */
+static double attn_flops(int B, int T, int H, int Dk, int Dv) { return 2.0 * B * H * ((double)T * T / 2) * (Dk + Dv); }
+static void cost_attention_forward(float *o, float *l, const float *q, const float *k, const float *v, const int32_t *di, int B, int T, int H, int Dk, int Dv, float sc)
+{
+    charge(attn_flops(B, T, H, Dk, Dv), F4 * (double)B * T * H * (2.0 * Dk + 2.0 * Dv + 1));
+}
+/* backward: recompute QK^T, then dV, dP, dQ, dK: 2.5 x the forward */
+static void cost_attention_backward(float *dq, float *dk, float *dv, const float *d, const float *o, const float *l, const float *q, const float *k, const float *v, const int32_t *di, int B, int T, int H, int Dk, int Dv, float sc)
+{
+    charge(2.5 * attn_flops(B, T, H, Dk, Dv), F4 * (double)B * T * H * (4.0 * Dk + 4.0 * Dv + 1));
+}
+static void cost_moe_route_forward(int32_t *i, float *g, int32_t *c, float *z, const float *zz, const float *b, int N, int E, int k, float zc) { charge(0, F4 * ((double)N * E + 2.0 * N * k)); }
+static void cost_moe_route_backward(float *dz, const float *dg, float dzl, const float *z, const int32_t *i, int N, int E, int k, float zc) { charge(0, F4 * (3.0 * N * E + 2.0 * N * k)); }
+static void cost_moe_experts_forward(float *y, float *s, const float *x, const int32_t *i, const float *g, const float *w1, const float *w2, int N, int E, int k, int in, int h, int out)
+{
+    charge(2.0 * N * k * ((double)in * 2 * h + (double)h * out),
+           F4 * ((double)N * in + (double)E * (in * 2.0 * h + (double)h * out) + (double)N * out + 3.0 * N * k * h));
+}
+static void cost_moe_experts_backward(float *dx, float *dg, float *dw1, float *dw2, const float *dy, const float *s, const float *x, const int32_t *i, const float *g, const float *w1, const float *w2, int N, int E, int k, int in, int h, int out)
+{
+    charge(4.0 * N * k * ((double)in * 2 * h + (double)h * out),
+           F4 * (2.0 * N * in + 3.0 * E * (in * 2.0 * h + (double)h * out) + (double)N * out + 3.0 * N * k * h));
+}
+static void cost_classifier_forward(float *l, float *lse, const float *h, const float *w, const int32_t *t, int N, int V, int C)
+{
+    charge(2.0 * N * V * C, F4 * ((double)N * C + (double)V * C + 2.0 * N));
+}
+/* backward recomputes the logits, then dh and dwte */
+static void cost_classifier_backward(float *dh, float *dw, const float *h, const float *w, const int32_t *t, const float *lse, float s, int N, int V, int C)
+{
+    charge(6.0 * N * V * C, F4 * (3.0 * N * C + 3.0 * V * C + N));
+}
+static void cost_adamw_update(float *p, const float *g, float *m, float *v, size_t n, float lr, float b1, float b2, float eps, float wd, int step) { charge(0, F4 * 7.0 * n); }
+/* NS5 on the m x n orientation (m <= n): per iteration X X^T (2 m^2 n), A A (2 m^3), B X (2 m^2 n) */
+static void cost_muon_update(float *p, const float *g, float *b, float *w, int rows, int cols, float lr, float mu, float wd)
+{
+    double m = rows < cols ? rows : cols, n = rows < cols ? cols : rows;
+    charge(5 * (4 * m * m * n + 2 * m * m * m), F4 * 6.0 * m * n);
+}
+
+static void t_zero(void *p, size_t bytes)
+{
+    double t0 = begin();
+    inner->zero(p, bytes);
+    end(FAM_MEMORY, t0);
+    cost_zero(p, bytes);
+}
+
+static void t_copy(void *dst, const void *src, size_t bytes)
+{
+    double t0 = begin();
+    inner->copy(dst, src, bytes);
+    end(FAM_MEMORY, t0);
+    cost_copy(dst, src, bytes);
+}
+
+static void t_add_inplace(float *y, const float *x, size_t n)
+{
+    double t0 = begin();
+    inner->add_inplace(y, x, n);
+    end(FAM_ELEMENTWISE, t0);
+    cost_add_inplace(y, x, n);
+}
+
+static void t_scale_inplace(float *x, float s, size_t n)
+{
+    double t0 = begin();
+    inner->scale_inplace(x, s, n);
+    end(FAM_ELEMENTWISE, t0);
+    cost_scale_inplace(x, s, n);
+}
+
+static double t_sumsq(const float *x, size_t n)
+{
+    double t0 = begin();
+    double r = inner->sumsq(x, n);
+    end(FAM_OPTIMIZER, t0);
+    cost_sumsq(x, n);
+    return r;
+}
+
+static void t_embedding_forward(float *out, const int32_t *tokens, const float *wte, int N, int C)
+{
+    double t0 = begin();
+    inner->embedding_forward(out, tokens, wte, N, C);
+    end(FAM_ELEMENTWISE, t0);
+    cost_embedding_forward(out, tokens, wte, N, C);
+}
+
+static void t_embedding_backward(float *dwte, const float *dout, const int32_t *tokens, int N, int C)
+{
+    double t0 = begin();
+    inner->embedding_backward(dwte, dout, tokens, N, C);
+    end(FAM_ELEMENTWISE, t0);
+    cost_embedding_backward(dwte, dout, tokens, N, C);
+}
+
+static void t_matmul_forward(float *y, const float *x, const float *w, int N, int in, int out)
+{
+    double t0 = begin();
+    inner->matmul_forward(y, x, w, N, in, out);
+    end(FAM_GEMM_FWD, t0);
+    cost_matmul_forward(y, x, w, N, in, out);
+}
+
+static void t_matmul_backward(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out)
+{
+    double t0 = begin();
+    inner->matmul_backward(dx, dw, dy, x, w, N, in, out);
+    end(FAM_GEMM_BWD, t0);
+    cost_matmul_backward(dx, dw, dy, x, w, N, in, out);
+}
+
+static void t_rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, int N, int C)
+{
+    double t0 = begin();
+    inner->rmsnorm_forward(out, rstd, x, w, N, C);
+    end(FAM_NORM, t0);
+    cost_rmsnorm_forward(out, rstd, x, w, N, C);
+}
+
+static void t_rmsnorm_backward(float *dx, float *dw, const float *dout, const float *x, const float *w, const float *rstd, int N, int C)
+{
+    double t0 = begin();
+    inner->rmsnorm_backward(dx, dw, dout, x, w, rstd, N, C);
+    end(FAM_NORM, t0);
+    cost_rmsnorm_backward(dx, dw, dout, x, w, rstd, N, C);
+}
+
+static void t_layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w, const float *b, int N, int C)
+{
+    double t0 = begin();
+    inner->layernorm_forward(out, mean, rstd, x, w, b, N, C);
+    end(FAM_NORM, t0);
+    cost_layernorm_forward(out, mean, rstd, x, w, b, N, C);
+}
+
+static void t_layernorm_backward(float *dx, float *dw, float *db, const float *dout, const float *x, const float *w, const float *mean, const float *rstd, int N, int C)
+{
+    double t0 = begin();
+    inner->layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, N, C);
+    end(FAM_NORM, t0);
+    cost_layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, N, C);
+}
+
+static void t_swiglu_forward(float *out, const float *in, int N, int h, int silu_first)
+{
+    double t0 = begin();
+    inner->swiglu_forward(out, in, N, h, silu_first);
+    end(FAM_ELEMENTWISE, t0);
+    cost_swiglu_forward(out, in, N, h, silu_first);
+}
+
+static void t_swiglu_backward(float *din, const float *dout, const float *in, int N, int h, int silu_first)
+{
+    double t0 = begin();
+    inner->swiglu_backward(din, dout, in, N, h, silu_first);
+    end(FAM_ELEMENTWISE, t0);
+    cost_swiglu_backward(din, dout, in, N, h, silu_first);
+}
+
+static void t_conv_forward(float *y, const float *x, const float *w, const float *bias, const int32_t *doc_start, int B, int T, int C)
+{
+    double t0 = begin();
+    inner->conv_forward(y, x, w, bias, doc_start, B, T, C);
+    end(FAM_CONV, t0);
+    cost_conv_forward(y, x, w, bias, doc_start, B, T, C);
+}
+
+static void t_conv_backward(float *dx, float *dw, float *dbias, const float *dy, const float *x, const float *w, const int32_t *doc_start, int B, int T, int C)
+{
+    double t0 = begin();
+    inner->conv_backward(dx, dw, dbias, dy, x, w, doc_start, B, T, C);
+    end(FAM_CONV, t0);
+    cost_conv_backward(dx, dw, dbias, dy, x, w, doc_start, B, T, C);
+}
+
+static void t_gates_forward(float *g, float *beta, const float *graw, const float *braw, size_t n)
+{
+    double t0 = begin();
+    inner->gates_forward(g, beta, graw, braw, n);
+    end(FAM_ELEMENTWISE, t0);
+    cost_gates_forward(g, beta, graw, braw, n);
+}
+
+static void t_gates_backward(float *dgraw, float *dbraw, const float *dg, const float *dbeta, const float *graw, const float *braw, size_t n)
+{
+    double t0 = begin();
+    inner->gates_backward(dgraw, dbraw, dg, dbeta, graw, braw, n);
+    end(FAM_ELEMENTWISE, t0);
+    cost_gates_backward(dgraw, dbraw, dg, dbeta, graw, braw, n);
+}
+
+static void t_l2norm_forward(float *y, float *rnorm, const float *x, int n, int D)
+{
+    double t0 = begin();
+    inner->l2norm_forward(y, rnorm, x, n, D);
+    end(FAM_ELEMENTWISE, t0);
+    cost_l2norm_forward(y, rnorm, x, n, D);
+}
+
+static void t_l2norm_backward(float *dx, const float *dy, const float *x, const float *rnorm, int n, int D)
+{
+    double t0 = begin();
+    inner->l2norm_backward(dx, dy, x, rnorm, n, D);
+    end(FAM_ELEMENTWISE, t0);
+    cost_l2norm_backward(dx, dy, x, rnorm, n, D);
+}
+
+static void t_gdn_forward(float *o, float *state_save, const float *q, const float *k, const float *v, const float *g, const float *beta, const int32_t *doc_start, int B, int T, int H, int D, float scale)
+{
+    double t0 = begin();
+    inner->gdn_forward(o, state_save, q, k, v, g, beta, doc_start, B, T, H, D, scale);
+    end(FAM_GDN_FWD, t0);
+    cost_gdn_forward(o, state_save, q, k, v, g, beta, doc_start, B, T, H, D, scale);
+}
+
+static void t_gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout, const float *q, const float *k, const float *v, const float *g, const float *beta, const float *state_save, const int32_t *doc_start, int B, int T, int H, int D, float scale)
+{
+    double t0 = begin();
+    inner->gdn_backward(dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, doc_start, B, T, H, D, scale);
+    end(FAM_GDN_BWD, t0);
+    cost_gdn_backward(dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, doc_start, B, T, H, D, scale);
+}
+
+static void t_mla_prep_forward(float *qh, float *kh, float *vh, const float *q, const float *kv, const float *kpe, int kpe_stride, const int32_t *pos, int B, int T, int H, int dn, int dr, int dv, float theta)
+{
+    double t0 = begin();
+    inner->mla_prep_forward(qh, kh, vh, q, kv, kpe, kpe_stride, pos, B, T, H, dn, dr, dv, theta);
+    end(FAM_MLA_PREP, t0);
+    cost_mla_prep_forward(qh, kh, vh, q, kv, kpe, kpe_stride, pos, B, T, H, dn, dr, dv, theta);
+}
+
+static void t_mla_prep_backward(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dqh, const float *dkh, const float *dvh, const int32_t *pos, int B, int T, int H, int dn, int dr, int dv, float theta)
+{
+    double t0 = begin();
+    inner->mla_prep_backward(dq, dkv, dkpe, kpe_stride, dqh, dkh, dvh, pos, B, T, H, dn, dr, dv, theta);
+    end(FAM_MLA_PREP, t0);
+    cost_mla_prep_backward(dq, dkv, dkpe, kpe_stride, dqh, dkh, dvh, pos, B, T, H, dn, dr, dv, theta);
+}
+
+static void t_attention_forward(float *out, float *lse, const float *q, const float *k, const float *v, const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale)
+{
+    double t0 = begin();
+    inner->attention_forward(out, lse, q, k, v, doc_id, B, T, H, Dk, Dv, scale);
+    end(FAM_ATTN_FWD, t0);
+    cost_attention_forward(out, lse, q, k, v, doc_id, B, T, H, Dk, Dv, scale);
+}
+
+static void t_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out, const float *lse, const float *q, const float *k, const float *v, const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale)
+{
+    double t0 = begin();
+    inner->attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc_id, B, T, H, Dk, Dv, scale);
+    end(FAM_ATTN_BWD, t0);
+    cost_attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc_id, B, T, H, Dk, Dv, scale);
+}
+
+static void t_moe_route_forward(int32_t *idx, float *gate, int32_t *counts, float *zloss_out, const float *z, const float *bias, int N, int E, int k, float zcoef)
+{
+    double t0 = begin();
+    inner->moe_route_forward(idx, gate, counts, zloss_out, z, bias, N, E, k, zcoef);
+    end(FAM_MOE_ROUTE, t0);
+    cost_moe_route_forward(idx, gate, counts, zloss_out, z, bias, N, E, k, zcoef);
+}
+
+static void t_moe_route_backward(float *dz, const float *dgate, float dzloss, const float *z, const int32_t *idx, int N, int E, int k, float zcoef)
+{
+    double t0 = begin();
+    inner->moe_route_backward(dz, dgate, dzloss, z, idx, N, E, k, zcoef);
+    end(FAM_MOE_ROUTE, t0);
+    cost_moe_route_backward(dz, dgate, dzloss, z, idx, N, E, k, zcoef);
+}
+
+static void t_moe_experts_forward(float *y, float *save, const float *x, const int32_t *idx, const float *gate, const float *w1, const float *w2, int N, int E, int k, int in, int h, int out)
+{
+    double t0 = begin();
+    inner->moe_experts_forward(y, save, x, idx, gate, w1, w2, N, E, k, in, h, out);
+    end(FAM_MOE_EXPERTS_FWD, t0);
+    cost_moe_experts_forward(y, save, x, idx, gate, w1, w2, N, E, k, in, h, out);
+}
+
+static void t_moe_experts_backward(float *dx, float *dgate, float *dw1, float *dw2, const float *dy, const float *save, const float *x, const int32_t *idx, const float *gate, const float *w1, const float *w2, int N, int E, int k, int in, int h, int out)
+{
+    double t0 = begin();
+    inner->moe_experts_backward(dx, dgate, dw1, dw2, dy, save, x, idx, gate, w1, w2, N, E, k, in, h, out);
+    end(FAM_MOE_EXPERTS_BWD, t0);
+    cost_moe_experts_backward(dx, dgate, dw1, dw2, dy, save, x, idx, gate, w1, w2, N, E, k, in, h, out);
+}
+
+static void t_classifier_forward(float *loss, float *lse, const float *h, const float *wte, const int32_t *targets, int N, int V, int C)
+{
+    double t0 = begin();
+    inner->classifier_forward(loss, lse, h, wte, targets, N, V, C);
+    end(FAM_HEAD_LOSS_FWD, t0);
+    cost_classifier_forward(loss, lse, h, wte, targets, N, V, C);
+}
+
+static void t_classifier_backward(float *dh, float *dwte, const float *h, const float *wte, const int32_t *targets, const float *lse, float dloss_scale, int N, int V, int C)
+{
+    double t0 = begin();
+    inner->classifier_backward(dh, dwte, h, wte, targets, lse, dloss_scale, N, V, C);
+    end(FAM_HEAD_LOSS_BWD, t0);
+    cost_classifier_backward(dh, dwte, h, wte, targets, lse, dloss_scale, N, V, C);
+}
+
+static void t_adamw_update(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1, float beta2, float eps, float wd, int step)
+{
+    double t0 = begin();
+    inner->adamw_update(p, g, m, v, n, lr, beta1, beta2, eps, wd, step);
+    end(FAM_OPTIMIZER, t0);
+    cost_adamw_update(p, g, m, v, n, lr, beta1, beta2, eps, wd, step);
+}
+
+static void t_muon_update(float *p, const float *g, float *buf, float *work, int rows, int cols, float lr, float mu, float wd)
+{
+    double t0 = begin();
+    inner->muon_update(p, g, buf, work, rows, cols, lr, mu, wd);
+    end(FAM_OPTIMIZER, t0);
+    cost_muon_update(p, g, buf, work, rows, cols, lr, mu, wd);
+}
+
+const backend *timed_backend(const backend *in)
+{
+    inner = in;
+    timed = *in;
+    timed.zero = t_zero;
+    timed.copy = t_copy;
+    timed.add_inplace = t_add_inplace;
+    timed.scale_inplace = t_scale_inplace;
+    timed.sumsq = t_sumsq;
+    timed.embedding_forward = t_embedding_forward;
+    timed.embedding_backward = t_embedding_backward;
+    timed.matmul_forward = t_matmul_forward;
+    timed.matmul_backward = t_matmul_backward;
+    timed.rmsnorm_forward = t_rmsnorm_forward;
+    timed.rmsnorm_backward = t_rmsnorm_backward;
+    timed.layernorm_forward = t_layernorm_forward;
+    timed.layernorm_backward = t_layernorm_backward;
+    timed.swiglu_forward = t_swiglu_forward;
+    timed.swiglu_backward = t_swiglu_backward;
+    timed.conv_forward = t_conv_forward;
+    timed.conv_backward = t_conv_backward;
+    timed.gates_forward = t_gates_forward;
+    timed.gates_backward = t_gates_backward;
+    timed.l2norm_forward = t_l2norm_forward;
+    timed.l2norm_backward = t_l2norm_backward;
+    timed.gdn_forward = t_gdn_forward;
+    timed.gdn_backward = t_gdn_backward;
+    timed.mla_prep_forward = t_mla_prep_forward;
+    timed.mla_prep_backward = t_mla_prep_backward;
+    timed.attention_forward = t_attention_forward;
+    timed.attention_backward = t_attention_backward;
+    timed.moe_route_forward = t_moe_route_forward;
+    timed.moe_route_backward = t_moe_route_backward;
+    timed.moe_experts_forward = t_moe_experts_forward;
+    timed.moe_experts_backward = t_moe_experts_backward;
+    timed.classifier_forward = t_classifier_forward;
+    timed.classifier_backward = t_classifier_backward;
+    timed.adamw_update = t_adamw_update;
+    timed.muon_update = t_muon_update;
+    timed_reset();
+    return &timed;
+}
+
+family_stats *timed_stats(void) { return stats; }
+
+void timed_reset(void)
+{
+    memset(stats, 0, sizeof stats);
+    for (int f = 0; f < FAM_COUNT; f++) stats[f].name = family_names[f];
+}

@@ -1,0 +1,28 @@
+/* timed_backend.h: wraps a backend so that every op is timed (synchronising before and
+ * after it) and charged to its op family, with the FLOPs of the matrix work counted
+ * from the shapes. For profiling passes only: the synchronisation costs throughput. */
+#ifndef DELTAMLA_TIMED_BACKEND_H
+#define DELTAMLA_TIMED_BACKEND_H
+
+#include "backend.h"
+
+typedef enum op_family {
+    FAM_GEMM_FWD, FAM_GEMM_BWD, FAM_NORM, FAM_ELEMENTWISE, FAM_CONV, FAM_GDN_FWD, FAM_GDN_BWD,
+    FAM_MLA_PREP, FAM_ATTN_FWD, FAM_ATTN_BWD, FAM_MOE_ROUTE, FAM_MOE_EXPERTS_FWD, FAM_MOE_EXPERTS_BWD,
+    FAM_HEAD_LOSS_FWD, FAM_HEAD_LOSS_BWD, FAM_OPTIMIZER, FAM_MEMORY, FAM_COUNT
+} op_family;
+
+typedef struct family_stats {
+    const char *name;
+    double seconds;
+    double flops;   /* matrix FLOPs counted from shapes (0 where not counted) */
+    double bytes;   /* minimum bytes moved: each input read once, each output written once */
+    long calls;
+} family_stats;
+
+/* A backend that forwards to inner and records into the stats below. */
+const backend *timed_backend(const backend *inner);
+family_stats *timed_stats(void);
+void timed_reset(void);
+
+#endif

@@ -1,0 +1,161 @@
+/* backend_cuda.cu: the CUDA backend's op table, device selection, memory, the stream,
+ * the cuBLAS handle and a growing scratch buffer. The ops live in the other files of
+ * kernels/ (one per op family, declared in cuda_ops.h). */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "cuda_common.cuh"
+
+extern "C" {
+#include "backend.h"
+#include "cuda_ops.h"
+}
+
+static cudaStream_t stream;
+static cublasHandle_t cublas;
+static void *scratch;
+static size_t scratch_bytes;
+
+extern "C" cudaStream_t cuda_stream(void) { return stream; }
+extern "C" cublasHandle_t cuda_cublas(void) { return cublas; }
+
+extern "C" void *cuda_scratch(size_t bytes)
+{
+    if (bytes > scratch_bytes) {
+        if (scratch) CUDA_CHECK(cudaFreeAsync(scratch, stream));
+        size_t grow = bytes + bytes / 4;
+        CUDA_CHECK(cudaMallocAsync(&scratch, grow, stream));
+        scratch_bytes = grow;
+    }
+    return scratch;
+}
+
+/* peak of what the device holds (cudaMemGetInfo: our allocations, the scratch buffer,
+ * cuBLAS workspaces and the context), sampled at every allocation and sync */
+static size_t peak_used;
+
+static void sample_memory(void)
+{
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess && total_b - free_b > peak_used) peak_used = total_b - free_b;
+}
+
+static size_t gpu_mem_peak(void)
+{
+    sample_memory();
+    return peak_used;
+}
+
+static void *gpu_alloc(size_t bytes)
+{
+    void *p = NULL;
+    cudaError_t e = cudaMalloc(&p, bytes ? bytes : 256);
+    if (e != cudaSuccess) {
+        size_t free_b = 0, total_b = 0;
+        cudaMemGetInfo(&free_b, &total_b);
+        die("out of GPU memory allocating %.2f GiB (%.2f GiB free of %.2f GiB); lower --batch_size or use "
+            "--gradient_checkpointing", bytes / 1073741824.0, free_b / 1073741824.0, total_b / 1073741824.0);
+    }
+    CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream));
+    sample_memory();
+    return p;
+}
+
+static void gpu_free(void *p)
+{
+    if (p) {
+        CUDA_CHECK(cudaStreamSynchronize(stream));
+        CUDA_CHECK(cudaFree(p));
+    }
+}
+
+static void gpu_zero(void *p, size_t bytes) { CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream)); }
+
+static void gpu_to_host(void *dst, const void *src, size_t bytes)
+{
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream));
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
+static void gpu_from_host(void *dst, const void *src, size_t bytes)
+{
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
+    CUDA_CHECK(cudaStreamSynchronize(stream)); /* the host buffer may be reused at once */
+}
+
+static void gpu_copy(void *dst, const void *src, size_t bytes)
+{
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
+}
+
+static void gpu_sync(void)
+{
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    sample_memory();
+}
+
+static backend cuda_backend;
+
+extern "C" int cuda_device_count(void)
+{
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
+    return n;
+}
+
+extern "C" const backend *backend_cuda(int device)
+{
+    if (cuda_backend.name) return &cuda_backend;
+    int n = cuda_device_count();
+    if (n == 0) die("--device cuda: no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES and the driver)");
+    if (device < 0 || device >= n) die("--device cuda: GPU %d requested but %d are visible", device, n);
+    CUDA_CHECK(cudaSetDevice(device));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    CUBLAS_CHECK(cublasCreate(&cublas));
+    CUBLAS_CHECK(cublasSetStream(cublas, stream));
+    backend b = {};
+    b.name = "cuda";
+    b.alloc = gpu_alloc;
+    b.free = gpu_free;
+    b.zero = gpu_zero;
+    b.to_host = gpu_to_host;
+    b.from_host = gpu_from_host;
+    b.copy = gpu_copy;
+    b.sync = gpu_sync;
+    b.mem_peak = gpu_mem_peak;
+    b.add_inplace = cuda_add_inplace;
+    b.scale_inplace = cuda_scale_inplace;
+    b.sumsq = cuda_sumsq;
+    b.embedding_forward = cuda_embedding_forward;
+    b.embedding_backward = cuda_embedding_backward;
+    b.matmul_forward = cuda_matmul_forward;
+    b.matmul_backward = cuda_matmul_backward;
+    b.rmsnorm_forward = cuda_rmsnorm_forward;
+    b.rmsnorm_backward = cuda_rmsnorm_backward;
+    b.layernorm_forward = cuda_layernorm_forward;
+    b.layernorm_backward = cuda_layernorm_backward;
+    b.swiglu_forward = cuda_swiglu_forward;
+    b.swiglu_backward = cuda_swiglu_backward;
+    b.conv_forward = cuda_conv_forward;
+    b.conv_backward = cuda_conv_backward;
+    b.gates_forward = cuda_gates_forward;
+    b.gates_backward = cuda_gates_backward;
+    b.l2norm_forward = cuda_l2norm_forward;
+    b.l2norm_backward = cuda_l2norm_backward;
+    b.gdn_forward = cuda_gdn_forward;
+    b.gdn_backward = cuda_gdn_backward;
+    b.mla_prep_forward = cuda_mla_prep_forward;
+    b.mla_prep_backward = cuda_mla_prep_backward;
+    b.attention_forward = cuda_attention_forward;
+    b.attention_backward = cuda_attention_backward;
+    b.moe_route_forward = cuda_moe_route_forward;
+    b.moe_route_backward = cuda_moe_route_backward;
+    b.moe_experts_forward = cuda_moe_experts_forward;
+    b.moe_experts_backward = cuda_moe_experts_backward;
+    b.classifier_forward = cuda_classifier_forward;
+    b.classifier_backward = cuda_classifier_backward;
+    b.adamw_update = cuda_adamw_update;
+    b.muon_update = cuda_muon_update;
+    cuda_backend = b;
+    return &cuda_backend;
+}

@@ -1,0 +1,161 @@
+/* classifier.cu: the tied LM head and cross-entropy on the GPU, never holding the full
+ * [N, V] logits.
+ *
+ * Rows are processed in chunks of n_c rows whose logits fit CHUNK_FLOATS (128 MiB of
+ * fp32) in the backend scratch buffer: at V = 50304 that is 667 rows, large enough for
+ * the GEMM to run at full tensor-core rate and small next to the activations. Per chunk:
+ *   forward : logits = h_c wte^T (cuda_matmul_forward, bf16 tensor cores), then one
+ *             block per row finds lse and the loss;
+ *   backward: the same GEMM recomputes the logits, one block per row turns them in
+ *             place into dlogits = scale (softmax - onehot) (all zero for ignored rows),
+ *             and cuda_matmul_backward adds dlogits wte to dh and dlogits^T h_c to dwte.
+ * Recomputing the logits costs one GEMM out of four and saves N*V floats of memory.
+ *
+ * The row statistics use the online softmax: each thread keeps a running (max, sum of
+ * exp(z - max)) over a fixed stride of the row, and the block combines the pairs with
+ * a fixed shuffle/shared-memory tree, so one pass over the row suffices and the result
+ * is the same bits every run. Chunks run in row order on one stream, so dwte receives
+ * its chunk contributions in a fixed order too.
+ *
+ * Targets are int32 device memory; -100 means "ignore". A target outside [0, V) that
+ * is not -100 cannot be reported without a host sync, so it turns that row's loss (and
+ * in the backward its dlogits) into NaN: the run fails loudly instead of reading or
+ * writing outside the logits row.
+ */
+#include <float.h>
+#include <math.h>
+
+#include "cuda_common.cuh"
+
+extern "C" {
+#include "cuda_ops.h"
+}
+
+#define IGNORE_INDEX (-100)
+/* logits per chunk: 32 Mi floats = 128 MiB of scratch */
+#define CHUNK_FLOATS ((size_t)1 << 25)
+/* threads per row; a power of two, a multiple of 32 */
+#define ROW_THREADS 256
+
+/* rows per chunk: as many as fit CHUNK_FLOATS logits, at least 1, at most N */
+static int chunk_rows(int N, int V)
+{
+    size_t rows = CHUNK_FLOATS / (size_t)V;
+    if (rows < 1) rows = 1;
+    return rows < (size_t)N ? (int)rows : N;
+}
+
+/* (m1, s1) <- the merge of two online-softmax states: the sum of exp(z - m) over both
+ * halves, relative to the larger max. Maxima start at -FLT_MAX rather than -inf so
+ * that merging two empty states gives exp(0) * 0 = 0, never inf - inf. */
+static __device__ void lse_merge(float *m1, float *s1, float m2, float s2)
+{
+    float m = fmaxf(*m1, m2);
+    *s1 = *s1 * expf(*m1 - m) + s2 * expf(m2 - m);
+    *m1 = m;
+}
+
+/* One block per row r of the chunk: lse[row0 + r] = log sum_v exp(z_v), loss = lse -
+ * z[target] (0 for an ignored target, NaN for an out-of-range one). */
+static __global__ void ce_forward_kernel(float *loss, float *lse, const float *logits,
+                                         const int32_t *targets, int row0, int V)
+{
+    __shared__ float sh_m[ROW_THREADS / 32], sh_s[ROW_THREADS / 32];
+    const int r = blockIdx.x, i = row0 + r;
+    const float *z = logits + (size_t)r * V;
+    float m = -FLT_MAX, s = 0.0f;
+    for (int v = threadIdx.x; v < V; v += ROW_THREADS) {
+        const float zv = z[v];
+        if (zv > m) {
+            s = s * expf(m - zv) + 1.0f;
+            m = zv;
+        } else {
+            s += expf(zv - m);
+        }
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, off), s2 = __shfl_xor_sync(0xffffffffu, s, off);
+        lse_merge(&m, &s, m2, s2);
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) {
+        sh_m[warp] = m;
+        sh_s[warp] = s;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    m = lane < ROW_THREADS / 32 ? sh_m[lane] : -FLT_MAX;
+    s = lane < ROW_THREADS / 32 ? sh_s[lane] : 0.0f;
+    for (int off = 16; off > 0; off >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, off), s2 = __shfl_xor_sync(0xffffffffu, s, off);
+        lse_merge(&m, &s, m2, s2);
+    }
+    if (lane == 0) {
+        const float l = m + logf(s);
+        const int t = targets[i];
+        lse[i] = l;
+        if (t == IGNORE_INDEX) loss[i] = 0.0f;
+        else if (t < 0 || t >= V) loss[i] = __int_as_float(0x7fc00000); /* NaN */
+        else loss[i] = l - z[t];
+    }
+}
+
+/* One block per row r of the chunk: the logits row becomes dlogits in place,
+ * scale * exp(z - lse) - scale * [v == target], or zeros for an ignored target. The
+ * two roundings (product, then the onehot subtraction) are those of the CPU oracle. */
+static __global__ void ce_backward_kernel(float *logits, const int32_t *targets, const float *lse,
+                                          float scale, int row0, int V)
+{
+    const int r = blockIdx.x, i = row0 + r;
+    float *z = logits + (size_t)r * V;
+    const int t = targets[i];
+    if (t == IGNORE_INDEX) {
+        for (int v = threadIdx.x; v < V; v += ROW_THREADS) z[v] = 0.0f;
+        return;
+    }
+    if (t < 0 || t >= V) {
+        for (int v = threadIdx.x; v < V; v += ROW_THREADS) z[v] = __int_as_float(0x7fc00000); /* NaN */
+        return;
+    }
+    const float l = lse[i];
+    for (int v = threadIdx.x; v < V; v += ROW_THREADS) {
+        const float d = __fmul_rn(scale, expf(z[v] - l));
+        z[v] = v == t ? __fsub_rn(d, scale) : d;
+    }
+}
+
+/* loss [N], lse [N] = cross-entropy of logits_i = h_i wte^T against targets [N] (int32,
+ * -100 ignored); h [N, C], wte [V, C]. Device pointers; uses the backend scratch. */
+extern "C" void cuda_classifier_forward(float *loss, float *lse, const float *h, const float *wte,
+                                        const int32_t *targets, int N, int V, int C)
+{
+    if (N <= 0 || V <= 0) return;
+    const int rows = chunk_rows(N, V);
+    float *logits = (float *)cuda_scratch((size_t)rows * V * sizeof(float));
+    for (int i0 = 0; i0 < N; i0 += rows) {
+        const int nr = N - i0 < rows ? N - i0 : rows;
+        cuda_matmul_forward(logits, h + (size_t)i0 * C, wte, nr, C, V);
+        ce_forward_kernel<<<nr, ROW_THREADS, 0, cuda_stream()>>>(loss, lse, logits, targets, i0, V);
+        LAUNCH_CHECK();
+    }
+}
+
+/* dh [N, C] += dlogits wte, dwte [V, C] += dlogits^T h with dlogits_i = dloss_scale
+ * (softmax(h_i wte^T) - onehot(target_i)), zero rows for ignored targets; lse [N] from
+ * the forward. Device pointers; uses the backend scratch. */
+extern "C" void cuda_classifier_backward(float *dh, float *dwte, const float *h, const float *wte,
+                                         const int32_t *targets, const float *lse, float dloss_scale,
+                                         int N, int V, int C)
+{
+    if (N <= 0 || V <= 0) return;
+    const int rows = chunk_rows(N, V);
+    float *dlogits = (float *)cuda_scratch((size_t)rows * V * sizeof(float));
+    for (int i0 = 0; i0 < N; i0 += rows) {
+        const int nr = N - i0 < rows ? N - i0 : rows;
+        const float *hc = h + (size_t)i0 * C;
+        cuda_matmul_forward(dlogits, hc, wte, nr, C, V);
+        ce_backward_kernel<<<nr, ROW_THREADS, 0, cuda_stream()>>>(dlogits, targets, lse, dloss_scale, i0, V);
+        LAUNCH_CHECK();
+        cuda_matmul_backward(dh + (size_t)i0 * C, dwte, dlogits, hc, wte, nr, C, V);
+    }
+}

@@ -1,0 +1,42 @@
+/* cuda_common.cuh: what every .cu file of kernels/ shares: the check macros, the backend's
+ * stream and cuBLAS handle, and small device helpers.
+ *
+ * A failing CUDA or cuBLAS call prints the call, file, line and error, then exits the
+ * process (MPI ranks: MPI_Abort through die()); nothing continues on a broken device.
+ */
+#ifndef DELTAMLA_CUDA_COMMON_CUH
+#define DELTAMLA_CUDA_COMMON_CUH
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+extern "C" {
+#include "util.h"
+}
+
+#define CUDA_CHECK(call)                                                                        \
+    do {                                                                                        \
+        cudaError_t err_ = (call);                                                              \
+        if (err_ != cudaSuccess)                                                                \
+            die("CUDA error %s in %s (%s:%d)", cudaGetErrorString(err_), #call, __FILE__, __LINE__); \
+    } while (0)
+
+#define CUBLAS_CHECK(call)                                                                      \
+    do {                                                                                        \
+        cublasStatus_t st_ = (call);                                                            \
+        if (st_ != CUBLAS_STATUS_SUCCESS)                                                       \
+            die("cuBLAS error %d in %s (%s:%d)", (int)st_, #call, __FILE__, __LINE__);          \
+    } while (0)
+
+/* after every kernel launch */
+#define LAUNCH_CHECK() CUDA_CHECK(cudaGetLastError())
+
+extern "C" cudaStream_t cuda_stream(void);     /* the backend's one stream */
+extern "C" cublasHandle_t cuda_cublas(void);   /* bound to cuda_stream() */
+/* device scratch of at least `bytes`, valid until the next call (grows, never shrinks) */
+extern "C" void *cuda_scratch(size_t bytes);
+
+static inline unsigned ceil_div_u(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
+
+#endif

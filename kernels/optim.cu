@@ -1,0 +1,214 @@
+/* optim.cu: the optimizer updates of the CUDA backend (MODEL.md section 9), AdamW as
+ * torch.optim.AdamW computes it and Muon (nesterov momentum + Newton-Schulz) as
+ * torch.optim.Muon computes it, one tensor per call, with no host synchronisation.
+ *
+ * AdamW is one fused elementwise kernel in float arithmetic; the step's scalars (bias
+ * corrections, step size, decay factor) are computed once on the host in double, as
+ * the CPU oracle computes them, and passed in as floats.
+ *
+ * Muon runs in five stages on the stream:
+ *   1. momentum: buf <- mu buf + (1-mu) g and X = (1-mu) g + mu buf, rounded product by
+ *      product exactly as the CPU does (no fused multiply-add), so buf matches the
+ *      oracle bit for bit; each block also sums its X^2 in double into one partial;
+ *   2. one block adds the partials in a fixed order and writes max(||X||_F, 1e-7) to
+ *      device memory (a fixed grid and fixed trees: the same bits every run);
+ *   3. X /= norm, reading the norm from device memory (no round trip to the host);
+ *   4. five Newton-Schulz steps A = X X^T, Bm = b A + c A A, X <- a X + Bm X as cuBLAS
+ *      GEMMs; beta carries b A and a X, so they are added in fp32 outside the tensor
+ *      cores (Bm and the next X start as copies of A and X);
+ *   5. p <- p (1 - lr wd) - lr sqrt(max(1, rows/cols)) O, in double like the oracle.
+ *
+ * No transposes are copied. X is kept in the parameter's own row-major [rows, cols]
+ * layout, which cuBLAS (column-major, leading dimension cols) reads as the [cols, rows]
+ * matrix Z. For a wide matrix (rows <= cols) the NS problem is X = N [m = rows,
+ * n = cols] and Z = X^T, so A = Z^T Z and the next X is stored as a Z + Z Bm^T; for a
+ * tall one the NS problem is X = N^T [m = cols, n = rows] and Z = X, so A = Z Z^T and
+ * the next X is a Z + Bm Z. Either way the result lies in the parameter's layout and
+ * step 5 is elementwise.
+ *
+ * Precision of the Newton-Schulz GEMMs: TF32 tensor cores (CUBLAS_COMPUTE_32F_FAST_TF32,
+ * 10-bit mantissa inputs, fp32 accumulation). A numpy model of the GEMMs with operands
+ * rounded to bf16 puts the three-step parameter update 1.2-1.7% (relative) away from
+ * fp32 NS5 on 1024x256, 256x1024 and 300x300 random gradients, which is what torch's
+ * bf16 Muon also does, but sits at the edge of a 2e-2 check; with TF32 it is 0.15-0.3%.
+ * The error does not come from the Gram matrix X X^T (fp32 there alone changes little)
+ * but from A A and Bm X, whose rounding the iteration amplifies, so fp32 for the Gram
+ * only would not help, and fp32 for all three GEMMs would cost 8-16x the time of TF32,
+ * which runs at half the bf16 tensor-core rate. NS_COMPUTE switches it.
+ */
+#include <math.h>
+
+#include "cuda_common.cuh"
+
+extern "C" {
+#include "backend.h"
+#include "cuda_ops.h"
+}
+
+/* NS5 coefficients (a, b, c), the norm floor and step count of torch.optim.Muon */
+#define NS_A 3.4445f
+#define NS_B (-4.7750f)
+#define NS_C 2.0315f
+#define NS_EPS 1e-7
+#define NS_STEPS 5
+#define NS_COMPUTE CUBLAS_COMPUTE_32F_FAST_TF32
+
+#define THREADS 256
+/* the most blocks of an elementwise grid (grid-stride beyond) */
+#define MAX_BLOCKS 4096
+/* blocks of the norm's first stage: fixed, so the partials always split the same way */
+#define NORM_BLOCKS 256
+
+static unsigned grid_for(size_t n)
+{
+    unsigned b = ceil_div_u(n, THREADS);
+    return b < 1 ? 1 : b > MAX_BLOCKS ? MAX_BLOCKS : b;
+}
+
+/* The sum of v over the block (THREADS threads) in a fixed tree; valid in thread 0. */
+static __device__ double block_sum(double v)
+{
+    __shared__ double sh[THREADS / 32];
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    v = 0;
+    if (warp == 0) {
+        v = lane < THREADS / 32 ? sh[lane] : 0.0;
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    }
+    return v;
+}
+
+/* one torch.optim.AdamW step per element: decoupled decay, then the bias-corrected
+ * Adam step (step_size = lr / bc1, denom = sqrt(v) / sqrt(bc2) + eps) */
+static __global__ void adamw_kernel(float *p, const float *g, float *m, float *v, size_t n, float beta1,
+                                    float beta2, float one_b1, float one_b2, float eps, float step_size,
+                                    float bc2_sqrt, float decay)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float gi = g[i];
+        const float mi = beta1 * m[i] + one_b1 * gi;
+        const float vi = beta2 * v[i] + one_b2 * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        const float denom = sqrtf(vi) / bc2_sqrt + eps;
+        p[i] = decay * p[i] - step_size * mi / denom;
+    }
+}
+
+/* buf <- mu buf + (1-mu) g; x = (1-mu) g + mu buf; partial[block] = sum of x^2 over the
+ * block's elements. Explicit _rn operations keep the oracle's separate roundings. */
+static __global__ void muon_momentum_kernel(float *buf, float *x, double *partial, const float *g, size_t n,
+                                            float mu, float one_mu)
+{
+    double ss = 0;
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+        const float ge = g[e];
+        const float b = __fadd_rn(__fmul_rn(mu, buf[e]), __fmul_rn(one_mu, ge));
+        const float xe = __fadd_rn(__fmul_rn(one_mu, ge), __fmul_rn(mu, b));
+        buf[e] = b;
+        x[e] = xe;
+        ss += (double)xe * xe;
+    }
+    ss = block_sum(ss);
+    if (threadIdx.x == 0) partial[blockIdx.x] = ss;
+}
+
+/* one block: *norm = max(sqrt(sum of the partials), NS_EPS) */
+static __global__ void muon_norm_kernel(float *norm, const double *partial, int nparts)
+{
+    double s = 0;
+    for (int i = threadIdx.x; i < nparts; i += THREADS) s += partial[i];
+    s = block_sum(s);
+    if (threadIdx.x == 0) *norm = (float)fmax(sqrt(s), NS_EPS);
+}
+
+static __global__ void muon_scale_kernel(float *x, const float *norm, size_t n)
+{
+    const float d = *norm;
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x)
+        x[e] = x[e] / d;
+}
+
+/* p <- (float)(decay p) - step o, in double as the oracle computes it */
+static __global__ void muon_apply_kernel(float *p, const float *o, size_t n, double decay, double step)
+{
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+        const float decayed = (float)(decay * (double)p[e]);
+        p[e] = (float)((double)decayed - step * (double)o[e]);
+    }
+}
+
+/* C [mm, nn] = alpha op(A) op(B) + beta C, column-major fp32 buffers, NS_COMPUTE */
+static void ns_gemm(cublasOperation_t ta, cublasOperation_t tb, int mm, int nn, int kk, float alpha,
+                    const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc)
+{
+    CUBLAS_CHECK(cublasGemmEx(cuda_cublas(), ta, tb, mm, nn, kk, &alpha, a, CUDA_R_32F, lda, b, CUDA_R_32F,
+                              ldb, &beta, c, CUDA_R_32F, ldc, NS_COMPUTE, CUBLAS_GEMM_DEFAULT));
+}
+
+/* p, g, m, v [n] device: one torch.optim.AdamW step (step is 1-based); updates p, m, v. */
+extern "C" void cuda_adamw_update(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
+                                  float beta2, float eps, float wd, int step)
+{
+    fatal_check(step >= 1);
+    if (n == 0) return;
+    const double b1 = beta1, b2 = beta2;
+    const double bc1 = 1.0 - pow(b1, step);
+    const double bc2_sqrt = sqrt(1.0 - pow(b2, step));
+    const double step_size = (double)lr / bc1;
+    const double decay = 1.0 - (double)lr * (double)wd;
+    adamw_kernel<<<grid_for(n), THREADS, 0, cuda_stream()>>>(p, g, m, v, n, beta1, beta2, (float)(1.0 - b1),
+                                                              (float)(1.0 - b2), eps, (float)step_size,
+                                                              (float)bc2_sqrt, (float)decay);
+    LAUNCH_CHECK();
+}
+
+/* p, g, buf [rows, cols] device: one torch.optim.Muon step (nesterov, NS5); updates p
+ * and buf. work: muon_work_floats(rows, cols) device floats, laid out X, next X (m*n
+ * each), A, Bm (m*m each) with m = min(rows, cols); its contents on entry are ignored.
+ * Also uses the backend scratch (a few KiB) for the norm's partial sums. */
+extern "C" void cuda_muon_update(float *p, const float *g, float *buf, float *work, int rows, int cols, float lr,
+                                 float mu, float wd)
+{
+    if (rows <= 0 || cols <= 0) return;
+    const int tall = rows > cols;
+    const int m = tall ? cols : rows, n = tall ? rows : cols;
+    const size_t total = (size_t)m * n;
+    float *x = work, *xn = work + total;
+    float *a = xn + total, *bm = a + (size_t)m * m;
+    cudaStream_t s = cuda_stream();
+
+    unsigned nparts = ceil_div_u(total, THREADS);
+    if (nparts > NORM_BLOCKS) nparts = NORM_BLOCKS;
+    double *partial = (double *)cuda_scratch((nparts + 1) * sizeof(double));
+    float *norm = (float *)(partial + nparts);
+
+    muon_momentum_kernel<<<nparts, THREADS, 0, s>>>(buf, x, partial, g, total, mu, 1.0f - mu);
+    LAUNCH_CHECK();
+    muon_norm_kernel<<<1, THREADS, 0, s>>>(norm, partial, (int)nparts);
+    LAUNCH_CHECK();
+    muon_scale_kernel<<<grid_for(total), THREADS, 0, s>>>(x, norm, total);
+    LAUNCH_CHECK();
+
+    /* the buffers' leading dimension is cols in both orientations (see the top) */
+    for (int it = 0; it < NS_STEPS; it++) {
+        if (tall) ns_gemm(CUBLAS_OP_N, CUBLAS_OP_T, m, m, n, 1.0f, x, m, x, m, 0.0f, a, m);
+        else ns_gemm(CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, 1.0f, x, n, x, n, 0.0f, a, m);
+        CUDA_CHECK(cudaMemcpyAsync(bm, a, (size_t)m * m * sizeof(float), cudaMemcpyDeviceToDevice, s));
+        ns_gemm(CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, NS_C, a, m, a, m, NS_B, bm, m);
+        CUDA_CHECK(cudaMemcpyAsync(xn, x, total * sizeof(float), cudaMemcpyDeviceToDevice, s));
+        if (tall) ns_gemm(CUBLAS_OP_N, CUBLAS_OP_N, m, n, m, 1.0f, bm, m, x, m, NS_A, xn, m);
+        else ns_gemm(CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, 1.0f, x, n, bm, m, NS_A, xn, n);
+        float *t = x;
+        x = xn;
+        xn = t;
+    }
+
+    const double decay = 1.0 - (double)lr * (double)wd;
+    const double step = (double)lr * sqrt(fmax(1.0, (double)rows / cols));
+    muon_apply_kernel<<<grid_for(total), THREADS, 0, s>>>(p, x, total, decay, step);
+    LAUNCH_CHECK();
+}

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU tests, for a machine with an NVIDIA GPU (make gpu-test builds and runs them):
+# every CUDA op against its CPU op, whole steps GPU vs CPU, determinism, a 200-step loss
+# curve GPU vs CPU on tinyshakespeare, and compute-sanitizer memcheck of a small run.
+# Without a GPU it prints one skip line and exits 0. Ends with "N passed, N failed".
+set -u
+cd "$(dirname "$0")/../.."
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "skip: no NVIDIA GPU found (nvidia-smi -L failed); the GPU tests run only on a GPU machine"
+    exit 0
+fi
+nvidia-smi -L
+export NCCL_NVLS_ENABLE=0
+passed=0
+failed=0
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+run() { # name, command...
+    local name=$1
+    shift
+    local t0=$SECONDS
+    "$@" >"$log" 2>&1
+    local rc=$?
+    local p f
+    p=$(grep -c '^ok - ' "$log")
+    f=$(grep -c '^not ok - ' "$log")
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; echo "not ok - $name exited with status $rc"; fi
+    if [ "$p" -eq 0 ] && [ "$f" -eq 0 ]; then f=1; echo "not ok - $name ran no checks"; fi
+    passed=$((passed + p))
+    failed=$((failed + f))
+    grep -E '^(not ok - |# )' "$log"
+    [ "$f" -ne 0 ] && { echo "---- output of $name ----"; tail -n 30 "$log"; echo "----"; }
+    [ -n "${GPU_TEST_LOGDIR:-}" ] && cp "$log" "$GPU_TEST_LOGDIR/$name.log"
+    printf '%-30s %4d passed, %d failed (%ds)\n' "$name" "$p" "$f" $((SECONDS - t0))
+}
+for t in build/gpu_tests/test_gpu_*; do
+    [ -x "$t" ] && run "$(basename "$t")" "$t"
+done
+run "loss curve gpu vs cpu" bash tests/gpu/curve.sh
+if command -v compute-sanitizer >/dev/null 2>&1; then
+    run "compute-sanitizer memcheck" bash -c 'd=$(mktemp -d); printf "%s\n" "to be, or not to be, that is the question" {1..200} > $d/t.txt;
+        compute-sanitizer --tool memcheck --error-exitcode 3 bin/deltamla train --device cuda --size tiny --max_iters 2 \
+          --data $d/t.txt --output_dir $d/o > $d/log 2>&1; rc=$?; tail -3 $d/log;
+        [ $rc -eq 0 ] && echo "ok - memcheck clean on a 2-step tiny run" || echo "not ok - memcheck (status $rc)"'
+else
+    echo "not ok - compute-sanitizer not found"
+    failed=$((failed + 1))
+fi
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]

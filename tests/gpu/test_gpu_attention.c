@@ -1,0 +1,417 @@
+/* test_gpu_attention.c: the MLA ops of the CUDA backend (kernels/attention.cu) against
+ * the CPU backend (src/cpu/cpu_mla.c), plus a rough timing at the model's real shape.
+ *
+ *   - mla_prep forward and backward, (B,T,H,dn,dr,dv) = (2,37,3,16,8,16) and
+ *     (1,2048,12,128,64,128), positions implicit (pos NULL) and explicit (random in
+ *     [0, 8192), where an fp32 angle would already miss the tolerance): fp32 tolerance
+ *     1e-5. The k_pe rows live strided inside a c = [c_kv | k_pe] buffer, and the c_kv
+ *     columns of its gradient must stay untouched.
+ *   - attention forward (out, lse) and backward (dq, dk, dv) with bf16 tensor cores:
+ *     tolerance 1e-2. Shapes (1,37,2,24,16), (2,130,3,192,128), (1,1024,12,192,128),
+ *     without documents, with packed documents (increasing ids, boundaries inside
+ *     tiles, some of length 1) and with ids that repeat across separate runs; a
+ *     "sharp" variant with larger q, k so that the running max moves between tiles.
+ *     The backward of both backends gets identical inputs (the CPU's out and lse).
+ * Forward outputs are poisoned with NaN first (an unwritten element fails). Gradient
+ * buffers start at PREFILL on both sides and (result - PREFILL) is compared, which
+ * checks that backward accumulates. Every GPU op runs twice from identical states and
+ * must give identical bits. A failed comparison prints '#' lines locating the error (worst
+ * element, error by 16-row block within a 64-row tile, by 8-column block, tail tile).
+ */
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpu_test.h"
+#include "util.h"
+
+/* kernels/backend_cuda.cu (C linkage): the stream every CUDA op runs on */
+cudaStream_t cuda_stream(void);
+
+#define PREFILL 0.375f
+#define PREP_TOL GT_TOL_FP32
+#define ATT_TOL GT_TOL_BF16
+#define THETA 10000.0f
+
+enum { DOCS_NONE, DOCS_PACKED, DOCS_REPEAT };
+static const char *doc_name[] = {"", " docs=packed", " docs=repeating-ids"};
+
+/* ------------------------------------------------------------ helpers ---------- */
+
+static float *filled(size_t n, float v)
+{
+    float *x = xmalloc((n ? n : 1) * sizeof *x);
+    for (size_t i = 0; i < n; i++) x[i] = v;
+    return x;
+}
+
+static float *up_filled(gt_ctx *g, size_t n, float v)
+{
+    float *h = filled(n, v);
+    float *d = gt_up(g, h, n);
+    free(h);
+    return d;
+}
+
+/* Where element i of a tensor sits: [B, T, H, D] (token-major) or [B, H, T] (lse). */
+typedef struct layout {
+    int B, T, H, D;
+    int bht; /* 1: [B, H, T] with D = 1 */
+} layout;
+
+static void decode(const layout *L, size_t i, int *b, int *t, int *h, int *c)
+{
+    if (L->bht) {
+        *c = 0;
+        *t = (int)(i % L->T);
+        *h = (int)(i / L->T % L->H);
+        *b = (int)(i / ((size_t)L->T * L->H));
+    } else {
+        *c = (int)(i % L->D);
+        *h = (int)(i / L->D % L->H);
+        *t = (int)(i / ((size_t)L->D * L->H) % L->T);
+        *b = (int)(i / ((size_t)L->D * L->H * L->T));
+    }
+}
+
+/* '#' lines that locate the disagreement of a failed comparison */
+static void explain(const float *a, const float *b, size_t n, const layout *L)
+{
+    size_t worst = 0, first_bad = (size_t)-1;
+    double wd = -1;
+    double num_row[4] = {0}, den_row[4] = {0}, num_col[32] = {0}, den_col[32] = {0};
+    double num_tail = 0, den_tail = 0;
+    const int full = L->T / 64 * 64; /* rows t >= full are in a partial last tile */
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(a[i]) && first_bad == (size_t)-1) first_bad = i;
+        double d = (double)a[i] - b[i];
+        if (!isfinite(d)) continue;
+        if (fabs(d) > wd) wd = fabs(d), worst = i;
+        int bb, t, h, c;
+        decode(L, i, &bb, &t, &h, &c);
+        num_row[(t % 64) / 16] += d * d, den_row[(t % 64) / 16] += (double)b[i] * b[i];
+        num_col[(c / 8) % 32] += d * d, den_col[(c / 8) % 32] += (double)b[i] * b[i];
+        if (t >= full) num_tail += d * d, den_tail += (double)b[i] * b[i];
+    }
+    int bb, t, h, c;
+    if (first_bad != (size_t)-1) {
+        decode(L, first_bad, &bb, &t, &h, &c);
+        printf("# first non-finite at b=%d t=%d h=%d c=%d: gpu %g cpu %g\n", bb, t, h, c, a[first_bad], b[first_bad]);
+    }
+    decode(L, worst, &bb, &t, &h, &c);
+    printf("# worst at b=%d t=%d h=%d c=%d: gpu %.7g cpu %.7g (|diff| %.3g)\n", bb, t, h, c, a[worst], b[worst], wd);
+    printf("# rel err by row t%%64 in 16-row blocks:");
+    for (int r = 0; r < 4; r++) printf(" %.3g", den_row[r] > 0 ? sqrt(num_row[r] / den_row[r]) : 0.0);
+    printf("\n");
+    if (L->D > 1) {
+        printf("# rel err by 8-column block:");
+        for (int k = 0; k < (L->D + 7) / 8 && k < 32; k++)
+            printf(" %.3g", den_col[k] > 0 ? sqrt(num_col[k] / den_col[k]) : 0.0);
+        printf("\n");
+    }
+    if (full < L->T)
+        printf("# rel err in the partial last tile (t >= %d): %.3g\n", full,
+               den_tail > 0 ? sqrt(num_tail / den_tail) : 0.0);
+}
+
+static int compare(const char *what, const float *gpu, const float *cpu, size_t n, double tol, const layout *L)
+{
+    int ok = gt_compare(what, gpu, cpu, n, tol);
+    if (!ok) explain(gpu, cpu, n, L);
+    return ok;
+}
+
+/* compares gpu - pre with cpu - pre (both gradients accumulated onto `pre`) */
+static int compare_delta(const char *what, const float *gpu, const float *cpu, size_t n, double tol, const layout *L)
+{
+    float *a = xmalloc(n * sizeof *a), *b = xmalloc(n * sizeof *b);
+    for (size_t i = 0; i < n; i++) {
+        a[i] = (float)((double)gpu[i] - PREFILL);
+        b[i] = (float)((double)cpu[i] - PREFILL);
+    }
+    int ok = compare(what, a, b, n, tol, L);
+    free(a), free(b);
+    return ok;
+}
+
+static void same_bits(const char *what, const float *a, const float *b, size_t n)
+{
+    if (!gt_same_bits(what, a, b, n * sizeof *a)) {
+        size_t i = 0, count = 0;
+        while (i < n && memcmp(a + i, b + i, sizeof *a) == 0) i++;
+        for (size_t j = 0; j < n; j++) count += memcmp(a + j, b + j, sizeof *a) != 0;
+        printf("# %zu of %zu elements differ, first at %zu: %.9g vs %.9g\n", count, n, i, a[i], b[i]);
+    }
+}
+
+/* Document ids for B rows of T tokens: runs of random length in [1, maxlen]; ids
+ * increase along a row (packed) or cycle through 0, 1, 2 (an id reappears later). */
+static int32_t *make_docs(gt_ctx *g, int B, int T, int maxlen, int mode)
+{
+    int32_t *doc = xmalloc((size_t)B * T * sizeof *doc);
+    int32_t *len = gt_rand_int(g, (size_t)B * T, 1, maxlen + 1);
+    size_t k = 0;
+    for (int b = 0; b < B; b++) {
+        int run = 0;
+        for (int t = 0; t < T; run++) {
+            int l = len[k++];
+            if (run == 1) l = 1; /* always one single-token document */
+            for (int e = 0; e < l && t < T; e++, t++)
+                doc[(size_t)b * T + t] = mode == DOCS_REPEAT ? run % 3 : 1000 * b + run;
+        }
+    }
+    free(len);
+    return doc;
+}
+
+/* --------------------------------------------------------------- prep ---------- */
+
+static void test_prep(gt_ctx *g, int B, int T, int H, int dn, int dr, int dv, int explicit_pos)
+{
+    const int N = B * T, dk = dn + dr, rkv = 7, stride = rkv + dr;
+    const size_t nq = (size_t)N * H * dk, nkv = (size_t)N * H * (dn + dv), nv = (size_t)N * H * dv;
+    const size_t nc = (size_t)N * stride;
+    char name[160], what[256];
+    snprintf(name, sizeof name, "B=%d T=%d H=%d dn=%d dr=%d dv=%d pos=%s", B, T, H, dn, dr, dv,
+             explicit_pos ? "random<8192" : "NULL");
+    const layout Lq = {B, T, H, dk, 0}, Lkv = {B, T, H, dn + dv, 0}, Lv = {B, T, H, dv, 0};
+    const layout Lc = {B, T, 1, stride, 0};
+
+    float *q = gt_rand(g, nq, -1, 1), *kv = gt_rand(g, nkv, -1, 1), *c = gt_rand(g, nc, -1, 1);
+    int32_t *pos = explicit_pos ? gt_rand_int(g, N, 0, 8192) : NULL;
+    float *qh = xmalloc(nq * sizeof *qh), *kh = xmalloc(nq * sizeof *kh), *vh = xmalloc(nv * sizeof *vh);
+    g->cpu->mla_prep_forward(qh, kh, vh, q, kv, c + rkv, stride, pos, B, T, H, dn, dr, dv, THETA);
+
+    float *d_q = gt_up(g, q, nq), *d_kv = gt_up(g, kv, nkv), *d_c = gt_up(g, c, nc);
+    int32_t *d_pos = pos ? gt_up_int(g, pos, N) : NULL;
+    float *d_qh = g->gpu->alloc(nq * sizeof(float)), *d_kh = g->gpu->alloc(nq * sizeof(float));
+    float *d_vh = g->gpu->alloc(nv * sizeof(float));
+    float *run[2][3];
+    for (int r = 0; r < 2; r++) {
+        gt_poison(g, d_qh, nq), gt_poison(g, d_kh, nq), gt_poison(g, d_vh, nv);
+        g->gpu->mla_prep_forward(d_qh, d_kh, d_vh, d_q, d_kv, d_c + rkv, stride, d_pos, B, T, H, dn, dr, dv, THETA);
+        run[r][0] = gt_down(g, d_qh, nq), run[r][1] = gt_down(g, d_kh, nq), run[r][2] = gt_down(g, d_vh, nv);
+    }
+    snprintf(what, sizeof what, "mla_prep_forward %s: qh", name);
+    compare(what, run[0][0], qh, nq, PREP_TOL, &Lq);
+    snprintf(what, sizeof what, "mla_prep_forward %s: kh", name);
+    compare(what, run[0][1], kh, nq, PREP_TOL, &Lq);
+    snprintf(what, sizeof what, "mla_prep_forward %s: vh", name);
+    compare(what, run[0][2], vh, nv, PREP_TOL, &Lv);
+    snprintf(what, sizeof what, "mla_prep_forward %s: deterministic", name);
+    same_bits(what, run[0][0], run[1][0], nq);
+    for (int r = 0; r < 2; r++)
+        for (int i = 0; i < 3; i++) free(run[r][i]);
+
+    /* backward: cotangents, gradients prefilled on both sides */
+    float *gq = gt_rand(g, nq, -1, 1), *gk = gt_rand(g, nq, -1, 1), *gv = gt_rand(g, nv, -1, 1);
+    float *dq = filled(nq, PREFILL), *dkv = filled(nkv, PREFILL), *dc = filled(nc, PREFILL);
+    g->cpu->mla_prep_backward(dq, dkv, dc + rkv, stride, gq, gk, gv, pos, B, T, H, dn, dr, dv, THETA);
+    float *d_gq = gt_up(g, gq, nq), *d_gk = gt_up(g, gk, nq), *d_gv = gt_up(g, gv, nv);
+    float *brun[2][3];
+    for (int r = 0; r < 2; r++) {
+        float *d_dq = up_filled(g, nq, PREFILL), *d_dkv = up_filled(g, nkv, PREFILL), *d_dc = up_filled(g, nc, PREFILL);
+        g->gpu->mla_prep_backward(d_dq, d_dkv, d_dc + rkv, stride, d_gq, d_gk, d_gv, d_pos, B, T, H, dn, dr, dv,
+                                  THETA);
+        brun[r][0] = gt_down(g, d_dq, nq), brun[r][1] = gt_down(g, d_dkv, nkv), brun[r][2] = gt_down(g, d_dc, nc);
+        g->gpu->free(d_dq), g->gpu->free(d_dkv), g->gpu->free(d_dc);
+    }
+    snprintf(what, sizeof what, "mla_prep_backward %s: dq", name);
+    compare_delta(what, brun[0][0], dq, nq, PREP_TOL, &Lq);
+    snprintf(what, sizeof what, "mla_prep_backward %s: dkv", name);
+    compare_delta(what, brun[0][1], dkv, nkv, PREP_TOL, &Lkv);
+    snprintf(what, sizeof what, "mla_prep_backward %s: dkpe strided in c (c_kv columns untouched)", name);
+    compare_delta(what, brun[0][2], dc, nc, PREP_TOL, &Lc);
+    snprintf(what, sizeof what, "mla_prep_backward %s: deterministic", name);
+    same_bits(what, brun[0][0], brun[1][0], nq);
+    snprintf(what, sizeof what, "mla_prep_backward %s: deterministic dkpe", name);
+    same_bits(what, brun[0][2], brun[1][2], nc);
+    for (int r = 0; r < 2; r++)
+        for (int i = 0; i < 3; i++) free(brun[r][i]);
+
+    g->gpu->free(d_q), g->gpu->free(d_kv), g->gpu->free(d_c), g->gpu->free(d_pos);
+    g->gpu->free(d_qh), g->gpu->free(d_kh), g->gpu->free(d_vh);
+    g->gpu->free(d_gq), g->gpu->free(d_gk), g->gpu->free(d_gv);
+    free(q), free(kv), free(c), free(pos), free(qh), free(kh), free(vh);
+    free(gq), free(gk), free(gv), free(dq), free(dkv), free(dc);
+}
+
+/* ---------------------------------------------------------- attention ---------- */
+
+static void test_attention(gt_ctx *g, int B, int T, int H, int Dk, int Dv, int docs, float qamp)
+{
+    const size_t N = (size_t)B * T, nq = N * H * Dk, nv = N * H * Dv, nl = N * H;
+    const float scale = 1.0f / sqrtf((float)Dk);
+    char name[160], what[256];
+    snprintf(name, sizeof name, "B=%d T=%d H=%d Dk=%d Dv=%d%s%s", B, T, H, Dk, Dv, doc_name[docs],
+             qamp > 1.5f ? " sharp" : "");
+    const layout Lk = {B, T, H, Dk, 0}, Lv = {B, T, H, Dv, 0}, Ll = {B, T, H, 1, 1};
+
+    float *q = gt_rand(g, nq, -qamp, qamp), *k = gt_rand(g, nq, -qamp, qamp);
+    float *v = gt_rand(g, nv, -1, 1), *dout = gt_rand(g, nv, -1, 1);
+    int32_t *doc = docs ? make_docs(g, B, T, T < 200 ? 40 : 300, docs) : NULL;
+
+    float *out = xmalloc(nv * sizeof *out), *lse = xmalloc(nl * sizeof *lse);
+    g->cpu->attention_forward(out, lse, q, k, v, doc, B, T, H, Dk, Dv, scale);
+
+    float *d_q = gt_up(g, q, nq), *d_k = gt_up(g, k, nq), *d_v = gt_up(g, v, nv), *d_dout = gt_up(g, dout, nv);
+    int32_t *d_doc = doc ? gt_up_int(g, doc, N) : NULL;
+    float *d_out = g->gpu->alloc(nv * sizeof(float)), *d_lse = g->gpu->alloc(nl * sizeof(float));
+    float *fo[2], *fl[2];
+    for (int r = 0; r < 2; r++) {
+        gt_poison(g, d_out, nv), gt_poison(g, d_lse, nl);
+        g->gpu->attention_forward(d_out, d_lse, d_q, d_k, d_v, d_doc, B, T, H, Dk, Dv, scale);
+        fo[r] = gt_down(g, d_out, nv), fl[r] = gt_down(g, d_lse, nl);
+    }
+    snprintf(what, sizeof what, "attention_forward %s: out", name);
+    compare(what, fo[0], out, nv, ATT_TOL, &Lv);
+    snprintf(what, sizeof what, "attention_forward %s: lse", name);
+    compare(what, fl[0], lse, nl, ATT_TOL, &Ll);
+    snprintf(what, sizeof what, "attention_forward %s: deterministic out", name);
+    same_bits(what, fo[0], fo[1], nv);
+    snprintf(what, sizeof what, "attention_forward %s: deterministic lse", name);
+    same_bits(what, fl[0], fl[1], nl);
+    for (int r = 0; r < 2; r++) free(fo[r]), free(fl[r]);
+
+    /* backward from identical inputs: the CPU's out and lse */
+    g->gpu->from_host(d_out, out, nv * sizeof(float));
+    g->gpu->from_host(d_lse, lse, nl * sizeof(float));
+    float *dq = filled(nq, PREFILL), *dk = filled(nq, PREFILL), *dv = filled(nv, PREFILL);
+    g->cpu->attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc, B, T, H, Dk, Dv, scale);
+    float *br[2][3];
+    for (int r = 0; r < 2; r++) {
+        float *d_dq = up_filled(g, nq, PREFILL), *d_dk = up_filled(g, nq, PREFILL), *d_dv = up_filled(g, nv, PREFILL);
+        g->gpu->attention_backward(d_dq, d_dk, d_dv, d_dout, d_out, d_lse, d_q, d_k, d_v, d_doc, B, T, H, Dk, Dv,
+                                   scale);
+        br[r][0] = gt_down(g, d_dq, nq), br[r][1] = gt_down(g, d_dk, nq), br[r][2] = gt_down(g, d_dv, nv);
+        g->gpu->free(d_dq), g->gpu->free(d_dk), g->gpu->free(d_dv);
+    }
+    snprintf(what, sizeof what, "attention_backward %s: dq", name);
+    compare_delta(what, br[0][0], dq, nq, ATT_TOL, &Lk);
+    snprintf(what, sizeof what, "attention_backward %s: dk", name);
+    compare_delta(what, br[0][1], dk, nq, ATT_TOL, &Lk);
+    snprintf(what, sizeof what, "attention_backward %s: dv", name);
+    compare_delta(what, br[0][2], dv, nv, ATT_TOL, &Lv);
+    snprintf(what, sizeof what, "attention_backward %s: deterministic dq", name);
+    same_bits(what, br[0][0], br[1][0], nq);
+    snprintf(what, sizeof what, "attention_backward %s: deterministic dk", name);
+    same_bits(what, br[0][1], br[1][1], nq);
+    snprintf(what, sizeof what, "attention_backward %s: deterministic dv", name);
+    same_bits(what, br[0][2], br[1][2], nv);
+    for (int r = 0; r < 2; r++)
+        for (int i = 0; i < 3; i++) free(br[r][i]);
+
+    g->gpu->free(d_q), g->gpu->free(d_k), g->gpu->free(d_v), g->gpu->free(d_dout), g->gpu->free(d_doc);
+    g->gpu->free(d_out), g->gpu->free(d_lse);
+    free(q), free(k), free(v), free(dout), free(doc), free(out), free(lse), free(dq), free(dk), free(dv);
+}
+
+/* ------------------------------------------------------------- timing ---------- */
+
+static float *up_random(gt_ctx *g, size_t n, float lo, float hi)
+{
+    float *h = gt_rand(g, n, lo, hi);
+    float *d = gt_up(g, h, n);
+    free(h);
+    return d;
+}
+
+static int all_finite(const float *x, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
+/* GPU only: mean milliseconds of forward and backward over `reps` runs after a warm-up,
+ * with cudaEvents on the backend's stream; also that the outputs are finite and that a
+ * second backward gives the same bits. docs: 0 or packed documents of up to 1024 tokens. */
+static void time_attention(gt_ctx *g, int B, int T, int H, int Dk, int Dv, int docs, int reps)
+{
+    const size_t N = (size_t)B * T, nq = N * H * Dk, nv = N * H * Dv, nl = N * H;
+    const float scale = 1.0f / sqrtf((float)Dk);
+    float *q = up_random(g, nq, -1.5f, 1.5f), *k = up_random(g, nq, -1.5f, 1.5f);
+    float *v = up_random(g, nv, -1, 1), *dout = up_random(g, nv, -1, 1);
+    int32_t *doc_h = docs ? make_docs(g, B, T, 1024, DOCS_PACKED) : NULL;
+    int32_t *doc = doc_h ? gt_up_int(g, doc_h, N) : NULL;
+    float *out = g->gpu->alloc(nv * sizeof(float)), *lse = g->gpu->alloc(nl * sizeof(float));
+    float *dq = g->gpu->alloc(nq * sizeof(float)), *dk = g->gpu->alloc(nq * sizeof(float));
+    float *dv = g->gpu->alloc(nv * sizeof(float));
+
+    g->gpu->attention_forward(out, lse, q, k, v, doc, B, T, H, Dk, Dv, scale);
+    g->gpu->attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc, B, T, H, Dk, Dv, scale);
+
+    cudaEvent_t e0, e1, e2;
+    cudaEventCreate(&e0), cudaEventCreate(&e1), cudaEventCreate(&e2);
+    g->gpu->sync();
+    cudaEventRecord(e0, cuda_stream());
+    for (int r = 0; r < reps; r++) g->gpu->attention_forward(out, lse, q, k, v, doc, B, T, H, Dk, Dv, scale);
+    g->gpu->sync();
+    cudaEventRecord(e1, cuda_stream());
+    for (int r = 0; r < reps; r++)
+        g->gpu->attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc, B, T, H, Dk, Dv, scale);
+    g->gpu->sync();
+    cudaEventRecord(e2, cuda_stream());
+    cudaEventSynchronize(e2);
+    float ms_f = 0, ms_b = 0;
+    cudaEventElapsedTime(&ms_f, e0, e1);
+    cudaEventElapsedTime(&ms_b, e1, e2);
+    ms_f /= reps, ms_b /= reps;
+    cudaEventDestroy(e0), cudaEventDestroy(e1), cudaEventDestroy(e2);
+    /* causal pairs; forward S and PV, backward S, dP, dV, dK, dQ once each (the kernels
+     * recompute S and dP a second time for dQ, not counted) */
+    const double pairs = (double)B * H * T * (T + 1) / 2;
+    const double ff = 2 * pairs * (Dk + Dv), fb = 2 * pairs * (3.0 * Dk + 2.0 * Dv);
+    printf("# attention timing B=%d T=%d H=%d Dk=%d Dv=%d%s: forward %.3f ms (%.0f TFLOP/s), backward %.3f ms "
+           "(%.0f TFLOP/s)%s\n",
+           B, T, H, Dk, Dv, docs ? " docs<=1024 tokens" : "", ms_f, ff / ms_f * 1e-9, ms_b, fb / ms_b * 1e-9,
+           docs ? " [TFLOP/s as if unmasked]" : "");
+
+    char what[200];
+    snprintf(what, sizeof what, "attention B=%d T=%d H=%d%s at full size: outputs finite", B, T, H,
+             docs ? " docs" : "");
+    float *o = gt_down(g, out, nv), *l = gt_down(g, lse, nl);
+    g->gpu->zero(dq, nq * sizeof(float));
+    g->gpu->attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc, B, T, H, Dk, Dv, scale);
+    float *g1 = gt_down(g, dq, nq);
+    gt_report(what, all_finite(o, nv) && all_finite(l, nl) && all_finite(g1, nq), NULL);
+    g->gpu->zero(dq, nq * sizeof(float));
+    g->gpu->attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc, B, T, H, Dk, Dv, scale);
+    float *g2 = gt_down(g, dq, nq);
+    snprintf(what, sizeof what, "attention_backward B=%d T=%d H=%d%s at full size: deterministic dq", B, T, H,
+             docs ? " docs" : "");
+    same_bits(what, g1, g2, nq);
+    free(o), free(l), free(g1), free(g2), free(doc_h);
+    g->gpu->free(q), g->gpu->free(k), g->gpu->free(v), g->gpu->free(dout), g->gpu->free(doc);
+    g->gpu->free(out), g->gpu->free(lse), g->gpu->free(dq), g->gpu->free(dk), g->gpu->free(dv);
+}
+
+int main(void)
+{
+    gt_ctx g;
+    gt_init(&g, 20240611);
+
+    test_prep(&g, 2, 37, 3, 16, 8, 16, 0);
+    test_prep(&g, 2, 37, 3, 16, 8, 16, 1);
+    test_prep(&g, 1, 2048, 12, 128, 64, 128, 0);
+    test_prep(&g, 1, 2048, 12, 128, 64, 128, 1);
+
+    test_attention(&g, 1, 37, 2, 24, 16, DOCS_NONE, 1.5f);
+    test_attention(&g, 1, 37, 2, 24, 16, DOCS_PACKED, 1.5f);
+    test_attention(&g, 2, 130, 3, 192, 128, DOCS_NONE, 1.5f);
+    test_attention(&g, 2, 130, 3, 192, 128, DOCS_NONE, 2.0f);
+    test_attention(&g, 2, 130, 3, 192, 128, DOCS_PACKED, 1.5f);
+    test_attention(&g, 2, 130, 3, 192, 128, DOCS_REPEAT, 1.5f);
+    test_attention(&g, 2, 200, 2, 48, 24, DOCS_PACKED, 1.5f); /* the GPU step test's head dims */
+    test_attention(&g, 1, 1024, 12, 192, 128, DOCS_NONE, 1.5f);
+    test_attention(&g, 1, 1024, 12, 192, 128, DOCS_PACKED, 1.5f);
+
+    time_attention(&g, 8, 2048, 12, 192, 128, 0, 5);
+    time_attention(&g, 8, 2048, 12, 192, 128, 1, 5);
+    time_attention(&g, 2, 8192, 12, 192, 128, 0, 3);
+
+    printf("# %d failure(s)\n", gt_failures());
+    return gt_failures() != 0;
+}

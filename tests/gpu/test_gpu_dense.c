@@ -1,0 +1,375 @@
+/* test_gpu_dense.c: the dense ops of the CUDA backend against the CPU oracle: the
+ * Linear layer (matmul forward/backward), the chunked tied head + cross-entropy
+ * (classifier forward/backward) and the optimizers (AdamW, Muon).
+ *
+ * Every op runs on the GPU and on the CPU with the same random inputs. Forward outputs
+ * are NaN-poisoned on the GPU first, so an element the kernel forgets to write fails.
+ * Backward ops accumulate, so each gradient is checked three ways:
+ *   - "from zero": a GPU run into zeroed buffers against the CPU's increment (its
+ *     result minus the initial values), the op's own contribution;
+ *   - "accumulated": a GPU run from random initial values whose rms equals that
+ *     increment's, against the CPU run from the same values; an op that overwrote
+ *     instead of adding (or added twice) is off by about 100% here;
+ *   - "deterministic": a second GPU run from the same values gives the same bits.
+ * Inputs are scaled so that every product has O(1) entries (weights ~ 1/sqrt(fan-in)),
+ * as in training; the classifier's logits have unit standard deviation, so softmax is
+ * neither flat nor one-hot and errors in the logits show in the gradients.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpu_test.h"
+#include "util.h"
+
+static size_t fbytes(size_t n) { return n * sizeof(float); }
+
+static double rms(const float *x, size_t n)
+{
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += (double)x[i] * x[i];
+    return n ? sqrt(s / n) : 0;
+}
+
+/* host: a - b */
+static float *diff(const float *a, const float *b, size_t n)
+{
+    float *d = xmalloc(fbytes(n));
+    for (size_t i = 0; i < n; i++) d[i] = a[i] - b[i];
+    return d;
+}
+
+/* Initial values of a gradient buffer: uniform with the rms of `inc`, the op's own
+ * increment, so that the initial values and the increment weigh alike in the result. */
+static float *grad_init(gt_ctx *g, const float *inc, size_t n)
+{
+    double r = rms(inc, n);
+    if (!(r > 0)) r = 1;
+    float *x = gt_rand(g, n, -1, 1);
+    for (size_t i = 0; i < n; i++) x[i] = (float)(x[i] * r * sqrt(3.0));
+    return x;
+}
+
+/* The three checks of one accumulated gradient (see the top): inc_gpu from zero,
+ * init the initial values, cpu the CPU result from init, gpu1/gpu2 two GPU results
+ * from init. */
+static void check_grad(const char *what, const float *inc_gpu, const float *init, const float *cpu,
+                       const float *gpu1, const float *gpu2, size_t n, double tol)
+{
+    char name[256];
+    float *inc_cpu = diff(cpu, init, n);
+    snprintf(name, sizeof name, "%s from zero", what);
+    gt_compare(name, inc_gpu, inc_cpu, n, tol);
+    snprintf(name, sizeof name, "%s accumulated", what);
+    gt_compare(name, gpu1, cpu, n, tol);
+    snprintf(name, sizeof name, "%s deterministic", what);
+    gt_same_bits(name, gpu1, gpu2, fbytes(n));
+    free(inc_cpu);
+}
+
+/* ---- matmul ---- */
+
+static void test_matmul_forward(gt_ctx *g, int N, int in, int out)
+{
+    char name[256];
+    const size_t nx = (size_t)N * in, nw = (size_t)out * in, ny = (size_t)N * out;
+    const float a = (float)sqrt(3.0 / in);
+    float *x = gt_rand(g, nx, -1, 1), *w = gt_rand(g, nw, -a, a);
+    float *y = xmalloc(fbytes(ny));
+    g->cpu->matmul_forward(y, x, w, N, in, out);
+
+    float *dx = gt_up(g, x, nx), *dw = gt_up(g, w, nw), *dy = g->gpu->alloc(fbytes(ny));
+    float *res[2];
+    for (int run = 0; run < 2; run++) {
+        gt_poison(g, dy, ny);
+        g->gpu->matmul_forward(dy, dx, dw, N, in, out);
+        res[run] = gt_down(g, dy, ny);
+    }
+    snprintf(name, sizeof name, "matmul_forward N=%d in=%d out=%d: y", N, in, out);
+    gt_compare(name, res[0], y, ny, GT_TOL_BF16);
+    snprintf(name, sizeof name, "matmul_forward N=%d in=%d out=%d: y deterministic", N, in, out);
+    gt_same_bits(name, res[0], res[1], fbytes(ny));
+
+    g->gpu->free(dx);
+    g->gpu->free(dw);
+    g->gpu->free(dy);
+    free(x), free(w), free(y), free(res[0]), free(res[1]);
+}
+
+/* want_dx / want_dw: which gradients to ask for (the other pointer is NULL) */
+static void test_matmul_backward(gt_ctx *g, int N, int in, int out, int want_dx, int want_dw)
+{
+    char what[256];
+    const char *mode = want_dx && want_dw ? "dx+dw" : want_dx ? "dx only" : "dw only";
+    const size_t nx = (size_t)N * in, nw = (size_t)out * in, ny = (size_t)N * out;
+    const float a = (float)sqrt(3.0 / in);
+    float *x = gt_rand(g, nx, -1, 1), *w = gt_rand(g, nw, -a, a), *dy = gt_rand(g, ny, -1, 1);
+    float *x_d = gt_up(g, x, nx), *w_d = gt_up(g, w, nw), *dy_d = gt_up(g, dy, ny);
+    float *dx_d = want_dx ? g->gpu->alloc(fbytes(nx)) : NULL; /* zero-filled */
+    float *dw_d = want_dw ? g->gpu->alloc(fbytes(nw)) : NULL;
+
+    /* the GPU increment from zero */
+    g->gpu->matmul_backward(dx_d, dw_d, dy_d, x_d, w_d, N, in, out);
+    float *inc_dx = want_dx ? gt_down(g, dx_d, nx) : NULL, *inc_dw = want_dw ? gt_down(g, dw_d, nw) : NULL;
+
+    /* the CPU from initial values */
+    float *init_dx = want_dx ? grad_init(g, inc_dx, nx) : NULL;
+    float *init_dw = want_dw ? grad_init(g, inc_dw, nw) : NULL;
+    float *cpu_dx = want_dx ? gt_host_copy(init_dx, nx) : NULL;
+    float *cpu_dw = want_dw ? gt_host_copy(init_dw, nw) : NULL;
+    g->cpu->matmul_backward(cpu_dx, cpu_dw, dy, x, w, N, in, out);
+
+    /* the GPU twice from the same initial values */
+    float *gdx[2] = {NULL, NULL}, *gdw[2] = {NULL, NULL};
+    for (int run = 0; run < 2; run++) {
+        if (want_dx) g->gpu->from_host(dx_d, init_dx, fbytes(nx));
+        if (want_dw) g->gpu->from_host(dw_d, init_dw, fbytes(nw));
+        g->gpu->matmul_backward(dx_d, dw_d, dy_d, x_d, w_d, N, in, out);
+        if (want_dx) gdx[run] = gt_down(g, dx_d, nx);
+        if (want_dw) gdw[run] = gt_down(g, dw_d, nw);
+    }
+
+    if (want_dx) {
+        snprintf(what, sizeof what, "matmul_backward N=%d in=%d out=%d [%s]: dx", N, in, out, mode);
+        check_grad(what, inc_dx, init_dx, cpu_dx, gdx[0], gdx[1], nx, GT_TOL_BF16);
+    }
+    if (want_dw) {
+        snprintf(what, sizeof what, "matmul_backward N=%d in=%d out=%d [%s]: dw", N, in, out, mode);
+        check_grad(what, inc_dw, init_dw, cpu_dw, gdw[0], gdw[1], nw, GT_TOL_BF16);
+    }
+
+    g->gpu->free(x_d);
+    g->gpu->free(w_d);
+    g->gpu->free(dy_d);
+    g->gpu->free(dx_d);
+    g->gpu->free(dw_d);
+    free(x), free(w), free(dy), free(inc_dx), free(inc_dw), free(init_dx), free(init_dw);
+    free(cpu_dx), free(cpu_dw), free(gdx[0]), free(gdx[1]), free(gdw[0]), free(gdw[1]);
+}
+
+/* ---- classifier ---- */
+
+/* ignore_pct: the percentage of targets set to -100 */
+static void test_classifier(gt_ctx *g, int N, int V, int C, int ignore_pct)
+{
+    char name[256], what[256];
+    const size_t nh = (size_t)N * C, nw = (size_t)V * C;
+    const float s = (float)(3.0 / sqrt((double)C)); /* logits of unit variance */
+    float *h = gt_rand(g, nh, -1, 1), *wte = gt_rand(g, nw, -s, s);
+    int32_t *targets = gt_rand_int(g, (size_t)N, 0, V), *pct = gt_rand_int(g, (size_t)N, 0, 100);
+    int valid = 0;
+    for (int i = 0; i < N; i++) {
+        if (pct[i] < ignore_pct) targets[i] = -100;
+        else valid++;
+    }
+    /* The chunking of kernels/classifier.cu (32 Mi logits per chunk), so the log shows
+     * whether a case ran in several chunks with a ragged last one. */
+    long rows = (long)((1L << 25) / V);
+    if (rows < 1) rows = 1;
+    if (rows > N) rows = N;
+    printf("# classifier N=%d V=%d C=%d: %d of %d targets ignored; %ld chunk(s) of %ld rows, last %ld\n", N, V, C,
+           N - valid, N, (N + rows - 1) / rows, rows, N - (N - 1) / rows * rows);
+    fflush(stdout);
+
+    float *h_d = gt_up(g, h, nh), *wte_d = gt_up(g, wte, nw);
+    int32_t *t_d = gt_up_int(g, targets, (size_t)N);
+
+    /* forward */
+    float *loss = xmalloc(fbytes(N)), *lse = xmalloc(fbytes(N));
+    g->cpu->classifier_forward(loss, lse, h, wte, targets, N, V, C);
+    float *loss_d = g->gpu->alloc(fbytes(N)), *lse_d = g->gpu->alloc(fbytes(N));
+    float *gloss[2], *glse[2];
+    for (int run = 0; run < 2; run++) {
+        gt_poison(g, loss_d, N);
+        gt_poison(g, lse_d, N);
+        g->gpu->classifier_forward(loss_d, lse_d, h_d, wte_d, t_d, N, V, C);
+        gloss[run] = gt_down(g, loss_d, N);
+        glse[run] = gt_down(g, lse_d, N);
+    }
+    snprintf(name, sizeof name, "classifier_forward N=%d V=%d C=%d: loss", N, V, C);
+    gt_compare(name, gloss[0], loss, N, GT_TOL_BF16);
+    snprintf(name, sizeof name, "classifier_forward N=%d V=%d C=%d: lse", N, V, C);
+    gt_compare(name, glse[0], lse, N, GT_TOL_BF16);
+    int nonzero = 0;
+    for (int i = 0; i < N; i++)
+        if (targets[i] == -100 && gloss[0][i] != 0.0f) nonzero++;
+    char detail[128];
+    snprintf(detail, sizeof detail, "%d of %d ignored rows have nonzero loss", nonzero, N - valid);
+    snprintf(name, sizeof name, "classifier_forward N=%d V=%d C=%d: loss 0 at target -100", N, V, C);
+    gt_report(name, nonzero == 0, detail);
+    snprintf(name, sizeof name, "classifier_forward N=%d V=%d C=%d: loss, lse deterministic", N, V, C);
+    gt_report(name, !memcmp(gloss[0], gloss[1], fbytes(N)) && !memcmp(glse[0], glse[1], fbytes(N)),
+              "bitwise");
+
+    /* backward, from the CPU's lse on both sides (identical inputs), scale 1 / valid as
+     * for a mean loss */
+    const float scale = valid ? 1.0f / valid : 1.0f;
+    float *lse_in = gt_up(g, lse, N);
+    float *dh_d = g->gpu->alloc(fbytes(nh)), *dwte_d = g->gpu->alloc(fbytes(nw)); /* zero-filled */
+    g->gpu->classifier_backward(dh_d, dwte_d, h_d, wte_d, t_d, lse_in, scale, N, V, C);
+    float *inc_dh = gt_down(g, dh_d, nh), *inc_dwte = gt_down(g, dwte_d, nw);
+    float *init_dh = grad_init(g, inc_dh, nh), *init_dwte = grad_init(g, inc_dwte, nw);
+    float *cpu_dh = gt_host_copy(init_dh, nh), *cpu_dwte = gt_host_copy(init_dwte, nw);
+    g->cpu->classifier_backward(cpu_dh, cpu_dwte, h, wte, targets, lse, scale, N, V, C);
+    float *gdh[2], *gdwte[2];
+    for (int run = 0; run < 2; run++) {
+        g->gpu->from_host(dh_d, init_dh, fbytes(nh));
+        g->gpu->from_host(dwte_d, init_dwte, fbytes(nw));
+        g->gpu->classifier_backward(dh_d, dwte_d, h_d, wte_d, t_d, lse_in, scale, N, V, C);
+        gdh[run] = gt_down(g, dh_d, nh);
+        gdwte[run] = gt_down(g, dwte_d, nw);
+    }
+    snprintf(what, sizeof what, "classifier_backward N=%d V=%d C=%d: dh", N, V, C);
+    check_grad(what, inc_dh, init_dh, cpu_dh, gdh[0], gdh[1], nh, GT_TOL_BF16);
+    snprintf(what, sizeof what, "classifier_backward N=%d V=%d C=%d: dwte", N, V, C);
+    check_grad(what, inc_dwte, init_dwte, cpu_dwte, gdwte[0], gdwte[1], nw, GT_TOL_BF16);
+
+    g->gpu->free(h_d);
+    g->gpu->free(wte_d);
+    g->gpu->free(t_d);
+    g->gpu->free(loss_d);
+    g->gpu->free(lse_d);
+    g->gpu->free(lse_in);
+    g->gpu->free(dh_d);
+    g->gpu->free(dwte_d);
+    free(h), free(wte), free(targets), free(pct), free(loss), free(lse);
+    for (int run = 0; run < 2; run++) free(gloss[run]), free(glse[run]), free(gdh[run]), free(gdwte[run]);
+    free(inc_dh), free(inc_dwte), free(init_dh), free(init_dwte), free(cpu_dh), free(cpu_dwte);
+}
+
+/* ---- optimizers ---- */
+
+/* Three AdamW steps from fresh moments on n elements, new gradients each step. */
+static void test_adamw(gt_ctx *g, size_t n)
+{
+    char name[256];
+    const float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, wd = 0.1f;
+    float *p0 = gt_rand(g, n, -1, 1);
+    float *p = gt_host_copy(p0, n), *m = xcalloc(n, sizeof(float)), *v = xcalloc(n, sizeof(float));
+    /* two GPU copies of the state, stepped alike, for the determinism check */
+    float *gp[2], *gm[2], *gv[2];
+    for (int c = 0; c < 2; c++) {
+        gp[c] = gt_up(g, p0, n);
+        gm[c] = g->gpu->alloc(fbytes(n));
+        gv[c] = g->gpu->alloc(fbytes(n));
+    }
+    float *g_d = g->gpu->alloc(fbytes(n));
+    for (int step = 1; step <= 3; step++) {
+        float *grad = gt_rand(g, n, -1, 1);
+        g->cpu->adamw_update(p, grad, m, v, n, lr, beta1, beta2, eps, wd, step);
+        g->gpu->from_host(g_d, grad, fbytes(n));
+        for (int c = 0; c < 2; c++) g->gpu->adamw_update(gp[c], g_d, gm[c], gv[c], n, lr, beta1, beta2, eps, wd, step);
+        free(grad);
+    }
+    float *hp[2], *hm[2], *hv[2];
+    for (int c = 0; c < 2; c++) {
+        hp[c] = gt_down(g, gp[c], n);
+        hm[c] = gt_down(g, gm[c], n);
+        hv[c] = gt_down(g, gv[c], n);
+    }
+    snprintf(name, sizeof name, "adamw_update n=%zu, 3 steps: p", n);
+    gt_compare(name, hp[0], p, n, GT_TOL_FP32);
+    snprintf(name, sizeof name, "adamw_update n=%zu, 3 steps: m", n);
+    gt_compare(name, hm[0], m, n, GT_TOL_FP32);
+    snprintf(name, sizeof name, "adamw_update n=%zu, 3 steps: v", n);
+    gt_compare(name, hv[0], v, n, GT_TOL_FP32);
+    /* The change p - p0 (about lr per step) isolates the step from the much larger p;
+     * one rounding of p (~6e-8) is ~6e-5 of it, so float arithmetic lands near 1e-4. */
+    float *dg = diff(hp[0], p0, n), *dc = diff(p, p0, n);
+    snprintf(name, sizeof name, "adamw_update n=%zu, 3 steps: p - p0", n);
+    gt_compare(name, dg, dc, n, 1e-3);
+    snprintf(name, sizeof name, "adamw_update n=%zu, 3 steps: p, m, v deterministic", n);
+    gt_report(name,
+              !memcmp(hp[0], hp[1], fbytes(n)) && !memcmp(hm[0], hm[1], fbytes(n)) &&
+                  !memcmp(hv[0], hv[1], fbytes(n)),
+              "bitwise");
+
+    for (int c = 0; c < 2; c++) {
+        g->gpu->free(gp[c]);
+        g->gpu->free(gm[c]);
+        g->gpu->free(gv[c]);
+        free(hp[c]), free(hm[c]), free(hv[c]);
+    }
+    g->gpu->free(g_d);
+    free(p0), free(p), free(m), free(v), free(dg), free(dc);
+}
+
+/* Three Muon steps on a [rows, cols] matrix from a zero momentum buffer. The GPU's
+ * Newton-Schulz runs on tensor cores (TF32), the CPU's in fp32, so the update p - p0
+ * is compared at 2e-2; the momentum buffer is elementwise and exact. The GPU work
+ * buffer is NaN-poisoned before every step: the op must not read what it holds. */
+static void test_muon(gt_ctx *g, int rows, int cols)
+{
+    char name[256];
+    const float lr = 0.02f, mu = 0.95f, wd = 0.1f;
+    const size_t n = (size_t)rows * cols, nwork = muon_work_floats(rows, cols);
+    float *p0 = gt_rand(g, n, -0.1f, 0.1f);
+    float *p = gt_host_copy(p0, n), *buf = xcalloc(n, sizeof(float)), *work = xmalloc(fbytes(nwork));
+    float *gp[2], *gb[2];
+    for (int c = 0; c < 2; c++) {
+        gp[c] = gt_up(g, p0, n);
+        gb[c] = g->gpu->alloc(fbytes(n));
+    }
+    float *g_d = g->gpu->alloc(fbytes(n)), *work_d = g->gpu->alloc(fbytes(nwork));
+    for (int step = 1; step <= 3; step++) {
+        float *grad = gt_rand(g, n, -1, 1);
+        g->cpu->muon_update(p, grad, buf, work, rows, cols, lr, mu, wd);
+        g->gpu->from_host(g_d, grad, fbytes(n));
+        for (int c = 0; c < 2; c++) {
+            gt_poison(g, work_d, nwork);
+            g->gpu->muon_update(gp[c], g_d, gb[c], work_d, rows, cols, lr, mu, wd);
+        }
+        free(grad);
+    }
+    float *hp[2], *hb[2];
+    for (int c = 0; c < 2; c++) {
+        hp[c] = gt_down(g, gp[c], n);
+        hb[c] = gt_down(g, gb[c], n);
+    }
+    float *dg = diff(hp[0], p0, n), *dc = diff(p, p0, n);
+    snprintf(name, sizeof name, "muon_update %dx%d, 3 steps: p - p0", rows, cols);
+    gt_compare(name, dg, dc, n, 2e-2);
+    snprintf(name, sizeof name, "muon_update %dx%d, 3 steps: momentum buffer", rows, cols);
+    gt_compare(name, hb[0], buf, n, 1e-6);
+    snprintf(name, sizeof name, "muon_update %dx%d, 3 steps: p, buf deterministic", rows, cols);
+    gt_report(name, !memcmp(hp[0], hp[1], fbytes(n)) && !memcmp(hb[0], hb[1], fbytes(n)), "bitwise");
+
+    for (int c = 0; c < 2; c++) {
+        g->gpu->free(gp[c]);
+        g->gpu->free(gb[c]);
+        free(hp[c]), free(hb[c]);
+    }
+    g->gpu->free(g_d);
+    g->gpu->free(work_d);
+    free(p0), free(p), free(buf), free(work), free(dg), free(dc);
+}
+
+int main(void)
+{
+    gt_ctx g;
+    gt_init(&g, 20250611);
+
+    static const int mm[][3] = {{7, 13, 5}, {4096, 1024, 3072}, {1000, 85, 257}, {16384, 1024, 256}};
+    for (size_t i = 0; i < sizeof mm / sizeof mm[0]; i++) {
+        const int N = mm[i][0], in = mm[i][1], out = mm[i][2];
+        test_matmul_forward(&g, N, in, out);
+        test_matmul_backward(&g, N, in, out, 1, 0);
+        test_matmul_backward(&g, N, in, out, 0, 1);
+        test_matmul_backward(&g, N, in, out, 1, 1);
+    }
+
+    test_classifier(&g, 7, 37, 13, 0);
+    test_classifier(&g, 2048, 50304, 1024, 5);  /* 4 chunks, the last of 47 rows */
+    test_classifier(&g, 1335, 50304, 64, 10);   /* 3 chunks, the last of 1 row */
+    test_classifier(&g, 100, 256, 64, 15);
+
+    test_adamw(&g, 1000003);
+
+    test_muon(&g, 1024, 256); /* tall: NS on the transpose */
+    test_muon(&g, 256, 1024); /* wide */
+    test_muon(&g, 300, 300);  /* square, not a multiple of any tile */
+
+    printf("# test_gpu_dense: %d failure(s)\n", gt_failures());
+    return gt_failures() != 0;
+}
