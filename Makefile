@@ -43,9 +43,21 @@ HAVE_NCCL := $(if $(NCCL_INC),yes,no)
 HDF5_PC := $(shell pkg-config --exists hdf5-openmpi 2>/dev/null && echo hdf5-openmpi)
 ifneq ($(HDF5_HOME),)
   HAVE_HDF5 := $(if $(wildcard $(HDF5_HOME)/include/hdf5.h),yes,no)
+  HDF5_CFLAGS := -I$(HDF5_HOME)/include
+  HDF5_LIBS := -L$(HDF5_HOME)/lib -Wl,-rpath,$(HDF5_HOME)/lib -lhdf5
 else
   HAVE_HDF5 := $(if $(HDF5_PC),yes,no)
+  HDF5_CFLAGS := $(shell pkg-config --cflags-only-I hdf5-openmpi 2>/dev/null)
+  HDF5_LIBS := $(shell pkg-config --libs-only-L hdf5-openmpi 2>/dev/null) -lhdf5
 endif
+ifneq ($(HAVE_HDF5),yes)
+  $(error parallel HDF5 not found: install libhdf5-openmpi-dev (Debian/Ubuntu) or set HDF5_HOME to a parallel HDF5 built with this MPI)
+endif
+ifneq ($(HAVE_MPI),yes)
+  $(error mpicc not found: install libopenmpi-dev (Debian/Ubuntu) or set MPICC; deltamla is an MPI program)
+endif
+CFLAGS_BASE += $(HDF5_CFLAGS)
+LDLIBS += $(HDF5_LIBS)
 
 CFLAGS := $(CFLAGS_BASE) $(CFLAGS_EXTRA)
 

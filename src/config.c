@@ -103,8 +103,16 @@ static const option_entry options[] = {
     CHOICE_FLAG(optimizer_type, "muon adamw", "muon: Muon for matrices, AdamW for the rest"),
     FLAG(log_interval, "steps between log lines"),
     FLAG(seed, "random seed (initialisation and data order)"),
-    FLAG(data, "training data: a text file, read as bytes (tokens 0..255)"),
-    FLAG(output_dir, "directory for metrics.jsonl and config.json"),
+    FLAG(data, "training data: a directory of token shards (deltamla prep), one shard (.h5), or a text file read as bytes"),
+    FLAG(val_data, "validation data (same forms as --data); default: --val_fraction of --data"),
+    FLAG(val_fraction, "fraction of --data's rows held out for validation when --val_data is not given"),
+    FLAG(eval_interval, "steps between validation passes (0 = never)"),
+    FLAG(eval_iters, "batches per validation pass"),
+    BOOL_FLAG(doc_mask, "isolate documents: attention, GDN state, short convs and RoPE restart at each one"),
+    FLAG(output_dir, "directory for checkpoints, metrics.jsonl and config.json"),
+    FLAG(resume, "checkpoint to resume from: empty = OUTPUT_DIR/latest if present, none = start fresh, or a path"),
+    FLAG(checkpoint_interval, "steps between checkpoints (0 = only at the end and on SIGUSR1/SIGTERM)"),
+    FLAG(keep_checkpoints, "newest checkpoints kept in OUTPUT_DIR (0 = all)"),
     CHOICE_FLAG(device, "auto cpu cuda", "backend: auto = cuda when this build has it and a GPU is visible, else cpu"),
     BOOL_FLAG(gradient_checkpointing, "recompute each block's forward in backward to save memory"),
     BOOL_FLAG(skip_nonfinite, "skip a step whose gradients are not finite instead of stopping"),
@@ -179,7 +187,7 @@ static void apply_preset(config *c, const char *name)
     if (strcmp(p->name, "tiny") == 0) {
         /* Small enough for unit tests and a CPU demo, yet every code path is live:
          * two GDN blocks and one MLA block with LatentMoE (E 8, k 2, latent 32). */
-        c->vocab_size = 256;
+        c->vocab_size = 512; /* bytes, the end-of-text token and small BPE vocabularies */
         c->block_size = 64;
         c->latent_ratio = 2;
         c->n_activated = 1;
@@ -232,6 +240,11 @@ void config_defaults(config *c)
     c->data[0] = '\0';
     snprintf(c->output_dir, sizeof c->output_dir, "out");
     snprintf(c->device, sizeof c->device, "auto");
+    c->val_fraction = 0.0f;
+    c->eval_interval = 0;
+    c->eval_iters = 20;
+    c->checkpoint_interval = 1000;
+    c->keep_checkpoints = 3;
     c->gradient_checkpointing = 0;
     c->skip_nonfinite = 0;
     c->threads = 0;
@@ -576,6 +589,12 @@ void config_finish(config *c)
     require_float_at_least("grad_clip", c->grad_clip, 0);
     require_at_least("log_interval", c->log_interval, 1);
     require_at_least("threads", c->threads, 0);
+    require_float_at_least("val_fraction", c->val_fraction, 0);
+    if (c->val_fraction >= 1) die("--val_fraction %g must be below 1 (it is the share of rows held out)", c->val_fraction);
+    require_at_least("eval_interval", c->eval_interval, 0);
+    require_at_least("eval_iters", c->eval_iters, 1);
+    require_at_least("checkpoint_interval", c->checkpoint_interval, 0);
+    require_at_least("keep_checkpoints", c->keep_checkpoints, 0);
     /* Checked again here because a config may be built without config_parse. */
     for (size_t i = 0; i < N_OPTIONS; i++) {
         const option_entry *o = &options[i];

@@ -65,6 +65,14 @@ typedef struct config {
     int gradient_checkpointing; /* bool */
     int skip_nonfinite;         /* bool */
     int threads;                /* OpenMP threads for the CPU backend, 0 = default */
+    int doc_mask;               /* bool: attention, GDN state, convs and RoPE restart per document */
+    char val_data[CONFIG_PATH_MAX];   /* validation data, or "" */
+    float val_fraction;         /* hold out this fraction of --data's rows when no --val_data */
+    int eval_interval;          /* steps between validation passes, 0 = never */
+    int eval_iters;             /* batches per validation pass */
+    char resume[CONFIG_PATH_MAX];     /* "" = latest in output_dir if present; "none"; or a file */
+    int checkpoint_interval;    /* steps between checkpoints, 0 = only at the end and on signals */
+    int keep_checkpoints;       /* newest checkpoints kept, 0 = all */
 
     /* ---- derived (config_finish) ---- */
     int head_dim;               /* GDN hk = n_embd / n_head (integer division) */

@@ -6,6 +6,7 @@
 #include <mpi.h>
 #endif
 
+#include "commands.h"
 #include "config.h"
 #include "params.h"
 #include "train.h"
@@ -18,8 +19,11 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: deltamla <command> [flags]\n"
             "commands:\n"
-            "  train   train the model (deltamla train --help lists every flag)\n"
-            "  info    print the resolved config, every parameter tensor and the parameter counts\n"
+            "  train     train the model (deltamla train --help lists every flag)\n"
+            "  prep      turn text files (or llm.c .bin / .npy token files) into token shards\n"
+            "  ckpt      inspect, verify, export or import checkpoints (deltamla ckpt --help)\n"
+            "  generate  sample text from a checkpoint\n"
+            "  info      print the resolved config, every parameter tensor and the parameter counts\n"
             "  --version\n");
 }
 
@@ -64,7 +68,9 @@ static int info_main(const config *c)
 int main(int argc, char **argv)
 {
 #ifdef DELTAMLA_HAVE_MPI
-    MPI_Init(&argc, &argv);
+    /* the data loader's prefetch thread reads through MPI-IO while training runs */
+    int provided = 0;
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
     int world = 1;
     MPI_Comm_size(MPI_COMM_WORLD, &world);
 #endif
@@ -74,6 +80,12 @@ int main(int argc, char **argv)
         status = argc < 2 ? 2 : 0;
     } else if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "version") == 0) {
         printf("deltamla %s\n", DELTAMLA_VERSION);
+    } else if (strcmp(argv[1], "prep") == 0) {
+        status = prep_main(argc - 2, argv + 2);
+    } else if (strcmp(argv[1], "ckpt") == 0) {
+        status = ckpt_main(argc - 2, argv + 2);
+    } else if (strcmp(argv[1], "generate") == 0) {
+        status = generate_main(argc - 2, argv + 2);
     } else if (strcmp(argv[1], "train") == 0 || strcmp(argv[1], "info") == 0) {
         config c;
         config_parse(&c, argc - 2, argv + 2);
@@ -87,7 +99,7 @@ int main(int argc, char **argv)
             status = train_main(&c);
         }
     } else {
-        die("unknown command '%s' (commands: train, info; deltamla --help)", argv[1]);
+        die("unknown command '%s' (commands: train, prep, ckpt, generate, info; deltamla --help)", argv[1]);
     }
 #ifdef DELTAMLA_HAVE_MPI
     MPI_Finalize();

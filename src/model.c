@@ -99,6 +99,41 @@ void model_init(model *m, const config *cfg, const backend *be, int B, int T)
     m->host_targets = xmalloc((size_t)N * sizeof(int32_t));
     m->ln_f = params_find(&m->table, "transformer.ln_f.weight");
     m->wte = params_find(&m->table, "transformer.wte.weight");
+    m->eot_token = -1;
+    m->count_loads = 1;
+    if (c->doc_mask) {
+        m->doc_start = be->alloc((size_t)N * sizeof(int32_t));
+        m->doc_id = be->alloc((size_t)N * sizeof(int32_t));
+        m->pos = be->alloc((size_t)N * sizeof(int32_t));
+        m->host_doc = xmalloc(3 * (size_t)N * sizeof(int32_t));
+    }
+}
+
+void model_set_eot(model *m, int32_t eot) { m->eot_token = eot; }
+
+/* Document starts, ids and positions of a micro-batch (host), uploaded for the ops. */
+static void upload_documents(model *m, const int32_t *inputs)
+{
+    int B = m->B, T = m->T;
+    size_t N = (size_t)B * T;
+    int32_t *start = m->host_doc, *id = m->host_doc + N, *pos = m->host_doc + 2 * N;
+    for (int b = 0; b < B; b++) {
+        int32_t doc = 0, p = 0;
+        for (int t = 0; t < T; t++) {
+            size_t i = (size_t)b * T + t;
+            int s = t == 0 || inputs[i - 1] == m->eot_token;
+            if (s && t > 0) {
+                doc++;
+                p = 0;
+            }
+            start[i] = s;
+            id[i] = doc;
+            pos[i] = p++;
+        }
+    }
+    m->be->from_host(m->doc_start, start, N * sizeof(int32_t));
+    m->be->from_host(m->doc_id, id, N * sizeof(int32_t));
+    m->be->from_host(m->pos, pos, N * sizeof(int32_t));
 }
 
 void model_free(model *m)
@@ -106,8 +141,10 @@ void model_free(model *m)
     const backend *be = m->be;
     void *bufs[] = {m->act_base, m->scratch_base, m->params, m->grads, m->router_bias, m->counts,
                     m->zloss, m->tokens, m->targets, m->resid, m->lnf, m->lnf_rstd, m->loss, m->lse,
-                    m->dx, m->dlnf};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be->free(bufs[i]);
+                    m->dx, m->dlnf, m->doc_start, m->doc_id, m->pos};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        if (bufs[i]) be->free(bufs[i]);
+    free(m->host_doc);
     free(m->load_accum);
     free(m->host_counts);
     free(m->host_loads);
@@ -143,6 +180,7 @@ double model_forward(model *m, const int32_t *inputs, const int32_t *targets, do
     be->from_host(m->tokens, inputs, (size_t)N * sizeof(int32_t));
     be->from_host(m->targets, targets, (size_t)N * sizeof(int32_t));
     memcpy(m->host_targets, targets, (size_t)N * sizeof(int32_t));
+    if (c->doc_mask) upload_documents(m, inputs);
 
     be->embedding_forward(resid_at(m, 0), m->tokens, model_param(m, m->wte), N, d);
     for (int l = 0; l < c->n_layer; l++) block_forward(m, l);
@@ -166,7 +204,8 @@ double model_forward(model *m, const int32_t *inputs, const int32_t *targets, do
         be->to_host(zl, m->zloss, (size_t)m->n_moe * sizeof(float));
         for (int i = 0; i < m->n_moe; i++) z += zl[i];
         be->to_host(m->host_counts, m->counts, m->n_moe * E * sizeof(int32_t));
-        for (size_t i = 0; i < m->n_moe * E; i++) m->load_accum[i] += m->host_counts[i];
+        if (m->count_loads)
+            for (size_t i = 0; i < m->n_moe * E; i++) m->load_accum[i] += m->host_counts[i];
     }
     if (zloss) *zloss = z;
     return valid ? sum / valid : 0.0;

@@ -46,12 +46,20 @@ typedef struct model {
     int32_t *host_counts; /* host [n_moe * E] */
     int64_t *host_loads;  /* host [n_moe * E], returned by model_take_loads */
     int wte, ln_f;        /* table indices */
+    int32_t eot_token;    /* documents end with this token (--doc_mask); -1: none */
+    int32_t *doc_start, *doc_id, *pos; /* [B*T] backend memory, only with --doc_mask */
+    int32_t *host_doc;    /* host [3 * B*T] staging for the three above */
+    int count_loads;      /* forwards add their routing loads to load_accum (off for evaluation) */
 } model;
 
 /* Plan and allocate everything for micro-batches of B x T tokens on backend be, and
  * initialise the weights from cfg->seed (MODEL.md section 8). */
 void model_init(model *m, const config *cfg, const backend *be, int B, int T);
 void model_free(model *m);
+
+/* With --doc_mask, documents are the runs of tokens that end with eot (the token after
+ * an eot starts a new document, as does every row start). Call once before training. */
+void model_set_eot(model *m, int32_t eot);
 
 /* One micro-batch: inputs and targets are host int32 [B*T]. Returns the mean
  * cross-entropy over targets != -100 (0 if there are none); *zloss receives the sum of

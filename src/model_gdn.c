@@ -103,12 +103,12 @@ void gdn_forward(model *m, int l, const float *x, float *out)
         }
     }
     for (int i = 0; i < 3; i++)
-        be->conv_forward(A->conv[i], A->pre[i], PW(gi->conv_w[i]), PW(gi->conv_b[i]), NULL, B, T, P);
+        be->conv_forward(A->conv[i], A->pre[i], PW(gi->conv_w[i]), PW(gi->conv_b[i]), m->doc_start, B, T, P);
     be->l2norm_forward(A->kn, A->rnorm, A->conv[1], N * H, hk);
     be->matmul_forward(A->graw, A->ln1, PW(gi->g_proj), N, d, H);
     be->matmul_forward(A->braw, A->ln1, PW(gi->beta_proj), N, d, H);
     be->gates_forward(A->g, A->beta, A->graw, A->braw, (size_t)N * H);
-    be->gdn_forward(A->o, A->state, A->conv[0], A->kn, A->conv[2], A->g, A->beta, NULL, B, T, H, hk,
+    be->gdn_forward(A->o, A->state, A->conv[0], A->kn, A->conv[2], A->g, A->beta, m->doc_start, B, T, H, hk,
                     1.0f / sqrtf((float)hk));
     /* the mixer's output lands in xmid, then the residual is added */
     if (r == 0) {
@@ -151,8 +151,9 @@ void gdn_backward(model *m, int l, const float *x, float *dx, arena *s)
     be->matmul_backward(dln, GW(gi->mlp_gate_up), dgu, A->ln2, PW(gi->mlp_gate_up), N, d, 8 * d);
     be->rmsnorm_backward(dx, GW(gi->norm2), dln, A->xmid, PW(gi->norm2), A->rstd2, N, d);
 
-    /* ---- mixer branch ---- */
+    /* ---- mixer branch: a fresh scratch layout (dln is taken again, first) ---- */
     s->used = 0;
+    dln = ARENA_F(s, Nd);
     float *do_ = ARENA_F(s, NP);
     be->zero(do_, NP * sizeof(float));
     if (r == 0) {
@@ -173,7 +174,7 @@ void gdn_backward(model *m, int l, const float *x, float *dx, arena *s)
     be->zero(dg, NH * sizeof(float));
     be->zero(dbeta, NH * sizeof(float));
     be->gdn_backward(dconv[0], dkn, dconv[2], dg, dbeta, do_, A->conv[0], A->kn, A->conv[2], A->g, A->beta,
-                     A->state, NULL, B, T, H, hk, 1.0f / sqrtf((float)hk));
+                     A->state, m->doc_start, B, T, H, hk, 1.0f / sqrtf((float)hk));
     be->l2norm_backward(dconv[1], dkn, A->conv[1], A->rnorm, N * H, hk);
     be->zero(dgraw, NH * sizeof(float));
     be->zero(dbraw, NH * sizeof(float));
@@ -190,7 +191,7 @@ void gdn_backward(model *m, int l, const float *x, float *dx, arena *s)
             be->zero(dpre[i], NP * sizeof(float));
         }
         be->conv_backward(dpre[i], GW(gi->conv_w[i]), GW(gi->conv_b[i]), dconv[i], A->pre[i],
-                          PW(gi->conv_w[i]), NULL, B, T, P);
+                          PW(gi->conv_w[i]), m->doc_start, B, T, P);
     }
     float *dlat = r ? ARENA_F(s, (size_t)N * r) : NULL;
     for (int i = 0; i < 3; i++) {

@@ -162,8 +162,8 @@ void mla_forward(model *m, int l, const float *x, float *out)
     be->matmul_forward(A->kpe, A->ln1, PW(mi->wkv_a) + (size_t)rkv * d, N, d, dr);
     be->layernorm_forward(A->ckv_n, A->kv_mean, A->kv_rstd, A->ckv, PW(mi->kv_norm_w), PW(mi->kv_norm_b), N, rkv);
     be->matmul_forward(A->kv, A->ckv_n, PW(mi->wkv_b), N, rkv, H * (dn + dv));
-    be->mla_prep_forward(A->qh, A->kh, A->vh, A->q, A->kv, A->kpe, dr, NULL, B, T, H, dn, dr, dv, c->rope_theta);
-    be->attention_forward(A->att, A->lse, A->qh, A->kh, A->vh, NULL, B, T, H, dn + dr, dv,
+    be->mla_prep_forward(A->qh, A->kh, A->vh, A->q, A->kv, A->kpe, dr, m->pos, B, T, H, dn, dr, dv, c->rope_theta);
+    be->attention_forward(A->att, A->lse, A->qh, A->kh, A->vh, m->doc_id, B, T, H, dn + dr, dv,
                           1.0f / sqrtf((float)(dn + dr)));
     be->matmul_forward(A->xmid, A->att, PW(mi->wo), N, H * dv, d);
     be->add_inplace(A->xmid, x, (size_t)N * d);
@@ -250,12 +250,12 @@ void mla_backward(model *m, int l, const float *x, float *dx, arena *s)
     be->zero(dqh, (size_t)N * Dq * sizeof(float));
     be->zero(dkh, (size_t)N * Dq * sizeof(float));
     be->zero(dvh, (size_t)N * H * dv * sizeof(float));
-    be->attention_backward(dqh, dkh, dvh, datt, A->att, A->lse, A->qh, A->kh, A->vh, NULL, B, T, H, dn + dr, dv,
+    be->attention_backward(dqh, dkh, dvh, datt, A->att, A->lse, A->qh, A->kh, A->vh, m->doc_id, B, T, H, dn + dr, dv,
                            1.0f / sqrtf((float)(dn + dr)));
     be->zero(dq, (size_t)N * Dq * sizeof(float));
     be->zero(dkv, (size_t)N * H * (dn + dv) * sizeof(float));
     be->zero(dkpe, (size_t)N * dr * sizeof(float));
-    be->mla_prep_backward(dq, dkv, dkpe, dr, dqh, dkh, dvh, NULL, B, T, H, dn, dr, dv, c->rope_theta);
+    be->mla_prep_backward(dq, dkv, dkpe, dr, dqh, dkh, dvh, m->pos, B, T, H, dn, dr, dv, c->rope_theta);
     be->zero(dckv_n, (size_t)N * rkv * sizeof(float));
     be->matmul_backward(dckv_n, GW(mi->wkv_b), dkv, A->ckv_n, PW(mi->wkv_b), N, rkv, H * (dn + dv));
     be->zero(dckv, (size_t)N * rkv * sizeof(float));

@@ -30,4 +30,46 @@ void st_add_scalar_f32(st_writer *w, const char *name, const float *value);
  * never sees half a file); die() on I/O errors. Frees the queue. */
 void st_write(st_writer *w, const char *path);
 
+/* ---- reading (src/safetensors_read.c) ----
+ * st_open checks the whole header before anything is read: a JSON object of tensors
+ * (and an optional "__metadata__" object of strings), every dtype one the format
+ * defines, every shape non-negative, every byte range inside the file, of exactly
+ * shape x element-size bytes and overlapping no other. Data is read on demand, so a
+ * file larger than memory can be inspected. */
+
+typedef struct st_info {
+    const char *name;     /* owned by the st_file */
+    char dtype[8];        /* as in the header: "F32", "BF16", "F16", "F64", "I64", ... */
+    int ndim;             /* 0 for a scalar */
+    int64_t shape[8];
+    int64_t numel;        /* product of the shape (1 for a scalar) */
+    uint64_t begin, end;  /* byte range within the data section (after the header) */
+} st_info;
+
+typedef struct st_file st_file;
+
+/* Open and validate path; die() with one line naming the file and the first problem
+ * (unreadable, truncated, malformed header, bad dtype, shape or offsets). Free with
+ * st_close. */
+st_file *st_open(const char *path);
+void st_close(st_file *f);
+
+/* Tensors in header order (i < st_count); the pointer lives as long as the file. */
+int st_count(const st_file *f);
+const st_info *st_at(const st_file *f, int i);
+
+/* The tensor called name, or NULL. */
+const st_info *st_find(const st_file *f, const char *name);
+
+/* A "__metadata__" value, or NULL when the file has no such key. */
+const char *st_metadata(const st_file *f, const char *key);
+
+/* 1 if st_read_f32 can read this dtype: F32, BF16, F16 and F64 (the last three are
+ * converted, F64 rounded to the nearest float). */
+int st_is_float(const st_info *t);
+
+/* Read tensor t as float into out (t->numel floats, caller-owned). die() if its dtype
+ * is not a float type or on a read error. */
+void st_read_f32(st_file *f, const st_info *t, float *out);
+
 #endif

@@ -1,11 +1,19 @@
 /* train.c: the training step (see train.h) and the `deltamla train` loop: data, steps,
- * one log line per --log_interval, a metrics file, and a clear stop on non-finite
- * values. */
+ * one log line per --log_interval, a metrics file, a clear stop on non-finite values,
+ * and checkpoints (io/checkpoint.h): resume at start, a save every
+ * --checkpoint_interval steps, at the end, and on SIGUSR1/SIGTERM.
+ *
+ * Preemption: the signal handler only records the signal; the loop finishes the step
+ * it is in, saves, prints one line and returns 0, so a batch system's requeue starts a
+ * run that resumes from `latest` and continues with the losses the uninterrupted run
+ * would have had. Resume never starts afresh by surprise: a damaged checkpoint is
+ * reported and the previous good one used, and when none loads the run stops. */
 #define _POSIX_C_SOURCE 200809L
 #include "train.h"
 
 #include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,7 +22,11 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef DELTAMLA_HAVE_MPI
+#include <mpi.h>
+#endif
 
+#include "../io/checkpoint.h"
 #include "data.h"
 #include "util.h"
 
@@ -86,29 +98,215 @@ const backend *train_backend(const config *c)
     return backend_cpu();
 }
 
+/* Mean validation loss over `iters` batches, always the same batches: the source is
+ * rewound to its start, and routing loads are not counted towards the bias update. */
+static double evaluate(trainer *tr, data_source *val, int iters, int32_t *inputs, int32_t *targets)
+{
+    model *m = &tr->model;
+    val->epoch = 0;
+    val->row = 0;
+    m->count_loads = 0;
+    double sum = 0;
+    for (int i = 0; i < iters; i++) {
+        val->next_batch(val, inputs, targets, m->B, m->T);
+        sum += model_forward(m, inputs, targets, NULL);
+    }
+    m->count_loads = 1;
+    return sum / iters;
+}
+
+/* ---- checkpoints: signals, saving, resuming ---- */
+
+/* The signal that asked the run to stop (SIGUSR1 or SIGTERM), 0 while none did. The
+ * handler only stores it: saving is not async-signal-safe, so the loop does it. */
+static volatile sig_atomic_t stop_signal;
+
+static void on_stop_signal(int sig) { stop_signal = sig; }
+
+static void install_stop_handlers(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART; /* a signal during a write must not fail the write */
+    sigaction(SIGUSR1, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}
+
+/* The stop signal if any rank received one: every rank must leave the loop after the
+ * same step, because the save is collective. */
+static int stop_requested(void)
+{
+    int sig = stop_signal;
+#ifdef DELTAMLA_HAVE_MPI
+    int inited = 0;
+    MPI_Initialized(&inited);
+    if (inited) MPI_Allreduce(MPI_IN_PLACE, &sig, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+#endif
+    return sig;
+}
+
+static void save(trainer *tr, const data_source *src, const config *c)
+{
+    double t0 = wall_time();
+    ckpt_save(c->output_dir, tr, src, src->tokenizer_json, c->keep_checkpoints);
+    char path[CONFIG_PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/ckpt_%08d.h5", c->output_dir, tr->it);
+    struct stat st;
+    double mb = stat(path, &st) == 0 ? (double)st.st_size / 1e6 : 0;
+    printf("checkpoint %s: step %d, %.1f MB in %.2f s\n", path, tr->it, mb, wall_time() - t0);
+    fflush(stdout);
+}
+
+static void json_string_out(const char *s, FILE *f)
+{
+    fputc('"', f);
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\') fprintf(f, "\\%c", ch);
+        else if (ch < 0x20) fprintf(f, "\\u%04x", ch);
+        else fputc(ch, f);
+    }
+    fputc('"', f);
+}
+
+/* The directory part of path ("." when it has none); malloc'd. */
+static char *dir_of(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    size_t n = slash ? (size_t)(slash - path) : 1;
+    char *d = xmalloc(n + 1);
+    if (!slash) strcpy(d, ".");
+    else if (n == 0) strcpy(d, "/");
+    else {
+        memcpy(d, path, n);
+        d[n] = '\0';
+    }
+    return d;
+}
+
+/* Resume as --resume says: "" = the checkpoint `latest` names in OUTPUT_DIR (else the
+ * newest ckpt_*.h5 there, else a fresh start: the first run of a job), "none" = fresh,
+ * anything else = that file. A checkpoint that fails to load is reported on one
+ * warning line and the next older one in its directory is tried; when none loads the
+ * run stops, because training from scratch over a run's output would lose its work.
+ * Returns the path resumed from (malloc'd) or NULL for a fresh start. */
+static char *resume(trainer *tr, data_source *src, const config *c)
+{
+    if (strcmp(c->resume, "none") == 0) return NULL;
+    char *first, *dir;
+    if (c->resume[0]) {
+        struct stat st;
+        if (stat(c->resume, &st) != 0) die("--resume %s: %s", c->resume, strerror(errno));
+        if (S_ISDIR(st.st_mode))
+            die("--resume %s is a directory; pass a checkpoint file (or --output_dir DIR to resume from its latest)",
+                c->resume);
+        first = xmalloc(strlen(c->resume) + 1);
+        strcpy(first, c->resume);
+        dir = dir_of(first);
+    } else {
+        first = ckpt_latest(c->output_dir);
+        dir = xmalloc(strlen(c->output_dir) + 1);
+        strcpy(dir, c->output_dir);
+        if (!first) {
+            int n;
+            char **found = ckpt_older(c->output_dir, -1, &n);
+            if (n) { /* a save renamed its file, then died before `latest` was written */
+                first = found[0];
+                found[0] = NULL;
+            }
+            for (int i = 0; i < n; i++) free(found[i]);
+            free(found);
+            if (!first) {
+                free(dir);
+                return NULL;
+            }
+        }
+    }
+    const char *why = NULL;
+    if (ckpt_load(first, tr, src, &why) == 0) {
+        free(dir);
+        return first;
+    }
+    int rank = 0;
+#ifdef DELTAMLA_HAVE_MPI
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+#endif
+    char first_why[768];
+    snprintf(first_why, sizeof first_why, "%s", why);
+    if (rank == 0)
+        fprintf(stderr, "deltamla: warning: cannot resume from %s: %s; trying the previous checkpoint\n", first, why);
+    int n;
+    char **older = ckpt_older(dir, ckpt_name_step(first), &n);
+    char *chosen = NULL;
+    for (int i = 0; i < n; i++) {
+        if (!chosen && strcmp(older[i], first) != 0) {
+            if (ckpt_load(older[i], tr, src, &why) == 0) {
+                chosen = older[i];
+                older[i] = NULL;
+                if (rank == 0) fprintf(stderr, "deltamla: warning: resuming from the older checkpoint %s\n", chosen);
+            } else if (rank == 0) {
+                fprintf(stderr, "deltamla: warning: cannot resume from %s either: %s\n", older[i], why);
+            }
+        }
+        free(older[i]);
+    }
+    free(older);
+    if (!chosen)
+        die("no checkpoint to resume from: %s is unusable (%s) and no older one in %s loads; pass --resume none to "
+            "start afresh (the run's output would then be overwritten)",
+            first, first_why, dir);
+    free(first);
+    free(dir);
+    return chosen;
+}
+
 int train_main(const config *c)
 {
     if (!c->data[0]) die("no training data: pass --data FILE (a text file, read as bytes)");
 #ifdef _OPENMP
     if (c->threads > 0) omp_set_num_threads(c->threads);
 #endif
-    data_source *src = data_text_open(c->data, c->block_size, c->seed);
+    /* from the start, so a signal during start-up also ends in a clean stop */
+    install_stop_handlers();
+    data_source *src = data_open(c->data, c->block_size, c->seed, c->val_data[0] ? 0.0 : c->val_fraction, DATA_TRAIN, 0, 1);
     if (src->max_token >= c->vocab_size)
         die("--data %s holds token %d but --vocab_size is %d", c->data, src->max_token, c->vocab_size);
+    if (c->doc_mask && src->eot_token < 0)
+        die("--doc_mask needs data with an end-of-text token (token shards from deltamla prep); %s has none", c->data);
+    data_source *val = NULL;
+    if (c->val_data[0]) val = data_open(c->val_data, c->block_size, c->seed, 0.0, DATA_TRAIN, 0, 1);
+    else if (c->val_fraction > 0) val = data_open(c->data, c->block_size, c->seed, c->val_fraction, DATA_VAL, 0, 1);
+    if (c->eval_interval > 0 && !val)
+        die("--eval_interval %d needs validation data: pass --val_data PATH or --val_fraction F", c->eval_interval);
+    if (val && val->max_token >= c->vocab_size)
+        die("--val_data %s holds token %d but --vocab_size is %d", c->val_data, val->max_token, c->vocab_size);
     make_dirs(c->output_dir);
+
+    const backend *be = train_backend(c);
+    trainer tr;
+    trainer_init(&tr, c, be);
+    model_set_eot(&tr.model, src->eot_token);
+    char *resumed = resume(&tr, src, c);
+
     char path[CONFIG_PATH_MAX + 64];
     snprintf(path, sizeof path, "%s/metrics.jsonl", c->output_dir);
-    FILE *metrics = fopen(path, "w");
+    /* a resumed run continues the record of the run it resumes */
+    FILE *metrics = fopen(path, resumed ? "a" : "w");
     if (!metrics) die("cannot write %s: %s", path, strerror(errno));
+    if (resumed) {
+        fprintf(metrics, "{\"step\":%d,\"resumed_from\":", tr.it);
+        json_string_out(resumed, metrics);
+        fputs("}\n", metrics);
+        fflush(metrics);
+    }
     snprintf(path, sizeof path, "%s/config.json", c->output_dir);
     FILE *cj = fopen(path, "w");
     if (!cj) die("cannot write %s: %s", path, strerror(errno));
     config_json(c, cj);
     fclose(cj);
 
-    const backend *be = train_backend(c);
-    trainer tr;
-    trainer_init(&tr, c, be);
     int64_t total, active;
     params_count(&tr.model.table, &total, &active);
     int threads = 1;
@@ -124,14 +322,21 @@ int train_main(const config *c)
     printf("data %s: %lld tokens, %lld rows of %d+1; batch %d x %d x %d accumulation; optimizer %s\n", c->data,
            (long long)src->num_tokens, (long long)src->num_rows, c->block_size, c->batch_size, c->block_size,
            c->gradient_accumulation_steps, c->optimizer_type);
+    if (resumed)
+        printf("resumed from %s: step %d, data epoch %lld row %lld\n", resumed, tr.it, (long long)src->epoch,
+               (long long)src->row);
+    if (resumed && tr.it >= c->max_iters)
+        printf("the checkpoint is at step %d and --max_iters is %d: nothing left to train\n", tr.it, c->max_iters);
     fflush(stdout);
 
     size_t n = (size_t)c->gradient_accumulation_steps * c->batch_size * c->block_size;
     int32_t *inputs = xmalloc(n * sizeof *inputs), *targets = xmalloc(n * sizeof *targets);
     double t_log = wall_time();
     int64_t tokens_since = 0;
-    int status = 0;
-    for (int it = 0; it < c->max_iters; it++) {
+    int last_saved = resumed ? tr.it : -1; /* the step whose state is on disk already */
+    int stop = stop_requested();
+    while (!stop && tr.it < c->max_iters) {
+        int it = tr.it;
         for (int micro = 0; micro < c->gradient_accumulation_steps; micro++) {
             size_t off = (size_t)micro * c->batch_size * c->block_size;
             src->next_batch(src, inputs + off, targets + off, c->batch_size, c->block_size);
@@ -157,6 +362,12 @@ int train_main(const config *c)
             trainer_apply(&tr, &st);
         }
         int last = it == c->max_iters - 1;
+        if (val && c->eval_interval > 0 && ((it + 1) % c->eval_interval == 0 || last)) {
+            double vl = evaluate(&tr, val, c->eval_iters, inputs, targets);
+            printf("step %6d/%d | val loss %.4f (%d batches)\n", it, c->max_iters, vl, c->eval_iters);
+            fprintf(metrics, "{\"step\":%d,\"val_loss\":%.9g}\n", it, vl);
+            fflush(stdout);
+        }
         if (it % c->log_interval == 0 || last) {
             double now = wall_time(), tps = tokens_since / (now - t_log > 0 ? now - t_log : 1e-9);
             printf("step %6d/%d | loss %.4f | zloss %.5f | lr %.3e | grad norm %.4f | %.0f tok/s%s\n", it,
@@ -170,12 +381,29 @@ int train_main(const config *c)
             t_log = now;
             tokens_since = 0;
         }
+        stop = stop_requested();
+        /* the end of the run saves below; a periodic save at the same step would be a twin */
+        if (!stop && c->checkpoint_interval > 0 && tr.it % c->checkpoint_interval == 0 && tr.it < c->max_iters) {
+            save(&tr, src, c);
+            last_saved = tr.it;
+        }
+    }
+    if (tr.it != last_saved) {
+        save(&tr, src, c);
+        last_saved = tr.it;
+    }
+    if (stop) {
+        printf("deltamla: stopped by %s after %d of %d steps, state saved in ckpt_%08d.h5; the same command resumes\n",
+               stop == SIGTERM ? "SIGTERM" : "SIGUSR1", tr.it, c->max_iters, tr.it);
+        fflush(stdout);
     }
     if (tr.skipped) printf("%lld non-finite steps were skipped\n", (long long)tr.skipped);
     fclose(metrics);
     free(inputs);
     free(targets);
+    free(resumed);
     trainer_free(&tr);
     src->close(src);
-    return status;
+    if (val) val->close(val);
+    return 0;
 }

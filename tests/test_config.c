@@ -209,7 +209,7 @@ static void test_presets(void)
 
     config t;
     parse(&t, ARGS("--size", "tiny"));
-    int ok = t.n_layer == 3 && t.n_embd == 64 && t.n_head == 4 && t.vocab_size == 256 &&
+    int ok = t.n_layer == 3 && t.n_embd == 64 && t.n_head == 4 && t.vocab_size == 512 &&
              t.block_size == 64 && t.use_moe && t.use_latent_moe && t.latent_ratio == 2 &&
              t.n_experts == 4 && t.n_activated == 1 && t.n_shared_experts == 1 &&
              t.expert_dim == 64 && t.mla_kv_lora_rank == 32 && t.mla_qk_nope_head_dim == 16 &&
@@ -535,7 +535,8 @@ static const char *const all_fields[] = {
     "latent_preserve_expert_dim", "router_z_loss_coef", "router_bias_update_rate", "batch_size",
     "gradient_accumulation_steps", "max_iters", "warmup_iters", "learning_rate", "min_lr",
     "weight_decay", "grad_clip", "optimizer_type", "log_interval", "seed", "data", "output_dir",
-    "device", "gradient_checkpointing", "skip_nonfinite", "threads", "head_dim", "gdn_proj_dim",
+    "device", "gradient_checkpointing", "skip_nonfinite", "threads", "doc_mask", "val_data", "val_fraction",
+    "eval_interval", "eval_iters", "resume", "checkpoint_interval", "keep_checkpoints", "head_dim", "gdn_proj_dim",
     "moe_E", "moe_k", "moe_latent", "moe_hidden", "moe_in",
 };
 #define N_FIELDS ((int)(sizeof all_fields / sizeof all_fields[0]))

@@ -3,7 +3,8 @@
  * For three configs (every GDN/MLA option on with LatentMoE and two shared experts and a
  * GDN head_dim of 85; standard MoE; dense) one step from the same weights and batch on
  * both backends: the loss within 1e-2 relative, the z-loss within 2e-2, and every
- * parameter gradient with cosine similarity above 0.999 to the CPU's. Then five steps
+ * parameter gradient with cosine similarity above 0.999 to the CPU's; the same with
+ * gradient checkpointing and with --doc_mask. Then five steps
  * twice on the GPU from the same seed: the losses must be bit-identical.
  */
 #include <math.h>
@@ -47,6 +48,13 @@ static void compare_step(gt_ctx *g, const char *name, const char *flags)
     int n = c.batch_size * c.block_size;
     int32_t *in = xmalloc(n * sizeof *in), *tgt = xmalloc(n * sizeof *tgt);
     batch(&c, 0, in, tgt);
+    if (c.doc_mask) { /* documents of assorted lengths, ending with the last token id */
+        int32_t eot = c.vocab_size - 1;
+        model_set_eot(&tc.model, eot);
+        model_set_eot(&tg.model, eot);
+        for (int i = 0; i < n; i++)
+            if (i % 37 == 36 || i % 53 == 0 || i % 97 == 64) in[i] = eot;
+    }
     step_stats sc, sg;
     trainer_grads(&tc, in, tgt, &sc);
     trainer_grads(&tg, in, tgt, &sg);
@@ -128,6 +136,9 @@ int main(void)
                                      "--no_use_latent_moe --n_experts 6 --n_activated 2");
     compare_step(&g, "dense", "--size tiny --n_layer 3 --n_embd 64 --n_head 4 --block_size 64 --batch_size 2 --no_use_moe");
     compare_step(&g, "gradient checkpointing", "--size tiny --gradient_checkpointing");
+    char docs[1024];
+    snprintf(docs, sizeof docs, "%s --doc_mask", all_on);
+    compare_step(&g, "document masking (all options on)", docs);
     determinism(&g, all_on);
     return gt_failures() != 0;
 }
