@@ -30,13 +30,14 @@ run() { # name, command...
     failed=$((failed + f))
     grep -E '^(not ok - |# )' "$log"
     [ "$f" -ne 0 ] && { echo "---- output of $name ----"; tail -n 30 "$log"; echo "----"; }
-    [ -n "${GPU_TEST_LOGDIR:-}" ] && cp "$log" "$GPU_TEST_LOGDIR/$name.log"
+    [ -n "${GPU_TEST_LOGDIR:-}" ] && cp "$log" "$GPU_TEST_LOGDIR/${name// /_}.log"
     printf '%-30s %4d passed, %d failed (%ds)\n' "$name" "$p" "$f" $((SECONDS - t0))
 }
 for t in build/gpu_tests/test_gpu_*; do
     [ -x "$t" ] && run "$(basename "$t")" "$t"
 done
 run "loss curve gpu vs cpu" bash tests/gpu/curve.sh
+run "checkpoint and resume on the GPU" bash tests/gpu/resume_gpu.sh
 if command -v compute-sanitizer >/dev/null 2>&1; then
     run "compute-sanitizer memcheck" bash -c 'd=$(mktemp -d); printf "%s\n" "to be, or not to be, that is the question" {1..200} > $d/t.txt;
         compute-sanitizer --tool memcheck --error-exitcode 3 bin/deltamla train --device cuda --size tiny --max_iters 2 \
