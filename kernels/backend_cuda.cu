@@ -88,6 +88,20 @@ static void gpu_copy(void *dst, const void *src, size_t bytes)
     CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
 }
 
+/* page-locked, so uploads of batches are DMA transfers without a staging copy */
+static void *gpu_host_alloc(size_t bytes)
+{
+    void *p = NULL;
+    if (cudaMallocHost(&p, bytes ? bytes : 64) != cudaSuccess)
+        die("cannot allocate %zu bytes of page-locked host memory", bytes);
+    return p;
+}
+
+static void gpu_host_free(void *p)
+{
+    if (p) CUDA_CHECK(cudaFreeHost(p));
+}
+
 static void gpu_sync(void)
 {
     CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -123,6 +137,8 @@ extern "C" const backend *backend_cuda(int device)
     b.copy = gpu_copy;
     b.sync = gpu_sync;
     b.mem_peak = gpu_mem_peak;
+    b.host_alloc = gpu_host_alloc;
+    b.host_free = gpu_host_free;
     b.add_inplace = cuda_add_inplace;
     b.scale_inplace = cuda_scale_inplace;
     b.sumsq = cuda_sumsq;

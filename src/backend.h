@@ -34,6 +34,10 @@ typedef struct backend {
     void (*copy)(void *dst, const void *src, size_t bytes);
     void (*sync)(void);                           /* wait for all queued work */
     size_t (*mem_peak)(void);                     /* most bytes held through alloc at once */
+    /* host memory that from_host/to_host move fastest (page-locked on CUDA, plain on the
+     * CPU); dies on failure */
+    void *(*host_alloc)(size_t bytes);
+    void (*host_free)(void *p);
 
     /* ---- elementwise ---- */
     /* y[i] += x[i] for i < n */

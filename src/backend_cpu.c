@@ -36,6 +36,8 @@ static void cpu_free(void *p)
 }
 
 static size_t cpu_mem_peak(void) { return peak; }
+static void *cpu_host_alloc(size_t bytes) { return xmalloc(bytes); }
+static void cpu_host_free(void *p) { free(p); }
 static void cpu_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
 static void cpu_copy(void *dst, const void *src, size_t bytes) { memmove(dst, src, bytes); }
 static void cpu_sync(void) {}
@@ -50,6 +52,8 @@ static const backend cpu_backend = {
     .copy = cpu_copy,
     .sync = cpu_sync,
     .mem_peak = cpu_mem_peak,
+    .host_alloc = cpu_host_alloc,
+    .host_free = cpu_host_free,
     .add_inplace = cpu_add_inplace,
     .scale_inplace = cpu_scale_inplace,
     .sumsq = cpu_sumsq,
