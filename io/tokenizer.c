@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "json.h"
 #include "util.h"
 
 /* The trainer's entry points, used by src/prep.c. tokenizer.h does not declare them, so
@@ -479,197 +480,65 @@ char *tokenizer_to_json(const tokenizer *t)
     return s;
 }
 
-typedef struct json_reader {
-    const char *s;
-    size_t i;
-} json_reader;
-
-static void json_fail(const json_reader *r, const char *what)
+static void json_fail(size_t offset, const char *what) __attribute__((noreturn));
+static void json_fail(size_t offset, const char *what)
 {
-    die("tokenizer JSON: %s at offset %zu", what, r->i);
+    die("tokenizer JSON: %s at offset %zu", what, offset);
 }
 
-static void json_ws(json_reader *r)
+static int64_t json_int(const json_value *v)
 {
-    while (r->s[r->i] == ' ' || r->s[r->i] == '\t' || r->s[r->i] == '\n' || r->s[r->i] == '\r') r->i++;
+    int64_t x = 0;
+    if (json_i64(v, &x) != JSON_INT_OK) json_fail(v->offset, "expected an integer");
+    return x;
 }
 
-static void json_expect(json_reader *r, char c)
+static const char *json_str(const json_value *v)
 {
-    json_ws(r);
-    if (r->s[r->i] != c) {
-        char what[40];
-        snprintf(what, sizeof what, "expected '%c'", c);
-        json_fail(r, what);
-    }
-    r->i++;
-}
-
-/* A string value, escapes resolved (\uXXXX of the Basic Multilingual Plane); malloc'd. */
-static char *json_string(json_reader *r)
-{
-    json_expect(r, '"');
-    size_t cap = 16, n = 0;
-    char *out = xmalloc(cap);
-    for (;;) {
-        char c = r->s[r->i];
-        if (c == 0) json_fail(r, "unterminated string");
-        r->i++;
-        if (c == '"') break;
-        unsigned code = (unsigned char)c;
-        if (c == '\\') {
-            char e = r->s[r->i++];
-            switch (e) {
-            case '"': case '\\': case '/': code = (unsigned char)e; break;
-            case 'b': code = '\b'; break;
-            case 'f': code = '\f'; break;
-            case 'n': code = '\n'; break;
-            case 'r': code = '\r'; break;
-            case 't': code = '\t'; break;
-            case 'u': {
-                code = 0;
-                for (int k = 0; k < 4; k++) {
-                    char h = r->s[r->i++];
-                    int v = h >= '0' && h <= '9' ? h - '0' : h >= 'a' && h <= 'f' ? h - 'a' + 10
-                          : h >= 'A' && h <= 'F' ? h - 'A' + 10 : -1;
-                    if (v < 0) json_fail(r, "bad \\u escape");
-                    code = code * 16 + (unsigned)v;
-                }
-                break;
-            }
-            default: json_fail(r, "bad escape");
-            }
-        }
-        if (n + 4 >= cap) {
-            out = realloc(out, cap *= 2);
-            if (!out) die("out of host memory reading the tokenizer JSON");
-        }
-        if (c == '\\' && code >= 0x80) { /* an escaped non-ASCII character back to UTF-8 */
-            if (code < 0x800) {
-                out[n++] = (char)(0xC0 | (code >> 6));
-            } else {
-                out[n++] = (char)(0xE0 | (code >> 12));
-                out[n++] = (char)(0x80 | ((code >> 6) & 0x3F));
-            }
-            out[n++] = (char)(0x80 | (code & 0x3F));
-        } else {
-            out[n++] = (char)code;
-        }
-    }
-    out[n] = 0;
-    return out;
-}
-
-static int64_t json_int(json_reader *r)
-{
-    json_ws(r);
-    const char *start = r->s + r->i;
-    char *end;
-    long long v = strtoll(start, &end, 10);
-    if (end == start || *end == '.' || *end == 'e' || *end == 'E') json_fail(r, "expected an integer");
-    r->i += (size_t)(end - start);
-    return v;
-}
-
-/* Skip any value (for keys this version does not know). */
-static void json_skip(json_reader *r, int depth)
-{
-    if (depth > 64) json_fail(r, "nesting too deep");
-    json_ws(r);
-    char c = r->s[r->i];
-    if (c == '"') {
-        free(json_string(r));
-    } else if (c == '{' || c == '[') {
-        char close = c == '{' ? '}' : ']';
-        r->i++;
-        json_ws(r);
-        if (r->s[r->i] == close) { r->i++; return; }
-        for (;;) {
-            if (c == '{') {
-                free(json_string(r));
-                json_expect(r, ':');
-            }
-            json_skip(r, depth + 1);
-            json_ws(r);
-            if (r->s[r->i] == ',') { r->i++; continue; }
-            json_expect(r, close);
-            return;
-        }
-    } else {
-        size_t start = r->i;
-        while (r->s[r->i] && strchr("+-.0123456789eEtruefalsn", r->s[r->i])) r->i++;
-        if (r->i == start) json_fail(r, "expected a value");
-    }
+    if (v->type != JSON_TYPE_STRING) json_fail(v->offset, "expected '\"'");
+    return v->text;
 }
 
 tokenizer *tokenizer_from_json(const char *json)
 {
     if (!json) die("tokenizer JSON: missing");
-    json_reader r = {json, 0};
-    char *kind = NULL, *pretok = NULL;
+    json_error err;
+    json_value *root = json_parse(json, strlen(json), 0, &err);
+    if (!root) json_fail(err.offset, err.message);
+    if (root->type != JSON_TYPE_OBJECT) json_fail(root->offset, "expected '{'");
+    const char *kind = NULL, *pretok = NULL;
     int64_t vocab = -1, eot = -1;
     int32_t *merges = NULL;
     int64_t n_merges = -1;
-    json_expect(&r, '{');
-    json_ws(&r);
-    if (r.s[r.i] == '}') {
-        r.i++;
-    } else {
-        for (;;) {
-            char *key = json_string(&r);
-            json_expect(&r, ':');
-            if (strcmp(key, "kind") == 0) {
-                free(kind);
-                kind = json_string(&r);
-            } else if (strcmp(key, "pretokenizer") == 0) {
-                free(pretok);
-                pretok = json_string(&r);
-            } else if (strcmp(key, "vocab_size") == 0) {
-                vocab = json_int(&r);
-            } else if (strcmp(key, "eot_token") == 0) {
-                eot = json_int(&r);
-            } else if (strcmp(key, "merges") == 0) {
-                size_t cap = 256;
-                free(merges);
-                merges = xmalloc(cap * 2 * sizeof *merges);
-                n_merges = 0;
-                json_expect(&r, '[');
-                json_ws(&r);
-                if (r.s[r.i] == ']') {
-                    r.i++;
-                } else {
-                    for (;;) {
-                        if ((size_t)n_merges == cap) {
-                            merges = realloc(merges, (cap *= 2) * 2 * sizeof *merges);
-                            if (!merges) die("out of host memory reading the tokenizer JSON");
-                        }
-                        json_expect(&r, '[');
-                        int64_t a = json_int(&r);
-                        json_expect(&r, ',');
-                        int64_t b = json_int(&r);
-                        json_expect(&r, ']');
-                        if (a < 0 || b < 0 || a > INT32_MAX || b > INT32_MAX) json_fail(&r, "merge id out of range");
-                        merges[2 * n_merges] = (int32_t)a;
-                        merges[2 * n_merges + 1] = (int32_t)b;
-                        n_merges++;
-                        json_ws(&r);
-                        if (r.s[r.i] == ',') { r.i++; continue; }
-                        json_expect(&r, ']');
-                        break;
-                    }
-                }
-            } else {
-                json_skip(&r, 0);
+    /* a key given twice keeps its last value; keys this version does not know are
+     * ignored, so a newer writer's additions still load */
+    for (size_t i = 0; i < root->count; i++) {
+        const char *key = root->members[i].key;
+        const json_value *v = &root->members[i].value;
+        if (strcmp(key, "kind") == 0) {
+            kind = json_str(v);
+        } else if (strcmp(key, "pretokenizer") == 0) {
+            pretok = json_str(v);
+        } else if (strcmp(key, "vocab_size") == 0) {
+            vocab = json_int(v);
+        } else if (strcmp(key, "eot_token") == 0) {
+            eot = json_int(v);
+        } else if (strcmp(key, "merges") == 0) {
+            if (v->type != JSON_TYPE_ARRAY) json_fail(v->offset, "expected '['");
+            free(merges);
+            merges = xmalloc((v->count ? v->count : 1) * 2 * sizeof *merges);
+            n_merges = (int64_t)v->count;
+            for (size_t m = 0; m < v->count; m++) {
+                const json_value *pair = &v->items[m];
+                if (pair->type != JSON_TYPE_ARRAY || pair->count != 2)
+                    json_fail(pair->offset, "a merge must be a pair [a, b]");
+                int64_t a = json_int(&pair->items[0]), b = json_int(&pair->items[1]);
+                if (a < 0 || b < 0 || a > INT32_MAX || b > INT32_MAX) json_fail(pair->offset, "merge id out of range");
+                merges[2 * m] = (int32_t)a;
+                merges[2 * m + 1] = (int32_t)b;
             }
-            free(key);
-            json_ws(&r);
-            if (r.s[r.i] == ',') { r.i++; continue; }
-            json_expect(&r, '}');
-            break;
         }
     }
-    json_ws(&r);
-    if (r.s[r.i]) json_fail(&r, "trailing characters after the object");
     if (!kind) die("tokenizer JSON: no \"kind\"");
 
     tokenizer *t = NULL;
@@ -695,8 +564,7 @@ tokenizer *tokenizer_from_json(const char *json)
     } else {
         die("tokenizer JSON: unknown kind '%s' (known: byte, bpe)", kind);
     }
-    free(kind);
-    free(pretok);
+    json_free(root);
     free(merges);
     return t;
 }

@@ -4,8 +4,8 @@
  * the raw little-endian data, offsets counted from the end of the header.
  *
  * The file may come from anyone (PyTorch's safetensors package, numpy, a hand-written
- * script), so st_open trusts nothing: the header is parsed by a small strict JSON
- * reader and every entry is checked against the file's real size before a caller sees
+ * script), so st_open trusts nothing: the header is parsed by the strict JSON reader
+ * of json.h and every entry is checked against the file's real size before a caller sees
  * it, which turns a truncated download or a foreign file into one line naming the
  * problem instead of a crash or silently wrong weights. Tensor data is read on demand,
  * so opening a multi-gigabyte file costs only its header.
@@ -19,6 +19,7 @@
 #include <string.h>
 #include <sys/types.h>
 
+#include "json.h"
 #include "util.h"
 
 /* The reference implementation refuses headers above 100 MB; so do we, so that a
@@ -37,225 +38,41 @@ struct st_file {
     int n_meta;
 };
 
-/* ---- a strict JSON reader for the header ---- */
+/* ---- header errors ---- */
 
-typedef struct json_cursor {
-    const char *s;  /* NUL-terminated copy of the header */
-    size_t pos, len;
+/* What a message about the header names: the file, and the header's length so that an
+ * offset near the end reads as truncation. */
+typedef struct header_ctx {
     const char *path;
-} json_cursor;
+    size_t len;
+} header_ctx;
 
-static void bad_header(const json_cursor *j, const char *what) __attribute__((noreturn));
-static void bad_header(const json_cursor *j, const char *what)
+static void bad_header(const header_ctx *h, size_t at, const char *what) __attribute__((noreturn));
+static void bad_header(const header_ctx *h, size_t at, const char *what)
 {
-    die("%s: malformed safetensors header: %s at byte %zu of %zu", j->path, what, j->pos, j->len);
-}
-
-static void skip_ws(json_cursor *j)
-{
-    while (j->pos < j->len && (j->s[j->pos] == ' ' || j->s[j->pos] == '\t' || j->s[j->pos] == '\n' ||
-                               j->s[j->pos] == '\r'))
-        j->pos++;
-}
-
-static int peek(json_cursor *j)
-{
-    skip_ws(j);
-    return j->pos < j->len ? (unsigned char)j->s[j->pos] : -1;
-}
-
-static void expect(json_cursor *j, char c)
-{
-    if (peek(j) != (unsigned char)c) {
-        char what[32];
-        snprintf(what, sizeof what, "expected '%c'", c);
-        bad_header(j, what);
-    }
-    j->pos++;
-}
-
-/* Between the members of an object or array: 1 if another member follows, 0 once the
- * closing bracket is consumed. A comma must be followed by a member (JSON has no
- * trailing commas), which the member's own parser then insists on. */
-static int more_members(json_cursor *j, char close, int *first)
-{
-    if (*first) {
-        *first = 0;
-        if (peek(j) != (unsigned char)close) return 1;
-        j->pos++;
-        return 0;
-    }
-    if (peek(j) == ',') {
-        j->pos++;
-        return 1;
-    }
-    expect(j, close);
-    return 0;
-}
-
-static int hex_digit(int c)
-{
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    return -1;
-}
-
-static unsigned read_hex4(json_cursor *j)
-{
-    unsigned v = 0;
-    for (int i = 0; i < 4; i++) {
-        int h = j->pos < j->len ? hex_digit((unsigned char)j->s[j->pos]) : -1;
-        if (h < 0) bad_header(j, "bad \\u escape");
-        v = v * 16 + (unsigned)h;
-        j->pos++;
-    }
-    return v;
-}
-
-static size_t put_utf8(char *out, unsigned cp)
-{
-    if (cp < 0x80) {
-        out[0] = (char)cp;
-        return 1;
-    }
-    if (cp < 0x800) {
-        out[0] = (char)(0xc0 | (cp >> 6));
-        out[1] = (char)(0x80 | (cp & 0x3f));
-        return 2;
-    }
-    if (cp < 0x10000) {
-        out[0] = (char)(0xe0 | (cp >> 12));
-        out[1] = (char)(0x80 | ((cp >> 6) & 0x3f));
-        out[2] = (char)(0x80 | (cp & 0x3f));
-        return 3;
-    }
-    out[0] = (char)(0xf0 | (cp >> 18));
-    out[1] = (char)(0x80 | ((cp >> 12) & 0x3f));
-    out[2] = (char)(0x80 | ((cp >> 6) & 0x3f));
-    out[3] = (char)(0x80 | (cp & 0x3f));
-    return 4;
-}
-
-/* A JSON string, unescaped to UTF-8; malloc'd. Python's json.dumps writes non-ASCII
- * names as \u escapes (surrogate pairs above U+FFFF), so those are decoded. */
-static char *parse_string(json_cursor *j)
-{
-    expect(j, '"');
-    /* the unescaped text is never longer than the escaped one */
-    char *out = xmalloc(j->len - j->pos + 1);
-    size_t o = 0;
-    for (;;) {
-        if (j->pos >= j->len) bad_header(j, "unterminated string");
-        unsigned char c = (unsigned char)j->s[j->pos++];
-        if (c == '"') break;
-        if (c < 0x20) bad_header(j, "control character in a string");
-        if (c != '\\') {
-            out[o++] = (char)c;
-            continue;
-        }
-        if (j->pos >= j->len) bad_header(j, "unterminated string");
-        c = (unsigned char)j->s[j->pos++];
-        switch (c) {
-        case '"': out[o++] = '"'; break;
-        case '\\': out[o++] = '\\'; break;
-        case '/': out[o++] = '/'; break;
-        case 'b': out[o++] = '\b'; break;
-        case 'f': out[o++] = '\f'; break;
-        case 'n': out[o++] = '\n'; break;
-        case 'r': out[o++] = '\r'; break;
-        case 't': out[o++] = '\t'; break;
-        case 'u': {
-            unsigned cp = read_hex4(j);
-            if (cp >= 0xd800 && cp < 0xdc00) {
-                if (j->pos + 1 >= j->len || j->s[j->pos] != '\\' || j->s[j->pos + 1] != 'u')
-                    bad_header(j, "unpaired surrogate in a string");
-                j->pos += 2;
-                unsigned lo = read_hex4(j);
-                if (lo < 0xdc00 || lo >= 0xe000) bad_header(j, "unpaired surrogate in a string");
-                cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
-            } else if (cp >= 0xdc00 && cp < 0xe000) {
-                bad_header(j, "unpaired surrogate in a string");
-            }
-            if (cp == 0) bad_header(j, "NUL character in a string");
-            o += put_utf8(out + o, cp);
-            break;
-        }
-        default: bad_header(j, "bad escape in a string");
-        }
-    }
-    out[o] = '\0';
-    return out;
+    die("%s: malformed safetensors header: %s at byte %zu of %zu", h->path, what, at, h->len);
 }
 
 /* A non-negative integer without sign, fraction or exponent: the only numbers a
- * safetensors header holds (shapes and offsets). */
-static uint64_t parse_u64(json_cursor *j)
+ * safetensors header holds (shapes and offsets). json_u64 reads the text exactly, so
+ * offsets above 2^53 are not rounded. */
+static uint64_t header_u64(const header_ctx *h, const json_value *v)
 {
-    skip_ws(j);
-    if (j->pos >= j->len || j->s[j->pos] < '0' || j->s[j->pos] > '9')
-        bad_header(j, "expected a non-negative integer");
-    uint64_t v = 0;
-    while (j->pos < j->len && j->s[j->pos] >= '0' && j->s[j->pos] <= '9') {
-        uint64_t digit = (uint64_t)(j->s[j->pos] - '0');
-        if (v > (UINT64_MAX - digit) / 10) bad_header(j, "integer out of range");
-        v = v * 10 + digit;
-        j->pos++;
-    }
-    if (j->pos < j->len && (j->s[j->pos] == '.' || j->s[j->pos] == 'e' || j->s[j->pos] == 'E'))
-        bad_header(j, "expected an integer, found a fraction or exponent");
-    return v;
+    uint64_t x = 0;
+    json_int_status st = json_u64(v, &x);
+    if (st == JSON_INT_OK) return x;
+    if (st == JSON_INT_RANGE) bad_header(h, v->offset, "integer out of range");
+    if (v->type == JSON_TYPE_NUMBER && v->text[0] != '-')
+        bad_header(h, v->offset, "expected an integer, found a fraction or exponent");
+    bad_header(h, v->offset, "expected a non-negative integer");
 }
 
-static void skip_value(json_cursor *j, int depth);
-
-static void skip_literal(json_cursor *j, const char *word)
+static char *copy_string(const char *s)
 {
-    size_t n = strlen(word);
-    if (j->len - j->pos < n || strncmp(j->s + j->pos, word, n) != 0) bad_header(j, "unexpected character");
-    j->pos += n;
-}
-
-/* Entries may carry keys this reader does not use; their values are skipped, with a
- * depth limit so that a hostile header cannot exhaust the stack. */
-static void skip_value(json_cursor *j, int depth)
-{
-    if (depth > 64) bad_header(j, "nesting too deep");
-    int c = peek(j);
-    if (c == '"') {
-        free(parse_string(j));
-    } else if (c == '{' || c == '[') {
-        char close = c == '{' ? '}' : ']';
-        j->pos++;
-        if (peek(j) == close) {
-            j->pos++;
-            return;
-        }
-        for (;;) {
-            if (close == '}') {
-                free(parse_string(j));
-                expect(j, ':');
-            }
-            skip_value(j, depth + 1);
-            if (peek(j) == ',') {
-                j->pos++;
-                continue;
-            }
-            expect(j, close);
-            return;
-        }
-    } else if (c == 't') {
-        skip_literal(j, "true");
-    } else if (c == 'f') {
-        skip_literal(j, "false");
-    } else if (c == 'n') {
-        skip_literal(j, "null");
-    } else if (c == '-' || (c >= '0' && c <= '9')) {
-        j->pos++;
-        while (j->pos < j->len && strchr("0123456789.eE+-", j->s[j->pos])) j->pos++;
-    } else {
-        bad_header(j, "unexpected character");
-    }
+    size_t n = strlen(s) + 1;
+    char *c = xmalloc(n);
+    memcpy(c, s, n);
+    return c;
 }
 
 /* ---- dtypes ---- */
@@ -288,33 +105,23 @@ int st_is_float(const st_info *t)
 
 /* ---- header entries ---- */
 
-static void parse_metadata(st_file *f, json_cursor *j)
+static void read_metadata(st_file *f, const header_ctx *h, const json_value *v)
 {
-    expect(j, '{');
-    if (peek(j) == '}') {
-        j->pos++;
-        return;
-    }
-    for (;;) {
-        char *key = parse_string(j);
-        expect(j, ':');
-        if (peek(j) != '"') bad_header(j, "__metadata__ values must be strings");
-        char *value = parse_string(j);
+    if (v->type != JSON_TYPE_OBJECT) bad_header(h, v->offset, "__metadata__ must be an object");
+    for (size_t i = 0; i < v->count; i++) {
+        const json_member *m = &v->members[i];
+        if (m->value.type != JSON_TYPE_STRING) bad_header(h, m->value.offset, "__metadata__ values must be strings");
         f->meta = realloc(f->meta, (size_t)(f->n_meta + 1) * 2 * sizeof *f->meta);
         if (!f->meta) die("out of host memory reading %s", f->path);
-        f->meta[2 * f->n_meta] = key;
-        f->meta[2 * f->n_meta + 1] = value;
+        f->meta[2 * f->n_meta] = copy_string(m->key);
+        f->meta[2 * f->n_meta + 1] = copy_string(m->value.text);
         f->n_meta++;
-        if (peek(j) == ',') {
-            j->pos++;
-            continue;
-        }
-        expect(j, '}');
-        return;
     }
 }
 
-static void parse_entry(st_file *f, json_cursor *j, char *name)
+/* One tensor entry, an object; keys other than dtype, shape and data_offsets are
+ * allowed and ignored, as the reference implementation does. */
+static void read_entry(st_file *f, const header_ctx *h, const char *key, const json_value *v)
 {
     if (f->count == f->cap) {
         f->cap = f->cap ? 2 * f->cap : 64;
@@ -324,41 +131,34 @@ static void parse_entry(st_file *f, json_cursor *j, char *name)
     }
     st_info *t = &f->items[f->count];
     memset(t, 0, sizeof *t);
-    t->name = name;
+    const char *name = key;
     int have_dtype = 0, have_shape = 0, have_offsets = 0;
-    expect(j, '{');
-    int first = 1;
-    while (more_members(j, '}', &first)) {
-        char *key = parse_string(j);
-        expect(j, ':');
-        if (strcmp(key, "dtype") == 0) {
-            char *dt = parse_string(j);
-            if (!dtype_bytes(dt)) die("%s: tensor %s has dtype '%s', which safetensors does not define", f->path, name, dt);
-            snprintf(t->dtype, sizeof t->dtype, "%s", dt);
-            free(dt);
+    for (size_t i = 0; i < v->count; i++) {
+        const json_member *m = &v->members[i];
+        const json_value *x = &m->value;
+        if (strcmp(m->key, "dtype") == 0) {
+            if (x->type != JSON_TYPE_STRING) bad_header(h, x->offset, "expected '\"'");
+            if (!dtype_bytes(x->text))
+                die("%s: tensor %s has dtype '%s', which safetensors does not define", f->path, name, x->text);
+            snprintf(t->dtype, sizeof t->dtype, "%s", x->text);
             have_dtype = 1;
-        } else if (strcmp(key, "shape") == 0) {
-            expect(j, '[');
-            t->ndim = 0;
-            int first_dim = 1;
-            while (more_members(j, ']', &first_dim)) {
-                if (t->ndim == ST_MAX_DIMS) die("%s: tensor %s has more than %d dimensions", f->path, name, ST_MAX_DIMS);
-                uint64_t v = parse_u64(j);
-                if (v > (uint64_t)INT64_MAX) bad_header(j, "dimension out of range");
-                t->shape[t->ndim++] = (int64_t)v;
+        } else if (strcmp(m->key, "shape") == 0) {
+            if (x->type != JSON_TYPE_ARRAY) bad_header(h, x->offset, "expected '['");
+            if (x->count > ST_MAX_DIMS) die("%s: tensor %s has more than %d dimensions", f->path, name, ST_MAX_DIMS);
+            t->ndim = (int)x->count;
+            for (size_t d = 0; d < x->count; d++) {
+                uint64_t s = header_u64(h, &x->items[d]);
+                if (s > (uint64_t)INT64_MAX) bad_header(h, x->items[d].offset, "dimension out of range");
+                t->shape[d] = (int64_t)s;
             }
             have_shape = 1;
-        } else if (strcmp(key, "data_offsets") == 0) {
-            expect(j, '[');
-            t->begin = parse_u64(j);
-            expect(j, ',');
-            t->end = parse_u64(j);
-            expect(j, ']');
+        } else if (strcmp(m->key, "data_offsets") == 0) {
+            if (x->type != JSON_TYPE_ARRAY || x->count != 2)
+                bad_header(h, x->offset, "data_offsets must be an array of two integers");
+            t->begin = header_u64(h, &x->items[0]);
+            t->end = header_u64(h, &x->items[1]);
             have_offsets = 1;
-        } else {
-            skip_value(j, 1);
         }
-        free(key);
     }
     if (!have_dtype || !have_shape || !have_offsets)
         die("%s: tensor %s lacks %s in the header", f->path, name,
@@ -387,6 +187,7 @@ static void parse_entry(st_file *f, json_cursor *j, char *name)
     t->numel = (int64_t)numel;
     for (int i = 0; i < f->count; i++)
         if (strcmp(f->items[i].name, name) == 0) die("%s: tensor %s appears twice in the header", f->path, name);
+    t->name = copy_string(name);
     f->count++;
 }
 
@@ -437,8 +238,7 @@ st_file *st_open(const char *path)
             (unsigned long long)n, ST_MAX_HEADER);
 
     st_file *f = xcalloc(1, sizeof *f);
-    f->path = xmalloc(strlen(path) + 1);
-    strcpy(f->path, path);
+    f->path = copy_string(path);
     f->fp = fp;
     f->data_start = 8 + n;
     f->data_size = (uint64_t)size - 8 - n;
@@ -446,28 +246,26 @@ st_file *st_open(const char *path)
     char *hdr = xmalloc((size_t)n + 1);
     if (fread(hdr, 1, (size_t)n, fp) != (size_t)n) die("cannot read the header of %s: %s", path, strerror(errno));
     hdr[n] = '\0';
-    json_cursor j = {hdr, 0, (size_t)n, path};
-    if (memchr(hdr, '\0', (size_t)n)) {
-        j.pos = (size_t)((char *)memchr(hdr, '\0', (size_t)n) - hdr);
-        bad_header(&j, "NUL byte");
-    }
-    expect(&j, '{');
-    int have_meta = 0, first = 1;
-    while (more_members(&j, '}', &first)) {
-        char *name = parse_string(&j);
-        expect(&j, ':');
-        if (strcmp(name, "__metadata__") == 0) {
-            if (have_meta) bad_header(&j, "__metadata__ appears twice");
+    header_ctx h = {path, (size_t)n};
+    /* the parser reports a NUL byte at its offset, and allows the spaces that writers
+     * pad the header with to align the data */
+    json_error err;
+    json_value *root = json_parse(hdr, (size_t)n, 0, &err);
+    if (!root) bad_header(&h, err.offset, err.message);
+    if (root->type != JSON_TYPE_OBJECT) bad_header(&h, root->offset, "expected '{'");
+    int have_meta = 0;
+    for (size_t i = 0; i < root->count; i++) {
+        const json_member *m = &root->members[i];
+        if (strcmp(m->key, "__metadata__") == 0) {
+            if (have_meta) bad_header(&h, m->key_offset, "__metadata__ appears twice");
             have_meta = 1;
-            parse_metadata(f, &j);
-            free(name);
+            read_metadata(f, &h, &m->value);
         } else {
-            if (peek(&j) != '{') bad_header(&j, "a tensor entry must be an object");
-            parse_entry(f, &j, name); /* takes name */
+            if (m->value.type != JSON_TYPE_OBJECT) bad_header(&h, m->value.offset, "a tensor entry must be an object");
+            read_entry(f, &h, m->key, &m->value);
         }
     }
-    skip_ws(&j); /* writers pad the header with spaces to align the data */
-    if (j.pos != j.len) bad_header(&j, "text after the header object");
+    json_free(root);
     free(hdr);
     check_overlaps(f);
     return f;

@@ -10,32 +10,7 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # the tests start MPI jobs (mpirun --oversubscribe); CI runs as root
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-passed=0
-failed=0
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-
-run() { # name, command...
-    local name=$1
-    shift
-    local t0=$SECONDS
-    "$@" >"$log" 2>&1
-    local rc=$?
-    local p f
-    p=$(grep -c '^ok - ' "$log")
-    f=$(grep -c '^not ok - ' "$log")
-    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; echo "not ok - $name exited with status $rc"; fi
-    if [ "$p" -eq 0 ] && [ "$f" -eq 0 ]; then f=1; echo "not ok - $name ran no checks"; fi
-    passed=$((passed + p))
-    failed=$((failed + f))
-    grep '^not ok - ' "$log"
-    if [ "$f" -ne 0 ]; then
-        echo "---- output of $name ----"
-        tail -n 40 "$log"
-        echo "----"
-    fi
-    printf '%-34s %4d passed, %d failed (%ds)\n' "$name" "$p" "$f" $((SECONDS - t0))
-}
+. tests/runner.sh
 
 for t in build/tests/test_*; do
     [ -x "$t" ] && run "$(basename "$t")" "$t"

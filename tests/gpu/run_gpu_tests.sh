@@ -11,28 +11,8 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
 fi
 nvidia-smi -L
 export NCCL_NVLS_ENABLE=0
-passed=0
-failed=0
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-run() { # name, command...
-    local name=$1
-    shift
-    local t0=$SECONDS
-    "$@" >"$log" 2>&1
-    local rc=$?
-    local p f
-    p=$(grep -c '^ok - ' "$log")
-    f=$(grep -c '^not ok - ' "$log")
-    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; echo "not ok - $name exited with status $rc"; fi
-    if [ "$p" -eq 0 ] && [ "$f" -eq 0 ]; then f=1; echo "not ok - $name ran no checks"; fi
-    passed=$((passed + p))
-    failed=$((failed + f))
-    grep -E '^(not ok - |# )' "$log"
-    [ "$f" -ne 0 ] && { echo "---- output of $name ----"; tail -n 30 "$log"; echo "----"; }
-    [ -n "${GPU_TEST_LOGDIR:-}" ] && cp "$log" "$GPU_TEST_LOGDIR/${name// /_}.log"
-    printf '%-30s %4d passed, %d failed (%ds)\n' "$name" "$p" "$f" $((SECONDS - t0))
-}
+RUN_SHOW_NOTES=1
+. tests/runner.sh
 for t in build/gpu_tests/test_gpu_*; do
     [ -x "$t" ] && run "$(basename "$t")" "$t"
 done
