@@ -78,7 +78,7 @@ found:
 
 build/libdeltamla.a: $(LIB_OBJS) $(CU_OBJS)
 	@mkdir -p $(@D)
-	ar rcs $@ $^
+	rm -f $@ && ar rcs $@ $^
 
 bin/deltamla: build/obj/src/main.o build/libdeltamla.a
 	@mkdir -p $(@D)
