@@ -35,19 +35,6 @@ extern "C" {
 #define REDUCE_X 32
 #define REDUCE_Y 16
 
-static int num_sms(void)
-{
-    static int sms;
-    if (!sms) {
-        int dev = 0;
-        CUDA_CHECK(cudaGetDevice(&dev));
-        CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    }
-    return sms;
-}
-
-static int aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
-
 /* A channel unit: 4 channels (vec) or 1 channel in .x with .y .z .w zero, so one code
  * path serves both; the zero lanes cost arithmetic only, never memory. */
 static __device__ __forceinline__ float4 ld_unit(const float *row, int c, int vec)
@@ -259,7 +246,7 @@ static conv_shape conv_plan(int B, int T, int C, int vec)
     conv_shape s;
     s.vec = vec;
     s.units = vec ? C / 4 : C;
-    size_t target = (size_t)num_sms() * 1024;
+    size_t target = (size_t)cuda_num_sms() * 1024;
     s.run = CONV_MAX_RUN;
     while (s.run > CONV_MIN_RUN && (size_t)s.units * B * ((T + s.run - 1) / s.run) < target) s.run /= 2;
     while ((T + s.run - 1) / s.run > 65535) s.run *= 2;
@@ -275,7 +262,7 @@ extern "C" void cuda_conv_forward(float *y, const float *x, const float *w, cons
                                   const int32_t *doc_start, int B, int T, int C)
 {
     if (B <= 0 || T <= 0 || C <= 0) return;
-    conv_shape s = conv_plan(B, T, C, C % 4 == 0 && aligned16(y) && aligned16(x));
+    conv_shape s = conv_plan(B, T, C, C % 4 == 0 && cuda_aligned16(y) && cuda_aligned16(x));
     conv_forward_kernel<<<s.grid, s.block, 0, cuda_stream()>>>(y, x, w, bias, doc_start, T, C, s.run, s.vec);
     LAUNCH_CHECK();
 }
@@ -284,7 +271,7 @@ extern "C" void cuda_conv_backward(float *dx, float *dw, float *dbias, const flo
                                    const float *w, const int32_t *doc_start, int B, int T, int C)
 {
     if (B <= 0 || T <= 0 || C <= 0) return;
-    conv_shape s = conv_plan(B, T, C, C % 4 == 0 && aligned16(dx) && aligned16(dy) && aligned16(x));
+    conv_shape s = conv_plan(B, T, C, C % 4 == 0 && cuda_aligned16(dx) && cuda_aligned16(dy) && cuda_aligned16(x));
     int nparts = B * s.nruns;
     float *part = (float *)cuda_scratch((size_t)nparts * 5 * C * sizeof(float));
     conv_backward_kernel<<<s.grid, s.block, 0, cuda_stream()>>>(dx, part, dy, x, w, doc_start, T, C, s.run, s.vec);

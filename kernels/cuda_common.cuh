@@ -39,4 +39,19 @@ extern "C" void *cuda_scratch(size_t bytes);
 
 static inline unsigned ceil_div_u(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
 
+/* streaming multiprocessors of the current device (read once), for sizing grids */
+static inline int cuda_num_sms(void)
+{
+    static int sms;
+    if (!sms) {
+        int dev = 0;
+        CUDA_CHECK(cudaGetDevice(&dev));
+        CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    }
+    return sms;
+}
+
+/* 16-byte alignment, the condition for float4 loads and stores */
+static inline int cuda_aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
 #endif

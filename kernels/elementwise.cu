@@ -45,25 +45,12 @@ extern "C" {
 /* threads per block in the embedding kernels' channel dimension */
 #define EMB_THREADS 256
 
-static int num_sms(void)
-{
-    static int sms;
-    if (!sms) {
-        int dev = 0;
-        CUDA_CHECK(cudaGetDevice(&dev));
-        CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    }
-    return sms;
-}
-
-static int aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
-
 /* Blocks for a grid-stride loop over `units` items: enough to cover them, at most one
  * full wave (2048 resident threads per SM), at least one. */
 static unsigned ew_grid(size_t units)
 {
     size_t blocks = (units + EW_THREADS - 1) / EW_THREADS;
-    size_t cap = (size_t)num_sms() * (2048 / EW_THREADS);
+    size_t cap = (size_t)cuda_num_sms() * (2048 / EW_THREADS);
     if (blocks > cap) blocks = cap;
     return blocks ? (unsigned)blocks : 1u;
 }
@@ -104,7 +91,7 @@ static __global__ void add_kernel(float *y, const float *x, size_t n, size_t n4)
 extern "C" void cuda_add_inplace(float *y, const float *x, size_t n)
 {
     if (n == 0) return;
-    size_t n4 = aligned16(y) && aligned16(x) ? n / 4 : 0;
+    size_t n4 = cuda_aligned16(y) && cuda_aligned16(x) ? n / 4 : 0;
     add_kernel<<<ew_grid(n4 ? n4 : n), EW_THREADS, 0, cuda_stream()>>>(y, x, n, n4);
     LAUNCH_CHECK();
 }
@@ -125,7 +112,7 @@ static __global__ void scale_kernel(float *x, float s, size_t n, size_t n4)
 extern "C" void cuda_scale_inplace(float *x, float s, size_t n)
 {
     if (n == 0) return;
-    size_t n4 = aligned16(x) ? n / 4 : 0;
+    size_t n4 = cuda_aligned16(x) ? n / 4 : 0;
     scale_kernel<<<ew_grid(n4 ? n4 : n), EW_THREADS, 0, cuda_stream()>>>(x, s, n, n4);
     LAUNCH_CHECK();
 }
@@ -178,7 +165,7 @@ static __global__ void sumsq_final_kernel(double *out, const double *part, int n
 extern "C" double cuda_sumsq(const float *x, size_t n)
 {
     if (n == 0) return 0.0;
-    size_t n4 = aligned16(x) ? n / 4 : 0;
+    size_t n4 = cuda_aligned16(x) ? n / 4 : 0;
     size_t units = n4 ? n4 : n;
     size_t nb = (units + (size_t)SUMSQ_THREADS * SUMSQ_PER_THREAD - 1) / ((size_t)SUMSQ_THREADS * SUMSQ_PER_THREAD);
     if (nb > SUMSQ_MAX_BLOCKS) nb = SUMSQ_MAX_BLOCKS;
@@ -222,7 +209,7 @@ static __global__ void embedding_forward_kernel(float *out, const int32_t *token
 extern "C" void cuda_embedding_forward(float *out, const int32_t *tokens, const float *wte, int N, int C)
 {
     if (N <= 0 || C <= 0) return;
-    int vec = C % 4 == 0 && aligned16(out) && aligned16(wte);
+    int vec = C % 4 == 0 && cuda_aligned16(out) && cuda_aligned16(wte);
     size_t units = (size_t)N * (vec ? C / 4 : C);
     embedding_forward_kernel<<<ew_grid(units), EW_THREADS, 0, cuda_stream()>>>(out, tokens, wte, N, C, vec);
     LAUNCH_CHECK();
@@ -291,7 +278,7 @@ extern "C" void cuda_embedding_backward(float *dwte, const float *dout, const in
                                                cuda_stream()));
     LAUNCH_CHECK();
 
-    int vec = C % 4 == 0 && aligned16(dwte) && aligned16(dout);
+    int vec = C % 4 == 0 && cuda_aligned16(dwte) && cuda_aligned16(dout);
     int units = vec ? C / 4 : C;
     int threads = units < EMB_THREADS ? (units + 31) / 32 * 32 : EMB_THREADS;
     dim3 grid((unsigned)N, ceil_div_u((size_t)units, (size_t)threads));
@@ -324,7 +311,7 @@ static __global__ void gates_forward_kernel(float *g, float *beta, const float *
 extern "C" void cuda_gates_forward(float *g, float *beta, const float *graw, const float *braw, size_t n)
 {
     if (n == 0) return;
-    size_t n4 = aligned16(g) && aligned16(beta) && aligned16(graw) && aligned16(braw) ? n / 4 : 0;
+    size_t n4 = cuda_aligned16(g) && cuda_aligned16(beta) && cuda_aligned16(graw) && cuda_aligned16(braw) ? n / 4 : 0;
     gates_forward_kernel<<<ew_grid(n4 ? n4 : n), EW_THREADS, 0, cuda_stream()>>>(g, beta, graw, braw, n, n4);
     LAUNCH_CHECK();
 }
@@ -365,8 +352,8 @@ extern "C" void cuda_gates_backward(float *dgraw, float *dbraw, const float *dg,
                                     const float *graw, const float *braw, size_t n)
 {
     if (n == 0) return;
-    int al = aligned16(dgraw) && aligned16(dbraw) && aligned16(dg) && aligned16(dbeta) && aligned16(graw) &&
-             aligned16(braw);
+    int al = cuda_aligned16(dgraw) && cuda_aligned16(dbraw) && cuda_aligned16(dg) && cuda_aligned16(dbeta) && cuda_aligned16(graw) &&
+             cuda_aligned16(braw);
     size_t n4 = al ? n / 4 : 0;
     gates_backward_kernel<<<ew_grid(n4 ? n4 : n), EW_THREADS, 0, cuda_stream()>>>(dgraw, dbraw, dg, dbeta, graw,
                                                                                    braw, n, n4);
@@ -483,7 +470,7 @@ static __global__ void swiglu_forward_kernel(float *out, const float *in, int N,
 extern "C" void cuda_swiglu_forward(float *out, const float *in, int N, int h, int silu_first)
 {
     if (N <= 0 || h <= 0) return;
-    int vec = h % 4 == 0 && aligned16(out) && aligned16(in);
+    int vec = h % 4 == 0 && cuda_aligned16(out) && cuda_aligned16(in);
     size_t units = (size_t)N * (vec ? h / 4 : h);
     swiglu_forward_kernel<<<ew_grid(units), EW_THREADS, 0, cuda_stream()>>>(out, in, N, h, silu_first, vec);
     LAUNCH_CHECK();
@@ -523,7 +510,7 @@ static __global__ void swiglu_backward_kernel(float *din, const float *dout, con
 extern "C" void cuda_swiglu_backward(float *din, const float *dout, const float *in, int N, int h, int silu_first)
 {
     if (N <= 0 || h <= 0) return;
-    int vec = h % 4 == 0 && aligned16(din) && aligned16(dout) && aligned16(in);
+    int vec = h % 4 == 0 && cuda_aligned16(din) && cuda_aligned16(dout) && cuda_aligned16(in);
     size_t units = (size_t)N * (vec ? h / 4 : h);
     swiglu_backward_kernel<<<ew_grid(units), EW_THREADS, 0, cuda_stream()>>>(din, dout, in, N, h, silu_first, vec);
     LAUNCH_CHECK();

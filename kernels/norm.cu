@@ -34,17 +34,6 @@ extern "C" {
 #define COLSUM_X 32
 #define COLSUM_Y 16
 
-static int num_sms(void)
-{
-    static int sms;
-    if (!sms) {
-        int dev = 0;
-        CUDA_CHECK(cudaGetDevice(&dev));
-        CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    }
-    return sms;
-}
-
 static int max_smem_optin(void)
 {
     static int bytes;
@@ -55,8 +44,6 @@ static int max_smem_optin(void)
     }
     return bytes;
 }
-
-static int aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
 static __device__ __forceinline__ float warp_sum(float v)
 {
@@ -101,7 +88,7 @@ static __global__ void rmsnorm_forward_kernel(float *out, float *rstd, const flo
 extern "C" void cuda_rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, int N, int C)
 {
     if (N <= 0 || C <= 0) return;
-    int C4 = C % 4 == 0 && aligned16(out) && aligned16(x) && aligned16(w) ? C / 4 : 0;
+    int C4 = C % 4 == 0 && cuda_aligned16(out) && cuda_aligned16(x) && cuda_aligned16(w) ? C / 4 : 0;
     rmsnorm_forward_kernel<<<ceil_div_u((size_t)N, NORM_FWD_WARPS), 32 * NORM_FWD_WARPS, 0, cuda_stream()>>>(
         out, rstd, x, w, N, C, C4);
     LAUNCH_CHECK();
@@ -156,7 +143,7 @@ extern "C" void cuda_layernorm_forward(float *out, float *mean, float *rstd, con
                                        const float *b, int N, int C)
 {
     if (N <= 0 || C <= 0) return;
-    int C4 = C % 4 == 0 && aligned16(out) && aligned16(x) && aligned16(w) && aligned16(b) ? C / 4 : 0;
+    int C4 = C % 4 == 0 && cuda_aligned16(out) && cuda_aligned16(x) && cuda_aligned16(w) && cuda_aligned16(b) ? C / 4 : 0;
     layernorm_forward_kernel<<<ceil_div_u((size_t)N, NORM_FWD_WARPS), 32 * NORM_FWD_WARPS, 0, cuda_stream()>>>(
         out, mean, rstd, x, w, b, N, C, C4);
     LAUNCH_CHECK();
@@ -357,7 +344,7 @@ static bwd_shape bwd_plan(const void *kernel, int N, int C, int nacc, const char
     CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * s.warps, s.smem));
     if (per_sm < 1) per_sm = 1;
     size_t want = ((size_t)N + (size_t)s.warps * NORM_BWD_MIN_ROWS - 1) / ((size_t)s.warps * NORM_BWD_MIN_ROWS);
-    size_t cap = (size_t)per_sm * num_sms();
+    size_t cap = (size_t)per_sm * cuda_num_sms();
     s.grid = (int)(want < cap ? want : cap);
     if (s.grid < 1) s.grid = 1;
     return s;
@@ -367,7 +354,7 @@ extern "C" void cuda_rmsnorm_backward(float *dx, float *dw, const float *dout, c
                                       const float *rstd, int N, int C)
 {
     if (N <= 0 || C <= 0) return;
-    int C4 = C % 4 == 0 && aligned16(dx) && aligned16(dout) && aligned16(x) && aligned16(w) ? C / 4 : 0;
+    int C4 = C % 4 == 0 && cuda_aligned16(dx) && cuda_aligned16(dout) && cuda_aligned16(x) && cuda_aligned16(w) ? C / 4 : 0;
     bwd_shape s = bwd_plan((const void *)rmsnorm_backward_kernel, N, C, 1, "rmsnorm_backward");
     float *part = (float *)cuda_scratch((size_t)s.grid * C * sizeof(float));
     rmsnorm_backward_kernel<<<s.grid, 32 * s.warps, s.smem, cuda_stream()>>>(dx, part, dout, x, w, rstd, N, C, C4);
@@ -379,7 +366,7 @@ extern "C" void cuda_layernorm_backward(float *dx, float *dw, float *db, const f
                                         const float *w, const float *mean, const float *rstd, int N, int C)
 {
     if (N <= 0 || C <= 0) return;
-    int C4 = C % 4 == 0 && aligned16(dx) && aligned16(dout) && aligned16(x) && aligned16(w) ? C / 4 : 0;
+    int C4 = C % 4 == 0 && cuda_aligned16(dx) && cuda_aligned16(dout) && cuda_aligned16(x) && cuda_aligned16(w) ? C / 4 : 0;
     bwd_shape s = bwd_plan((const void *)layernorm_backward_kernel, N, C, 2, "layernorm_backward");
     float *part = (float *)cuda_scratch(2 * (size_t)s.grid * C * sizeof(float));
     layernorm_backward_kernel<<<s.grid, 32 * s.warps, s.smem, cuda_stream()>>>(dx, part, dout, x, w, mean, rstd, N,
