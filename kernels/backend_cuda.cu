@@ -168,6 +168,9 @@ extern "C" const backend *backend_cuda(int device)
     b.moe_route_backward = cuda_moe_route_backward;
     b.moe_experts_forward = cuda_moe_experts_forward;
     b.moe_experts_backward = cuda_moe_experts_backward;
+    b.rows_gather = cuda_rows_gather;
+    b.moe_combine_forward = cuda_moe_combine_forward;
+    b.moe_combine_backward = cuda_moe_combine_backward;
     b.classifier_forward = cuda_classifier_forward;
     b.classifier_backward = cuda_classifier_backward;
     b.adamw_update = cuda_adamw_update;

@@ -88,6 +88,13 @@ void cuda_moe_experts_backward(float *dx, float *dgate, float *dw1, float *dw2, 
                                const float *gate, const float *w1, const float *w2,
                                int N, int E, int k, int in, int h, int out);
 
+/* expert-parallel dispatch and combine */
+void cuda_rows_gather(float *dst, const float *src, const int32_t *rows, int n, int width);
+void cuda_moe_combine_forward(float *y, const float *vals, const int32_t *pos, const float *gate,
+                              int N, int k, int width);
+void cuda_moe_combine_backward(float *dvals, float *dgate, const float *dy, const float *vals,
+                               const int32_t *pos, const float *gate, int N, int k, int width);
+
 /* classifier */
 void cuda_classifier_forward(float *loss, float *lse, const float *h, const float *wte,
                              const int32_t *targets, int N, int V, int C);

@@ -152,6 +152,28 @@ typedef struct backend {
                                  const float *gate, const float *w1, const float *w2,
                                  int N, int E, int k, int in, int h, int out);
 
+    /* ---- expert-parallel dispatch and combine ----
+     * Tokens travel to the ranks that hold their experts in a send buffer grouped by
+     * destination; pos int32 [N*k] maps assignment (i, j) (token i's j-th expert) to
+     * its row of that buffer, and must be injective (no two assignments share a row).
+     * width is the row length in floats (any value >= 1); N = 0 is a no-op.
+     * Output rows must not overlap input rows. */
+    /* dst[r, :] = src[rows[r], :] for r < n (overwrite); rows int32 [n], may repeat */
+    void (*rows_gather)(float *dst, const float *src, const int32_t *rows, int n, int width);
+    /* y[i, :] += sum_{j<k} g_ij vals[pos[i*k+j], :], the terms summed in the order
+     * j = 0..k-1 and then added to y (ACCUMULATES, unlike other forward ops: zero y
+     * first for the plain sum). g_ij = gate[i*k+j] (gate [N*k]), or 1 when gate is NULL.
+     * y [N, width]; vals [rows, width] with rows > every pos. */
+    void (*moe_combine_forward)(float *y, const float *vals, const int32_t *pos, const float *gate,
+                                int N, int k, int width);
+    /* The adjoint of moe_combine_forward. dvals[pos[i*k+j], :] = g_ij dy[i, :]: OVERWRITES
+     * (unlike other backward ops: each row of dvals has one source), rows of dvals that
+     * pos does not name are left as they were. dgate [N*k]: dgate[i*k+j] += dot(dy[i, :],
+     * vals[pos[i*k+j], :]) unless dgate is NULL (it must be when gate is NULL, g = 1);
+     * vals is read only for dgate. */
+    void (*moe_combine_backward)(float *dvals, float *dgate, const float *dy, const float *vals,
+                                 const int32_t *pos, const float *gate, int N, int k, int width);
+
     /* ---- tied head + cross-entropy, never storing [N,V] logits ---- */
     /* logits_i = h_i wte^T; loss[i] = lse_i - logits_i[target_i], or 0 where target = -100.
      * lse[N] saved. Returns nothing; loss [N] in backend memory. */

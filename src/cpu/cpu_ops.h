@@ -104,6 +104,13 @@ void cpu_moe_experts_backward(real *dx, real *dgate, real *dw1, real *dw2, const
                               const real *gate, const real *w1, const real *w2,
                               int N, int E, int k, int in, int h, int out);
 
+/* expert-parallel dispatch and combine */
+void cpu_rows_gather(real *dst, const real *src, const int32_t *rows, int n, int width);
+void cpu_moe_combine_forward(real *y, const real *vals, const int32_t *pos, const real *gate,
+                             int N, int k, int width);
+void cpu_moe_combine_backward(real *dvals, real *dgate, const real *dy, const real *vals,
+                              const int32_t *pos, const real *gate, int N, int k, int width);
+
 /* classifier */
 void cpu_classifier_forward(real *loss, real *lse, const real *h, const real *wte,
                             const int32_t *targets, int N, int V, int C);
