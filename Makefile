@@ -35,9 +35,17 @@ else
   HAVE_CUDA := no
 endif
 
-# ---- NCCL (header check only until the distributed runtime uses it) ----
+# ---- NCCL (the CUDA build's collectives; without it they go through MPI on host copies) ----
 NCCL_INC := $(firstword $(wildcard $(NCCL_HOME)/include/nccl.h $(CUDA_HOME)/include/nccl.h /usr/include/nccl.h))
-HAVE_NCCL := $(if $(NCCL_INC),yes,no)
+HAVE_NCCL := $(if $(and $(NCCL_INC),$(filter yes,$(HAVE_CUDA))),yes,no)
+ifeq ($(HAVE_NCCL),yes)
+  NCCL_DIR := $(patsubst %/include/nccl.h,%,$(NCCL_INC))
+  NVCCFLAGS += -DDELTAMLA_HAVE_NCCL -I$(NCCL_DIR)/include
+  CFLAGS_BASE += -DDELTAMLA_HAVE_NCCL
+  LDLIBS += $(foreach d,$(wildcard $(NCCL_DIR)/lib $(NCCL_DIR)/lib64),-L$(d)) -lnccl
+else
+  CU_SRCS := $(filter-out kernels/nccl.cu,$(CU_SRCS))
+endif
 
 # ---- HDF5 (parallel) ----
 HDF5_PC := $(shell pkg-config --exists hdf5-openmpi 2>/dev/null && echo hdf5-openmpi)

@@ -237,9 +237,12 @@ ckpt_item *ckpt_list_items(const param_table *t, const config *c, int muon_mode,
             it->param = i;
             it->ndim = p->ndim;
             for (int d = 0; d < p->ndim; d++) it->dims[d] = (hsize_t)p->shape[d];
-            it->numel = p->numel;
+            it->dims[0] = (hsize_t)p->full_rows;
             it->row = p->shape[0] ? p->numel / (size_t)p->shape[0] : 0;
+            it->numel = it->row * (size_t)p->full_rows;
             it->offset = p->offset;
+            it->row0 = p->row0;
+            it->local_rows = p->shape[0];
         }
     }
     int slot = 0;
@@ -254,6 +257,8 @@ ckpt_item *ckpt_list_items(const param_table *t, const config *c, int muon_mode,
         it->numel = (size_t)c->moe_E;
         it->row = 1;
         it->offset = (size_t)slot * (size_t)c->moe_E;
+        it->row0 = 0;
+        it->local_rows = c->moe_E;
         slot++;
     }
     *n_out = n;
@@ -266,8 +271,8 @@ float *ckpt_item_buffer(const ckpt_item *it, const model *m, const optimizer *o)
 {
     switch (it->kind) {
     case ITEM_PARAM: return m->params + it->offset;
-    case ITEM_M: return o->m + it->offset;
-    case ITEM_V: return o->v + it->offset;
+    case ITEM_M: return optim_state(o, o->m, it->offset);
+    case ITEM_V: return optim_state(o, o->v, it->offset);
     case ITEM_BIAS: return m->router_bias + it->offset;
     }
     return NULL;

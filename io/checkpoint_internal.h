@@ -99,9 +99,11 @@ typedef struct ckpt_item {
     int param;        /* parameter-table index; for ITEM_BIAS the MoE slot */
     int ndim;
     hsize_t dims[3];
-    size_t numel;
+    size_t numel;     /* of the whole dataset */
     size_t row;       /* floats per row of dimension 0 */
     size_t offset;    /* floats into its buffer (params, m, v or router_bias) */
+    int64_t row0;     /* the buffer holds rows [row0, row0 + local_rows) of dimension 0 */
+    int64_t local_rows; /* (all rows, except for expert stacks split over ranks) */
 } ckpt_item;
 
 /* Every dataset of a checkpoint of config c and table t, in writing order: all
@@ -110,7 +112,8 @@ typedef struct ckpt_item {
  * numbers them. Returns a malloc'd array; *n_out its length. */
 ckpt_item *ckpt_list_items(const param_table *t, const config *c, int muon_mode, int with_optim, int *n_out);
 
-/* The item's tensor in the trainer's backend memory. */
+/* The item's rows in the trainer's backend memory (row0 first), or NULL where this rank
+ * holds none of it (optimizer state another rank keeps under --zero 1). */
 float *ckpt_item_buffer(const ckpt_item *it, const model *m, const optimizer *o);
 
 int ckpt_backend_is_host(const backend *be);

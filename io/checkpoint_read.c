@@ -5,8 +5,9 @@
  * ckpt_older find the checkpoints of an output directory for a resume and its fallbacks.
  * The file layout is described in checkpoint_internal.h.
  *
- * ckpt_load is collective and every rank reads everything, which works at any rank
- * count; ckpt_verify and ckpt_read_weights open the file on MPI_COMM_SELF, so a single
+ * ckpt_load is collective and every rank reads and checks every dataset whole, then
+ * keeps the rows it holds (its experts under --ep, its optimizer-state shard under
+ * --zero 1), so a checkpoint of any layout loads into any other; ckpt_verify and ckpt_read_weights open the file on MPI_COMM_SELF, so a single
  * rank (a tool) may call them. Checksums run on a helper thread while HDF5 reads the next
  * dataset. Every HDF5 call holds the process-wide lock of io/loader.c.
  */
@@ -320,10 +321,15 @@ int ckpt_load(const char *path, trainer *tr, data_source *src, const char **why)
      * an import), and the layouts differ, so only the weights and biases are read. */
     items = ckpt_list_items(&m->table, &h.cfg, strcmp(h.optim_type, "muon") == 0, !switching, &n);
     size_t stage_floats = 1;
-    for (int i = 0; i < n; i++)
+    int need_stage = !ckpt_backend_is_host(be);
+    for (int i = 0; i < n; i++) {
         if (items[i].numel > stage_floats) stage_floats = items[i].numel;
+        /* a shard of the experts or of the optimizer state: the whole dataset is read and
+         * checked, and this rank's rows are copied out */
+        if (items[i].local_rows != (int64_t)items[i].dims[0] || !ckpt_item_buffer(&items[i], m, o)) need_stage = 1;
+    }
     /* two staging buffers: one being checksummed while the next dataset is read */
-    if (!ckpt_backend_is_host(be)) stage = xmalloc(2 * stage_floats * sizeof(float));
+    if (need_stage) stage = xmalloc(2 * stage_floats * sizeof(float));
     dxpl = H5Pcreate(H5P_DATASET_XFER);
     H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE);
     crc_job job = {0};
@@ -333,7 +339,8 @@ int ckpt_load(const char *path, trainer *tr, data_source *src, const char **why)
         const ckpt_item *it = &items[i];
         /* the CPU backend's tensors are host memory: read straight into place */
         float *dst = ckpt_item_buffer(it, m, o);
-        float *host = stage ? stage + (size_t)(i & 1) * stage_floats : dst;
+        int in_place = dst && ckpt_backend_is_host(be) && it->local_rows == (int64_t)it->dims[0];
+        float *host = in_place ? dst : stage + (size_t)(i & 1) * stage_floats;
         int ndim;
         hsize_t dims[3];
         uint32_t stored = 0;
@@ -353,7 +360,8 @@ int ckpt_load(const char *path, trainer *tr, data_source *src, const char **why)
             rc = -1;
             break;
         }
-        if (stage) be->from_host(dst, host, it->numel * sizeof(float));
+        if (dst && !in_place)
+            be->from_host(dst, host + (size_t)it->row0 * it->row, (size_t)it->local_rows * it->row * sizeof(float));
         ckpt_crc_job_start(&job, host, it->numel * sizeof(float));
         job_item = it;
         job_stored = stored;
@@ -375,8 +383,8 @@ done:
         return -1;
     }
     if (switching) {
-        be->zero(o->m, m->table.total * sizeof(float));
-        be->zero(o->v, m->table.total * sizeof(float));
+        be->zero(o->m, optim_state_floats(o) * sizeof(float));
+        be->zero(o->v, optim_state_floats(o) * sizeof(float));
     }
     /* v of Muon tensors is never stored or used; keep it zero as a fresh run has it */
     tr->it = (int)h.step;

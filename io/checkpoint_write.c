@@ -39,6 +39,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "dist.h"
 #include "util.h"
 
 /* ---- the ownership map ---- */
@@ -269,7 +270,12 @@ void ckpt_save_owned(const char *output_dir, const trainer *tr, const data_sourc
         if (s.count > 0) {
             hsize_t start[3] = {(hsize_t)s.start, 0, 0}, count[3] = {(hsize_t)s.count, it->dims[1], it->dims[2]};
             H5W(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, NULL, count, NULL), tmp);
-            const float *src_rows = ckpt_item_buffer(it, m, &tr->opt) + (size_t)s.start * it->row;
+            /* a rank writes only rows it holds (its experts, its optimizer shard) */
+            const float *buf = ckpt_item_buffer(it, m, &tr->opt);
+            if (!buf || s.start < it->row0 || s.start + s.count > it->row0 + it->local_rows)
+                die("internal: rank %d is to write rows [%lld, +%lld) of %s but holds %s", rank, (long long)s.start,
+                    (long long)s.count, it->path, buf ? "other rows" : "none of it");
+            const float *src_rows = buf + (size_t)(s.start - it->row0) * it->row;
             if (stage) {
                 be->to_host(stage, src_rows, mcount * sizeof(float));
                 data = stage;
@@ -359,10 +365,35 @@ void ckpt_save_owned(const char *output_dir, const trainer *tr, const data_sourc
     free(items);
 }
 
+/* The rows this rank writes in a distributed run: a tensor whose optimizer state one rank
+ * keeps (--zero 1) is written whole by that rank; otherwise every holder has it, and the
+ * ranks that hold it split its rows evenly: all ranks for the dense tensors, the ranks of
+ * one expert shard for the rows of that shard (its expert data-parallel group). */
+static void dist_owner_slices(const trainer *tr, ckpt_slice *owned)
+{
+    const dist *d = tr->dist;
+    const param_table *t = &tr->model.table;
+    for (int i = 0; i < t->count; i++) {
+        const param_info *p = &t->items[i];
+        int experts = p->kind == PARAM_EXPERTS;
+        if (tr->opt.zero) {
+            int mine = optim_state(&tr->opt, tr->opt.m, p->offset) != NULL;
+            owned[i].start = p->row0;
+            owned[i].count = mine ? p->shape[0] : 0;
+        } else {
+            int n = experts ? d->edp : d->world, r = experts ? d->edp_rank : d->rank;
+            int64_t rows = p->shape[0];
+            owned[i].start = p->row0 + rows * r / n;
+            owned[i].count = rows * (r + 1) / n - rows * r / n;
+        }
+    }
+}
+
 void ckpt_save(const char *output_dir, const trainer *tr, const data_source *src, const char *tokenizer_json, int keep)
 {
     ckpt_slice *owned = xcalloc((size_t)tr->model.table.count + 1, sizeof *owned);
-    ckpt_owner_slices(&tr->model.table, ckpt_world_rank(), ckpt_world_size(), owned);
+    if (tr->dist) dist_owner_slices(tr, owned);
+    else ckpt_owner_slices(&tr->model.table, ckpt_world_rank(), ckpt_world_size(), owned);
     ckpt_save_owned(output_dir, tr, src, tokenizer_json, keep, owned);
     free(owned);
 }

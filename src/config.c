@@ -117,6 +117,10 @@ static const option_entry options[] = {
     BOOL_FLAG(gradient_checkpointing, "recompute each block's forward in backward to save memory"),
     BOOL_FLAG(skip_nonfinite, "skip a step whose gradients are not finite instead of stopping"),
     FLAG(threads, "OpenMP threads of the CPU backend, 0 = OpenMP's default"),
+    FLAG(ep, "expert parallel: split each MoE layer's routed experts over this many ranks (divides the rank count and --n_experts)"),
+    FLAG(zero, "ZeRO stage: 1 shards optimizer state over the data-parallel ranks, 0 keeps it whole on every rank"),
+    FLAG(bucket_mb, "gradient-reduction bucket size in MiB (reductions start as buckets fill during the backward)"),
+    BOOL_FLAG(comm_timing, "log the step split into compute, gradient reduction and expert all-to-all (synchronises)"),
 
     SECTION("seed flags accepted so its command lines run; they have no effect here"),
     IGNORED_FLAG("compile", OPT_BOOL, "torch.compile (deltamla is compiled ahead of time)"),
@@ -248,6 +252,10 @@ void config_defaults(config *c)
     c->gradient_checkpointing = 0;
     c->skip_nonfinite = 0;
     c->threads = 0;
+    c->ep = 1;
+    c->zero = 0;
+    c->bucket_mb = 64;
+    c->comm_timing = 0;
 
     /* The seed's default size: its shape (and MoE on) belong to the defaults, so a bare
      * `deltamla train` is the seed's bare `train.py`. */
@@ -589,6 +597,9 @@ void config_finish(config *c)
     require_float_at_least("grad_clip", c->grad_clip, 0);
     require_at_least("log_interval", c->log_interval, 1);
     require_at_least("threads", c->threads, 0);
+    require_at_least("ep", c->ep, 1);
+    require_at_least("bucket_mb", c->bucket_mb, 1);
+    if (c->zero != 0 && c->zero != 1) die("--zero %d: only 0 (off) and 1 (optimizer state sharded) exist", c->zero);
     require_float_at_least("val_fraction", c->val_fraction, 0);
     if (c->val_fraction >= 1) die("--val_fraction %g must be below 1 (it is the share of rows held out)", c->val_fraction);
     require_at_least("eval_interval", c->eval_interval, 0);
@@ -607,6 +618,10 @@ void config_finish(config *c)
     c->head_dim = c->n_embd / c->n_head;
     c->gdn_proj_dim = c->n_head * c->head_dim;
     finish_moe(c);
+    if (c->ep > 1 && !c->use_moe) die("--ep %d needs a model with MoE layers (--use_moe)", c->ep);
+    if (c->ep > 1 && c->moe_E % c->ep != 0)
+        die("--ep %d does not divide the %d routed experts per MoE layer (each rank holds experts / ep of them)", c->ep,
+            c->moe_E);
 }
 
 int config_kv_rank(const config *c, int layer)

@@ -65,6 +65,10 @@ typedef struct config {
     int gradient_checkpointing; /* bool */
     int skip_nonfinite;         /* bool */
     int threads;                /* OpenMP threads for the CPU backend, 0 = default */
+    int ep;                     /* expert-parallel ranks per group of routed experts (1 = none) */
+    int zero;                   /* 1: shard optimizer state over the data-parallel ranks (ZeRO-1) */
+    int bucket_mb;              /* gradient-reduction bucket size, MiB */
+    int comm_timing;            /* bool: time collectives (synchronising) and log the split */
     int doc_mask;               /* bool: attention, GDN state, convs and RoPE restart per document */
     char val_data[CONFIG_PATH_MAX];   /* validation data, or "" */
     float val_fraction;         /* hold out this fraction of --data's rows when no --val_data */

@@ -71,8 +71,6 @@ int main(int argc, char **argv)
     /* the data loader's prefetch thread reads through MPI-IO while training runs */
     int provided = 0;
     MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
-    int world = 1;
-    MPI_Comm_size(MPI_COMM_WORLD, &world);
 #endif
     int status = 0;
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
@@ -92,10 +90,6 @@ int main(int argc, char **argv)
         if (argv[1][0] == 'i') {
             status = info_main(&c);
         } else {
-#ifdef DELTAMLA_HAVE_MPI
-            if (world > 1)
-                die("this version trains on one rank; it was started on %d (run it without mpirun -np)", world);
-#endif
             status = train_main(&c);
         }
     } else {

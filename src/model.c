@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "dist.h"
 #include "model_internal.h"
 #include "util.h"
 
@@ -49,14 +50,22 @@ static size_t plan_layers(model *m, char *base, size_t cap, size_t *one_layer_ma
 
 void model_init(model *m, const config *cfg, const backend *be, int B, int T)
 {
+    model_init_dist(m, cfg, be, B, T, NULL);
+}
+
+void model_init_dist(model *m, const config *cfg, const backend *be, int B, int T, struct dist *dist)
+{
     memset(m, 0, sizeof *m);
     m->cfg = *cfg;
     m->be = be;
     m->B = B;
     m->T = T;
+    m->dist = dist;
+    m->ep = dist ? dist->ep : 1;
     const config *c = &m->cfg;
     int N = B * T, d = c->n_embd, L = c->n_layer;
     params_build(&m->table, c);
+    if (m->ep > 1) params_shard_experts(&m->table, m->ep, dist->ep_rank);
     m->layers = xcalloc((size_t)L, sizeof *m->layers);
     for (int l = 0; l < L; l++) m->layers[l].is_gdn = config_is_gdn(c, l);
 
@@ -101,6 +110,7 @@ void model_init(model *m, const config *cfg, const backend *be, int B, int T)
     m->wte = params_find(&m->table, "transformer.wte.weight");
     m->eot_token = -1;
     m->count_loads = 1;
+    if (m->ep > 1) ep_init(m);
     if (c->doc_mask) {
         m->doc_start = be->alloc((size_t)N * sizeof(int32_t));
         m->doc_id = be->alloc((size_t)N * sizeof(int32_t));
@@ -139,6 +149,7 @@ static void upload_documents(model *m, const int32_t *inputs)
 void model_free(model *m)
 {
     const backend *be = m->be;
+    if (m->ep_layers) ep_free(m);
     void *bufs[] = {m->act_base, m->scratch_base, m->params, m->grads, m->router_bias, m->counts,
                     m->zloss, m->tokens, m->targets, m->resid, m->lnf, m->lnf_rstd, m->loss, m->lse,
                     m->dx, m->dlnf, m->doc_start, m->doc_id, m->pos};
@@ -196,6 +207,7 @@ double model_forward(model *m, const int32_t *inputs, const int32_t *targets, do
         valid++;
     }
     m->last_valid = valid;
+    m->last_loss_sum = sum;
 
     double z = 0;
     if (m->n_moe) {
@@ -219,7 +231,8 @@ void model_backward(model *m, float scale, float zscale)
     size_t Nd = (size_t)N * d;
     m->zscale = zscale;
 
-    float dloss = m->last_valid ? scale / (float)m->last_valid : 0.0f;
+    double n_valid = m->loss_norm > 0 ? m->loss_norm : (double)m->last_valid;
+    float dloss = n_valid > 0 ? scale / (float)n_valid : 0.0f;
     be->zero(m->dlnf, Nd * sizeof(float));
     be->classifier_backward(m->dlnf, model_grad(m, m->wte), m->lnf, model_param(m, m->wte), m->targets,
                             m->lse, dloss, N, V, d);
@@ -231,13 +244,15 @@ void model_backward(model *m, float scale, float zscale)
         if (c->gradient_checkpointing) block_forward(m, l); /* refill the shared activations */
         if (m->layers[l].is_gdn) gdn_backward(m, l, resid_at(m, l), m->dx, &s);
         else mla_backward(m, l, resid_at(m, l), m->dx, &s);
+        if (m->grads_ready) m->grads_ready(m->grads_ready_ctx, l);
     }
     be->embedding_backward(model_grad(m, m->wte), m->dx, m->tokens, N, d);
+    if (m->grads_ready) m->grads_ready(m->grads_ready_ctx, -1);
 }
 
 void model_zero_grad(model *m) { m->be->zero(m->grads, m->table.total * sizeof(float)); }
 
-const int64_t *model_take_loads(model *m)
+int64_t *model_take_loads(model *m)
 {
     size_t n = (size_t)m->n_moe * (size_t)(m->cfg.use_moe ? m->cfg.moe_E : 0);
     memcpy(m->host_loads, m->load_accum, n * sizeof(int64_t));

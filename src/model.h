@@ -17,6 +17,8 @@
 #include "params.h"
 
 typedef struct model_layer model_layer; /* per-layer tensor indices and buffers (model_internal.h) */
+typedef struct ep_layer ep_layer;       /* expert-parallel exchange state of one MoE layer (model_ep.c) */
+struct dist;
 
 typedef struct model {
     config cfg;
@@ -41,6 +43,7 @@ typedef struct model {
     float *host_loss;     /* host [B*T] */
     int32_t *host_targets;
     int last_valid;       /* targets != -100 in the last forward */
+    double last_loss_sum; /* their summed cross-entropy */
     float zscale;         /* weight of the z-losses in the running backward */
     size_t scratch_cap;
     int32_t *host_counts; /* host [n_moe * E] */
@@ -50,11 +53,27 @@ typedef struct model {
     int32_t *doc_start, *doc_id, *pos; /* [B*T] backend memory, only with --doc_mask */
     int32_t *host_doc;    /* host [3 * B*T] staging for the three above */
     int count_loads;      /* forwards add their routing loads to load_accum (off for evaluation) */
+    /* distributed runtime (NULL / 1 on one rank) */
+    struct dist *dist;
+    int ep;               /* ranks the routed experts are split over; this rank holds E / ep */
+    ep_layer *ep_layers;  /* [n_moe] with ep > 1 */
+    float *ep_tmp, *ep_ones; /* exchange scratch [(2 * moe_in + 1) * ep_cap] and ones [ep_cap] */
+    size_t ep_cap;        /* rows the scratch holds */
+    double loss_norm;     /* the backward divides the summed CE by this (0: by last_valid) */
+    /* called after each layer's backward with its index, and with -1 after the
+     * embedding's: from then on that layer's (resp. every) gradient is final */
+    void (*grads_ready)(void *ctx, int layer);
+    void *grads_ready_ctx;
 } model;
 
 /* Plan and allocate everything for micro-batches of B x T tokens on backend be, and
  * initialise the weights from cfg->seed (MODEL.md section 8). */
 void model_init(model *m, const config *cfg, const backend *be, int B, int T);
+
+/* model_init for one rank of a distributed run: with --ep > 1 the table holds only this
+ * rank's experts (params_shard_experts) and the MoE layers exchange tokens with the
+ * other ranks of its expert-parallel group. d NULL is model_init. */
+void model_init_dist(model *m, const config *cfg, const backend *be, int B, int T, struct dist *d);
 void model_free(model *m);
 
 /* With --doc_mask, documents are the runs of tokens that end with eot (the token after
@@ -67,14 +86,16 @@ void model_set_eot(model *m, int32_t eot);
 double model_forward(model *m, const int32_t *inputs, const int32_t *targets, double *zloss);
 
 /* Backward of the last forward for the objective scale * (CE_sum / n_valid) + zscale *
- * sum zloss, accumulated into m->grads. Training uses scale = zscale = 1 / grad_accum. */
+ * sum zloss, accumulated into m->grads. Training uses scale = zscale = 1 / grad_accum.
+ * n_valid is the forward's count of valid targets, or m->loss_norm when that is set (the
+ * valid targets of the whole global micro-batch, in data-parallel training). */
 void model_backward(model *m, float scale, float zscale);
 
 void model_zero_grad(model *m);
 
-/* Host copy of the routing loads summed over forwards since the last call, [n_moe * E];
- * resets the sums. */
-const int64_t *model_take_loads(model *m);
+/* Host copy of the routing loads summed over forwards since the last call, [n_moe * E]
+ * (the model's buffer: a caller may sum it over ranks in place); resets the sums. */
+int64_t *model_take_loads(model *m);
 
 /* A parameter tensor's pointer in backend memory (params or grads buffer). */
 static inline float *model_param(const model *m, int idx) { return m->params + m->table.items[idx].offset; }

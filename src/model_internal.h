@@ -77,6 +77,27 @@ void mla_plan(model *m, int l, arena *acts);
 void mla_forward(model *m, int l, const float *x, float *out);
 void mla_backward(model *m, int l, const float *x, float *dx, arena *scratch);
 
+/* Expert-parallel routed experts (model_ep.c): the same contract as the backend's
+ * moe_experts_forward/backward for MoE slot `slot`, with this rank's experts and tokens
+ * exchanged over the expert-parallel group. y is overwritten; dx and dgate accumulate. */
+struct ep_layer {
+    int64_t *send_rows, *recv_rows; /* host [ep]: rows to / from each group member */
+    int64_t M, cap;                 /* rows received; rows the buffers below hold */
+    int32_t *h_order, *h_pos, *h_lid; /* host [N*k] send order (token), slot of each assignment, local expert */
+    int32_t *h_lid_recv;            /* host [cap] local expert of each received row */
+    int32_t *order, *pos, *lid;     /* backend copies: [N*k], [N*k], [cap] */
+    int32_t *h_idx;                 /* host [N*k] routing of the last forward */
+    float *xs;                      /* [N*k, in] rows in send order (also the backward's exchanges) */
+    float *yback;                   /* [N*k, in] expert outputs returned, in send order */
+    float *xr, *esave;              /* [cap, in] rows received; [cap, 3h] what the experts' backward needs */
+};
+void ep_init(model *m);
+void ep_free(model *m);
+void ep_experts_forward(model *m, int slot, float *y, const float *x, const int32_t *idx, const float *gate,
+                        const float *w1, const float *w2);
+void ep_experts_backward(model *m, int slot, float *dx, float *dgate, float *dw1, float *dw2, const float *dy,
+                         const float *gate, const float *w1, const float *w2);
+
 /* index of a named tensor of layer l, or -1 when absent; die() if required and absent */
 int model_index(const model *m, int l, const char *suffix, int required);
 

@@ -97,7 +97,7 @@ void mla_plan(model *m, int l, arena *a)
     }
     A->lat = lat ? ARENA_F(a, (size_t)N * in) : NULL;
     A->ey = ARENA_F(a, (size_t)N * in);
-    A->esave = ARENA_F(a, (size_t)N * k * 3 * h);
+    A->esave = m->ep > 1 ? NULL : ARENA_F(a, (size_t)N * k * 3 * h); /* with --ep: per exchange (model_ep.c) */
     A->ffn_tmp = ARENA_F(a, (size_t)N * d);
 }
 
@@ -122,15 +122,15 @@ static void ffn_forward(model *m, int l, float *out)
     be->matmul_forward(A->z, A->ln2, PW(mi->router), N, d, E);
     be->moe_route_forward(A->idx, A->gate, m->counts + (size_t)slot * E, m->zloss + slot, A->z,
                           m->router_bias + (size_t)slot * E, N, E, k, c->router_z_loss_coef);
-    if (c->use_latent_moe) {
-        be->matmul_forward(A->lat, A->ln2, PW(mi->lat_down), N, d, in);
-        be->moe_experts_forward(A->ey, A->esave, A->lat, A->idx, A->gate, PW(mi->experts_w1),
-                                PW(mi->experts_w2), N, E, k, in, h, in);
-        be->matmul_forward(out, A->ey, PW(mi->lat_up), N, in, d);
-    } else {
-        be->moe_experts_forward(out, A->esave, A->ln2, A->idx, A->gate, PW(mi->experts_w1),
-                                PW(mi->experts_w2), N, E, k, in, h, in);
-    }
+    const float *ex_in = c->use_latent_moe ? A->lat : A->ln2;
+    float *ex_out = c->use_latent_moe ? A->ey : out;
+    if (c->use_latent_moe) be->matmul_forward(A->lat, A->ln2, PW(mi->lat_down), N, d, in);
+    if (m->ep > 1)
+        ep_experts_forward(m, slot, ex_out, ex_in, A->idx, A->gate, PW(mi->experts_w1), PW(mi->experts_w2));
+    else
+        be->moe_experts_forward(ex_out, A->esave, ex_in, A->idx, A->gate, PW(mi->experts_w1), PW(mi->experts_w2), N, E,
+                                k, in, h, in);
+    if (c->use_latent_moe) be->matmul_forward(out, A->ey, PW(mi->lat_up), N, in, d);
     for (int j = 0; j < c->n_shared_experts; j++) {
         be->matmul_forward(A->sh_gu[j], A->ln2, PW(mi->shared_gate_up[j]), N, d, 2 * ed);
         be->swiglu_forward(A->sh_act[j], A->sh_gu[j], N, ed, 1);
@@ -203,18 +203,24 @@ static void ffn_backward(model *m, int l, const float *dy, float *dln, arena *s)
     }
     float *dgate = ARENA_F(s, (size_t)N * k);
     be->zero(dgate, (size_t)N * k * sizeof(float));
+    const float *ex_in = A->ln2, *dex_out = dy;
+    float *dex_in = dln;
     if (c->use_latent_moe) {
         float *dey = ARENA_F(s, (size_t)N * in), *dlat = ARENA_F(s, (size_t)N * in);
         be->zero(dey, (size_t)N * in * sizeof(float));
         be->matmul_backward(dey, GW(mi->lat_up), dy, A->ey, PW(mi->lat_up), N, in, d);
         be->zero(dlat, (size_t)N * in * sizeof(float));
-        be->moe_experts_backward(dlat, dgate, GW(mi->experts_w1), GW(mi->experts_w2), dey, A->esave, A->lat,
-                                 A->idx, A->gate, PW(mi->experts_w1), PW(mi->experts_w2), N, E, k, in, h, in);
-        be->matmul_backward(dln, GW(mi->lat_down), dlat, A->ln2, PW(mi->lat_down), N, d, in);
-    } else {
-        be->moe_experts_backward(dln, dgate, GW(mi->experts_w1), GW(mi->experts_w2), dy, A->esave, A->ln2,
-                                 A->idx, A->gate, PW(mi->experts_w1), PW(mi->experts_w2), N, E, k, in, h, in);
+        ex_in = A->lat;
+        dex_out = dey;
+        dex_in = dlat;
     }
+    if (m->ep > 1)
+        ep_experts_backward(m, mi->moe_slot, dex_in, dgate, GW(mi->experts_w1), GW(mi->experts_w2), dex_out, A->gate,
+                            PW(mi->experts_w1), PW(mi->experts_w2));
+    else
+        be->moe_experts_backward(dex_in, dgate, GW(mi->experts_w1), GW(mi->experts_w2), dex_out, A->esave, ex_in,
+                                 A->idx, A->gate, PW(mi->experts_w1), PW(mi->experts_w2), N, E, k, in, h, in);
+    if (c->use_latent_moe) be->matmul_backward(dln, GW(mi->lat_down), dex_in, A->ln2, PW(mi->lat_down), N, d, in);
     float *dz = ARENA_F(s, (size_t)N * E);
     be->zero(dz, (size_t)N * E * sizeof(float));
     be->moe_route_backward(dz, dgate, m->zscale, A->z, A->idx, N, E, k, c->router_z_loss_coef);

@@ -3,7 +3,9 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
+#include "dist.h"
 #include "util.h"
 
 #define ADAMW_BETA1 0.9f
@@ -12,16 +14,88 @@
 #define MUON_MOMENTUM 0.95f
 #define MUON_LR_SCALE 200.0
 
+/* Work of one tensor's update, for balancing ZeRO shards: AdamW is a pass over the
+ * tensor; Muon's Newton-Schulz iterations cost about min(rows, cols) times more. */
+static double update_cost(const optimizer *o, const param_info *p)
+{
+    if (o->muon_mode && params_is_muon(p)) {
+        double r = (double)p->shape[0], c = (double)p->shape[1];
+        return (double)p->numel * (1.0 + 0.25 * (r < c ? r : c));
+    }
+    return (double)p->numel;
+}
+
+/* Split region `region` (0 dense, 1 experts) of the table into n contiguous runs of whole
+ * tensors of about equal update cost: member r gets [off[r], off[r] + cnt[r]). */
+static void partition(const optimizer *o, const param_table *t, int region, int n, size_t *off, size_t *cnt)
+{
+    size_t lo = region ? t->dense_total : 0, hi = region ? t->total : t->dense_total;
+    int count = 0;
+    double total = 0;
+    for (int i = 0; i < t->count; i++) {
+        if ((t->items[i].kind == PARAM_EXPERTS) != region) continue;
+        count++;
+        total += update_cost(o, &t->items[i]);
+    }
+    /* tensors in offset order: the region's layout is table order */
+    const param_info **in_order = xmalloc((size_t)(count + 1) * sizeof *in_order);
+    int c = 0;
+    for (int i = 0; i < t->count; i++)
+        if ((t->items[i].kind == PARAM_EXPERTS) == region) in_order[c++] = &t->items[i];
+    double acc = 0;
+    int r = 0;
+    size_t start = lo;
+    for (int i = 0; i < count; i++) {
+        acc += update_cost(o, in_order[i]);
+        size_t end = in_order[i]->offset + in_order[i]->numel;
+        /* member r's run ends once it has its share; a big tensor may leave the next
+         * members empty runs */
+        while (r < n - 1 && acc >= total * (r + 1) / n) {
+            off[r] = start;
+            cnt[r] = end - start;
+            start = end;
+            r++;
+        }
+    }
+    for (; r < n; r++) {
+        off[r] = start;
+        cnt[r] = hi - start;
+        start = hi;
+    }
+    free(in_order);
+}
+
 void optim_init(optimizer *o, const model *m)
 {
+    memset(o, 0, sizeof *o);
     o->be = m->be;
+    o->dist = m->dist;
     o->muon_mode = m->cfg.optimizer_type[0] == 'm';
-    o->m = m->be->alloc(m->table.total * sizeof(float));
-    o->v = m->be->alloc(m->table.total * sizeof(float));
+    const param_table *t = &m->table;
+    o->held[0][0] = 0;
+    o->held[0][1] = t->dense_total;
+    o->held[1][0] = t->dense_total;
+    o->held[1][1] = t->total;
+    const dist *d = m->dist;
+    if (d && m->cfg.zero && d->world > 1) {
+        o->zero = 1;
+        int groups[2] = {DIST_WORLD, DIST_EDP};
+        for (int region = 0; region < 2; region++) {
+            int n = d->size[groups[region]], me = d->pos[groups[region]];
+            o->seg_off[region] = xcalloc((size_t)n, sizeof(size_t));
+            o->seg_cnt[region] = xcalloc((size_t)n, sizeof(size_t));
+            partition(o, t, region, n, o->seg_off[region], o->seg_cnt[region]);
+            o->held[region][0] = o->seg_off[region][me];
+            o->held[region][1] = o->seg_off[region][me] + o->seg_cnt[region][me];
+        }
+    }
+    size_t n = optim_state_floats(o);
+    o->m = m->be->alloc((n + 1) * sizeof(float));
+    o->v = m->be->alloc((n + 1) * sizeof(float));
     size_t work = 1;
-    for (int i = 0; i < m->table.count; i++) {
-        const param_info *p = &m->table.items[i];
-        if (o->muon_mode && params_is_muon(p)) {
+    for (int i = 0; i < t->count; i++) {
+        const param_info *p = &t->items[i];
+        if (o->muon_mode && params_is_muon(p) && optim_state(o, o->m, p->offset)) {
             size_t w = muon_work_floats((int)p->shape[0], (int)p->shape[1]);
             if (w > work) work = w;
         }
@@ -35,6 +109,23 @@ void optim_free(optimizer *o)
     o->be->free(o->m);
     o->be->free(o->v);
     o->be->free(o->work);
+    for (int r = 0; r < 2; r++) {
+        free(o->seg_off[r]);
+        free(o->seg_cnt[r]);
+    }
+}
+
+size_t optim_state_floats(const optimizer *o)
+{
+    return (o->held[0][1] - o->held[0][0]) + (o->held[1][1] - o->held[1][0]);
+}
+
+float *optim_state(const optimizer *o, float *base, size_t offset)
+{
+    if (offset >= o->held[0][0] && offset < o->held[0][1]) return base + (offset - o->held[0][0]);
+    if (offset >= o->held[1][0] && offset < o->held[1][1])
+        return base + (o->held[0][1] - o->held[0][0]) + (offset - o->held[1][0]);
+    return NULL;
 }
 
 double optim_lr(const config *c, int it)
@@ -51,7 +142,12 @@ double optim_lr(const config *c, int it)
 double optim_grad_norm(const model *m)
 {
     /* the gradients are one contiguous buffer: one reduction, one host round trip */
-    return sqrt(m->be->sumsq(m->grads, m->table.total));
+    if (!m->dist || m->ep == 1) return sqrt(m->be->sumsq(m->grads, m->table.total));
+    /* every rank has the reduced dense gradients; the experts are split over the group */
+    const param_table *t = &m->table;
+    double ex = m->be->sumsq(m->grads + t->dense_total, t->total - t->dense_total);
+    dist_allreduce_host_f64(m->dist, DIST_EP, &ex, 1);
+    return sqrt(m->be->sumsq(m->grads, t->dense_total) + ex);
 }
 
 void optim_clip(model *m, double norm)
@@ -69,7 +165,8 @@ void optim_step(optimizer *o, model *m, double lr)
     for (int i = 0; i < m->table.count; i++) {
         const param_info *p = &m->table.items[i];
         float *w = model_param(m, i), *g = model_grad(m, i);
-        float *mm = o->m + p->offset, *vv = o->v + p->offset;
+        float *mm = optim_state(o, o->m, p->offset), *vv = optim_state(o, o->v, p->offset);
+        if (!mm) continue; /* another rank's shard */
         if (o->muon_mode && params_is_muon(p)) {
             o->be->muon_update(w, g, mm, o->work, (int)p->shape[0], (int)p->shape[1],
                                (float)(MUON_LR_SCALE * lr), MUON_MOMENTUM, c->weight_decay);
@@ -78,6 +175,10 @@ void optim_step(optimizer *o, model *m, double lr)
             o->be->adamw_update(w, g, mm, vv, p->numel, (float)lr, ADAMW_BETA1, ADAMW_BETA2, ADAMW_EPS,
                                 wd, o->step);
         }
+    }
+    if (o->zero) {
+        dist_allgather_segments(o->dist, DIST_WORLD, m->params, o->seg_off[0], o->seg_cnt[0]);
+        dist_allgather_segments(o->dist, DIST_EDP, m->params, o->seg_off[1], o->seg_cnt[1]);
     }
 }
 

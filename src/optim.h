@@ -12,28 +12,45 @@
 
 typedef struct optimizer {
     const backend *be;
+    struct dist *dist; /* NULL on one process */
     int muon_mode;  /* --optimizer_type muon */
-    float *m;       /* [table.total]: AdamW first moment, or Muon momentum buffer */
-    float *v;       /* [table.total]: AdamW second moment (unused for Muon tensors) */
+    int zero;       /* --zero 1 on more than one rank: this rank keeps its shard of the state */
+    float *m;       /* state of the tensors held here (optim_state maps a tensor to it): */
+    float *v;       /*   m = AdamW first moment or Muon momentum, v = AdamW second moment */
     float *work;    /* Muon scratch for the largest matrix */
     int step;       /* optimizer steps taken so far */
+    /* held[0] = [lo, hi) of the dense region and held[1] of the expert region whose
+     * state this rank keeps and whose tensors it updates (everything without ZeRO) */
+    size_t held[2][2];
+    /* with ZeRO: every member's held range, [offset, count), per region and member
+     * (region 0 over all ranks, region 1 over the ranks holding the same experts) */
+    size_t *seg_off[2], *seg_cnt[2];
 } optimizer;
 
 void optim_init(optimizer *o, const model *m);
 void optim_free(optimizer *o);
 
+/* Where the state of the tensor at flat offset `offset` lives in state buffer base (o->m
+ * or o->v), or NULL when another rank keeps it. */
+float *optim_state(const optimizer *o, float *base, size_t offset);
+/* floats in each of o->m and o->v */
+size_t optim_state_floats(const optimizer *o);
+
 /* The schedule's lr for iteration it (0-based): linear warmup from 0, constant until
  * 0.8 max_iters, then cosine down to min_lr at max_iters. */
 double optim_lr(const config *c, int it);
 
-/* Global L2 norm of all gradients, in double. */
+/* Global L2 norm of all gradients, in double (with expert parallelism: of every rank's
+ * experts, so all ranks get the norm of the whole model's gradient). */
 double optim_grad_norm(const model *m);
 
 /* Scale every gradient by min(1, grad_clip / (norm + 1e-6)) (torch's clip_grad_norm_);
  * no-op when grad_clip is 0. */
 void optim_clip(model *m, double norm);
 
-/* One update of every parameter with schedule lr `lr` (AdamW groups use lr, Muon 200 lr). */
+/* One update of every parameter with schedule lr `lr` (AdamW groups use lr, Muon 200 lr).
+ * With ZeRO each rank updates the tensors it holds (whole matrices, so the Newton-Schulz
+ * work is split, not repeated) and the updated parameters are all-gathered. */
 void optim_step(optimizer *o, model *m, double lr);
 
 /* b_e -= gamma * sign(load_e - tokens * k / E) for every MoE layer (MODEL.md section 5);

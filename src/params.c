@@ -36,14 +36,30 @@ static int add(param_table *t, param_kind kind, param_init init, int layer, int 
     p->shape[1] = s1;
     p->shape[2] = s2;
     p->numel = (size_t)s0 * (size_t)(ndim > 1 ? s1 : 1) * (size_t)(ndim > 2 ? s2 : 1);
-    p->offset = t->total;
+    p->full_rows = s0;
+    p->row0 = 0;
     p->kind = kind;
     p->init = init;
     p->layer = layer;
     p->active_num = 1;
     p->active_den = 1;
-    t->total += p->numel;
     return t->count++;
+}
+
+/* Offsets: the dense region in table order, then the expert stacks in table order. */
+static void layout(param_table *t)
+{
+    size_t off = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < t->count; i++) {
+            param_info *p = &t->items[i];
+            if ((p->kind == PARAM_EXPERTS) != pass) continue;
+            p->offset = off;
+            off += p->numel;
+        }
+        if (pass == 0) t->dense_total = off;
+    }
+    t->total = off;
 }
 
 #define MAT(l, out, in, ...) add(t, PARAM_MATRIX, INIT_NORMAL_002, l, 2, out, in, 0, __VA_ARGS__)
@@ -146,6 +162,21 @@ void params_build(param_table *t, const config *c)
         else build_mla(t, c, l);
     }
     NORM(-1, c->n_embd, "transformer.ln_f.weight");
+    layout(t);
+}
+
+void params_shard_experts(param_table *t, int ep, int ep_rank)
+{
+    for (int i = 0; i < t->count; i++) {
+        param_info *p = &t->items[i];
+        if (p->kind != PARAM_EXPERTS) continue;
+        fatal_check(p->full_rows % ep == 0 && p->shape[0] == p->full_rows);
+        size_t row = p->numel / (size_t)p->shape[0];
+        p->shape[0] = p->full_rows / ep;
+        p->row0 = (int64_t)ep_rank * p->shape[0];
+        p->numel = row * (size_t)p->shape[0];
+    }
+    layout(t);
 }
 
 void params_free(param_table *t)
@@ -167,9 +198,11 @@ void params_init(const param_table *t, float *w, uint64_t seed)
         const param_info *p = &t->items[i];
         float *x = w + p->offset;
         uint64_t key = rng_key(seed, p->name);
+        /* a shard draws the numbers its rows have in the whole tensor */
+        size_t first = (size_t)p->row0 * (p->numel / (size_t)p->shape[0]);
         switch (p->init) {
         case INIT_NORMAL_002:
-            for (size_t j = 0; j < p->numel; j++) x[j] = (float)(0.02 * rng_normal(key, j));
+            for (size_t j = 0; j < p->numel; j++) x[j] = (float)(0.02 * rng_normal(key, first + j));
             break;
         case INIT_ONES:
             for (size_t j = 0; j < p->numel; j++) x[j] = 1.0f;
@@ -178,7 +211,7 @@ void params_init(const param_table *t, float *w, uint64_t seed)
             memset(x, 0, p->numel * sizeof *x);
             break;
         case INIT_UNIFORM_HALF:
-            for (size_t j = 0; j < p->numel; j++) x[j] = (float)(rng_uniform(key, j) - 0.5);
+            for (size_t j = 0; j < p->numel; j++) x[j] = (float)(rng_uniform(key, first + j) - 0.5);
             break;
         }
     }
@@ -189,8 +222,9 @@ void params_count(const param_table *t, int64_t *total, int64_t *active)
     int64_t tot = 0, act = 0;
     for (int i = 0; i < t->count; i++) {
         const param_info *p = &t->items[i];
-        tot += (int64_t)p->numel;
-        act += (int64_t)p->numel / p->active_den * p->active_num;
+        int64_t numel = (int64_t)(p->numel / (size_t)p->shape[0]) * p->full_rows;
+        tot += numel;
+        act += numel / p->active_den * p->active_num;
     }
     *total = tot;
     *active = act;

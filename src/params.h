@@ -5,6 +5,13 @@
  * PyTorch reference's (../shared/spec/SEED_NAMES.md), so that dumps, checkpoints and
  * imports need no renaming. Gradients and optimizer state use the same layout: the
  * tensor at table index i lives at items[i].offset in every such buffer.
+ *
+ * The flat buffer has two regions: [0, dense_total) holds every tensor except the routed
+ * expert stacks, in table order; [dense_total, total) holds the expert stacks, in table
+ * order. The distributed runtime reduces the two over different rank groups and, with
+ * expert parallelism, a rank's table holds only its rows (experts) of each stack
+ * (params_shard_experts): shape[0] is then the local row count, full_rows the tensor's
+ * logical first dimension and row0 the first logical row held.
  */
 #ifndef DELTAMLA_PARAMS_H
 #define DELTAMLA_PARAMS_H
@@ -36,6 +43,8 @@ typedef struct param_info {
     int64_t shape[3];
     size_t numel;
     size_t offset;      /* in floats, into the flat buffer */
+    int64_t full_rows;  /* logical first dimension (= shape[0] unless sharded) */
+    int64_t row0;       /* first logical row of dimension 0 held here (0 unless sharded) */
     param_kind kind;
     param_init init;
     int layer;          /* -1 for wte and ln_f */
@@ -48,11 +57,16 @@ typedef struct param_table {
     int count;
     int cap;
     size_t total;       /* floats in the flat buffer */
+    size_t dense_total; /* floats before the expert-stack region */
 } param_table;
 
 /* Build the table for config c (config_finish must have run). Free with params_free. */
 void params_build(param_table *t, const config *c);
 void params_free(param_table *t);
+
+/* Keep only rows [ep_rank * E / ep, (ep_rank + 1) * E / ep) of every routed expert stack
+ * (ep must divide E) and lay the buffer out again; every other tensor stays whole. */
+void params_shard_experts(param_table *t, int ep, int ep_rank);
 
 /* Index of the tensor called name, or -1. */
 int params_find(const param_table *t, const char *name);
@@ -62,7 +76,8 @@ int params_find(const param_table *t, const char *name);
  * on rank count or table order. */
 void params_init(const param_table *t, float *w, uint64_t seed);
 
-/* Total parameters and active parameters per token. */
+/* Total parameters and active parameters per token (of the whole model, also when the
+ * table holds a shard of the experts). */
 void params_count(const param_table *t, int64_t *total, int64_t *active);
 
 /* 1 if Muon updates this tensor in muon mode (MODEL.md section 9). */

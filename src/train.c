@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <math.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +29,7 @@
 
 #include "../io/checkpoint.h"
 #include "data.h"
+#include "dist.h"
 #include "util.h"
 
 void trainer_init(trainer *tr, const config *c, const backend *be)
@@ -38,26 +40,90 @@ void trainer_init(trainer *tr, const config *c, const backend *be)
     optim_init(&tr->opt, &tr->model);
 }
 
+void trainer_init_dist(trainer *tr, const config *c, dist *d)
+{
+    memset(tr, 0, sizeof *tr);
+    tr->cfg = *c;
+    tr->dist = d;
+    model_init_dist(&tr->model, c, d->be, c->batch_size, c->block_size, d);
+    optim_init(&tr->opt, &tr->model);
+    const param_table *t = &tr->model.table;
+    for (int region = 0; region < 2; region++) {
+        tr->layer_lo[region] = xmalloc((size_t)(c->n_layer + 1) * sizeof(size_t));
+        for (int l = 0; l < c->n_layer; l++) tr->layer_lo[region][l] = SIZE_MAX;
+    }
+    for (int i = 0; i < t->count; i++) {
+        const param_info *p = &t->items[i];
+        int region = p->kind == PARAM_EXPERTS;
+        if (p->layer >= 0 && p->offset < tr->layer_lo[region][p->layer]) tr->layer_lo[region][p->layer] = p->offset;
+    }
+}
+
 void trainer_free(trainer *tr)
 {
     optim_free(&tr->opt);
     model_free(&tr->model);
+    free(tr->layer_lo[0]);
+    free(tr->layer_lo[1]);
+}
+
+/* The backward's hook (model.h: grads_ready): once the layers below a bucket's worth
+ * of gradients are done, their sum over the ranks starts (on the GPU on a side stream,
+ * overlapped with the rest of the backward). Layers run last to first and the flat
+ * buffer holds them first to last, so the pending part of each region is always one
+ * range [layer_lo, pending_hi). Dense gradients are summed over all ranks, expert
+ * gradients over the ranks that hold the same experts. */
+static void grads_ready(void *ctx, int layer)
+{
+    trainer *tr = ctx;
+    model *m = &tr->model;
+    size_t bucket = (size_t)tr->cfg.bucket_mb << 18; /* floats */
+    size_t start[2] = {0, m->table.dense_total};
+    int groups[2] = {DIST_WORLD, DIST_EDP};
+    for (int region = 0; region < 2; region++) {
+        size_t lo = layer >= 0 ? tr->layer_lo[region][layer] : start[region];
+        if (lo == SIZE_MAX) continue;
+        size_t hi = tr->pending_hi[region];
+        if (hi > lo && (layer < 0 || hi - lo >= bucket)) {
+            dist_reduce_start(tr->dist, groups[region], m->grads + lo, hi - lo);
+            tr->pending_hi[region] = lo;
+        }
+    }
 }
 
 void trainer_grads(trainer *tr, const int32_t *inputs, const int32_t *targets, step_stats *st)
 {
     model *m = &tr->model;
-    int ga = tr->cfg.gradient_accumulation_steps;
+    dist *d = tr->dist;
+    int ga = tr->cfg.gradient_accumulation_steps, world = d ? d->world : 1;
     size_t BT = (size_t)m->B * m->T;
     memset(st, 0, sizeof *st);
     st->it = tr->it;
     model_zero_grad(m);
     for (int micro = 0; micro < ga; micro++) {
         double z = 0;
-        st->loss += model_forward(m, inputs + micro * BT, targets + micro * BT, &z) / ga;
+        double loss = model_forward(m, inputs + micro * BT, targets + micro * BT, &z);
+        if (world > 1) {
+            /* the mean over the global micro-batch: every rank's CE sum over all valid
+             * targets, so the gradients' sum over ranks is the single-process gradient */
+            double v[3] = {m->last_loss_sum, (double)m->last_valid, z};
+            dist_allreduce_host_f64(d, DIST_WORLD, v, 3);
+            loss = v[1] > 0 ? v[0] / v[1] : 0.0;
+            m->loss_norm = v[1] > 0 ? v[1] : 1.0;
+            z = v[2] / world;
+            if (micro == ga - 1) {
+                m->grads_ready = grads_ready;
+                m->grads_ready_ctx = tr;
+                tr->pending_hi[0] = m->table.dense_total;
+                tr->pending_hi[1] = m->table.total;
+            }
+        }
+        st->loss += loss / ga;
         st->zloss += z / ga;
-        model_backward(m, 1.0f / ga, 1.0f / ga);
+        model_backward(m, 1.0f / ga, 1.0f / ((float)ga * world));
+        m->grads_ready = NULL;
     }
+    if (world > 1) dist_reduce_wait(d);
     st->grad_norm = optim_grad_norm(m);
     st->lr = optim_lr(&tr->cfg, tr->it);
     st->nonfinite = !isfinite(st->loss) || !isfinite(st->zloss) || !isfinite(st->grad_norm);
@@ -66,10 +132,12 @@ void trainer_grads(trainer *tr, const int32_t *inputs, const int32_t *targets, s
 void trainer_apply(trainer *tr, step_stats *st)
 {
     model *m = &tr->model;
-    const int64_t *loads = model_take_loads(m);
+    int64_t *loads = model_take_loads(m);
+    int world = tr->dist ? tr->dist->world : 1;
+    if (world > 1) dist_allreduce_host_i64(tr->dist, DIST_WORLD, loads, m->n_moe * (m->cfg.use_moe ? m->cfg.moe_E : 0));
     optim_clip(m, st->grad_norm);
     optim_step(&tr->opt, m, st->lr);
-    int64_t tokens = (int64_t)tr->cfg.gradient_accumulation_steps * m->B * m->T;
+    int64_t tokens = (int64_t)tr->cfg.gradient_accumulation_steps * m->B * m->T * world;
     optim_router_bias_update(m, loads, tokens);
     tr->it++;
 }
@@ -106,13 +174,16 @@ static double evaluate(trainer *tr, data_source *val, int iters, int32_t *inputs
     val->epoch = 0;
     val->row = 0;
     m->count_loads = 0;
-    double sum = 0;
+    double v[2] = {0, 0}; /* CE sum and valid targets over the batches (and ranks) */
     for (int i = 0; i < iters; i++) {
         val->next_batch(val, inputs, targets, m->B, m->T);
-        sum += model_forward(m, inputs, targets, NULL);
+        model_forward(m, inputs, targets, NULL);
+        v[0] += m->last_loss_sum;
+        v[1] += m->last_valid;
     }
     m->count_loads = 1;
-    return sum / iters;
+    if (tr->dist) dist_allreduce_host_f64(tr->dist, DIST_WORLD, v, 2);
+    return v[1] > 0 ? v[0] / v[1] : 0.0;
 }
 
 /* ---- checkpoints: signals, saving, resuming ---- */
@@ -155,7 +226,8 @@ static void save(trainer *tr, const data_source *src, const config *c)
     snprintf(path, sizeof path, "%s/ckpt_%08d.h5", c->output_dir, tr->it);
     struct stat st;
     double mb = stat(path, &st) == 0 ? (double)st.st_size / 1e6 : 0;
-    printf("checkpoint %s: step %d, %.1f MB in %.2f s\n", path, tr->it, mb, wall_time() - t0);
+    if (!tr->dist || tr->dist->rank == 0)
+        printf("checkpoint %s: step %d, %.1f MB in %.2f s\n", path, tr->it, mb, wall_time() - t0);
     fflush(stdout);
 }
 
@@ -270,42 +342,50 @@ int train_main(const config *c)
 #endif
     /* from the start, so a signal during start-up also ends in a clean stop */
     install_stop_handlers();
-    data_source *src = data_open(c->data, c->block_size, c->seed, c->val_data[0] ? 0.0 : c->val_fraction, DATA_TRAIN, 0, 1);
+    /* ranks, groups and each rank's device; the layout is checked before any data is read */
+    dist d;
+    dist_init(&d, c);
+    int lead = d.rank == 0; /* rank 0 logs and writes the metrics */
+    data_source *src = data_open(c->data, c->block_size, c->seed, c->val_data[0] ? 0.0 : c->val_fraction, DATA_TRAIN,
+                                 d.rank, d.world);
     if (src->max_token >= c->vocab_size)
         die("--data %s holds token %d but --vocab_size is %d", c->data, src->max_token, c->vocab_size);
     if (c->doc_mask && src->eot_token < 0)
         die("--doc_mask needs data with an end-of-text token (token shards from deltamla prep); %s has none", c->data);
     data_source *val = NULL;
-    if (c->val_data[0]) val = data_open(c->val_data, c->block_size, c->seed, 0.0, DATA_TRAIN, 0, 1);
-    else if (c->val_fraction > 0) val = data_open(c->data, c->block_size, c->seed, c->val_fraction, DATA_VAL, 0, 1);
+    if (c->val_data[0]) val = data_open(c->val_data, c->block_size, c->seed, 0.0, DATA_TRAIN, d.rank, d.world);
+    else if (c->val_fraction > 0)
+        val = data_open(c->data, c->block_size, c->seed, c->val_fraction, DATA_VAL, d.rank, d.world);
     if (c->eval_interval > 0 && !val)
         die("--eval_interval %d needs validation data: pass --val_data PATH or --val_fraction F", c->eval_interval);
     if (val && val->max_token >= c->vocab_size)
         die("--val_data %s holds token %d but --vocab_size is %d", c->val_data, val->max_token, c->vocab_size);
     make_dirs(c->output_dir);
 
-    const backend *be = train_backend(c);
+    const backend *be = d.be;
     trainer tr;
-    trainer_init(&tr, c, be);
+    trainer_init_dist(&tr, c, &d);
     model_set_eot(&tr.model, src->eot_token);
     char *resumed = resume(&tr, src, c);
 
     char path[CONFIG_PATH_MAX + 64];
     snprintf(path, sizeof path, "%s/metrics.jsonl", c->output_dir);
     /* a resumed run continues the record of the run it resumes */
-    FILE *metrics = fopen(path, resumed ? "a" : "w");
-    if (!metrics) die("cannot write %s: %s", path, strerror(errno));
-    if (resumed) {
+    FILE *metrics = lead ? fopen(path, resumed ? "a" : "w") : NULL;
+    if (lead && !metrics) die("cannot write %s: %s", path, strerror(errno));
+    if (metrics && resumed) {
         fprintf(metrics, "{\"step\":%d,\"resumed_from\":", tr.it);
         json_string_out(resumed, metrics);
         fputs("}\n", metrics);
         fflush(metrics);
     }
     snprintf(path, sizeof path, "%s/config.json", c->output_dir);
-    FILE *cj = fopen(path, "w");
-    if (!cj) die("cannot write %s: %s", path, strerror(errno));
-    config_json(c, cj);
-    fclose(cj);
+    if (lead) {
+        FILE *cj = fopen(path, "w");
+        if (!cj) die("cannot write %s: %s", path, strerror(errno));
+        config_json(c, cj);
+        fclose(cj);
+    }
 
     int64_t total, active;
     params_count(&tr.model.table, &total, &active);
@@ -313,20 +393,27 @@ int train_main(const config *c)
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    if (strcmp(be->name, "cpu") == 0)
-        printf("deltamla train: size %s, %d layers, d %d, %lld parameters (%lld active), device cpu (%d threads)\n",
-               c->size, c->n_layer, c->n_embd, (long long)total, (long long)active, threads);
-    else
-        printf("deltamla train: size %s, %d layers, d %d, %lld parameters (%lld active), device %s\n", c->size,
-               c->n_layer, c->n_embd, (long long)total, (long long)active, be->name);
-    printf("data %s: %lld tokens, %lld rows of %d+1; batch %d x %d x %d accumulation; optimizer %s\n", c->data,
-           (long long)src->num_tokens, (long long)src->num_rows, c->block_size, c->batch_size, c->block_size,
-           c->gradient_accumulation_steps, c->optimizer_type);
-    if (resumed)
-        printf("resumed from %s: step %d, data epoch %lld row %lld\n", resumed, tr.it, (long long)src->epoch,
-               (long long)src->row);
-    if (resumed && tr.it >= c->max_iters)
-        printf("the checkpoint is at step %d and --max_iters is %d: nothing left to train\n", tr.it, c->max_iters);
+    if (lead) {
+        if (strcmp(be->name, "cpu") == 0)
+            printf("deltamla train: size %s, %d layers, d %d, %lld parameters (%lld active), device cpu (%d threads)\n",
+                   c->size, c->n_layer, c->n_embd, (long long)total, (long long)active, threads);
+        else
+            printf("deltamla train: size %s, %d layers, d %d, %lld parameters (%lld active), device %s\n", c->size,
+                   c->n_layer, c->n_embd, (long long)total, (long long)active, be->name);
+        if (d.world > 1)
+            printf("ranks %d (%d per node): data parallel %d, expert parallel %d (%d of %d routed experts per rank), "
+                   "zero %d, collectives over %s\n",
+                   d.world, d.local_size, d.world, d.ep, c->use_moe ? c->moe_E / d.ep : 0, c->use_moe ? c->moe_E : 0,
+                   c->zero, d.use_nccl ? "NCCL" : "MPI");
+        printf("data %s: %lld tokens, %lld rows of %d+1; batch %d x %d x %d accumulation x %d ranks; optimizer %s\n",
+               c->data, (long long)src->num_tokens, (long long)src->num_rows, c->block_size, c->batch_size,
+               c->block_size, c->gradient_accumulation_steps, d.world, c->optimizer_type);
+        if (resumed)
+            printf("resumed from %s: step %d, data epoch %lld row %lld\n", resumed, tr.it, (long long)src->epoch,
+                   (long long)src->row);
+        if (resumed && tr.it >= c->max_iters)
+            printf("the checkpoint is at step %d and --max_iters is %d: nothing left to train\n", tr.it, c->max_iters);
+    }
     fflush(stdout);
 
     size_t n = (size_t)c->gradient_accumulation_steps * c->batch_size * c->block_size;
@@ -335,6 +422,8 @@ int train_main(const config *c)
     int32_t *inputs = be->host_alloc(n * sizeof *inputs), *targets = be->host_alloc(n * sizeof *targets);
     double t_log = wall_time();
     int64_t tokens_since = 0;
+    int it_log = tr.it;
+    d.timing = c->comm_timing;
     int last_saved = resumed ? tr.it : -1; /* the step whose state is on disk already */
     int stop = stop_requested();
     while (!stop && tr.it < c->max_iters) {
@@ -345,12 +434,14 @@ int train_main(const config *c)
         }
         step_stats st;
         trainer_grads(&tr, inputs, targets, &st);
-        tokens_since += (int64_t)n;
+        tokens_since += (int64_t)n * d.world;
         if (st.nonfinite) {
             if (!c->skip_nonfinite) {
-                fprintf(metrics, "{\"step\":%d,\"nonfinite\":true,\"loss\":\"%g\",\"grad_norm\":\"%g\"}\n", it,
-                        st.loss, st.grad_norm);
-                fclose(metrics);
+                if (metrics) {
+                    fprintf(metrics, "{\"step\":%d,\"nonfinite\":true,\"loss\":\"%g\",\"grad_norm\":\"%g\"}\n", it,
+                            st.loss, st.grad_norm);
+                    fclose(metrics);
+                }
                 die("non-finite %s at step %d (loss %g, z-loss %g, grad norm %g); lower --learning_rate, "
                     "or pass --skip_nonfinite to skip such steps",
                     isfinite(st.loss) ? "gradient norm" : "loss", it, st.loss, st.zloss, st.grad_norm);
@@ -358,7 +449,8 @@ int train_main(const config *c)
             tr.skipped++;
             tr.it++;
             model_take_loads(&tr.model);
-            fprintf(stderr, "deltamla: warning: step %d skipped: non-finite loss or gradient norm (%lld skipped so far)\n",
+            if (lead)
+                fprintf(stderr, "deltamla: warning: step %d skipped: non-finite loss or gradient norm (%lld skipped so far)\n",
                     it, (long long)tr.skipped);
         } else {
             trainer_apply(&tr, &st);
@@ -366,20 +458,38 @@ int train_main(const config *c)
         int last = it == c->max_iters - 1;
         if (val && c->eval_interval > 0 && ((it + 1) % c->eval_interval == 0 || last)) {
             double vl = evaluate(&tr, val, c->eval_iters, inputs, targets);
-            printf("step %6d/%d | val loss %.4f (%d batches)\n", it, c->max_iters, vl, c->eval_iters);
-            fprintf(metrics, "{\"step\":%d,\"val_loss\":%.9g}\n", it, vl);
-            fflush(stdout);
+            if (lead) {
+                printf("step %6d/%d | val loss %.4f (%d batches)\n", it, c->max_iters, vl, c->eval_iters);
+                fprintf(metrics, "{\"step\":%d,\"val_loss\":%.9g}\n", it, vl);
+                fflush(stdout);
+            }
         }
         if (it % c->log_interval == 0 || last) {
-            double now = wall_time(), tps = tokens_since / (now - t_log > 0 ? now - t_log : 1e-9);
-            printf("step %6d/%d | loss %.4f | zloss %.5f | lr %.3e | grad norm %.4f | %.0f tok/s%s\n", it,
-                   c->max_iters, st.loss, st.zloss, st.lr, st.grad_norm, tps, st.nonfinite ? " | skipped" : "");
-            fflush(stdout);
-            fprintf(metrics,
-                    "{\"step\":%d,\"loss\":%.9g,\"zloss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,\"tokens_per_s\":%.1f,"
-                    "\"skipped_total\":%lld}\n",
-                    it, st.loss, st.zloss, st.lr, st.grad_norm, tps, (long long)tr.skipped);
-            fflush(metrics);
+            double now = wall_time(), dt = now - t_log > 0 ? now - t_log : 1e-9, tps = tokens_since / dt;
+            int steps = it - it_log + 1;
+            char comm[160] = "";
+            if (d.timing) /* --comm_timing: the step split into compute and communication */
+                snprintf(comm, sizeof comm, " | step %.1f ms: reduce %.1f, all-to-all %.1f (%.2f GB/s)",
+                         1e3 * dt / steps, 1e3 * d.t_reduce / steps, 1e3 * d.t_alltoall / steps,
+                         d.t_alltoall > 0 ? d.alltoall_bytes / d.t_alltoall / 1e9 : 0.0);
+            if (lead) {
+                printf("step %6d/%d | loss %.4f | zloss %.5f | lr %.3e | grad norm %.4f | %.0f tok/s%s%s\n", it,
+                       c->max_iters, st.loss, st.zloss, st.lr, st.grad_norm, tps, st.nonfinite ? " | skipped" : "", comm);
+                fflush(stdout);
+                fprintf(metrics,
+                        "{\"step\":%d,\"loss\":%.9g,\"zloss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,\"tokens_per_s\":%.1f,"
+                        "\"skipped_total\":%lld",
+                        it, st.loss, st.zloss, st.lr, st.grad_norm, tps, (long long)tr.skipped);
+                if (d.timing)
+                    fprintf(metrics, ",\"step_ms\":%.3f,\"reduce_ms\":%.3f,\"alltoall_ms\":%.3f,\"alltoall_gbps\":%.3f",
+                            1e3 * dt / steps, 1e3 * d.t_reduce / steps, 1e3 * d.t_alltoall / steps,
+                            d.t_alltoall > 0 ? d.alltoall_bytes / d.t_alltoall / 1e9 : 0.0);
+                fputs("}\n", metrics);
+                fflush(metrics);
+            }
+            d.t_reduce = d.t_alltoall = 0;
+            d.alltoall_bytes = 0;
+            it_log = it + 1;
             t_log = now;
             tokens_since = 0;
         }
@@ -394,18 +504,19 @@ int train_main(const config *c)
         save(&tr, src, c);
         last_saved = tr.it;
     }
-    if (stop) {
+    if (stop && lead) {
         printf("deltamla: stopped by %s after %d of %d steps, state saved in ckpt_%08d.h5; the same command resumes\n",
                stop == SIGTERM ? "SIGTERM" : "SIGUSR1", tr.it, c->max_iters, tr.it);
         fflush(stdout);
     }
-    if (tr.skipped) printf("%lld non-finite steps were skipped\n", (long long)tr.skipped);
-    fclose(metrics);
+    if (tr.skipped && lead) printf("%lld non-finite steps were skipped\n", (long long)tr.skipped);
+    if (metrics) fclose(metrics);
     be->host_free(inputs);
     be->host_free(targets);
     free(resumed);
     trainer_free(&tr);
     src->close(src);
     if (val) val->close(val);
+    dist_free(&d);
     return 0;
 }

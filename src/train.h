@@ -29,9 +29,19 @@ typedef struct trainer {
     optimizer opt;
     int it;             /* next iteration */
     int64_t skipped;    /* non-finite steps skipped (--skip_nonfinite) */
+    struct dist *dist;  /* NULL on one process */
+    /* gradient buckets: the flat offset where each layer's tensors start, per region
+     * (dense, experts; SIZE_MAX where a layer has none), and the end of the part not yet
+     * handed to a reduction during the running backward */
+    size_t *layer_lo[2];
+    size_t pending_hi[2];
 } trainer;
 
 void trainer_init(trainer *tr, const config *c, const backend *be);
+/* trainer_init for one rank of a distributed run (d's backend and rank groups): the
+ * step reduces losses, gradients and router loads over the ranks so that every rank
+ * logs, clips and updates with the same values. */
+void trainer_init_dist(trainer *tr, const config *c, struct dist *d);
 void trainer_free(trainer *tr);
 
 /* inputs/targets: host int32 [gradient_accumulation_steps * B * T]. */

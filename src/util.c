@@ -15,7 +15,28 @@ void die(const char *fmt, ...)
 {
     va_list ap;
     fflush(stdout);
+#ifdef DELTAMLA_HAVE_MPI
+    {
+        /* An error every rank meets (a bad flag, a missing file) should print once: ranks
+         * other than 0 wait a moment, and rank 0's MPI_Abort usually ends them first. An
+         * error of one rank alone still prints, a moment later. */
+        int inited = 0, finalized = 0, rank = 0, size = 1;
+        MPI_Initialized(&inited);
+        MPI_Finalized(&finalized);
+        if (inited && !finalized) {
+            MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+            MPI_Comm_size(MPI_COMM_WORLD, &size);
+        }
+        if (size > 1 && rank != 0) {
+            struct timespec ts = {0, 500000000};
+            nanosleep(&ts, NULL);
+        }
+        if (size > 1 && rank != 0) fprintf(stderr, "deltamla: error (rank %d): ", rank);
+        else fputs("deltamla: error: ", stderr);
+    }
+#else
     fputs("deltamla: error: ", stderr);
+#endif
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
     va_end(ap);

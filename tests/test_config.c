@@ -535,7 +535,8 @@ static const char *const all_fields[] = {
     "latent_preserve_expert_dim", "router_z_loss_coef", "router_bias_update_rate", "batch_size",
     "gradient_accumulation_steps", "max_iters", "warmup_iters", "learning_rate", "min_lr",
     "weight_decay", "grad_clip", "optimizer_type", "log_interval", "seed", "data", "output_dir",
-    "device", "gradient_checkpointing", "skip_nonfinite", "threads", "doc_mask", "val_data", "val_fraction",
+    "device", "gradient_checkpointing", "skip_nonfinite", "threads", "ep", "zero", "bucket_mb", "comm_timing",
+    "doc_mask", "val_data", "val_fraction",
     "eval_interval", "eval_iters", "resume", "checkpoint_interval", "keep_checkpoints", "head_dim", "gdn_proj_dim",
     "moe_E", "moe_k", "moe_latent", "moe_hidden", "moe_in",
 };
