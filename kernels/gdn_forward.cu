@@ -1,0 +1,286 @@
+/* gdn_forward.cu: the forward of the chunked gated delta rule on the GPU
+ * (cuda_gdn_forward), the CUDA twin of the forward of src/cpu/cpu_gdn.c. The design and
+ * the helpers it shares with the backward (gdn_backward.cu) are in gdn_internal.cuh.
+ *
+ * Forward, three kernels:
+ *   prep  (chunk, b*h):  G, E, e0, eL; A from K K^T; T by forward substitution, one
+ *                        thread per column; Wv and Uk.
+ *   state (32 value columns, b*h): walks the chunks in order, saves S0, turns Wv into W
+ *                        in place and updates S. Value columns of S evolve independently,
+ *                        so each (b, h) gets ceil(D/32) blocks. The next chunk's [64, D]
+ *                        operands stream into shared memory by cp.async while the
+ *                        current chunk computes.
+ *   out   (chunk, b*h):  o = diag(e0) Qs S0 + M W.
+ */
+#include "gdn_internal.cuh"
+
+/* Per (chunk, b*h): e0, eL to e0buf, eLbuf [bh][chunk][64]; Wv = T diag(beta) V and
+ * Uk = T diag(beta e0) K to Wv, Uk [bh][chunk][64][D].
+ * Shared: header, K and V [64, dp], A and T [64, GDN_PP]. */
+static __global__ void __launch_bounds__(GDN_NT, 2)
+gdn_fwd_prep_kernel(float *Wv, float *Uk, float *e0buf, float *eLbuf, const float *k, const float *v,
+                    const float *g, const float *beta, const int32_t *doc_start, int T, int H, int D,
+                    int nchunk)
+{
+    const int c = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
+    const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_pitch(D);
+    const size_t ci = (size_t)bh * nchunk + c, rs = (size_t)H * D;
+    const gdn_hdr s = gdn_hdr_at(gdn_smem);
+    float *Ks = gdn_smem + GDN_HDR, *Vs = Ks + GDN_C * dp, *As = Vs + GDN_C * dp, *Ts = As + GDN_C * GDN_PP;
+    const int tm = tid >> 4, tn = tid & 15;
+
+    gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
+    gdn_load(Ks, dp, GDN_C, D, k + gdn_row(b, t0, h, T, H, D), rs, L, 0, D, 1.0f);
+    gdn_load(Vs, dp, GDN_C, D, v + gdn_row(b, t0, h, T, H, D), rs, L, 0, D, 1.0f);
+    if (tid < GDN_C) {
+        e0buf[ci * GDN_C + tid] = s.e0[tid];
+        eLbuf[ci * GDN_C + tid] = s.eL[tid];
+    }
+    __syncthreads();
+
+    /* A_ts = beta_t E_ts KK_ts below the diagonal */
+    {
+        float acc[4][4];
+        gdn_zero(acc);
+        gdn_tile(acc, Ks, dp, 1, 4 * tm, GDN_C - 1, Ks, 1, dp, tn, 16, GDN_C - 1, 0, D);
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int t = 4 * tm + i, u = tn + 16 * j;
+                As[t * GDN_PP + u] = u < t ? s.bt[t] * gdn_decay(s, t, u, L) * acc[i][j] : 0.0f;
+            }
+    }
+    __syncthreads();
+
+    /* T by columns (warps 0-1) while the other warps scale the right-hand sides:
+     * V rows by beta, K rows by beta e0 (K K^T is done with them) */
+    if (tid < GDN_C) {
+        gdn_invert_column(Ts, As);
+    } else {
+        for (int e = tid - GDN_C; e < GDN_C * D; e += GDN_NT - GDN_C) {
+            const int r = e / D, col = e - r * D;
+            Vs[r * dp + col] *= s.bt[r];
+            Ks[r * dp + col] *= s.bt[r] * s.e0[r];
+        }
+    }
+    __syncthreads();
+
+    /* Wv = T (beta V), Uk = T (beta e0 K); T is lower triangular */
+    float *wv = Wv + ci * GDN_C * D, *uk = Uk + ci * GDN_C * D;
+    for (int np = 0; np < D; np += 64) {
+        float aw[4][4], au[4][4];
+        gdn_zero(aw);
+        gdn_zero(au);
+        gdn_tile_2b(aw, au, Ts, GDN_PP, 1, 4 * tm, GDN_C - 1, Vs + np, Ks + np, dp, 1, tn, 16,
+                    D - 1 - np, 0, 4 * tm + 4);
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int t = 4 * tm + i, n = np + tn + 16 * j;
+                if (n < D) {
+                    wv[(size_t)t * D + n] = aw[i][j];
+                    uk[(size_t)t * D + n] = au[i][j];
+                }
+            }
+    }
+}
+
+/* Per (32 value columns j0.., b*h), chunks in order: S [D, 32] of those columns starts
+ * at 0; per chunk: reset if the chunk's first token starts a document; save S;
+ * W = Wv - Uk S (written over Wv); S = e0L S + K^T diag(eL) W.
+ * Shared: S [D, GDN_VP], eL W [64, GDN_VP], Uk and K of the chunk [64, dp], eL and e0L
+ * [65]. Two cp.async groups per chunk: U (Uk, eL, e0L) is refilled for the next chunk
+ * as soon as the W product is done with it, K as soon as the S update is. */
+static __global__ void __launch_bounds__(GDN_ST)
+gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float *k,
+                     const float *e0buf, const float *eLbuf, const int32_t *doc_start, int T,
+                     int H, int D, int nchunk)
+{
+    const int j0 = blockIdx.x * GDN_DV, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
+    const int dp = gdn_pitch(D), nv = gdn_imin(GDN_DV, D - j0);
+    float *S = gdn_smem, *Wt = S + D * GDN_VP, *Ub = Wt + GDN_C * GDN_VP, *Kb = Ub + GDN_C * dp;
+    float *sc = Kb + GDN_C * dp;
+    const size_t rs = (size_t)H * D, DD = (size_t)D * D;
+
+    for (int e = tid; e < D * GDN_VP; e += GDN_ST) S[e] = 0.0f;
+    /* groups U(0), K(0) */
+    {
+        const size_t ci = (size_t)bh * nchunk;
+        const int L = gdn_imin(GDN_C, T);
+        gdn_async_rows(Ub, dp, Uk + ci * GDN_C * D, D, GDN_C, D);
+        if (tid < GDN_C) gdn_async_f32(sc + tid, eLbuf + ci * GDN_C + tid, 1);
+        if (tid == GDN_C) gdn_async_f32(sc + GDN_C, e0buf + ci * GDN_C + L - 1, 1);
+        gdn_async_commit();
+        gdn_async_rows(Kb, dp, k + gdn_row(b, 0, h, T, H, D), rs, L, D);
+        gdn_async_commit();
+    }
+
+    for (int c = 0; c < nchunk; c++) {
+        const int t0 = c * GDN_C;
+        const size_t ci = (size_t)bh * nchunk + c;
+        gdn_async_wait_all_but_newest(); /* U(c) has landed; K(c) may be in flight */
+        __syncthreads();
+        const float e0L = sc[GDN_C];
+        if (doc_start && doc_start[(size_t)b * T + t0]) {
+            for (int e = tid; e < D * GDN_VP; e += GDN_ST) S[e] = 0.0f;
+            __syncthreads();
+        }
+        float *ss = state_save + ci * DD + j0;
+        for (int e = tid; e < D * nv; e += GDN_ST) {
+            const int r = e / nv, col = e - r * nv;
+            ss[(size_t)r * D + col] = S[r * GDN_VP + col];
+        }
+
+        /* W = Wv - Uk S: a 16 x 8 grid of 4 x 4 tiles covers [64, 32] */
+        {
+            const int tm = tid >> 3, tn = tid & 7;
+            float *wc = Wv + ci * GDN_C * D + j0;
+            float wv[4][4], acc[4][4];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const int n = tn + 8 * j;
+                    wv[i][j] = n < nv ? wc[(size_t)(4 * tm + i) * D + n] : 0.0f;
+                }
+            gdn_zero(acc);
+            gdn_tile(acc, Ub, dp, 1, 4 * tm, GDN_C - 1, S, GDN_VP, 1, tn, 8, GDN_DV - 1, 0, D);
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const int t = 4 * tm + i, n = tn + 8 * j;
+                    const float w = wv[i][j] - acc[i][j];
+                    if (n < nv) wc[(size_t)t * D + n] = w;
+                    Wt[t * GDN_VP + n] = sc[t] * w;
+                }
+        }
+        __syncthreads();
+        if (c + 1 < nchunk) {
+            const int L1 = gdn_imin(GDN_C, T - t0 - GDN_C);
+            gdn_async_rows(Ub, dp, Uk + (ci + 1) * GDN_C * D, D, GDN_C, D);
+            if (tid < GDN_C) gdn_async_f32(sc + tid, eLbuf + (ci + 1) * GDN_C + tid, 1);
+            if (tid == GDN_C) gdn_async_f32(sc + GDN_C, e0buf + (ci + 1) * GDN_C + L1 - 1, 1);
+        }
+        gdn_async_commit();
+        gdn_async_wait_all_but_newest(); /* K(c) has landed */
+        __syncthreads();
+
+        /* S = e0L S + K^T (eL W): tiles of [D, 32] */
+        for (int tile = tid; tile < ((D + 3) >> 2) * 8; tile += GDN_ST) {
+            const int tm = tile >> 3, tn = tile & 7;
+            float acc[4][4];
+            gdn_zero(acc);
+            gdn_tile(acc, Kb, 1, dp, 4 * tm, D - 1, Wt, GDN_VP, 1, tn, 8, GDN_DV - 1, 0, GDN_C);
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const int m = 4 * tm + i, n = tn + 8 * j;
+                    if (m < D) S[m * GDN_VP + n] = e0L * S[m * GDN_VP + n] + acc[i][j];
+                }
+        }
+        __syncthreads();
+        if (c + 1 < nchunk) {
+            const int L1 = gdn_imin(GDN_C, T - t0 - GDN_C);
+            gdn_async_rows(Kb, dp, k + gdn_row(b, t0 + GDN_C, h, T, H, D), rs, L1, D);
+        }
+        gdn_async_commit();
+    }
+}
+
+/* Per (chunk, b*h): o = diag(e0) Qs S0 + M W, M = E o QK (lower triangle with diagonal).
+ * Shared: header, Qs and K [64, dp], M [64, GDN_PP], a [64, 64] panel of S0 and one of W. */
+static __global__ void __launch_bounds__(GDN_NT, 2)
+gdn_fwd_out_kernel(float *o, const float *q, const float *k, const float *g, const float *beta,
+                   const int32_t *doc_start, const float *state_save, const float *Wbuf, int T,
+                   int H, int D, int nchunk, float scale)
+{
+    const int c = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
+    const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_pitch(D);
+    const size_t ci = (size_t)bh * nchunk + c, rs = (size_t)H * D;
+    const gdn_hdr s = gdn_hdr_at(gdn_smem);
+    float *Qs = gdn_smem + GDN_HDR, *Ks = Qs + GDN_C * dp, *Ms = Ks + GDN_C * dp;
+    float *Sp = Ms + GDN_C * GDN_PP, *Wp = Sp + GDN_C * GDN_PP;
+    const int tm = tid >> 4, tn = tid & 15;
+    const float *S0 = state_save + ci * D * D, *Wc = Wbuf + ci * GDN_C * D;
+
+    gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
+    gdn_load(Qs, dp, GDN_C, D, q + gdn_row(b, t0, h, T, H, D), rs, L, 0, D, scale);
+    gdn_load(Ks, dp, GDN_C, D, k + gdn_row(b, t0, h, T, H, D), rs, L, 0, D, 1.0f);
+    __syncthreads();
+    {
+        float acc[4][4];
+        gdn_zero(acc);
+        gdn_tile(acc, Qs, dp, 1, 4 * tm, GDN_C - 1, Ks, 1, dp, tn, 16, GDN_C - 1, 0, D);
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int t = 4 * tm + i, u = tn + 16 * j;
+                Ms[t * GDN_PP + u] = gdn_decay(s, t, u, L) * acc[i][j];
+            }
+    }
+    /* (the first barrier of the loop below orders M before its use) */
+    for (int np = 0; np < D; np += 64) {
+        float am[4][4], aq[4][4];
+        gdn_zero(am);
+        gdn_zero(aq);
+        gdn_load(Wp, GDN_PP, GDN_C, 64, Wc, D, GDN_C, np, D, 1.0f);
+        for (int ip = 0; ip < D; ip += 64) {
+            const int iw = gdn_imin(64, D - ip);
+            gdn_load(Sp, GDN_PP, 64, 64, S0 + (size_t)ip * D, D, iw, np, D, 1.0f);
+            __syncthreads();
+            if (ip == 0)
+                gdn_tile(am, Ms, GDN_PP, 1, 4 * tm, GDN_C - 1, Wp, GDN_PP, 1, tn, 16, 63, 0,
+                         4 * tm + 4);
+            gdn_tile(aq, Qs + ip, dp, 1, 4 * tm, GDN_C - 1, Sp, GDN_PP, 1, tn, 16, 63, 0, iw);
+            __syncthreads();
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int t = 4 * tm + i, n = np + tn + 16 * j;
+                if (t < L && n < D) o[gdn_row(b, t0 + t, h, T, H, D) + n] = s.e0[t] * aq[i][j] + am[i][j];
+            }
+    }
+}
+
+/* =================================================================================== */
+/* launcher                                                                            */
+/* =================================================================================== */
+
+/* dynamic shared memory of each kernel, in bytes (the state kernel's: gdn_internal.cuh) */
+static size_t gdn_smem_fwd_prep(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_pitch(D) + 2 * GDN_C * GDN_PP); }
+static size_t gdn_smem_fwd_out(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_pitch(D) + 3 * GDN_C * GDN_PP); }
+
+/* Forward: o overwritten, state_save overwritten. Scratch: 2 [64, D] arrays and 2 [64]
+ * vectors per (b, h, chunk). */
+extern "C" void cuda_gdn_forward(float *o, float *state_save, const float *q, const float *k,
+                                 const float *v, const float *g, const float *beta,
+                                 const int32_t *doc_start, int B, int T, int H, int D, float scale)
+{
+    gdn_check_shape("gdn_forward", B, T, H, D);
+    const int nchunk = (T + GDN_C - 1) / GDN_C, BH = B * H;
+    const size_t rows = (size_t)BH * nchunk * GDN_C;
+    float *Wv = (float *)cuda_scratch((2 * rows * D + 2 * rows) * sizeof(float));
+    float *Uk = Wv + rows * D, *e0buf = Uk + rows * D, *eLbuf = e0buf + rows;
+    cudaStream_t st = cuda_stream();
+    const size_t sm1 = gdn_smem_fwd_prep(D), sm2 = gdn_smem_state(D), sm3 = gdn_smem_fwd_out(D);
+    gdn_allow_smem((const void *)gdn_fwd_prep_kernel, sm1);
+    gdn_allow_smem((const void *)gdn_fwd_state_kernel, sm2);
+    gdn_allow_smem((const void *)gdn_fwd_out_kernel, sm3);
+
+    gdn_fwd_prep_kernel<<<dim3(nchunk, BH), GDN_NT, sm1, st>>>(Wv, Uk, e0buf, eLbuf, k, v, g, beta,
+                                                               doc_start, T, H, D, nchunk);
+    LAUNCH_CHECK();
+    gdn_fwd_state_kernel<<<dim3((D + GDN_DV - 1) / GDN_DV, BH), GDN_ST, sm2, st>>>(
+        state_save, Wv, Uk, k, e0buf, eLbuf, doc_start, T, H, D, nchunk);
+    LAUNCH_CHECK();
+    gdn_fwd_out_kernel<<<dim3(nchunk, BH), GDN_NT, sm3, st>>>(o, q, k, g, beta, doc_start, state_save,
+                                                              Wv, T, H, D, nchunk, scale);
+    LAUNCH_CHECK();
+}
