@@ -473,13 +473,15 @@ int train_main(const config *c)
                          1e3 * dt / steps, 1e3 * d.t_reduce / steps, 1e3 * d.t_alltoall / steps,
                          d.t_alltoall > 0 ? d.alltoall_bytes / d.t_alltoall / 1e9 : 0.0);
             if (lead) {
-                printf("step %6d/%d | loss %.4f | zloss %.5f | lr %.3e | grad norm %.4f | %.0f tok/s%s%s\n", it,
-                       c->max_iters, st.loss, st.zloss, st.lr, st.grad_norm, tps, st.nonfinite ? " | skipped" : "", comm);
+                printf("step %6d/%d | loss %.4f | zloss %.5f | lr %.3e | grad norm %.4f | %.0f tok/s | mem %.2f GiB%s%s\n",
+                       it, c->max_iters, st.loss, st.zloss, st.lr, st.grad_norm, tps, be->mem_peak() / 1073741824.0,
+                       st.nonfinite ? " | skipped" : "", comm);
                 fflush(stdout);
                 fprintf(metrics,
                         "{\"step\":%d,\"loss\":%.9g,\"zloss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,\"tokens_per_s\":%.1f,"
-                        "\"skipped_total\":%lld",
-                        it, st.loss, st.zloss, st.lr, st.grad_norm, tps, (long long)tr.skipped);
+                        "\"skipped_total\":%lld,\"peak_mem_gib\":%.3f",
+                        it, st.loss, st.zloss, st.lr, st.grad_norm, tps, (long long)tr.skipped,
+                        be->mem_peak() / 1073741824.0);
                 if (d.timing)
                     fprintf(metrics, ",\"step_ms\":%.3f,\"reduce_ms\":%.3f,\"alltoall_ms\":%.3f,\"alltoall_gbps\":%.3f",
                             1e3 * dt / steps, 1e3 * d.t_reduce / steps, 1e3 * d.t_alltoall / steps,
