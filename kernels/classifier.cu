@@ -3,12 +3,14 @@
  *
  * Rows are processed in chunks of n_c rows whose logits fit CHUNK_FLOATS (128 MiB of
  * fp32) in the backend scratch buffer: at V = 50304 that is 667 rows, large enough for
- * the GEMM to run at full tensor-core rate and small next to the activations. Per chunk:
- *   forward : logits = h_c wte^T (cuda_matmul_forward, bf16 tensor cores), then one
- *             block per row finds lse and the loss;
+ * the GEMM to run at full tensor-core rate and small next to the activations. The GEMMs
+ * are matmul.cu's bf16 ones (operands rounded to bf16, fp32 accumulation); wte is rounded
+ * once per call into a buffer of this file and each chunk's h rows once. Per chunk:
+ *   forward : logits = h_c wte^T, then one block per row finds lse and the loss;
  *   backward: the same GEMM recomputes the logits, one block per row turns them in
  *             place into dlogits = scale (softmax - onehot) (all zero for ignored rows),
- *             and cuda_matmul_backward adds dlogits wte to dh and dlogits^T h_c to dwte.
+ *             which are rounded to bf16 for the GEMMs that add dlogits wte to dh and
+ *             dlogits^T h_c to dwte.
  * Recomputing the logits costs one GEMM out of four and saves N*V floats of memory.
  *
  * The row statistics use the online softmax: each thread keeps a running (max, sum of
@@ -36,6 +38,22 @@ extern "C" {
 #define CHUNK_FLOATS ((size_t)1 << 25)
 /* threads per row; a power of two, a multiple of 32 */
 #define ROW_THREADS 256
+
+/* bf16 copies: wte [V, C], then one chunk's h [rows, C] and dlogits [rows, V] */
+static __nv_bfloat16 *bf_buf;
+static size_t bf_cap;
+
+static __nv_bfloat16 *bf_reserve(size_t elems)
+{
+    if (elems > bf_cap) {
+        if (bf_buf) CUDA_CHECK(cudaFreeAsync(bf_buf, cuda_stream()));
+        CUDA_CHECK(cudaMallocAsync((void **)&bf_buf, elems * sizeof *bf_buf, cuda_stream()));
+        bf_cap = elems;
+    }
+    return bf_buf;
+}
+
+static size_t round8(size_t n) { return (n + 7) & ~(size_t)7; }
 
 /* rows per chunk: as many as fit CHUNK_FLOATS logits, at least 1, at most N */
 static int chunk_rows(int N, int V)
@@ -132,9 +150,13 @@ extern "C" void cuda_classifier_forward(float *loss, float *lse, const float *h,
     if (N <= 0 || V <= 0) return;
     const int rows = chunk_rows(N, V);
     float *logits = (float *)cuda_scratch((size_t)rows * V * sizeof(float));
+    size_t nw = round8((size_t)V * C);
+    __nv_bfloat16 *wb = bf_reserve(nw + round8((size_t)rows * C)), *hb = wb + nw;
+    cuda_to_bf16(wb, wte, (size_t)V * C);
     for (int i0 = 0; i0 < N; i0 += rows) {
         const int nr = N - i0 < rows ? N - i0 : rows;
-        cuda_matmul_forward(logits, h + (size_t)i0 * C, wte, nr, C, V);
+        cuda_to_bf16(hb, h + (size_t)i0 * C, (size_t)nr * C);
+        cuda_gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, V, nr, C, wb, C, hb, C, 0.0f, logits, V);
         ce_forward_kernel<<<nr, ROW_THREADS, 0, cuda_stream()>>>(loss, lse, logits, targets, i0, V);
         LAUNCH_CHECK();
     }
@@ -150,12 +172,18 @@ extern "C" void cuda_classifier_backward(float *dh, float *dwte, const float *h,
     if (N <= 0 || V <= 0) return;
     const int rows = chunk_rows(N, V);
     float *dlogits = (float *)cuda_scratch((size_t)rows * V * sizeof(float));
+    size_t nw = round8((size_t)V * C), nh = round8((size_t)rows * C);
+    __nv_bfloat16 *wb = bf_reserve(nw + nh + round8((size_t)rows * V)), *hb = wb + nw, *db = hb + nh;
+    cuda_to_bf16(wb, wte, (size_t)V * C);
     for (int i0 = 0; i0 < N; i0 += rows) {
         const int nr = N - i0 < rows ? N - i0 : rows;
-        const float *hc = h + (size_t)i0 * C;
-        cuda_matmul_forward(dlogits, hc, wte, nr, C, V);
+        cuda_to_bf16(hb, h + (size_t)i0 * C, (size_t)nr * C);
+        cuda_gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, V, nr, C, wb, C, hb, C, 0.0f, dlogits, V);
         ce_backward_kernel<<<nr, ROW_THREADS, 0, cuda_stream()>>>(dlogits, targets, lse, dloss_scale, i0, V);
         LAUNCH_CHECK();
-        cuda_matmul_backward(dh + (size_t)i0 * C, dwte, dlogits, hc, wte, nr, C, V);
+        cuda_to_bf16(db, dlogits, (size_t)nr * V);
+        /* dh_c [nr, C] += dlogits wte; dwte [V, C] += dlogits^T h_c (matmul.cu's transposes) */
+        cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, C, nr, V, wb, C, db, V, 1.0f, dh + (size_t)i0 * C, C);
+        cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, C, V, nr, hb, C, db, V, 1.0f, dwte, C);
     }
 }

@@ -8,6 +8,7 @@
 #define DELTAMLA_CUDA_COMMON_CUH
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -36,6 +37,13 @@ extern "C" cudaStream_t cuda_stream(void);     /* the backend's one stream */
 extern "C" cublasHandle_t cuda_cublas(void);   /* bound to cuda_stream() */
 /* device scratch of at least `bytes`, valid until the next call (grows, never shrinks) */
 extern "C" void *cuda_scratch(size_t bytes);
+
+/* matmul.cu's building blocks, for ops that reuse an operand over several GEMMs:
+ * dst = bf16(src) (round to nearest even), and C [m, n] = op(A) op(B) + beta C with A, B
+ * column-major bf16 and C fp32 (fp32 accumulation, the backend's stream and handle). */
+extern "C" void cuda_to_bf16(__nv_bfloat16 *dst, const float *src, size_t n);
+extern "C" void cuda_gemm_bf16(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const __nv_bfloat16 *a,
+                               int lda, const __nv_bfloat16 *b, int ldb, float beta, float *c, int ldc);
 
 static inline unsigned ceil_div_u(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
 

@@ -64,7 +64,7 @@ static __global__ void to_bf16_kernel(__nv_bfloat16 *__restrict__ dst, const flo
     }
 }
 
-static void to_bf16(__nv_bfloat16 *dst, const float *src, size_t n)
+extern "C" void cuda_to_bf16(__nv_bfloat16 *dst, const float *src, size_t n)
 {
     if (!n) return;
     int vec = cuda_aligned16(src) && ((uintptr_t)dst % 8 == 0);
@@ -76,8 +76,7 @@ static void to_bf16(__nv_bfloat16 *dst, const float *src, size_t n)
     LAUNCH_CHECK();
 }
 
-/* C [m, n] = alpha op(A) op(B) + beta C: A and B column-major bf16, C fp32 */
-static void gemm_bf16(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const __nv_bfloat16 *a,
+extern "C" void cuda_gemm_bf16(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const __nv_bfloat16 *a,
                       int lda, const __nv_bfloat16 *b, int ldb, float beta, float *c, int ldc)
 {
     const float alpha = 1.0f;
@@ -98,9 +97,9 @@ extern "C" void cuda_matmul_forward(float *y, const float *x, const float *w, in
     }
     size_t nx = round8((size_t)N * in), nw = round8((size_t)out * in);
     __nv_bfloat16 *xb = bf_reserve(nx + nw), *wb = xb + nx;
-    to_bf16(xb, x, (size_t)N * in);
-    to_bf16(wb, w, (size_t)out * in);
-    gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, wb, in, xb, in, 0.0f, y, out);
+    cuda_to_bf16(xb, x, (size_t)N * in);
+    cuda_to_bf16(wb, w, (size_t)out * in);
+    cuda_gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, wb, in, xb, in, 0.0f, y, out);
 }
 
 /* dx [N, in] += dy [N, out] w [out, in] (skipped when dx is NULL);
@@ -112,14 +111,14 @@ extern "C" void cuda_matmul_backward(float *dx, float *dw, const float *dy, cons
     if (!dx && !dw) return;
     size_t ny = round8((size_t)N * out), nx = round8((size_t)N * in), nw = round8((size_t)out * in);
     __nv_bfloat16 *dyb = bf_reserve(ny + (dw ? nx : 0) + (dx ? nw : 0)), *rest = dyb + ny;
-    to_bf16(dyb, dy, (size_t)N * out);
+    cuda_to_bf16(dyb, dy, (size_t)N * out);
     if (dx) {
-        to_bf16(rest, w, (size_t)out * in);
-        gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, rest, in, dyb, out, 1.0f, dx, in);
+        cuda_to_bf16(rest, w, (size_t)out * in);
+        cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, rest, in, dyb, out, 1.0f, dx, in);
         rest += nw;
     }
     if (dw) {
-        to_bf16(rest, x, (size_t)N * in);
-        gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, in, out, N, rest, in, dyb, out, 1.0f, dw, in);
+        cuda_to_bf16(rest, x, (size_t)N * in);
+        cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, in, out, N, rest, in, dyb, out, 1.0f, dw, in);
     }
 }
