@@ -361,6 +361,46 @@ static void t_moe_route_forward(int32_t *idx, float *gate, int32_t *counts, floa
     cost_moe_route_forward(idx, gate, counts, zloss_out, z, bias, N, E, k, zcoef);
 }
 
+static void t_add_i32(int32_t *y, const int32_t *x, size_t n)
+{
+    double t0 = begin();
+    inner->add_i32(y, x, n);
+    end(FAM_MOE_ROUTE, t0);
+    charge(0, 12.0 * n);
+}
+
+static void t_router_bias_update(float *bias, const int32_t *loads, int rows, int E, int64_t tokens, int k, float rate)
+{
+    double t0 = begin();
+    inner->router_bias_update(bias, loads, rows, E, tokens, k, rate);
+    end(FAM_MOE_ROUTE, t0);
+    charge(0, 12.0 * rows * E);
+}
+
+static void t_rows_gather(float *dst, const float *src, const int32_t *rows, int n, int width)
+{
+    double t0 = begin();
+    inner->rows_gather(dst, src, rows, n, width);
+    end(FAM_MOE_EXPERTS_FWD, t0);
+    charge(0, F4 * 2.0 * n * width + 4.0 * n);
+}
+
+static void t_moe_combine_forward(float *y, const float *vals, const int32_t *pos, const float *gate, int N, int k, int width)
+{
+    double t0 = begin();
+    inner->moe_combine_forward(y, vals, pos, gate, N, k, width);
+    end(FAM_MOE_EXPERTS_FWD, t0);
+    charge(0, F4 * ((double)N * k * width + 2.0 * N * width + 2.0 * N * k));
+}
+
+static void t_moe_combine_backward(float *dvals, float *dgate, const float *dy, const float *vals, const int32_t *pos, const float *gate, int N, int k, int width)
+{
+    double t0 = begin();
+    inner->moe_combine_backward(dvals, dgate, dy, vals, pos, gate, N, k, width);
+    end(FAM_MOE_EXPERTS_BWD, t0);
+    charge(0, F4 * ((dgate ? 2.0 : 1.0) * N * k * width + N * width + 3.0 * N * k));
+}
+
 static void t_moe_route_backward(float *dz, const float *dgate, float dzloss, const float *z, const int32_t *idx, int N, int E, int k, float zcoef)
 {
     double t0 = begin();
@@ -450,6 +490,11 @@ const backend *timed_backend(const backend *in)
     timed.attention_backward = t_attention_backward;
     timed.moe_route_forward = t_moe_route_forward;
     timed.moe_route_backward = t_moe_route_backward;
+    timed.add_i32 = t_add_i32;
+    timed.router_bias_update = t_router_bias_update;
+    timed.rows_gather = t_rows_gather;
+    timed.moe_combine_forward = t_moe_combine_forward;
+    timed.moe_combine_backward = t_moe_combine_backward;
     timed.moe_experts_forward = t_moe_experts_forward;
     timed.moe_experts_backward = t_moe_experts_backward;
     timed.classifier_forward = t_classifier_forward;

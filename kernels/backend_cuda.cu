@@ -166,6 +166,8 @@ extern "C" const backend *backend_cuda(int device)
     b.attention_backward = cuda_attention_backward;
     b.moe_route_forward = cuda_moe_route_forward;
     b.moe_route_backward = cuda_moe_route_backward;
+    b.add_i32 = cuda_add_i32;
+    b.router_bias_update = cuda_router_bias_update;
     b.moe_experts_forward = cuda_moe_experts_forward;
     b.moe_experts_backward = cuda_moe_experts_backward;
     b.rows_gather = cuda_rows_gather;

@@ -6,6 +6,7 @@
 #define DELTAMLA_CUDA_NCCL_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -17,6 +18,7 @@ void *cuda_nccl_init(const void *id, int nranks, int rank);
 void *cuda_nccl_split(void *parent, int color, int key);
 void cuda_nccl_free(void *comm);
 void cuda_nccl_allreduce(void *comm, float *buf, size_t n, int side);
+void cuda_nccl_allreduce_i32(void *comm, int32_t *buf, size_t n);
 void cuda_nccl_broadcast_segments(void *comm, float *buf, const size_t *offs, const size_t *counts, int nranks);
 void cuda_nccl_alltoallv(void *comm, const float *send, const size_t *soff, const size_t *scount, float *recv,
                          const size_t *roff, const size_t *rcount, int nranks);

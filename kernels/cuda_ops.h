@@ -78,6 +78,8 @@ void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout,
 /* moe */
 void cuda_moe_route_forward(int32_t *idx, float *gate, int32_t *counts, float *zloss_out,
                             const float *z, const float *bias, int N, int E, int k, float zcoef);
+void cuda_add_i32(int32_t *y, const int32_t *x, size_t n);
+void cuda_router_bias_update(float *bias, const int32_t *loads, int rows, int E, int64_t tokens, int k, float rate);
 void cuda_moe_route_backward(float *dz, const float *dgate, float dzloss, const float *z,
                              const int32_t *idx, int N, int E, int k, float zcoef);
 void cuda_moe_experts_forward(float *y, float *save, const float *x, const int32_t *idx,

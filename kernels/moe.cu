@@ -1005,3 +1005,41 @@ extern "C" void cuda_moe_experts_backward(float *dx, float *dgate, float *dw1, f
     g6.cestride = (long long)in * h2;
     gm_launch(&g6, nk, 0);
 }
+
+/* ---- routing loads and the router-bias update (on the device: no host round trip) ---- */
+
+static __global__ void add_i32_kernel(int32_t *y, const int32_t *x, size_t n)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        y[i] += x[i];
+}
+
+extern "C" void cuda_add_i32(int32_t *y, const int32_t *x, size_t n)
+{
+    if (!n) return;
+    int blocks = (int)((n + 255) / 256);
+    if (blocks > 1024) blocks = 1024;
+    add_i32_kernel<<<blocks, 256, 0, cuda_stream()>>>(y, x, n);
+    LAUNCH_CHECK();
+}
+
+static __global__ void bias_update_kernel(float *bias, const int32_t *loads, size_t n, int E, long long expected,
+                                          float rate)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const long long lhs = (long long)loads[i] * E;
+        const float sign = lhs > expected ? 1.0f : (lhs < expected ? -1.0f : 0.0f);
+        bias[i] -= rate * sign;
+    }
+}
+
+extern "C" void cuda_router_bias_update(float *bias, const int32_t *loads, int rows, int E, int64_t tokens, int k,
+                                        float rate)
+{
+    size_t n = (size_t)rows * E;
+    if (!n) return;
+    int blocks = (int)((n + 255) / 256);
+    if (blocks > 1024) blocks = 1024;
+    bias_update_kernel<<<blocks, 256, 0, cuda_stream()>>>(bias, loads, n, E, (long long)tokens * k, rate);
+    LAUNCH_CHECK();
+}

@@ -80,6 +80,13 @@ extern "C" void cuda_nccl_allreduce(void *comm, float *buf, size_t n, int side)
                (ncclComm_t)comm);
 }
 
+extern "C" void cuda_nccl_allreduce_i32(void *comm, int32_t *buf, size_t n)
+{
+    if (!n) return;
+    nccl_check(ncclAllReduce(buf, buf, n, ncclInt32, ncclSum, (ncclComm_t)comm, cuda_stream()), "ncclAllReduce",
+               (ncclComm_t)comm);
+}
+
 extern "C" void cuda_nccl_broadcast_segments(void *comm, float *buf, const size_t *offs, const size_t *counts, int nranks)
 {
     ncclComm_t c = (ncclComm_t)comm;

@@ -140,6 +140,13 @@ typedef struct backend {
     /* dz[N,E] += d(gates)/dz^T dgate + d(zloss)/dz * dzloss (dzloss a host scalar) */
     void (*moe_route_backward)(float *dz, const float *dgate, float dzloss, const float *z,
                                const int32_t *idx, int N, int E, int k, float zcoef);
+    /* y[i] += x[i] for n int32 values (routing loads summed over a step's forwards) */
+    void (*add_i32)(int32_t *y, const int32_t *x, size_t n);
+    /* The load-balancing update of the selection biases (MODEL.md section 5) of `rows`
+     * MoE layers of E experts, after a step that routed `tokens` tokens k times each:
+     * bias[r, e] -= rate * sign(loads[r, e] * E - tokens * k), compared exactly in
+     * 64-bit integers (no rounding of the expected load). */
+    void (*router_bias_update)(float *bias, const int32_t *loads, int rows, int E, int64_t tokens, int k, float rate);
     /* Routed SwiGLU experts, stacks as stored by the reference: w1 [E, in, 2h] (x @ w1,
      * columns [g | u]), w2 [E, h, out]. y[N,out] = sum_j gate[i,j] * expert_idx[i,j](x_i),
      * expert(x) = (silu(x w1_g) * (x w1_u)) w2. save: N*k*3h floats. */

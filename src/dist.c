@@ -143,6 +143,28 @@ void dist_allreduce(dist *d, int group, float *buf, size_t n)
     }
 }
 
+void dist_allreduce_i32(dist *d, int group, int32_t *buf, size_t n)
+{
+    if (d->size[group] == 1 || n == 0) return;
+    if (n > 0x7fffffff) die("an int32 all-reduce of %zu values is beyond MPI's int counts", n);
+#if DIST_NCCL
+    if (d->use_nccl) {
+        cuda_nccl_allreduce_i32(d->nccl_comm[group], buf, n);
+        return;
+    }
+#endif
+    int32_t *h = buf;
+    if (staged(d)) {
+        h = xmalloc(n * sizeof *h);
+        d->be->to_host(h, buf, n * sizeof *h);
+    }
+    mpi_check(d, MPI_Allreduce(MPI_IN_PLACE, h, (int)n, MPI_INT32_T, MPI_SUM, comm_of(d, group)), "MPI_Allreduce");
+    if (h != buf) {
+        d->be->from_host(buf, h, n * sizeof *h);
+        free(h);
+    }
+}
+
 void dist_allreduce_host_f64(dist *d, int group, double *buf, int n)
 {
     if (d->size[group] == 1 || n == 0) return;

@@ -50,6 +50,8 @@ void dist_free(dist *d);
 
 /* Sum n floats over the group, in place. */
 void dist_allreduce(dist *d, int group, float *buf, size_t n);
+/* Sum n int32 values in backend memory over the group, in place (routing loads). */
+void dist_allreduce_i32(dist *d, int group, int32_t *buf, size_t n);
 /* Sum n doubles or int64 host values over the group, in place (always host memory). */
 void dist_allreduce_host_f64(dist *d, int group, double *buf, int n);
 void dist_allreduce_host_i64(dist *d, int group, int64_t *buf, int n);

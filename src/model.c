@@ -91,9 +91,7 @@ void model_init_dist(model *m, const config *cfg, const backend *be, int B, int 
     m->router_bias = be->alloc((m->n_moe * E + 1) * sizeof(float));
     m->counts = be->alloc((m->n_moe * E + 1) * sizeof(int32_t));
     m->zloss = be->alloc((size_t)(m->n_moe + 1) * sizeof(float));
-    m->load_accum = xcalloc(m->n_moe * E + 1, sizeof(int64_t));
-    m->host_counts = xcalloc(m->n_moe * E + 1, sizeof(int32_t));
-    m->host_loads = xcalloc(m->n_moe * E + 1, sizeof(int64_t));
+    m->loads = be->alloc((m->n_moe * E + 1) * sizeof(int32_t));
 
     m->tokens = be->alloc((size_t)N * sizeof(int32_t));
     m->targets = be->alloc((size_t)N * sizeof(int32_t));
@@ -150,15 +148,12 @@ void model_free(model *m)
 {
     const backend *be = m->be;
     if (m->ep_layers) ep_free(m);
-    void *bufs[] = {m->act_base, m->scratch_base, m->params, m->grads, m->router_bias, m->counts,
+    void *bufs[] = {m->act_base, m->scratch_base, m->params, m->grads, m->router_bias, m->counts, m->loads,
                     m->zloss, m->tokens, m->targets, m->resid, m->lnf, m->lnf_rstd, m->loss, m->lse,
                     m->dx, m->dlnf, m->doc_start, m->doc_id, m->pos};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) be->free(bufs[i]);
     free(m->host_doc);
-    free(m->load_accum);
-    free(m->host_counts);
-    free(m->host_loads);
     free(m->host_loss);
     free(m->host_targets);
     free(m->layers);
@@ -215,9 +210,7 @@ double model_forward(model *m, const int32_t *inputs, const int32_t *targets, do
         float zl[m->n_moe];
         be->to_host(zl, m->zloss, (size_t)m->n_moe * sizeof(float));
         for (int i = 0; i < m->n_moe; i++) z += zl[i];
-        be->to_host(m->host_counts, m->counts, m->n_moe * E * sizeof(int32_t));
-        if (m->count_loads)
-            for (size_t i = 0; i < m->n_moe * E; i++) m->load_accum[i] += m->host_counts[i];
+        if (m->count_loads) be->add_i32(m->loads, m->counts, m->n_moe * E);
     }
     if (zloss) *zloss = z;
     return valid ? sum / valid : 0.0;
@@ -252,10 +245,10 @@ void model_backward(model *m, float scale, float zscale)
 
 void model_zero_grad(model *m) { m->be->zero(m->grads, m->table.total * sizeof(float)); }
 
-int64_t *model_take_loads(model *m)
+int32_t *model_loads(model *m) { return m->loads; }
+
+void model_reset_loads(model *m)
 {
     size_t n = (size_t)m->n_moe * (size_t)(m->cfg.use_moe ? m->cfg.moe_E : 0);
-    memcpy(m->host_loads, m->load_accum, n * sizeof(int64_t));
-    memset(m->load_accum, 0, n * sizeof(int64_t));
-    return m->host_loads;
+    m->be->zero(m->loads, n * sizeof(int32_t));
 }

@@ -29,8 +29,8 @@ typedef struct model {
     int n_moe;            /* MoE layers */
     float *router_bias;   /* [n_moe * E] selection biases (buffers, not trained by gradients) */
     int32_t *counts;      /* [n_moe * E] routing loads of the last forward */
+    int32_t *loads;       /* [n_moe * E] routing loads summed since model_reset_loads */
     float *zloss;         /* [n_moe] z-loss of each MoE layer in the last forward */
-    int64_t *load_accum;  /* host [n_moe * E]: loads summed since model_take_loads */
     int B, T;             /* micro-batch shape the buffers were planned for */
     model_layer *layers;  /* [n_layer] */
     /* top-level buffers */
@@ -46,13 +46,11 @@ typedef struct model {
     double last_loss_sum; /* their summed cross-entropy */
     float zscale;         /* weight of the z-losses in the running backward */
     size_t scratch_cap;
-    int32_t *host_counts; /* host [n_moe * E] */
-    int64_t *host_loads;  /* host [n_moe * E], returned by model_take_loads */
     int wte, ln_f;        /* table indices */
     int32_t eot_token;    /* documents end with this token (--doc_mask); -1: none */
     int32_t *doc_start, *doc_id, *pos; /* [B*T] backend memory, only with --doc_mask */
     int32_t *host_doc;    /* host [3 * B*T] staging for the three above */
-    int count_loads;      /* forwards add their routing loads to load_accum (off for evaluation) */
+    int count_loads;      /* forwards add their routing loads to loads (off for evaluation) */
     /* distributed runtime (NULL / 1 on one rank) */
     struct dist *dist;
     int ep;               /* ranks the routed experts are split over; this rank holds E / ep */
@@ -93,9 +91,11 @@ void model_backward(model *m, float scale, float zscale);
 
 void model_zero_grad(model *m);
 
-/* Host copy of the routing loads summed over forwards since the last call, [n_moe * E]
- * (the model's buffer: a caller may sum it over ranks in place); resets the sums. */
-int64_t *model_take_loads(model *m);
+/* The routing loads summed over the forwards since the last model_reset_loads, in
+ * backend memory [n_moe * E] (the model's buffer: a caller may sum it over ranks in
+ * place); they stay on the device, so no forward waits for them. */
+int32_t *model_loads(model *m);
+void model_reset_loads(model *m);
 
 /* A parameter tensor's pointer in backend memory (params or grads buffer). */
 static inline float *model_param(const model *m, int idx) { return m->params + m->table.items[idx].offset; }

@@ -182,19 +182,10 @@ void optim_step(optimizer *o, model *m, double lr)
     }
 }
 
-void optim_router_bias_update(model *m, const int64_t *loads, int64_t tokens)
+void optim_router_bias_update(model *m, const int32_t *loads, int64_t tokens)
 {
     const config *c = &m->cfg;
     if (!m->n_moe) return;
-    size_t E = (size_t)c->moe_E, n = (size_t)m->n_moe * E;
-    float *b = xmalloc(n * sizeof(float));
-    m->be->to_host(b, m->router_bias, n * sizeof(float));
-    /* compare load * E with tokens * k exactly in integers: no rounding of "expected" */
-    for (size_t i = 0; i < n; i++) {
-        int64_t lhs = loads[i] * (int64_t)E, rhs = tokens * (int64_t)c->moe_k;
-        float sign = lhs > rhs ? 1.0f : (lhs < rhs ? -1.0f : 0.0f);
-        b[i] -= c->router_bias_update_rate * sign;
-    }
-    m->be->from_host(m->router_bias, b, n * sizeof(float));
-    free(b);
+    m->be->router_bias_update(m->router_bias, loads, m->n_moe, c->moe_E, tokens, c->moe_k,
+                              c->router_bias_update_rate);
 }

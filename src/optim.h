@@ -53,8 +53,8 @@ void optim_clip(model *m, double norm);
  * work is split, not repeated) and the updated parameters are all-gathered. */
 void optim_step(optimizer *o, model *m, double lr);
 
-/* b_e -= gamma * sign(load_e - tokens * k / E) for every MoE layer (MODEL.md section 5);
- * loads: host [n_moe * E] summed over the step. */
-void optim_router_bias_update(model *m, const int64_t *loads, int64_t tokens);
+/* b_e -= gamma * sign(load_e - tokens * k / E) for every MoE layer (MODEL.md section 5),
+ * on the backend; loads: backend memory [n_moe * E] summed over the step (model_loads). */
+void optim_router_bias_update(model *m, const int32_t *loads, int64_t tokens);
 
 #endif

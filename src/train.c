@@ -132,13 +132,14 @@ void trainer_grads(trainer *tr, const int32_t *inputs, const int32_t *targets, s
 void trainer_apply(trainer *tr, step_stats *st)
 {
     model *m = &tr->model;
-    int64_t *loads = model_take_loads(m);
+    int32_t *loads = model_loads(m);
     int world = tr->dist ? tr->dist->world : 1;
-    if (world > 1) dist_allreduce_host_i64(tr->dist, DIST_WORLD, loads, m->n_moe * (m->cfg.use_moe ? m->cfg.moe_E : 0));
+    if (world > 1) dist_allreduce_i32(tr->dist, DIST_WORLD, loads, (size_t)m->n_moe * (m->cfg.use_moe ? m->cfg.moe_E : 0));
     optim_clip(m, st->grad_norm);
     optim_step(&tr->opt, m, st->lr);
     int64_t tokens = (int64_t)tr->cfg.gradient_accumulation_steps * m->B * m->T * world;
     optim_router_bias_update(m, loads, tokens);
+    model_reset_loads(m);
     tr->it++;
 }
 
@@ -448,7 +449,7 @@ int train_main(const config *c)
             }
             tr.skipped++;
             tr.it++;
-            model_take_loads(&tr.model);
+            model_reset_loads(&tr.model);
             if (lead)
                 fprintf(stderr, "deltamla: warning: step %d skipped: non-finite loss or gradient norm (%lld skipped so far)\n",
                     it, (long long)tr.skipped);

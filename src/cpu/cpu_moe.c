@@ -285,3 +285,18 @@ void cpu_moe_experts_backward(real *dx, real *dgate, real *dw1, real *dw2, const
     free(start);
     free(pairs);
 }
+
+void cpu_add_i32(int32_t *y, const int32_t *x, size_t n)
+{
+    for (size_t i = 0; i < n; i++) y[i] += x[i];
+}
+
+void cpu_router_bias_update(real *bias, const int32_t *loads, int rows, int E, int64_t tokens, int k, real rate)
+{
+    const int64_t expected = tokens * (int64_t)k;
+    for (size_t i = 0; i < (size_t)rows * E; i++) {
+        const int64_t lhs = (int64_t)loads[i] * E;
+        const real sign = lhs > expected ? (real)1 : (lhs < expected ? (real)-1 : (real)0);
+        bias[i] -= rate * sign;
+    }
+}

@@ -94,6 +94,8 @@ void cpu_attention_backward(real *dq, real *dk, real *dv, const real *dout, cons
 /* moe */
 void cpu_moe_route_forward(int32_t *idx, real *gate, int32_t *counts, real *zloss_out,
                            const real *z, const real *bias, int N, int E, int k, real zcoef);
+void cpu_add_i32(int32_t *y, const int32_t *x, size_t n);
+void cpu_router_bias_update(real *bias, const int32_t *loads, int rows, int E, int64_t tokens, int k, real rate);
 void cpu_moe_route_backward(real *dz, const real *dgate, real dzloss, const real *z,
                             const int32_t *idx, int N, int E, int k, real zcoef);
 void cpu_moe_experts_forward(real *y, real *save, const real *x, const int32_t *idx,

@@ -432,6 +432,37 @@ static void test_experts(gt_ctx *g, int N, int E, int k, int in, int h, int out)
     free(dw2_c);
 }
 
+/* Routing loads summed on the device and the router-bias update, GPU vs CPU: exact. */
+static void test_bias_update(gt_ctx *g, int rows, int E, int k, int64_t tokens)
+{
+    size_t n = (size_t)rows * E;
+    int32_t *l1 = gt_rand_int(g, n, 0, (int32_t)(2 * tokens * k / E + 2));
+    int32_t *l2 = gt_rand_int(g, n, 0, (int32_t)(2 * tokens * k / E + 2));
+    float *b = gt_rand(g, n, -1, 1);
+    int32_t *d_l = gt_up_int(g, l1, n), *d_l2 = gt_up_int(g, l2, n);
+    float *d_b = gt_up(g, b, n);
+    g->gpu->add_i32(d_l, d_l2, n);
+    g->cpu->add_i32(l1, l2, n);
+    g->gpu->router_bias_update(d_b, d_l, rows, E, tokens, k, 0.001f);
+    g->cpu->router_bias_update(b, l1, rows, E, tokens, k, 0.001f);
+    int32_t *gl = malloc(n * sizeof *gl);
+    g->gpu->to_host(gl, d_l, n * sizeof *gl);
+    float *gb = gt_down(g, d_b, n);
+    char what[128];
+    snprintf(what, sizeof what, "add_i32 of routing loads, %d x %d", rows, E);
+    gt_same_bits(what, gl, l1, n * sizeof *gl);
+    snprintf(what, sizeof what, "router_bias_update %d x %d, %lld tokens, k %d", rows, E, (long long)tokens, k);
+    gt_same_bits(what, gb, b, n * sizeof *gb);
+    free(l1);
+    free(l2);
+    free(b);
+    free(gl);
+    free(gb);
+    g->gpu->free(d_l);
+    g->gpu->free(d_l2);
+    g->gpu->free(d_b);
+}
+
 int main(void)
 {
     gt_ctx g;
@@ -444,6 +475,9 @@ int main(void)
     test_experts(&g, 7, 5, 2, 13, 6, 11);
     test_experts(&g, 2048, 128, 12, 256, 256, 256);
     test_experts(&g, 512, 32, 3, 1024, 1024, 1024);
+
+    test_bias_update(&g, 4, 128, 12, 16384);
+    test_bias_update(&g, 3, 8, 2, 9);
 
     printf("%s: %d failure(s)\n", gt_failures() ? "FAIL" : "PASS", gt_failures());
     return gt_failures() != 0;

@@ -306,6 +306,35 @@ static void test_experts(uint64_t *st)
     free(ey), free(esave), free(dx), free(dgate), free(dw1), free(dw2), free(num), free(g1), free(g3);
 }
 
+/* The router-bias update against its definition: a load above tokens k / E lowers the
+ * bias by rate, one below raises it, an exact one (compared in integers) leaves it; and
+ * add_i32 sums loads. */
+static void test_bias_update(void)
+{
+    const int rows = 2, E = 6, k = 2;
+    const int64_t tokens = 9; /* expected load 9 * 2 / 6 = 3 exactly */
+    int32_t loads[12] = {3, 4, 2, 0, 18, 3, 1, 3, 5, 3, 3, 0};
+    real bias[12], want[12];
+    for (int i = 0; i < rows * E; i++) {
+        bias[i] = (real)(0.25 * i - 1.0);
+        real sign = loads[i] > 3 ? 1 : (loads[i] < 3 ? -1 : 0);
+        want[i] = bias[i] - (real)0.001 * sign;
+    }
+    cpu_router_bias_update(bias, loads, rows, E, tokens, k, (real)0.001);
+    int ok = 1;
+    for (int i = 0; i < rows * E; i++) ok &= bias[i] == want[i];
+    gc_report("router_bias_update: over-loaded experts go down by rate, under-loaded up, exact loads stay", ok, "");
+    /* 7 tokens, k 3, E 6: expected 3.5 is not an integer; 3 is below and 4 above */
+    int32_t l2[6] = {3, 4, 3, 4, 0, 7};
+    real b2[6] = {0, 0, 0, 0, 0, 0};
+    cpu_router_bias_update(b2, l2, 1, 6, 7, 3, (real)0.5);
+    gc_report("router_bias_update: a fractional expected load (3.5) is compared exactly",
+              b2[0] == 0.5 && b2[1] == -0.5 && b2[2] == 0.5 && b2[3] == -0.5 && b2[4] == 0.5 && b2[5] == -0.5, "");
+    int32_t y[5] = {1, 2, 3, 4, 5}, x[5] = {10, 0, -3, 7, 100};
+    cpu_add_i32(y, x, 5);
+    gc_report("add_i32 adds element by element", y[0] == 11 && y[1] == 2 && y[2] == 0 && y[3] == 11 && y[4] == 105, "");
+}
+
 int main(void)
 {
     uint64_t st = 0x0e0e5eedULL;
@@ -316,5 +345,6 @@ int main(void)
     for (int a = 0; a < 2; a++)
         for (int b = 0; b < 2; b++) test_route_backward(Es[a], ks[b], &st);
     test_experts(&st);
+    test_bias_update();
     return gc_failures() != 0;
 }
