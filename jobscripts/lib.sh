@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # lib.sh: what the job scripts share, sourced by train.sbatch, train-multinode.sbatch,
 # prep.sbatch, scaling.sbatch and train.sh (not run on its own).
 #
@@ -69,7 +70,7 @@ dm_check_data() {
 # dm_check_outdir DIR: creates DIR if needed; it must be writable
 dm_check_outdir() {
     mkdir -p "$1" 2>/dev/null || dm_die "cannot create the output directory $1"
-    [ -w "$1" ] && [ -x "$1" ] || dm_die "the output directory $1 is not writable"
+    { [ -w "$1" ] && [ -x "$1" ]; } || dm_die "the output directory $1 is not writable"
 }
 
 # dm_seed_flags: appends to DM_FLAGS the flags for the seed launcher's variables that are set

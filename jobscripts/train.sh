@@ -20,6 +20,7 @@
 # resumes.
 set -u
 DM_LIB_DIR=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$DM_LIB_DIR/lib.sh"
 
 case "${1:-}" in

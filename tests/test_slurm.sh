@@ -13,7 +13,7 @@
 # Prints "ok - ..." / "not ok - ..." lines; without root or without the Slurm packages it
 # prints one "ok - # SKIP" line and exits 0. About a minute on two cores.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 # Ranks (tasks) of the training and scaling jobs. deltamla trains on one rank until
 # multi-rank training lands; then set 2 here (or TEST_TRAIN_RANKS=2 in the environment).
 TEST_TRAIN_RANKS=${TEST_TRAIN_RANKS:-1}
