@@ -133,7 +133,7 @@ dm_train_flags() {
 }
 
 # dm_srun_mpi: sets DM_MPI to srun's --mpi plugin: DELTAMLA_SRUN_MPI, else pmix when this
-# Slurm lists it (Open MPI and MPICH both start under it), else pmi2, else none
+# Slurm lists it (Open MPI starts under it), else pmi2, else none
 dm_srun_mpi() {
     if [ -n "${DELTAMLA_SRUN_MPI:-}" ]; then
         DM_MPI=$DELTAMLA_SRUN_MPI

@@ -106,8 +106,8 @@ else
     ok "# SKIP Lmod is not installed (apt-get install lmod)"
 fi
 modulecmd=""
-for c in "${ENVIRONMENT_MODULES_CMD:-}" /usr/share/modules/libexec/modulecmd.tcl /usr/lib/x86_64-linux-gnu/modulecmd.tcl \
-    /opt/environment-modules/usr/lib/x86_64-linux-gnu/modulecmd.tcl; do
+for c in "${ENVIRONMENT_MODULES_CMD:-}" /usr/share/modules/libexec/modulecmd.tcl /usr/lib/*/modulecmd.tcl \
+    /opt/environment-modules/usr/lib/*/modulecmd.tcl; do
     [ -n "$c" ] && [ -r "$c" ] && command -v tclsh >/dev/null && { modulecmd=$c; break; }
 done
 if [ -n "$modulecmd" ]; then
