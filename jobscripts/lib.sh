@@ -169,9 +169,11 @@ dm_max_iters() {
 # dm_run_forwarding CMD...: runs CMD in the background and waits for it. SIGUSR1 and
 # SIGTERM to this shell (Slurm's --signal=B:USR1@120, scancel --batch) are passed on to
 # the job's steps, whose ranks then finish their step, save and exit 0. Sets DM_RC to
-# CMD's exit status and DM_SIGNAL to the name of the signal received ("" if none).
+# CMD's exit status and DM_SIGNAL to the name of the signal received. A signal that came
+# before (DM_SIGNAL already set) means CMD does not start at all (DM_RC 0).
 dm_run_forwarding() {
-    DM_SIGNAL=""
+    DM_RC=0
+    [ -z "${DM_SIGNAL:-}" ] || return 0
     "$@" &
     local pid=$!
     trap 'dm_forward USR1 '"$pid" USR1
@@ -204,6 +206,10 @@ dm_train_job() {
     local batch=${1:-8} block=${2:-2048} out=${3:-out} resume=${4:-auto} opt=${5:-muon}
     [ $# -le 5 ] || dm_die "$script takes at most 5 arguments (batch_size block_size output_dir resume optimizer), got $#; put other flags in DELTAMLA_FLAGS"
     dm_require_slurm "$script"
+    # a signal during the checks below is remembered and acted on instead of starting
+    DM_SIGNAL=""
+    trap 'DM_SIGNAL=USR1' USR1
+    trap 'DM_SIGNAL=TERM' TERM
     local restarts=${SLURM_RESTART_COUNT:-0} max_restarts=${DELTAMLA_MAX_RESTARTS:-20}
     dm_find_bin
     dm_train_flags "$batch" "$block" "$out" "$resume" "$opt" "$restarts"
