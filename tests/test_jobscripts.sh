@@ -212,6 +212,22 @@ if command -v shellcheck >/dev/null; then
     shellcheck -x jobscripts/*.sbatch jobscripts/*.sh >"$tmp/sc.log" 2>&1 && ok "shellcheck finds nothing in the job scripts" || nok "shellcheck" "$(head -n 5 "$tmp/sc.log")"
 fi
 
+# srun's MPI plugin: pmix where `srun --mpi=list` has it, else pmi2, else none, each said
+mpi_choice() { # plugins listed by a stand-in srun -> "DM_MPI | what the job says"
+    mkdir -p "$tmp/srun_$1"
+    printf '#!/bin/sh\necho "MPI plugin types are..."\nfor p in %s; do printf "\\t%%s\\n" "$p"; done\n' "${1//_/ }" >"$tmp/srun_$1/srun"
+    chmod +x "$tmp/srun_$1/srun"
+    PATH=$tmp/srun_$1:$PATH bash -c '. jobscripts/lib.sh; dm_srun_mpi; echo "$DM_MPI |"' 2>&1 | tr '\n' ' '
+}
+out=$(mpi_choice none_pmix_pmi2)
+[[ "$out" == "pmix | "* ]] && ! grep -q note <<<"$out" && ok "srun --mpi=list with pmix: --mpi=pmix" || nok "pmix choice" "$out"
+out=$(mpi_choice none_pmi2)
+grep -q "note: this Slurm has no PMIx plugin (srun --mpi=list: MPI plugin types are... none pmi2 ); using --mpi=pmi2" <<<"$out" &&
+    [[ "$out" == *"pmi2 | "* ]] && ok "no pmix: --mpi=pmi2, and the job says why" || nok "pmi2 fallback" "$out"
+out=$(mpi_choice none)
+grep -q "note: this Slurm has neither a PMIx nor a PMI-2 plugin; using --mpi=none" <<<"$out" && [[ "$out" == *"none | "* ]] &&
+    ok "neither: --mpi=none, and the job says it starts one rank only" || nok "none fallback" "$out"
+
 # ---- plot_scaling.py ----
 cat >"$tmp/s.csv" <<'EOF'
 mode,nodes,ranks,batch_per_rank,accumulation,global_batch,block_size,tokens_per_s,tokens_per_s_per_rank,efficiency
