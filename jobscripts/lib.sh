@@ -4,8 +4,8 @@
 #
 # It finds the deltamla binary, turns the seed launcher's positional arguments and
 # environment variables into deltamla flags, checks the data and the output directory,
-# picks srun's MPI plugin, and runs one training step of a job with the signal handling
-# that a requeue chain needs. Every check that fails prints one line starting with
+# picks srun's MPI plugin, and runs the training of a job with the signal handling that
+# a requeue chain needs. Every check that fails prints one line starting with
 # "deltamla job: error:" that names what is missing, and exits 1.
 #
 # Variables read (all optional unless a script says otherwise):
@@ -26,7 +26,8 @@ dm_die() {
     exit 1
 }
 
-# dm_lib_dir: the directory this file is in (set by the script that sources it)
+# DM_LIB_DIR: the directory this file is in (the job scripts set it before sourcing,
+# since sbatch runs them from a copy)
 DM_LIB_DIR=${DM_LIB_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
 
 # dm_find_bin: sets DM_BIN to an executable deltamla, or stops naming where it looked
@@ -128,8 +129,15 @@ dm_train_flags() {
     dm_check_outdir "$out"
     dm_resume_flags "$out" "$resume" "$restarts"
     dm_seed_flags
-    # shellcheck disable=SC2206 # DELTAMLA_FLAGS is a list of words on purpose
-    DM_FLAGS+=(${DELTAMLA_FLAGS:-})
+    dm_extra_flags
+}
+
+# dm_extra_flags: appends DELTAMLA_FLAGS to DM_FLAGS, split into words at blanks (no
+# quoting inside it, and no file-name expansion)
+dm_extra_flags() {
+    local extra=()
+    read -r -a extra <<<"${DELTAMLA_FLAGS:-}"
+    DM_FLAGS+=("${extra[@]}")
 }
 
 # dm_srun_mpi: sets DM_MPI to srun's --mpi plugin: DELTAMLA_SRUN_MPI, else pmix when this
