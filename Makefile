@@ -1,6 +1,7 @@
 # deltamla build.
 #   make            bin/deltamla (CPU backend; CUDA kernels too when nvcc is found)
 #   make test       every CPU test (the README's test command)
+#   make install PREFIX=/opt/deltamla/0.1.0   the binary, job scripts, modulefiles, docs
 #   make clean
 # MPI, CUDA, NCCL and HDF5 are found through their compiler wrappers, pkg-config or
 # *_HOME variables (MPI: mpicc on PATH or MPICC=; CUDA: nvcc on PATH or CUDA_HOME;
@@ -77,7 +78,7 @@ DBL_OBJS := $(patsubst %.c,build/dbl/%.o,$(wildcard src/cpu/*.c)) build/dbl/test
 OPS_TESTS := $(patsubst tests/ops/%.c,build/tests/%,$(filter-out tests/ops/gradcheck.c,$(wildcard tests/ops/*.c)))
 LIB_TESTS := $(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c))
 
-.PHONY: all test clean found tests-build gpu-tests-build gpu-test bench
+.PHONY: all test clean found tests-build gpu-tests-build gpu-test bench install
 .SECONDARY:
 all: found bin/deltamla
 
@@ -146,6 +147,39 @@ bench: build/bench/bench_step build/bench/bench_alltoall
 
 gpu-test: found gpu-tests-build
 	bash tests/gpu/run_gpu_tests.sh
+
+# ---- install ----
+# PREFIX/bin/deltamla, PREFIX/share/deltamla/{jobscripts,doc}, and the modulefiles
+# PREFIX/modulefiles/deltamla/VERSION.lua (Lmod) and VERSION (Tcl) with PREFIX, VERSION and
+# the prerequisite module names written in. The names default to the MPI, CUDA and HDF5
+# modules loaded while make runs (LOADEDMODULES), else openmpi, cuda (CUDA builds only) and
+# hdf5; MODULE_MPI=, MODULE_CUDA=, MODULE_HDF5= set them. DESTDIR stages the tree elsewhere.
+VERSION := $(shell sed -n 's/^\#define DELTAMLA_VERSION "\(.*\)"/\1/p' src/version.h)
+PREFIX ?= /usr/local
+loaded_module = $(shell printf '%s\n' "$$LOADEDMODULES" | tr ':' '\n' | grep -i -- '$(1)' | grep -vi -- '$(2)' | head -n 1)
+MODULE_MPI ?= $(or $(call loaded_module,mpi,hdf5),openmpi)
+MODULE_HDF5 ?= $(or $(call loaded_module,hdf5,^$$),hdf5)
+MODULE_CUDA ?= $(if $(filter yes,$(HAVE_CUDA)),$(or $(call loaded_module,cuda,^$$),cuda))
+JOBSCRIPTS := $(wildcard jobscripts/*.sbatch) jobscripts/train.sh jobscripts/plot_scaling.py
+modulefile_subst = sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(VERSION)|g' -e 's|@MODULE_MPI@|$(MODULE_MPI)|g' \
+	-e 's|@MODULE_CUDA@|$(MODULE_CUDA)|g' -e 's|@MODULE_HDF5@|$(MODULE_HDF5)|g'
+
+install: all
+	@test -n "$(VERSION)" || { echo "make install: no DELTAMLA_VERSION in src/version.h"; exit 1; }
+	@case "$(PREFIX)" in /*) ;; *) echo "make install: PREFIX must be an absolute path (got '$(PREFIX)')"; exit 1;; esac
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/deltamla/jobscripts \
+		$(DESTDIR)$(PREFIX)/share/deltamla/doc/io $(DESTDIR)$(PREFIX)/modulefiles/deltamla
+	install -m 755 bin/deltamla $(DESTDIR)$(PREFIX)/bin/deltamla
+	install -m 755 $(JOBSCRIPTS) $(DESTDIR)$(PREFIX)/share/deltamla/jobscripts/
+	install -m 644 jobscripts/lib.sh jobscripts/README.md $(DESTDIR)$(PREFIX)/share/deltamla/jobscripts/
+	install -m 644 README.md $(DESTDIR)$(PREFIX)/share/deltamla/doc/
+	install -m 644 io/*.md $(DESTDIR)$(PREFIX)/share/deltamla/doc/io/
+	$(modulefile_subst) modulefiles/deltamla/deltamla.lua.in >$(DESTDIR)$(PREFIX)/modulefiles/deltamla/$(VERSION).lua
+	$(modulefile_subst) modulefiles/deltamla/deltamla.tcl.in >$(DESTDIR)$(PREFIX)/modulefiles/deltamla/$(VERSION)
+	chmod 644 $(DESTDIR)$(PREFIX)/modulefiles/deltamla/$(VERSION).lua $(DESTDIR)$(PREFIX)/modulefiles/deltamla/$(VERSION)
+	@echo "installed deltamla $(VERSION) in $(PREFIX); the modulefiles load, where this site has them:" \
+		"$(or $(MODULE_MPI),-) $(or $(MODULE_CUDA),-) $(or $(MODULE_HDF5),-)"
+	@echo "use it: module use $(PREFIX)/modulefiles && module load deltamla"
 
 clean:
 	rm -rf build bin

@@ -11,8 +11,7 @@
 #include "params.h"
 #include "train.h"
 #include "util.h"
-
-#define DELTAMLA_VERSION "0.1.0"
+#include "version.h"
 
 static void usage(FILE *f)
 {
