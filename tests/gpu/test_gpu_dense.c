@@ -1,6 +1,6 @@
 /* test_gpu_dense.c: the dense ops of the CUDA backend against the CPU oracle: the
  * Linear layer (matmul forward/backward), the chunked tied head + cross-entropy
- * (classifier forward/backward) and the optimizers (AdamW, Muon).
+ * (classifier forward/backward) and the optimizers (AdamW, Muon, Muon batches).
  *
  * Every op runs on the GPU and on the CPU with the same random inputs. Forward outputs
  * are NaN-poisoned on the GPU first, so an element the kernel forgets to write fails.
