@@ -136,6 +136,11 @@ static void cost_muon_update(float *p, const float *g, float *b, float *w, int r
     charge(5 * (4 * m * m * n + 2 * m * m * m), F4 * 6.0 * m * n);
 }
 
+static void cost_muon_update_batch(float *const *p, const float *const *g, float *const *b, float *w, int count, int rows, int cols, float lr, float mu, float wd)
+{
+    for (int i = 0; i < count; i++) cost_muon_update(p[i], g[i], b[i], w, rows, cols, lr, mu, wd);
+}
+
 static void t_zero(void *p, size_t bytes)
 {
     double t0 = begin();
@@ -457,6 +462,14 @@ static void t_muon_update(float *p, const float *g, float *buf, float *work, int
     cost_muon_update(p, g, buf, work, rows, cols, lr, mu, wd);
 }
 
+static void t_muon_update_batch(float *const *p, const float *const *g, float *const *buf, float *work, int count, int rows, int cols, float lr, float mu, float wd)
+{
+    double t0 = begin();
+    inner->muon_update_batch(p, g, buf, work, count, rows, cols, lr, mu, wd);
+    end(FAM_OPTIMIZER, t0);
+    cost_muon_update_batch(p, g, buf, work, count, rows, cols, lr, mu, wd);
+}
+
 const backend *timed_backend(const backend *in)
 {
     inner = in;
@@ -501,6 +514,7 @@ const backend *timed_backend(const backend *in)
     timed.classifier_backward = t_classifier_backward;
     timed.adamw_update = t_adamw_update;
     timed.muon_update = t_muon_update;
+    timed.muon_update_batch = t_muon_update_batch;
     timed_reset();
     return &timed;
 }

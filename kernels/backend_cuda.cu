@@ -177,6 +177,7 @@ extern "C" const backend *backend_cuda(int device)
     b.classifier_backward = cuda_classifier_backward;
     b.adamw_update = cuda_adamw_update;
     b.muon_update = cuda_muon_update;
+    b.muon_update_batch = cuda_muon_update_batch;
     cuda_backend = b;
     return &cuda_backend;
 }

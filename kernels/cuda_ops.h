@@ -109,6 +109,8 @@ void cuda_adamw_update(float *p, const float *g, float *m, float *v, size_t n, f
                        float beta2, float eps, float wd, int step);
 void cuda_muon_update(float *p, const float *g, float *buf, float *work, int rows, int cols, float lr,
                       float mu, float wd);
+void cuda_muon_update_batch(float *const *p, const float *const *g, float *const *buf, float *work,
+                            int count, int rows, int cols, float lr, float mu, float wd);
 
 #ifdef __cplusplus
 }

@@ -202,12 +202,26 @@ typedef struct backend {
      * work: muon_work_floats(rows, cols) floats of scratch. */
     void (*muon_update)(float *p, const float *g, float *buf, float *work, int rows, int cols,
                         float lr, float mu, float wd);
+    /* muon_update for `count` (1 to MUON_BATCH_MAX) matrices of one shape [rows, cols] in
+     * one call: the same math as `count` calls of muon_update, each matrix on its own
+     * (its own norm). p, g, buf: host arrays of `count` backend pointers to distinct,
+     * non-overlapping matrices. work: muon_batch_work_floats(count, rows, cols) floats of
+     * scratch. The CUDA backend runs the Newton-Schulz GEMMs of the batch as batched
+     * GEMMs, so its bits may differ from muon_update's (not from run to run). */
+    void (*muon_update_batch)(float *const *p, const float *const *g, float *const *buf, float *work,
+                              int count, int rows, int cols, float lr, float mu, float wd);
 } backend;
 
 /* floats of state_save for gdn_forward: one D x D state per (b, h, chunk start) */
 size_t gdn_state_floats(int B, int T, int H, int D);
 /* scratch floats muon_update needs for a rows x cols matrix */
 size_t muon_work_floats(int rows, int cols);
+/* the most matrices one muon_update_batch call takes */
+#define MUON_BATCH_MAX 64
+/* scratch floats muon_update_batch needs for count matrices of rows x cols: count times
+ * muon_work_floats with each piece rounded up to 64 floats (256-byte aligned matrices
+ * for the batched GEMMs) */
+size_t muon_batch_work_floats(int count, int rows, int cols);
 
 #define GDN_CHUNK 64
 

@@ -92,6 +92,7 @@ static const backend cpu_backend = {
     .classifier_backward = cpu_classifier_backward,
     .adamw_update = cpu_adamw_update,
     .muon_update = cpu_muon_update,
+    .muon_update_batch = cpu_muon_update_batch,
 };
 
 const backend *backend_cpu(void) { return &cpu_backend; }

@@ -13,6 +13,9 @@
 #define ADAMW_EPS 1e-8f
 #define MUON_MOMENTUM 0.95f
 #define MUON_LR_SCALE 200.0
+/* the most Muon scratch one batch may take, in floats (256 MiB): three 8192x1024 or six
+ * 1024x4096 matrices, sixty-four of the small ones */
+#define MUON_BATCH_WORK_CAP ((size_t)1 << 26)
 
 /* Work of one tensor's update, for balancing ZeRO shards: AdamW is a pass over the
  * tensor; Muon's Newton-Schulz iterations cost about min(rows, cols) times more. */
@@ -65,6 +68,50 @@ static void partition(const optimizer *o, const param_table *t, int region, int 
     free(in_order);
 }
 
+/* matrices of rows x cols per muon_update_batch call: as many as MUON_BATCH_WORK_CAP
+ * allows, 1 to MUON_BATCH_MAX */
+static int muon_batch_cap(int rows, int cols)
+{
+    size_t cap = MUON_BATCH_WORK_CAP / muon_batch_work_floats(1, rows, cols);
+    return cap < 1 ? 1 : cap > MUON_BATCH_MAX ? MUON_BATCH_MAX : (int)cap;
+}
+
+/* Group the Muon matrices this rank holds by shape (in table order within a shape) and
+ * split each group into as few batches as the cap allows, of near-equal size. */
+static void plan_muon_batches(optimizer *o, const param_table *t)
+{
+    int n = 0;
+    int *held = xmalloc((size_t)(t->count + 1) * sizeof *held);
+    for (int i = 0; i < t->count; i++) {
+        const param_info *p = &t->items[i];
+        if (o->muon_mode && params_is_muon(p) && optim_state(o, o->m, p->offset)) held[n++] = i;
+    }
+    o->muon_items = xmalloc((size_t)(n + 1) * sizeof *o->muon_items);
+    o->muon_batches = xmalloc((size_t)(n + 1) * sizeof *o->muon_batches);
+    char *taken = xcalloc((size_t)n + 1, 1);
+    int k = 0, nb = 0;
+    for (int a = 0; a < n; a++) {
+        if (taken[a]) continue;
+        const int rows = (int)t->items[held[a]].shape[0], cols = (int)t->items[held[a]].shape[1];
+        const int start = k;
+        for (int b = a; b < n; b++) {
+            const param_info *p = &t->items[held[b]];
+            if (taken[b] || p->shape[0] != rows || p->shape[1] != cols) continue;
+            taken[b] = 1;
+            o->muon_items[k++] = held[b];
+        }
+        const int size = k - start, cap = muon_batch_cap(rows, cols), batches = (size + cap - 1) / cap;
+        for (int j = 0, at = start; j < batches; j++) {
+            const int count = size * (j + 1) / batches - size * j / batches;
+            o->muon_batches[nb++] = (optim_muon_batch){.rows = rows, .cols = cols, .count = count, .first = at};
+            at += count;
+        }
+    }
+    o->n_muon_batches = nb;
+    free(taken);
+    free(held);
+}
+
 void optim_init(optimizer *o, const model *m)
 {
     memset(o, 0, sizeof *o);
@@ -92,13 +139,12 @@ void optim_init(optimizer *o, const model *m)
     size_t n = optim_state_floats(o);
     o->m = m->be->alloc((n + 1) * sizeof(float));
     o->v = m->be->alloc((n + 1) * sizeof(float));
+    plan_muon_batches(o, t);
     size_t work = 1;
-    for (int i = 0; i < t->count; i++) {
-        const param_info *p = &t->items[i];
-        if (o->muon_mode && params_is_muon(p) && optim_state(o, o->m, p->offset)) {
-            size_t w = muon_work_floats((int)p->shape[0], (int)p->shape[1]);
-            if (w > work) work = w;
-        }
+    for (int b = 0; b < o->n_muon_batches; b++) {
+        const optim_muon_batch *mb = &o->muon_batches[b];
+        size_t w = muon_batch_work_floats(mb->count, mb->rows, mb->cols);
+        if (w > work) work = w;
     }
     o->work = m->be->alloc(work * sizeof(float));
     o->step = 0;
@@ -113,6 +159,8 @@ void optim_free(optimizer *o)
         free(o->seg_off[r]);
         free(o->seg_cnt[r]);
     }
+    free(o->muon_batches);
+    free(o->muon_items);
 }
 
 size_t optim_state_floats(const optimizer *o)
@@ -158,23 +206,53 @@ void optim_clip(model *m, double norm)
     m->be->scale_inplace(m->grads, (float)coef, m->table.total);
 }
 
+/* AdamW over [lo, hi) of the flat buffer: tensors adjacent there and held in one region,
+ * so their state is adjacent too */
+static void adamw_run(optimizer *o, model *m, size_t lo, size_t hi, double lr, float wd)
+{
+    if (hi <= lo) return;
+    o->be->adamw_update(m->params + lo, m->grads + lo, optim_state(o, o->m, lo), optim_state(o, o->v, lo), hi - lo,
+                        (float)lr, ADAMW_BETA1, ADAMW_BETA2, ADAMW_EPS, wd, o->step);
+}
+
 void optim_step(optimizer *o, model *m, double lr)
 {
     const config *c = &m->cfg;
+    const param_table *t = &m->table;
     o->step++;
-    for (int i = 0; i < m->table.count; i++) {
-        const param_info *p = &m->table.items[i];
-        float *w = model_param(m, i), *g = model_grad(m, i);
-        float *mm = optim_state(o, o->m, p->offset), *vv = optim_state(o, o->v, p->offset);
-        if (!mm) continue; /* another rank's shard */
-        if (o->muon_mode && params_is_muon(p)) {
-            o->be->muon_update(w, g, mm, o->work, (int)p->shape[0], (int)p->shape[1],
-                               (float)(MUON_LR_SCALE * lr), MUON_MOMENTUM, c->weight_decay);
-        } else {
-            float wd = (o->muon_mode || params_adamw_decays(p)) ? c->weight_decay : 0.0f;
-            o->be->adamw_update(w, g, mm, vv, p->numel, (float)lr, ADAMW_BETA1, ADAMW_BETA2, ADAMW_EPS,
-                                wd, o->step);
+    for (int b = 0; b < o->n_muon_batches; b++) {
+        const optim_muon_batch *mb = &o->muon_batches[b];
+        float *w[MUON_BATCH_MAX], *buf[MUON_BATCH_MAX];
+        const float *g[MUON_BATCH_MAX];
+        for (int j = 0; j < mb->count; j++) {
+            const int i = o->muon_items[mb->first + j];
+            w[j] = model_param(m, i);
+            g[j] = model_grad(m, i);
+            buf[j] = optim_state(o, o->m, t->items[i].offset);
         }
+        o->be->muon_update_batch(w, g, buf, o->work, mb->count, mb->rows, mb->cols, (float)(MUON_LR_SCALE * lr),
+                                 MUON_MOMENTUM, c->weight_decay);
+    }
+    /* AdamW in runs per region (0 dense, 1 experts: the table interleaves them), a run
+     * ending at a gap (a Muon matrix, another rank's tensor) or a change of decay */
+    for (int region = 0; region < 2; region++) {
+        size_t lo = 0, hi = 0;
+        float run_wd = 0;
+        for (int i = 0; i < t->count; i++) {
+            const param_info *p = &t->items[i];
+            if ((p->kind == PARAM_EXPERTS) != region || (o->muon_mode && params_is_muon(p))) continue;
+            if (!optim_state(o, o->m, p->offset)) continue; /* another rank's shard */
+            float wd = (o->muon_mode || params_adamw_decays(p)) ? c->weight_decay : 0.0f;
+            if (hi > lo && p->offset == hi && wd == run_wd) {
+                hi += p->numel;
+                continue;
+            }
+            adamw_run(o, m, lo, hi, lr, run_wd);
+            lo = p->offset;
+            hi = p->offset + p->numel;
+            run_wd = wd;
+        }
+        adamw_run(o, m, lo, hi, lr, run_wd);
     }
     if (o->zero) {
         dist_allgather_segments(o->dist, DIST_WORLD, m->params, o->seg_off[0], o->seg_cnt[0]);

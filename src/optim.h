@@ -10,6 +10,12 @@
 
 #include "model.h"
 
+/* A batch of held Muon matrices of one shape, updated by one muon_update_batch call:
+ * table indices muon_items[first .. first + count). */
+typedef struct optim_muon_batch {
+    int rows, cols, count, first;
+} optim_muon_batch;
+
 typedef struct optimizer {
     const backend *be;
     struct dist *dist; /* NULL on one process */
@@ -17,7 +23,7 @@ typedef struct optimizer {
     int zero;       /* --zero 1 on more than one rank: this rank keeps its shard of the state */
     float *m;       /* state of the tensors held here (optim_state maps a tensor to it): */
     float *v;       /*   m = AdamW first moment or Muon momentum, v = AdamW second moment */
-    float *work;    /* Muon scratch for the largest matrix */
+    float *work;    /* Muon scratch for the largest batch */
     int step;       /* optimizer steps taken so far */
     /* held[0] = [lo, hi) of the dense region and held[1] of the expert region whose
      * state this rank keeps and whose tensors it updates (everything without ZeRO) */
@@ -25,6 +31,10 @@ typedef struct optimizer {
     /* with ZeRO: every member's held range, [offset, count), per region and member
      * (region 0 over all ranks, region 1 over the ranks holding the same experts) */
     size_t *seg_off[2], *seg_cnt[2];
+    /* the held Muon matrices grouped by shape, in batches of bounded scratch (optim_init) */
+    int n_muon_batches;
+    optim_muon_batch *muon_batches;
+    int *muon_items;
 } optimizer;
 
 void optim_init(optimizer *o, const model *m);
@@ -50,7 +60,10 @@ void optim_clip(model *m, double norm);
 
 /* One update of every parameter with schedule lr `lr` (AdamW groups use lr, Muon 200 lr).
  * With ZeRO each rank updates the tensors it holds (whole matrices, so the Newton-Schulz
- * work is split, not repeated) and the updated parameters are all-gathered. */
+ * work is split, not repeated) and the updated parameters are all-gathered. The held
+ * Muon matrices go to the backend in batches of one shape (muon_update_batch), the
+ * AdamW tensors in runs adjacent in the buffer with one weight decay (one adamw_update
+ * over the run: elementwise, so the same values as one call per tensor). */
 void optim_step(optimizer *o, model *m, double lr);
 
 /* b_e -= gamma * sign(load_e - tokens * k / E) for every MoE layer (MODEL.md section 5),

@@ -125,5 +125,7 @@ void cpu_adamw_update(real *p, const real *g, real *m, real *v, size_t n, real l
                       real beta2, real eps, real wd, int step);
 void cpu_muon_update(real *p, const real *g, real *buf, real *work, int rows, int cols, real lr,
                      real mu, real wd);
+void cpu_muon_update_batch(real *const *p, const real *const *g, real *const *buf, real *work, int count,
+                           int rows, int cols, real lr, real mu, real wd);
 
 #endif

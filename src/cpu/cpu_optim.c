@@ -50,6 +50,16 @@ size_t muon_work_floats(int rows, int cols)
     return 2 * m * n + 2 * m * m;
 }
 
+/* The batch's matrices lie one after another in work, each piece rounded up to 64
+ * floats (see backend.h); the CPU runs them one at a time in the first slot. */
+static size_t round64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+size_t muon_batch_work_floats(int count, int rows, int cols)
+{
+    const size_t m = (size_t)(rows < cols ? rows : cols), n = (size_t)(rows < cols ? cols : rows);
+    return (size_t)count * (2 * round64(m * n) + 2 * round64(m * m));
+}
+
 /* Five Newton-Schulz steps on x [m, n] (m <= n), already normalised: each step
  * A = X X^T, Bm = b A + c A A, X <- a X + Bm X. xn [m, n], a [m, m], bm [m, m] are
  * scratch. Returns the buffer (x or xn) that holds the result. A is symmetric, so the
@@ -138,4 +148,13 @@ void cpu_muon_update(real *p, const real *g, real *buf, real *work, int rows, in
             const real decayed = (real)(decay * p[e]);
             p[e] = (real)(decayed - step * (double)o[tall ? (size_t)c * rows + r : e]);
         }
+}
+
+/* count matrices of one shape: count muon_update calls, one after another, in the first
+ * muon_work_floats(rows, cols) reals of work (muon_batch_work_floats is at least that),
+ * so each matrix gets exactly the bits a muon_update call gives it. */
+void cpu_muon_update_batch(real *const *p, const real *const *g, real *const *buf, real *work, int count,
+                           int rows, int cols, real lr, real mu, real wd)
+{
+    for (int i = 0; i < count; i++) cpu_muon_update(p[i], g[i], buf[i], work, rows, cols, lr, mu, wd);
 }

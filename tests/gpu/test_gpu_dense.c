@@ -1,6 +1,6 @@
 /* test_gpu_dense.c: the dense ops of the CUDA backend against the CPU oracle: the
  * Linear layer (matmul forward/backward), the chunked tied head + cross-entropy
- * (classifier forward/backward) and the optimizers (AdamW, Muon).
+ * (classifier forward/backward) and the optimizers (AdamW, Muon, Muon batches).
  *
  * Every op runs on the GPU and on the CPU with the same random inputs. Forward outputs
  * are NaN-poisoned on the GPU first, so an element the kernel forgets to write fails.
@@ -345,6 +345,71 @@ static void test_muon(gt_ctx *g, int rows, int cols)
     free(p0), free(p), free(buf), free(work), free(dg), free(dc);
 }
 
+/* Three Muon steps on `count` [rows, cols] matrices through muon_update_batch, against
+ * the CPU's batch (count muon_update calls): the same checks as test_muon on all the
+ * matrices at once, so a matrix updated with another's gradient, norm or momentum fails.
+ * The work buffer is NaN-poisoned before every step. */
+static void test_muon_batch(gt_ctx *g, int count, int rows, int cols)
+{
+    char name[256];
+    const float lr = 0.02f, mu = 0.95f, wd = 0.1f;
+    const size_t n = (size_t)rows * cols, all = (size_t)count * n;
+    const size_t nwork = muon_batch_work_floats(count, rows, cols);
+    float *p0 = gt_rand(g, all, -0.1f, 0.1f);
+    float *p = gt_host_copy(p0, all), *buf = xcalloc(all, sizeof(float)), *work = xmalloc(fbytes(nwork));
+    /* two GPU copies of every matrix and momentum buffer (one allocation each, matrix i at
+     * i n), stepped alike, for the determinism check */
+    float *gp[2], *gb[2];
+    for (int c = 0; c < 2; c++) {
+        gp[c] = gt_up(g, p0, all);
+        gb[c] = g->gpu->alloc(fbytes(all));
+    }
+    float *g_d = g->gpu->alloc(fbytes(all)), *work_d = g->gpu->alloc(fbytes(nwork));
+    float *hp_[MUON_BATCH_MAX], *hb_[MUON_BATCH_MAX], *dp[MUON_BATCH_MAX], *db[MUON_BATCH_MAX];
+    const float *hg_[MUON_BATCH_MAX], *dg_[MUON_BATCH_MAX];
+    for (int step = 1; step <= 3; step++) {
+        float *grad = gt_rand(g, all, -1, 1);
+        for (int i = 0; i < count; i++) {
+            hp_[i] = p + (size_t)i * n;
+            hb_[i] = buf + (size_t)i * n;
+            hg_[i] = grad + (size_t)i * n;
+        }
+        g->cpu->muon_update_batch(hp_, hg_, hb_, work, count, rows, cols, lr, mu, wd);
+        g->gpu->from_host(g_d, grad, fbytes(all));
+        for (int c = 0; c < 2; c++) {
+            for (int i = 0; i < count; i++) {
+                dp[i] = gp[c] + (size_t)i * n;
+                db[i] = gb[c] + (size_t)i * n;
+                dg_[i] = g_d + (size_t)i * n;
+            }
+            gt_poison(g, work_d, nwork);
+            g->gpu->muon_update_batch(dp, dg_, db, work_d, count, rows, cols, lr, mu, wd);
+        }
+        free(grad);
+    }
+    float *hp[2], *hb[2];
+    for (int c = 0; c < 2; c++) {
+        hp[c] = gt_down(g, gp[c], all);
+        hb[c] = gt_down(g, gb[c], all);
+    }
+    float *dgpu = diff(hp[0], p0, all), *dcpu = diff(p, p0, all);
+    snprintf(name, sizeof name, "muon_update_batch %d x %dx%d, 3 steps: p - p0", count, rows, cols);
+    gt_compare(name, dgpu, dcpu, all, 2e-2);
+    snprintf(name, sizeof name, "muon_update_batch %d x %dx%d, 3 steps: momentum buffers", count, rows, cols);
+    gt_compare(name, hb[0], buf, all, 1e-6);
+    snprintf(name, sizeof name, "muon_update_batch %d x %dx%d, 3 steps: p, buf deterministic", count, rows, cols);
+    gt_report(name, !memcmp(hp[0], hp[1], fbytes(all)) && !memcmp(hb[0], hb[1], fbytes(all)), "bitwise");
+
+    for (int c = 0; c < 2; c++) {
+        g->gpu->free(gp[c]);
+        g->gpu->free(gb[c]);
+        free(hp[c]), free(hb[c]);
+    }
+    g->gpu->free(g_d);
+    g->gpu->free(work_d);
+    free(p0), free(p), free(buf), free(work), free(dgpu), free(dcpu);
+}
+
 int main(void)
 {
     gt_ctx g;
@@ -369,6 +434,12 @@ int main(void)
     test_muon(&g, 1024, 256); /* tall: NS on the transpose */
     test_muon(&g, 256, 1024); /* wide */
     test_muon(&g, 300, 300);  /* square, not a multiple of any tile */
+
+    test_muon_batch(&g, 5, 256, 1024); /* wide */
+    test_muon_batch(&g, 3, 1024, 256); /* tall */
+    test_muon_batch(&g, 4, 12, 1024);  /* the gate projections: tiny, launch-bound alone */
+    test_muon_batch(&g, 3, 301, 300);  /* tall, strides padded to 64 floats */
+    test_muon_batch(&g, 1, 300, 300);  /* a batch of one */
 
     printf("# test_gpu_dense: %d failure(s)\n", gt_failures());
     return gt_failures() != 0;

@@ -10,7 +10,10 @@
  *     Jacobi rotations) lie in [0.5, 1.5] for well-conditioned inputs;
  *   - Muon: three steps (mu 0.95, wd 0.1) against the transcription, p and the momentum
  *     buffer, tall and wide; the work buffer of muon_work_floats(rows, cols) reals is
- *     enough (guard values past its end stay intact).
+ *     enough (guard values past its end stay intact);
+ *   - Muon batch: muon_update_batch on three matrices of one shape, three steps, gives
+ *     bit for bit what three muon_update calls give, and stays within a work buffer of
+ *     muon_batch_work_floats(3, rows, cols) reals.
  */
 #include "cpu_ops.h"
 #include "backend.h" /* muon_work_floats, defined in src/cpu/cpu_optim.c */
@@ -228,6 +231,40 @@ static void test_muon_steps(const char *shape, int rows, int cols, uint64_t *st)
     free(p), free(buf), free(g), free(work), free(ep), free(ebuf), free(nest), free(o);
 }
 
+static void test_muon_batch(const char *shape, int rows, int cols, uint64_t *st)
+{
+    enum { count = 3 };
+    const double lr = 0.02, mu = 0.95, wd = 0.1;
+    size_t ne = (size_t)rows * cols, nw = muon_batch_work_floats(count, rows, cols);
+    double *p[count], *buf[count], *g[count], *ep[count], *ebuf[count];
+    double *work = dalloc(nw + GUARD), *ework = work_new(rows, cols);
+    for (int i = 0; i < GUARD; i++) work[nw + i] = GUARD_VALUE;
+    for (int i = 0; i < count; i++) {
+        p[i] = dalloc(ne), buf[i] = dalloc(ne), g[i] = dalloc(ne), ep[i] = dalloc(ne), ebuf[i] = dalloc(ne);
+        gc_fill(p[i], ne, st, -0.5, 0.5);
+        memcpy(ep[i], p[i], ne * sizeof *p[i]);
+    }
+    for (int step = 0; step < 3; step++) {
+        for (int i = 0; i < count; i++) gc_fill(g[i], ne, st, -1, 1);
+        cpu_muon_update_batch(p, (const double *const *)g, buf, work, count, rows, cols, lr, mu, wd);
+        for (int i = 0; i < count; i++) cpu_muon_update(ep[i], g[i], ebuf[i], ework, rows, cols, lr, mu, wd);
+    }
+    int same = 1;
+    for (int i = 0; i < count; i++)
+        same &= !memcmp(p[i], ep[i], ne * sizeof *p[i]) && !memcmp(buf[i], ebuf[i], ne * sizeof *buf[i]);
+    int guard = 1;
+    for (int i = 0; i < GUARD; i++) guard &= work[nw + i] == GUARD_VALUE;
+    char what[160];
+    snprintf(what, sizeof what, "muon batch of %d %s %dx%d, 3 steps: p, buf bitwise as muon_update", count, shape,
+             rows, cols);
+    gc_report(what, same, NULL);
+    snprintf(what, sizeof what, "muon batch %s %dx%d: work buffer of muon_batch_work_floats is enough", shape, rows,
+             cols);
+    gc_report(what, guard, NULL);
+    for (int i = 0; i < count; i++) free(p[i]), free(buf[i]), free(g[i]), free(ep[i]), free(ebuf[i]);
+    free(work), free(ework);
+}
+
 int main(void)
 {
     uint64_t st = 0xad0a3b5eULL;
@@ -237,5 +274,7 @@ int main(void)
     test_ns5("square", 9, 9, &st);
     test_muon_steps("tall", 11, 6, &st);
     test_muon_steps("wide", 5, 9, &st);
+    test_muon_batch("tall", 11, 6, &st);
+    test_muon_batch("wide", 5, 9, &st);
     return gc_failures() != 0;
 }

@@ -1,0 +1,125 @@
+/* test_optim_step.c: optim_step (src/optim.c) on the CPU backend against one backend call
+ * per tensor, the plain loop over the table that it replaces.
+ *
+ * optim_step hands the Muon matrices to muon_update_batch in batches of one shape and
+ * the AdamW tensors to adamw_update in runs of tensors adjacent in the buffer. On the CPU
+ * both are exact regroupings (the batch is a loop over muon_update, AdamW is
+ * elementwise), so after three steps with new gradients the parameters and both state
+ * buffers must equal the per-tensor loop's bit for bit, in muon and in adamw mode. The
+ * batch plan itself is checked too: every held Muon matrix in exactly one batch, each
+ * batch of one shape and at most MUON_BATCH_MAX matrices.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model.h"
+#include "optim.h"
+#include "rng.h"
+#include "util.h"
+
+static int failures;
+
+static void check(int cond, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs(cond ? "ok - " : "not ok - ", stdout);
+    vprintf(fmt, ap);
+    fputc('\n', stdout);
+    va_end(ap);
+    fflush(stdout);
+    if (!cond) failures++;
+}
+
+/* config_parse on a space-separated flag string */
+static void parse_flags(config *c, const char *flags)
+{
+    char buf[512], *argv[64];
+    int argc = 0;
+    snprintf(buf, sizeof buf, "%s", flags);
+    for (char *tok = strtok(buf, " "); tok && argc < 64; tok = strtok(NULL, " ")) argv[argc++] = tok;
+    config_parse(c, argc, argv);
+}
+
+static void run_case(const char *name, const char *flags)
+{
+    config c;
+    parse_flags(&c, flags);
+    const backend *be = backend_cpu();
+    model m;
+    model_init(&m, &c, be, 1, 8);
+    const param_table *t = &m.table;
+    const size_t total = t->total;
+    optimizer o;
+    optim_init(&o, &m);
+
+    /* the plan: each Muon matrix once, batches of one shape within MUON_BATCH_MAX */
+    int *seen = xcalloc((size_t)t->count, sizeof *seen), plan_ok = 1, n_muon = 0;
+    for (int b = 0; b < o.n_muon_batches; b++) {
+        const optim_muon_batch *mb = &o.muon_batches[b];
+        plan_ok &= mb->count >= 1 && mb->count <= MUON_BATCH_MAX;
+        for (int j = 0; j < mb->count; j++) {
+            const param_info *p = &t->items[o.muon_items[mb->first + j]];
+            plan_ok &= p->shape[0] == mb->rows && p->shape[1] == mb->cols;
+            seen[o.muon_items[mb->first + j]]++;
+        }
+    }
+    for (int i = 0; i < t->count; i++) {
+        int want = o.muon_mode && params_is_muon(&t->items[i]);
+        n_muon += want;
+        plan_ok &= seen[i] == want;
+    }
+    check(plan_ok, "%s: %d Muon matrices in %d batches of one shape, each once", name, n_muon, o.n_muon_batches);
+
+    /* the reference: a copy of the weights and its own state, one call per tensor */
+    float *ref_p = xmalloc(total * sizeof(float)), *ref_m = xcalloc(total, sizeof(float));
+    float *ref_v = xcalloc(total, sizeof(float)), *ref_work = NULL;
+    size_t work = 1;
+    for (int i = 0; i < t->count; i++)
+        if (params_is_muon(&t->items[i])) {
+            size_t w = muon_work_floats((int)t->items[i].shape[0], (int)t->items[i].shape[1]);
+            if (w > work) work = w;
+        }
+    ref_work = xmalloc(work * sizeof(float));
+    memcpy(ref_p, m.params, total * sizeof(float));
+    const double lr = 3e-3;
+    for (int step = 1; step <= 3; step++) {
+        for (size_t e = 0; e < total; e++) m.grads[e] = (float)(rng_uniform(100 + step, e) - 0.5);
+        optim_step(&o, &m, lr);
+        for (int i = 0; i < t->count; i++) {
+            const param_info *p = &t->items[i];
+            float *w = ref_p + p->offset, *g = m.grads + p->offset;
+            if (o.muon_mode && params_is_muon(p)) {
+                be->muon_update(w, g, ref_m + p->offset, ref_work, (int)p->shape[0], (int)p->shape[1],
+                                (float)(200.0 * lr), 0.95f, c.weight_decay);
+            } else {
+                float wd = (o.muon_mode || params_adamw_decays(p)) ? c.weight_decay : 0.0f;
+                be->adamw_update(w, g, ref_m + p->offset, ref_v + p->offset, p->numel, (float)lr, 0.9f, 0.95f,
+                                 1e-8f, wd, step);
+            }
+        }
+    }
+    check(optim_state_floats(&o) == total, "%s: one process holds the state of all %zu floats", name, total);
+    check(!memcmp(m.params, ref_p, total * sizeof(float)), "%s: 3 steps: parameters bitwise as per-tensor calls",
+          name);
+    check(!memcmp(o.m, ref_m, total * sizeof(float)) && !memcmp(o.v, ref_v, total * sizeof(float)),
+          "%s: 3 steps: optimizer state bitwise as per-tensor calls", name);
+
+    free(seen), free(ref_p), free(ref_m), free(ref_v), free(ref_work);
+    optim_free(&o);
+    model_free(&m);
+}
+
+int main(void)
+{
+    const char *base = "--size tiny --n_layer 3 --n_embd 48 --n_head 5 --block_size 8";
+    char flags[512];
+    run_case("muon, tiny LatentMoE", base);
+    snprintf(flags, sizeof flags, "%s --optimizer_type adamw", base);
+    run_case("adamw, tiny LatentMoE", flags);
+    snprintf(flags, sizeof flags, "%s --no_use_latent_moe --n_experts 6 --n_activated 2 --n_shared_experts 2", base);
+    run_case("muon, standard MoE with 2 shared experts", flags);
+    return failures != 0;
+}
