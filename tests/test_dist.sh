@@ -4,6 +4,7 @@
 # parameters after 10 steps (relative tolerance DIST_TOL, 1e-5 on the CPU):
 #   np 1 (batch 4) | np 2 data parallel (batch 2) | np 4 = DP 2 x EP 2 (batch 1)
 #   np 4 with --zero 1 | np 4 with --ep 2 --zero 1 (and AdamW for the first and last)
+#   np 2 --ep 2 with gradient accumulation and checkpointing against np 1 accumulating
 # Resuming in another layout continues with the same losses (np 4 / ep 2 / zero 1 at
 # step 5 -> np 2 -> np 1 and back to np 4 / ep 2); killing one rank ends the job non-zero
 # in bounded time; impossible layouts are refused with one line.
@@ -121,6 +122,13 @@ if LR=1e-3 run np4_ep4_zero_adamw 4 1 --ep 4 --zero 1 --optimizer_type adamw; th
     compare np4_ep4_zero_adamw np1_adamw
 else
     fail_run "np 4 --ep 4 --zero 1 adamw" np4_ep4_zero_adamw
+fi
+# gradient accumulation and checkpointing: the recomputed forward repeats the exchange
+if run np1_ga 1 2 --gradient_accumulation_steps 2 && run np2_ep2_ga_gc 2 1 --gradient_accumulation_steps 2 --ep 2 \
+    --gradient_checkpointing; then
+    compare np2_ep2_ga_gc np1_ga
+else
+    fail_run "accumulation + checkpointing" np2_ep2_ga_gc
 fi
 grep -q "ranks 4 (4 per node): data parallel 4, expert parallel 2 (4 of 8 routed experts per rank), zero 1" \
     "$out/np4_ep2_zero/log.txt" && echo "ok - dist: the log names the layout" ||
