@@ -151,13 +151,20 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
             if (act) gdn_mma(GDN_SPLIT_S0, au, Ks + ip, dp, 1, m0, GDN_C - 1, R1, GDN_PP, 1, n0, 63, 0, iw);
             __syncthreads();
         }
+        float vv[4][4]; /* all loads first (the P2 stores would order them) */
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
-                const float vv = t < L && n < jw ? v[tok + (size_t)t * rs + jp + n] : 0.0f;
-                P2[t * GDN_PP + n] = s.bt[t] * (vv - s.e0[t] * au[j][r]);
+                vv[j][r] = t < L && n < jw ? v[tok + (size_t)t * rs + jp + n] : 0.0f;
+            }
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
+                P2[t * GDN_PP + n] = s.bt[t] * (vv[j][r] - s.e0[t] * au[j][r]);
             }
         __syncthreads();
         if (act) {
@@ -375,9 +382,19 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
                 gdn_mma_2a(GDN_SPLIT_PAIR, c1, c2, Xp, Op, GDN_VP, 1, m0, GDN_C - 1, Wp, 1, GDN_VP, n0, GDN_C - 1, 0, pw);
             if (tid < GDN_C)
                 for (int col = 0; col < pw; col++) vx = fmaf(Vp[tid * GDN_VP + col], Xp[tid * GDN_VP + col], vx);
-            for (int e = tid; e < L * pw; e += GDN_NT) {
-                const int r = e / pw, col = e - r * pw;
-                dv[tok + (size_t)r * rs + p + col] += s.bt[r] * Xp[r * GDN_VP + col];
+            /* dv += beta X: all loads of a thread first (L * pw <= 8 * GDN_NT) */
+            {
+                float old[8];
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    const int e = tid + u * GDN_NT, r = e / pw, col = e - r * pw;
+                    old[u] = e < L * pw ? dv[tok + (size_t)r * rs + p + col] : 0.0f;
+                }
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    const int e = tid + u * GDN_NT, r = e / pw, col = e - r * pw;
+                    if (e < L * pw) dv[tok + (size_t)r * rs + p + col] = old[u] + s.bt[r] * Xp[r * GDN_VP + col];
+                }
             }
             __syncthreads();
         }
@@ -457,16 +474,26 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
                 gdn_mma(GDN_SPLIT_GRAD, a2, dKK, 1, GDN_PP, m0, GDN_C - 1, Kq, GDN_PP, 1, n0, 63, m0, GDN_C);
                 gdn_mma(GDN_SPLIT_GRAD, a2, dQK, 1, GDN_PP, m0, GDN_C - 1, Qq, GDN_PP, 1, n0, 63, m0, GDN_C);
 #pragma unroll
-                for (int j = 0; j < 4; j++)
+                for (int j = 0; j < 4; j++) {
+                    /* read-add-write, the loads of four elements first */
+                    float oq[4], ok[4];
+#pragma unroll
+                    for (int r = 0; r < 4; r++) {
+                        const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
+                        const size_t x = tok + (size_t)t * rs + ip + n;
+                        oq[r] = t < L && n < iw ? dq[x] : 0.0f;
+                        ok[r] = t < L && n < iw ? dk[x] : 0.0f;
+                    }
 #pragma unroll
                     for (int r = 0; r < 4; r++) {
                         const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
                         if (t < L && n < iw) {
                             const size_t x = tok + (size_t)t * rs + ip + n;
-                            dq[x] += scale * a1[j][r];
-                            dk[x] += a2[j][r];
+                            dq[x] = oq[r] + scale * a1[j][r];
+                            dk[x] = ok[r] + a2[j][r];
                         }
                     }
+                }
             }
             __syncthreads();
         }
@@ -498,20 +525,32 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
         }
         float pq[2] = {0, 0}, pk[2] = {0, 0}, py[2] = {0, 0};
 #pragma unroll
-        for (int j = 0; j < 4; j++)
+        for (int j = 0; j < 4; j++) {
+            /* read-add-write, the loads of four elements first */
+            float vq[4], vk[4], oq[4], ok[4];
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r), in = t < L && n < iw;
+                const size_t x = tok + (size_t)t * rs + ip + n;
+                vq[r] = in ? q[x] : 0.0f;
+                vk[r] = in ? k[x] : 0.0f;
+                oq[r] = in ? dq[x] : 0.0f;
+                ok[r] = in ? dk[x] : 0.0f;
+            }
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
                 if (t < L && n < iw) {
                     const size_t x = tok + (size_t)t * rs + ip + n;
-                    const float qv = scale * q[x], kv = k[x];
-                    dq[x] += scale * (s.e0[t] * zo[j][r]);
-                    dk[x] += s.eL[t] * y[j][r] - s.e0[t] * s.bt[t] * z[j][r];
+                    const float qv = scale * vq[r], kv = vk[r];
+                    dq[x] = oq[r] + scale * (s.e0[t] * zo[j][r]);
+                    dk[x] = ok[r] + (s.eL[t] * y[j][r] - s.e0[t] * s.bt[t] * z[j][r]);
                     pq[r >> 1] = fmaf(qv, zo[j][r], pq[r >> 1]);
                     pk[r >> 1] = fmaf(kv, z[j][r], pk[r >> 1]);
                     py[r >> 1] = fmaf(kv, y[j][r], py[r >> 1]);
                 }
             }
+        }
 #pragma unroll
         for (int i = 0; i < 2; i++)
 #pragma unroll

@@ -347,15 +347,27 @@ static __device__ __forceinline__ void gdn_zero(float acc[4][4])
 }
 
 /* dst[r*dp + c] = mul * src[r*rs + c0 + c] for r < rows, c < cols; 0 where r >= rv or
- * c0 + c >= cv. All threads of the block; no barrier. */
+ * c0 + c >= cv. All threads of the block; no barrier. Each thread issues 8 global loads
+ * before it stores any of them: the loads of one thread are otherwise serialised (the
+ * compiler cannot tell that dst in shared memory does not alias src), and their latency
+ * is what bounds the per-chunk kernels. */
+#define GDN_LOAD_BATCH 8
 static __device__ void gdn_load(float *dst, int dp, int rows, int cols, const float *src, size_t rs,
                                 int rv, int c0, int cv, float mul)
 {
-    for (int e = threadIdx.x; e < rows * cols; e += blockDim.x) {
-        const int r = e / cols, c = e - r * cols;
-        float x = 0.0f;
-        if (r < rv && c0 + c < cv) x = mul * src[(size_t)r * rs + c0 + c];
-        dst[r * dp + c] = x;
+    const int n = rows * cols, nt = blockDim.x;
+    for (int e0 = threadIdx.x; e0 < n; e0 += GDN_LOAD_BATCH * nt) {
+        float x[GDN_LOAD_BATCH];
+#pragma unroll
+        for (int u = 0; u < GDN_LOAD_BATCH; u++) {
+            const int e = e0 + u * nt, r = e / cols, c = e - r * cols;
+            x[u] = e < n && r < rv && c0 + c < cv ? mul * src[(size_t)r * rs + c0 + c] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < GDN_LOAD_BATCH; u++) {
+            const int e = e0 + u * nt, r = e / cols, c = e - r * cols;
+            if (e < n) dst[r * dp + c] = x[u];
+        }
     }
 }
 
