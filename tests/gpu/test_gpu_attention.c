@@ -1,4 +1,4 @@
-/* test_gpu_attention.c: the MLA ops of the CUDA backend (kernels/attention.cu) against
+/* test_gpu_attention.c: the MLA ops of the CUDA backend (kernels/attention_*.cu) against
  * the CPU backend (src/cpu/cpu_mla.c), plus a rough timing at the model's real shape.
  *
  *   - mla_prep forward and backward, (B,T,H,dn,dr,dv) = (2,37,3,16,8,16) and
