@@ -11,6 +11,11 @@
  *                          tensors have none, so none is stored)
  *   /router_bias/<layer>   [E] selection biases of the MoE FFN of model layer <layer>
  *
+ *   The file does not depend on the run's layout: with --ep a rank holds only its rows of
+ *   each expert stack and with --zero 1 only its tensors' optimizer state, and each
+ *   writes those rows into the datasets of full logical shape (checkpoint_write.c's
+ *   ownership map); a reader keeps the rows it holds in its own layout.
+ *
  *   every dataset: H5T_IEEE_F32LE, contiguous, attribute crc32 (H5T_STD_U32LE): the
  *   CRC-32 (zlib's crc32, IEEE polynomial) of the dataset's raw little-endian bytes in
  *   row-major order, so `zlib.crc32(ds[()].tobytes())` recomputes it.
