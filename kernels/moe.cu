@@ -65,8 +65,10 @@ extern "C" {
 #define GM_LDK (GM_BM + 8)       /* bf16 per shared row of an r-contiguous tile [32][128] */
 #define GM_TILE (GM_BM * GM_LDR) /* bf16 per operand and stage (>= GM_BK * GM_LDK) */
 #define GM_SMEM (GM_STAGES * 2 * GM_TILE * (int)sizeof(__nv_bfloat16))
+#define GM_LDC (GM_BN + 4)      /* floats per shared row of the parked output tile */
 #define GM_THREADS 256 /* 8 warps: 2 along M x 4 along N, 64 x 32 outputs each */
 /* the pads make ldmatrix rows (80 and 272 bytes apart) conflict-free */
+static_assert(GM_BM * GM_LDC * sizeof(float) <= GM_SMEM, "the parked output tile fits the operand ring");
 
 static __device__ __forceinline__ double sigmoid_d(double x) { return 1.0 / (1.0 + exp(-x)); }
 
@@ -273,10 +275,16 @@ sort_scan_kernel(int *hist, int *cnt, int *off, int *toff, int nchunks, int E)
 {
     for (int e = threadIdx.x; e < E; e += SORT_THREADS) {
         int run = 0;
-        for (int b = 0; b < nchunks; b++) {
-            const int v = hist[(size_t)b * E + e];
-            hist[(size_t)b * E + e] = run;
-            run += v;
+        for (int b0 = 0; b0 < nchunks; b0 += 8) { /* 8 loads in flight, not one */
+            int v[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) v[u] = b0 + u < nchunks ? hist[(size_t)(b0 + u) * E + e] : 0;
+#pragma unroll
+            for (int u = 0; u < 8; u++)
+                if (b0 + u < nchunks) {
+                    hist[(size_t)(b0 + u) * E + e] = run;
+                    run += v[u];
+                }
         }
         cnt[e] = run;
     }
@@ -364,7 +372,7 @@ typedef struct gm_args {
     int ctiles;         /* GM_ROWS: column tiles */
     const int *cnt, *off, *toff;
     float *c;           /* EPI_SCATTER: rows clist[pos]; EPI_ACCUM: expert e at c + e * cestride */
-    int ldc;
+    int ldc, cvec;      /* cvec: EPI_SCATTER rows take float4 stores */
     long long cestride;
     const int *clist;   /* sorted position -> assignment */
     int h;              /* expert hidden width (SwiGLU epilogues) */
@@ -435,7 +443,6 @@ static __device__ __forceinline__ void gm_load(__nv_bfloat16 *T, const gm_operan
 static __global__ void __launch_bounds__(GM_THREADS, 2) grouped_gemm_kernel(const gm_args g)
 {
     extern __shared__ __align__(16) __nv_bfloat16 gm_smem[]; /* [GM_STAGES][A tile, B tile] */
-    __shared__ float red[GM_BM][4];
 
     const int tid = threadIdx.x;
     int e, m0, n0, Mlim, Nlim, K, ctile = 0;
@@ -555,100 +562,141 @@ static __global__ void __launch_bounds__(GM_THREADS, 2) grouped_gemm_kernel(cons
 #undef GM_A
 #undef GM_B
 
-    /* epilogue: thread element (mf, nf, c) is tile row wm*64 + mf*16 + gid + 8*(c/2),
-     * tile column wn*32 + nf*8 + 2*tq + c%2 */
-    if (g.epi == EPI_SWIGLU) {
-        /* B's columns are interleaved so that fragments (0,1) and (2,3) are g and u of the
-         * same 8 hidden units */
-        const int h = g.h;
-        const int mbase = ctile * (GM_BN / 2) + wn * 16;
+    /* thread element (mf, nf, c) is tile row wm*64 + mf*16 + gid + 8*(c/2), tile column
+     * wn*32 + nf*8 + 2*tq + c%2. Row-wise epilogues first park the tile in shared memory
+     * (over the drained operand ring) so that each warp then reads and writes whole rows
+     * with wide coalesced accesses; a warp owns rows warp, warp + 8, ... */
+    if (g.epi != EPI_ACCUM) {
+        float *C = (float *)gm_smem; /* [GM_BM][GM_LDC] */
+        __syncthreads();
 #pragma unroll
         for (int mf = 0; mf < 4; mf++)
 #pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int rr = wm * 64 + mf * 16 + half * 8 + gid;
-                if (rr >= Mlim) continue;
+            for (int nf = 0; nf < 4; nf++)
+#pragma unroll
+                for (int half = 0; half < 2; half++)
+                    *(float2 *)&C[(wm * 64 + mf * 16 + half * 8 + gid) * GM_LDC + wn * 32 + nf * 8 + 2 * tq] =
+                        make_float2(acc[mf][nf][2 * half], acc[mf][nf][2 * half + 1]);
+        __syncthreads();
+        const int rows = Mlim < GM_BM ? Mlim : GM_BM;
+        if (g.epi == EPI_SWIGLU) {
+            /* tile column j holds unit ctile*64 + (j/16)*8 + j%8, of u when (j/8) is odd;
+             * lane l takes units t = 2l, 2l+1 of the tile's 64 */
+            const int h = g.h, t = 2 * lane;
+            const int unit = ctile * (GM_BN / 2) + t;
+            const int jg = (t >> 3) * 16 + (t & 7);
+            for (int rr = warp; rr < rows; rr += GM_THREADS / 32) {
                 const int p = base + m0 + rr;
+                const float2 gv = *(const float2 *)&C[rr * GM_LDC + jg];
+                const float2 uv = *(const float2 *)&C[rr * GM_LDC + jg + 8];
+                const float a0 = gv.x / (1.f + expf(-gv.x)) * uv.x, a1 = gv.y / (1.f + expf(-gv.y)) * uv.y;
                 float *sv = g.save_out + (long long)g.clist[p] * 3 * h;
                 __nv_bfloat16 *av = g.act_out + (long long)p * g.ld_act;
-#pragma unroll
-                for (int q = 0; q < 2; q++) {
-                    const int m = mbase + q * 8 + tq * 2; /* even */
-                    float a2[2];
-#pragma unroll
-                    for (int c = 0; c < 2; c++) {
-                        const float gv = acc[mf][2 * q][half * 2 + c], uv = acc[mf][2 * q + 1][half * 2 + c];
-                        a2[c] = gv / (1.f + expf(-gv)) * uv;
-                        if (m + c < h) {
-                            sv[m + c] = gv;
-                            sv[h + m + c] = uv;
-                            sv[2 * h + m + c] = a2[c];
-                        }
+                if ((h & 1) == 0 && unit + 1 < h) {
+                    *(float2 *)(sv + unit) = gv;
+                    *(float2 *)(sv + h + unit) = uv;
+                    *(float2 *)(sv + 2 * h + unit) = make_float2(a0, a1);
+                    *(__nv_bfloat162 *)(av + unit) = __floats2bfloat162_rn(a0, a1);
+                } else {
+                    if (unit < h) {
+                        sv[unit] = gv.x;
+                        sv[h + unit] = uv.x;
+                        sv[2 * h + unit] = a0;
+                        av[unit] = __float2bfloat16_rn(a0);
                     }
-                    if (m + 1 < h)
-                        *(__nv_bfloat162 *)(av + m) = __floats2bfloat162_rn(a2[0], a2[1]);
-                    else if (m < h)
-                        av[m] = __float2bfloat16_rn(a2[0]);
+                    if (unit + 1 < h) {
+                        sv[unit + 1] = gv.y;
+                        sv[h + unit + 1] = uv.y;
+                        sv[2 * h + unit + 1] = a1;
+                        av[unit + 1] = __float2bfloat16_rn(a1);
+                    }
                 }
             }
-    } else if (g.epi == EPI_SCATTER) {
-#pragma unroll
-        for (int mf = 0; mf < 4; mf++)
-#pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int rr = wm * 64 + mf * 16 + half * 8 + gid;
-                if (rr >= Mlim) continue;
+        } else if (g.epi == EPI_SCATTER) {
+            const int j = 4 * lane, n = n0 + j;
+            for (int rr = warp; rr < rows; rr += GM_THREADS / 32) {
+                const float4 v = *(const float4 *)&C[rr * GM_LDC + j];
                 float *crow = g.c + (long long)g.clist[base + m0 + rr] * g.ldc;
-#pragma unroll
-                for (int nf = 0; nf < 4; nf++)
-#pragma unroll
-                    for (int c = 0; c < 2; c++) {
-                        const int n = n0 + wn * 32 + nf * 8 + tq * 2 + c;
-                        if (n < g.N) crow[n] = acc[mf][nf][half * 2 + c];
-                    }
+                if (g.cvec && n + 3 < g.N) {
+                    *(float4 *)(crow + n) = v;
+                } else {
+                    if (n < g.N) crow[n] = v.x;
+                    if (n + 1 < g.N) crow[n + 1] = v.y;
+                    if (n + 2 < g.N) crow[n + 2] = v.z;
+                    if (n + 3 < g.N) crow[n + 3] = v.w;
+                }
             }
-    } else if (g.epi == EPI_SWIGLU_BWD) {
-        /* acc = da0 = w2 dy for hidden units n; dpre = the SwiGLU adjoint scaled by the
-         * gate, act_out = gate act (the A operand of dw2); the row's partial act . da0 over
-         * this tile goes to part[pos][ctile] */
-        const int h = g.h;
+        } else { /* EPI_SWIGLU_BWD */
+            /* C = da0 = w2 dy for hidden units n0 + j; dpre = the SwiGLU adjoint scaled by
+             * the gate, act_out = gate act (the A operand of dw2); the row's act . da0 over
+             * this tile (lane partials of 4, then a fixed butterfly) goes to
+             * part[pos][ctile] */
+            const int h = g.h, j = 4 * lane, m = n0 + j;
+            for (int rr = warp; rr < rows; rr += GM_THREADS / 32) {
+                const int p = base + m0 + rr;
+                const int a = g.clist[p];
+                const float gt = g.gate[a];
+                const float *sv = g.save_in + (long long)a * 3 * h;
+                __nv_bfloat16 *dp = g.dpre + (long long)p * g.ld_dpre;
+                __nv_bfloat16 *av = g.act_out + (long long)p * g.ld_act;
+                const float4 d4 = *(const float4 *)&C[rr * GM_LDC + j];
+                const float d0[4] = {d4.x, d4.y, d4.z, d4.w};
+                float gg[4], uu[4], aa[4], dg[4], du[4];
+                const int nv = h - m < 4 ? h - m : 4; /* valid of the 4 (<= 0: none) */
+                if ((h & 3) == 0 && nv == 4) {
+                    const float4 g4 = *(const float4 *)(sv + m), u4 = *(const float4 *)(sv + h + m),
+                                 a4 = *(const float4 *)(sv + 2 * h + m);
+                    gg[0] = g4.x, gg[1] = g4.y, gg[2] = g4.z, gg[3] = g4.w;
+                    uu[0] = u4.x, uu[1] = u4.y, uu[2] = u4.z, uu[3] = u4.w;
+                    aa[0] = a4.x, aa[1] = a4.y, aa[2] = a4.z, aa[3] = a4.w;
+                } else {
 #pragma unroll
-        for (int mf = 0; mf < 4; mf++)
-#pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int rr = wm * 64 + mf * 16 + half * 8 + gid;
+                    for (int u = 0; u < 4; u++) {
+                        gg[u] = u < nv ? sv[m + u] : 0.f;
+                        uu[u] = u < nv ? sv[h + m + u] : 0.f;
+                        aa[u] = u < nv ? sv[2 * h + m + u] : 0.f;
+                    }
+                }
                 float dot = 0.f;
-                if (rr < Mlim) {
-                    const int p = base + m0 + rr;
-                    const int a = g.clist[p];
-                    const float gt = g.gate[a];
-                    const float *sv = g.save_in + (long long)a * 3 * h;
-                    __nv_bfloat16 *dp = g.dpre + (long long)p * g.ld_dpre;
-                    __nv_bfloat16 *av = g.act_out + (long long)p * g.ld_act;
 #pragma unroll
-                    for (int nf = 0; nf < 4; nf++)
+                for (int u = 0; u < 4; u++) {
+                    const float sg = 1.f / (1.f + expf(-gg[u]));
+                    const float da = gt * d0[u];
+                    dg[u] = da * uu[u] * sg * (1.f + gg[u] * (1.f - sg));
+                    du[u] = da * gg[u] * sg;
+                    dot += aa[u] * d0[u];
+                }
+                if ((h & 3) == 0 && nv == 4) {
+                    uint2 w;
+                    __nv_bfloat162 b;
+                    b = __floats2bfloat162_rn(dg[0], dg[1]);
+                    memcpy(&w.x, &b, 4);
+                    b = __floats2bfloat162_rn(dg[2], dg[3]);
+                    memcpy(&w.y, &b, 4);
+                    *(uint2 *)(dp + m) = w;
+                    b = __floats2bfloat162_rn(du[0], du[1]);
+                    memcpy(&w.x, &b, 4);
+                    b = __floats2bfloat162_rn(du[2], du[3]);
+                    memcpy(&w.y, &b, 4);
+                    *(uint2 *)(dp + h + m) = w;
+                    b = __floats2bfloat162_rn(aa[0] * gt, aa[1] * gt);
+                    memcpy(&w.x, &b, 4);
+                    b = __floats2bfloat162_rn(aa[2] * gt, aa[3] * gt);
+                    memcpy(&w.y, &b, 4);
+                    *(uint2 *)(av + m) = w;
+                } else {
 #pragma unroll
-                        for (int c = 0; c < 2; c++) {
-                            const int m = n0 + wn * 32 + nf * 8 + tq * 2 + c;
-                            if (m >= h) continue;
-                            const float d0 = acc[mf][nf][half * 2 + c];
-                            const float gg = sv[m], uu = sv[h + m], aa = sv[2 * h + m];
-                            const float sg = 1.f / (1.f + expf(-gg));
-                            const float da = gt * d0;
-                            dp[m] = __float2bfloat16_rn(da * uu * sg * (1.f + gg * (1.f - sg)));
-                            dp[h + m] = __float2bfloat16_rn(da * gg * sg);
-                            av[m] = __float2bfloat16_rn(aa * gt);
-                            dot += aa * d0;
+                    for (int u = 0; u < 4; u++)
+                        if (u < nv) {
+                            dp[m + u] = __float2bfloat16_rn(dg[u]);
+                            dp[h + m + u] = __float2bfloat16_rn(du[u]);
+                            av[m + u] = __float2bfloat16_rn(aa[u] * gt);
                         }
                 }
-                dot += __shfl_xor_sync(FULL_MASK, dot, 1);
-                dot += __shfl_xor_sync(FULL_MASK, dot, 2);
-                if (tq == 0) red[rr][wn] = dot;
+                for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL_MASK, dot, o);
+                if (lane == 0) g.part[(long long)p * g.ctiles + ctile] = dot;
             }
-        __syncthreads();
-        if (tid < GM_BM && tid < Mlim)
-            g.part[(long long)(base + m0 + tid) * g.ctiles + ctile] =
-                red[tid][0] + red[tid][1] + red[tid][2] + red[tid][3];
+        }
     } else { /* EPI_ACCUM */
         float *cm = g.c + (long long)e * g.cestride;
 #pragma unroll
@@ -971,6 +1019,7 @@ extern "C" void cuda_moe_experts_forward(float *y, float *save, const float *x, 
     g2.ctiles = (int)ceil_div_u(out, GM_BN);
     g2.c = obuf;
     g2.ldc = out;
+    g2.cvec = out % 4 == 0;
     g2.clist = s.perm_a;
     gm_launch(&g2, nk);
 
@@ -1047,6 +1096,7 @@ extern "C" void cuda_moe_experts_backward(float *dx, float *dgate, float *dw1, f
     g4.ctiles = (int)ceil_div_u(in, GM_BN);
     g4.c = dxa;
     g4.ldc = in;
+    g4.cvec = in % 4 == 0;
     g4.clist = s.perm_a;
     gm_launch(&g4, nk);
     const size_t nx = (size_t)N * in;
