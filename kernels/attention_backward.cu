@@ -3,22 +3,15 @@
  * The design and the helpers it shares with the forward (attention_forward.cu) are in
  * attention_internal.cuh.
  *
- * Backward (FlashAttention-2 order, no atomics): D_t = dout_t . out_t per row; then two
- * kernels of 8 warps in which each warp owns 16 rows of the gradient it accumulates, with
- * all their columns, as the forward owns its output rows. Scores and their gradients never
- * go through shared memory: the fp32 accumulators of one product are repacked in
- * registers as the bf16 A fragments of the next, and the only barrier per step is the
- * one of the double-buffered stream.
- *   dkdv: one block per (b, h, 128 keys), looping over the 64-query tiles from the
- *         diagonal on (Q, dO, lse, D double-buffered by cp.async), 32 queries at a time:
- *         S^T = K Q^T, dP^T = V dO^T, P^T = exp(S^T - lse), dS^T = P^T (dP^T - D), then
- *         dV += P^T dO and dK += dS^T Q (Q and dO through ldmatrix.trans).
- *   dq:   one block per (b, h, 128 queries), looping over the 64-key tiles up to the
- *         diagonal: S = Q K^T, dP = dO V^T, P, dS, then dQ += dS K.
- * S and dP are computed twice (once per kernel): 28% more tensor work than the minimum,
- * the price of having no float atomics (and so bitwise-reproducible gradients). A warp
- * skips a tile where every key comes after every query of its own (causally invisible),
- * and tiles wholly below the diagonal without documents skip the per-element mask.
+ * Backward (FlashAttention-2 order, no atomics): D_t = dout_t . out_t per row; then
+ *   dkdv: one block of 8 warps per (b, h, 64 keys), looping over the query tiles from the
+ *         diagonal on (Q, dO, lse, D double-buffered). Phase 1: the 8 warps (4 row blocks
+ *         x 2 key halves) compute S and dP = dO V^T for the 64x64 tile, then
+ *         P = exp(S - lse) and dS = P (dP - D), stored to shared memory as bf16. Phase 2:
+ *         each warp owns 16 keys x half of the columns and accumulates dV += P^T dO and
+ *         dK += dS^T Q in registers (P^T and dS^T read with ldmatrix.trans).
+ *   dq:   one block of 8 warps per (b, h, 64 queries), looping over key tiles up to the
+ *         diagonal: the same phase 1, then dQ += dS K.
  * Every gradient element is owned by one thread, accumulated in a fixed loop order and
  * added once to the caller's buffer, so two runs give bit-identical results. The scale of
  * dK and dQ is applied with explicit round-to-nearest multiply then add (no fused
@@ -50,22 +43,90 @@ static __global__ void row_dot_kernel(float *Dvec, const float *dout, const floa
     }
 }
 
-/* Shared memory of either kernel: 128 own rows of K|Q and V|dO, two 64-row buffers of the
- * streamed Q|K and dO|V tiles, then 4 x 128 floats/ints (lse, D, document ids of both
- * sides) and the tile list. */
-static size_t bwd_smem_bytes(int dkp, int dvp, int nt)
+/* Phase 1 of both backward kernels, all 8 warps: for one 64-query x 64-key tile,
+ * P = exp(scale q.k - lse) (0 where masked or the query row is past T) and
+ * dS = P (dO.v - D), written as bf16 to sP (skipped when NULL) and sdS, [query][key]
+ * with pitch ATT_PP. Warp w computes query rows 16 (w % 4).. and keys 32 (w / 4)..
+ * slse, sD, sqd: per local query row; skd: per local key; sqd/skd NULL without docs. */
+static __device__ __forceinline__ void bwd_probs(bf16 *sP, bf16 *sdS, const bf16 *sQ, const bf16 *sK, int pk,
+                                                 int nkq, const bf16 *sdO, const bf16 *sV, int pv, int nvp,
+                                                 const float *slse, const float *sD, const int *sqd,
+                                                 const int *skd, int t0, int s0, int T, float sl2)
 {
-    return (size_t)(BWD_ROWS + 2 * ATT_TILE) * ((dkp + 8) + (dvp + 8)) * sizeof(bf16) +
-           (size_t)(4 * BWD_ROWS + 2 * nt + 1) * sizeof(int);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int rq = (warp & 3) * 16, kc = (warp >> 2) * 32;
+    float s[4][4], dp[4][4];
+#pragma unroll
+    for (int n = 0; n < 4; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < ATT_KSTEPS; kk++) {
+        if (kk < nkq) {
+            uint32_t a[4];
+            ldsm_x4(a, sQ + (rq + (lane & 15)) * pk + kk * 16 + ((lane >> 4) << 3));
+#pragma unroll
+            for (int np = 0; np < 2; np++) {
+                uint32_t bk[4];
+                ldsm_x4(bk, sK + (kc + np * 16 + (lane & 7) + ((lane >> 4) << 3)) * pk + kk * 16 +
+                                (((lane >> 3) & 1) << 3));
+                mma_bf16(s[2 * np], a, bk[0], bk[1]);
+                mma_bf16(s[2 * np + 1], a, bk[2], bk[3]);
+            }
+        }
+    }
+#pragma unroll
+    for (int kk = 0; kk < ATT_VSTEPS; kk++) {
+        if (kk < nvp) {
+            uint32_t a[4];
+            ldsm_x4(a, sdO + (rq + (lane & 15)) * pv + kk * 16 + ((lane >> 4) << 3));
+#pragma unroll
+            for (int np = 0; np < 2; np++) {
+                uint32_t bv[4];
+                ldsm_x4(bv, sV + (kc + np * 16 + (lane & 7) + ((lane >> 4) << 3)) * pv + kk * 16 +
+                                (((lane >> 3) & 1) << 3));
+                mma_bf16(dp[2 * np], a, bv[0], bv[1]);
+                mma_bf16(dp[2 * np + 1], a, bv[2], bv[3]);
+            }
+        }
+    }
+    const int ra = rq + g, rb = ra + 8;
+    const float lsa = slse[ra] * ATT_LOG2E, lsb = slse[rb] * ATT_LOG2E, Da = sD[ra], Db = sD[rb];
+#pragma unroll
+    for (int n = 0; n < 4; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int r = e < 2 ? ra : rb, t = t0 + r, col = kc + n * 8 + 2 * c + (e & 1);
+            int vis = s0 + col <= t && t < T;
+            if (skd) vis = vis && sqd[r] == skd[col];
+            const float p = vis ? exp2f(s[n][e] * sl2 - (e < 2 ? lsa : lsb)) : 0.f;
+            s[n][e] = p;
+            dp[n][e] = p * (dp[n][e] - (e < 2 ? Da : Db));
+        }
+        const int col = kc + n * 8 + 2 * c;
+        if (sP) {
+            *(uint32_t *)(sP + ra * ATT_PP + col) = pack_bf16(s[n][0], s[n][1]);
+            *(uint32_t *)(sP + rb * ATT_PP + col) = pack_bf16(s[n][2], s[n][3]);
+        }
+        *(uint32_t *)(sdS + ra * ATT_PP + col) = pack_bf16(dp[n][0], dp[n][1]);
+        *(uint32_t *)(sdS + rb * ATT_PP + col) = pack_bf16(dp[n][2], dp[n][3]);
+    }
 }
 
-/* grid (B*H, ceil(T/128)), BWD_THREADS threads: dk, dv [B, T, H, Dk|Dv] += the gradients
- * of the 128 keys s0 = 128 blockIdx.y.., summed over the 64-query tiles from the diagonal
- * on, in order. Warp w owns keys s0+16w..+15 and all their dK and dV columns. Per query
- * tile and 32-query half: S^T = K Q^T and dP^T = V dO^T (16 keys x 32 queries, K and V
- * rows as the A operand, Q and dO rows as B), P^T = exp(S^T - lse) and
- * dS^T = P^T (dP^T - D) in registers, whose accumulators are directly the A fragments of
- * dV += P^T dO and dK += dS^T Q (dO and Q through ldmatrix.trans). */
+/* Which 16-wide column blocks of a dp-wide gradient warp half `hf` (0, 1) owns. */
+static __device__ __forceinline__ void column_half(int dp, int hf, int *first, int *count)
+{
+    const int nblk = dp >> 4, h0 = (nblk + 1) >> 1;
+    *first = hf ? h0 : 0;
+    *count = hf ? nblk - h0 : h0;
+}
+
+static size_t dkdv_smem_bytes(int dkp, int dvp, int nt)
+{
+    return (size_t)3 * ATT_TILE * (dkp + 8) * sizeof(bf16) + (size_t)3 * ATT_TILE * (dvp + 8) * sizeof(bf16) +
+           (size_t)2 * ATT_TILE * ATT_PP * sizeof(bf16) + (size_t)(7 * ATT_TILE + 2 * nt + 1) * sizeof(int);
+}
+
+/* grid (B*H, nt), BWD_THREADS threads: dk, dv [B, T, H, Dk|Dv] += the gradients of key
+ * tile blockIdx.y, summed over the query tiles from the diagonal on, in order. */
 static __global__ void __launch_bounds__(BWD_THREADS, 1)
     attn_bwd_dkdv_kernel(float *dk, float *dv, const bf16 *qb, const bf16 *kb, const bf16 *vb, const bf16 *dob,
                          const float *lse, const float *Dvec, const int32_t *doc_id, int T, int H, int Dk,
@@ -73,35 +134,33 @@ static __global__ void __launch_bounds__(BWD_THREADS, 1)
 {
     extern __shared__ __align__(16) unsigned char smem[];
     const int pk = dkp + 8, pv = dvp + 8;
-    bf16 *sK = (bf16 *)smem;                    /* [128][pk] */
-    bf16 *sV = sK + BWD_ROWS * pk;              /* [128][pv] */
-    bf16 *sQ = sV + BWD_ROWS * pv;              /* [2][64][pk] */
-    bf16 *sdO = sQ + 2 * ATT_TILE * pk;         /* [2][64][pv] */
-    float *slse = (float *)(sdO + 2 * ATT_TILE * pv); /* [2][64] */
-    float *sD = slse + 2 * ATT_TILE;            /* [2][64] */
-    int *sqd = (int *)(sD + 2 * ATT_TILE);      /* [2][64] */
-    int *skd = sqd + 2 * ATT_TILE;              /* [128] */
-    int *slist = skd + BWD_ROWS, *sflag = slist + nt, *scount = sflag + nt;
+    bf16 *sK = (bf16 *)smem;                   /* [64][pk] */
+    bf16 *sQ = sK + ATT_TILE * pk;             /* [2][64][pk] */
+    bf16 *sV = sQ + 2 * ATT_TILE * pk;         /* [64][pv] */
+    bf16 *sdO = sV + ATT_TILE * pv;            /* [2][64][pv] */
+    bf16 *sP = sdO + 2 * ATT_TILE * pv;        /* [64][ATT_PP] */
+    bf16 *sdS = sP + ATT_TILE * ATT_PP;        /* [64][ATT_PP] */
+    float *slse = (float *)(sdS + ATT_TILE * ATT_PP); /* [2][64] */
+    float *sD = slse + 2 * ATT_TILE;           /* [2][64] */
+    int *sqd = (int *)(sD + 2 * ATT_TILE);     /* [2][64] */
+    int *skd = sqd + 2 * ATT_TILE;             /* [64] */
+    int *slist = skd + ATT_TILE, *sflag = slist + nt, *scount = sflag + nt;
 
     const int bh = blockIdx.x, b = bh / H, h = bh - b * H;
-    const int s0 = (int)blockIdx.y * BWD_ROWS, tfirst = s0 / ATT_TILE; /* first query tile: the diagonal */
+    const int kt = blockIdx.y, s0 = kt * ATT_TILE;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    const int nkq = dkp >> 4, nvp = dvp >> 4;
     const size_t hrow = (size_t)bh * T;
     const bf16 *qh = qb + hrow * dkp, *kh = kb + hrow * dkp, *vh = vb + hrow * dvp, *doh = dob + hrow * dvp;
     const float *lh = lse + hrow, *Dh = Dvec + hrow;
     const int32_t *doc = doc_id ? doc_id + (size_t)b * T : NULL;
 
-    const int nvis = doc ? doc_tile_list(slist, sflag, scount, doc, T, tfirst, tfirst + 1, tfirst, nt - 1)
-                         : nt - tfirst;
+    const int nvis = doc ? doc_tile_list(slist, sflag, scount, doc, T, kt, kt, nt - 1) : nt - kt;
 
-    for (int r = 0; r < BWD_ROWS; r += ATT_TILE) {
-        load_rows_async(sK + r * pk, pk, kh, dkp, s0 + r, T, BWD_THREADS);
-        load_rows_async(sV + r * pv, pv, vh, dvp, s0 + r, T, BWD_THREADS);
-        if (doc) load_vals_async(skd + r, doc, s0 + r, T);
-    }
+    load_rows_async(sK, pk, kh, dkp, s0, T, BWD_THREADS);
+    load_rows_async(sV, pv, vh, dvp, s0, T, BWD_THREADS);
+    if (doc) load_vals_async(skd, doc, s0, T);
     {
-        const int i = doc ? slist[0] : tfirst;
+        const int i = doc ? slist[0] : kt;
         load_rows_async(sQ, pk, qh, dkp, i * ATT_TILE, T, BWD_THREADS);
         load_rows_async(sdO, pv, doh, dvp, i * ATT_TILE, T, BWD_THREADS);
         load_vals_async(slse, lh, i * ATT_TILE, T);
@@ -110,17 +169,21 @@ static __global__ void __launch_bounds__(BWD_THREADS, 1)
     }
     cp_async_commit();
 
-    const int kr = warp * 16, kmin = s0 + kr; /* this warp's keys: local kr.., global kmin.. */
-    float dka[2 * ATT_KSTEPS][4], dva[2 * ATT_VSTEPS][4]; /* n8 column tiles of dK, dV */
+    /* phase 2 ownership: keys rk..rk+15, one half of the dK and dV columns */
+    const int rk = (warp & 3) * 16, hf = warp >> 2;
+    int kp0, nkmine, vp0, nvmine;
+    column_half(dkp, hf, &kp0, &nkmine);
+    column_half(dvp, hf, &vp0, &nvmine);
+    float dka[ATT_KSTEPS][4], dva[ATT_VSTEPS][4];
 #pragma unroll
-    for (int n = 0; n < 2 * ATT_KSTEPS; n++) dka[n][0] = dka[n][1] = dka[n][2] = dka[n][3] = 0.f;
+    for (int n = 0; n < ATT_KSTEPS; n++) dka[n][0] = dka[n][1] = dka[n][2] = dka[n][3] = 0.f;
 #pragma unroll
-    for (int n = 0; n < 2 * ATT_VSTEPS; n++) dva[n][0] = dva[n][1] = dva[n][2] = dva[n][3] = 0.f;
+    for (int n = 0; n < ATT_VSTEPS; n++) dva[n][0] = dva[n][1] = dva[n][2] = dva[n][3] = 0.f;
 
     for (int it = 0; it < nvis; it++) {
-        const int i = doc ? slist[it] : tfirst + it, buf = it & 1;
+        const int i = doc ? slist[it] : kt + it, buf = it & 1;
         if (it + 1 < nvis) {
-            const int in = doc ? slist[it + 1] : tfirst + it + 1, nb = buf ^ 1;
+            const int in = doc ? slist[it + 1] : kt + it + 1, nb = buf ^ 1;
             load_rows_async(sQ + nb * ATT_TILE * pk, pk, qh, dkp, in * ATT_TILE, T, BWD_THREADS);
             load_rows_async(sdO + nb * ATT_TILE * pv, pv, doh, dvp, in * ATT_TILE, T, BWD_THREADS);
             load_vals_async(slse + nb * ATT_TILE, lh, in * ATT_TILE, T);
@@ -133,128 +196,80 @@ static __global__ void __launch_bounds__(BWD_THREADS, 1)
         }
         __syncthreads();
         const bf16 *cQ = sQ + buf * ATT_TILE * pk, *cdO = sdO + buf * ATT_TILE * pv;
-        const float *cl = slse + buf * ATT_TILE, *cD = sD + buf * ATT_TILE;
-        const int *cqd = sqd + buf * ATT_TILE;
-        const int t0 = i * ATT_TILE;
-#pragma unroll 1
-        for (int q0 = 0; q0 < ATT_TILE; q0 += 32) {
-            /* warp-uniform: skip halves where every key of the warp is after every query */
-            if (kmin >= T || kmin > t0 + q0 + 31) continue;
-            float st[4][4], dpt[4][4]; /* n-tile n: queries q0+8n.. */
+        bwd_probs(sP, sdS, cQ, sK, pk, dkp >> 4, cdO, sV, pv, dvp >> 4, slse + buf * ATT_TILE,
+                  sD + buf * ATT_TILE, doc ? sqd + buf * ATT_TILE : NULL, doc ? skd : NULL, i * ATT_TILE, s0, T,
+                  sl2);
+        __syncthreads();
+        /* dV += P^T dO, dK += dS^T Q over the 64 queries, 16 at a time */
 #pragma unroll
-            for (int n = 0; n < 4; n++)
-                st[n][0] = st[n][1] = st[n][2] = st[n][3] = dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.f;
+        for (int kq = 0; kq < 4; kq++) {
+            uint32_t ap[4], ad[4];
+            const int off = (kq * 16 + (lane & 7) + ((lane >> 4) << 3)) * ATT_PP + rk + (((lane >> 3) & 1) << 3);
+            ldsm_x4_t(ap, sP + off);
+            ldsm_x4_t(ad, sdS + off);
 #pragma unroll
-            for (int kk = 0; kk < ATT_KSTEPS; kk++) {
-                if (kk < nkq) {
-                    uint32_t a[4];
-                    ldsm_x4(a, sK + (kr + (lane & 15)) * pk + kk * 16 + ((lane >> 4) << 3));
-#pragma unroll
-                    for (int np = 0; np < 2; np++) {
-                        uint32_t bq[4];
-                        ldsm_x4(bq, cQ + (q0 + np * 16 + (lane & 7) + ((lane >> 4) << 3)) * pk + kk * 16 +
-                                        (((lane >> 3) & 1) << 3));
-                        mma_bf16(st[2 * np], a, bq[0], bq[1]);
-                        mma_bf16(st[2 * np + 1], a, bq[2], bq[3]);
-                    }
+            for (int p = 0; p < ATT_VSTEPS / 2; p++) {
+                if (p < nvmine) {
+                    uint32_t bv[4];
+                    ldsm_x4_t(bv, cdO + (kq * 16 + (lane & 15)) * pv + (vp0 + p) * 16 + ((lane >> 4) << 3));
+                    mma_bf16(dva[2 * p], ap, bv[0], bv[1]);
+                    mma_bf16(dva[2 * p + 1], ap, bv[2], bv[3]);
                 }
             }
 #pragma unroll
-            for (int kk = 0; kk < ATT_VSTEPS; kk++) {
-                if (kk < nvp) {
-                    uint32_t a[4];
-                    ldsm_x4(a, sV + (kr + (lane & 15)) * pv + kk * 16 + ((lane >> 4) << 3));
-#pragma unroll
-                    for (int np = 0; np < 2; np++) {
-                        uint32_t bo[4];
-                        ldsm_x4(bo, cdO + (q0 + np * 16 + (lane & 7) + ((lane >> 4) << 3)) * pv + kk * 16 +
-                                        (((lane >> 3) & 1) << 3));
-                        mma_bf16(dpt[2 * np], a, bo[0], bo[1]);
-                        mma_bf16(dpt[2 * np + 1], a, bo[2], bo[3]);
-                    }
-                }
-            }
-            /* no mask needed: no documents, every key before every query, all queries < T */
-            const int full = !doc && kmin + 15 <= t0 + q0 && t0 + q0 + 31 < T;
-#pragma unroll
-            for (int n = 0; n < 4; n++) {
-                const int ql = q0 + n * 8 + 2 * c; /* local query of element e: ql + (e & 1) */
-                const float2 l2 = *(const float2 *)(cl + ql), d2 = *(const float2 *)(cD + ql);
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int qe = ql + (e & 1), kl = kr + g + 8 * (e >> 1), t = t0 + qe;
-                    int vis = full || (s0 + kl <= t && t < T);
-                    if (doc) vis = vis && cqd[qe] == skd[kl];
-                    const float lq = (e & 1) ? l2.y : l2.x, Dq = (e & 1) ? d2.y : d2.x;
-                    const float p = vis ? exp2f(st[n][e] * sl2 - lq * ATT_LOG2E) : 0.f;
-                    st[n][e] = p;
-                    dpt[n][e] = p * (dpt[n][e] - Dq);
-                }
-            }
-            /* dV += P^T dO, dK += dS^T Q over these 32 queries, 16 at a time: the
-             * accumulators of query n-tiles 2kq, 2kq+1 are the A fragment of k-step kq */
-#pragma unroll
-            for (int kq = 0; kq < 2; kq++) {
-                uint32_t pa[4], da[4];
-                pa[0] = pack_bf16(st[2 * kq][0], st[2 * kq][1]);
-                pa[1] = pack_bf16(st[2 * kq][2], st[2 * kq][3]);
-                pa[2] = pack_bf16(st[2 * kq + 1][0], st[2 * kq + 1][1]);
-                pa[3] = pack_bf16(st[2 * kq + 1][2], st[2 * kq + 1][3]);
-                da[0] = pack_bf16(dpt[2 * kq][0], dpt[2 * kq][1]);
-                da[1] = pack_bf16(dpt[2 * kq][2], dpt[2 * kq][3]);
-                da[2] = pack_bf16(dpt[2 * kq + 1][0], dpt[2 * kq + 1][1]);
-                da[3] = pack_bf16(dpt[2 * kq + 1][2], dpt[2 * kq + 1][3]);
-                const int qrow = q0 + kq * 16 + (lane & 15);
-#pragma unroll
-                for (int p = 0; p < ATT_VSTEPS; p++) {
-                    if (p < nvp) {
-                        uint32_t bv[4];
-                        ldsm_x4_t(bv, cdO + qrow * pv + p * 16 + ((lane >> 4) << 3));
-                        mma_bf16(dva[2 * p], pa, bv[0], bv[1]);
-                        mma_bf16(dva[2 * p + 1], pa, bv[2], bv[3]);
-                    }
-                }
-#pragma unroll
-                for (int p = 0; p < ATT_KSTEPS; p++) {
-                    if (p < nkq) {
-                        uint32_t bq[4];
-                        ldsm_x4_t(bq, cQ + qrow * pk + p * 16 + ((lane >> 4) << 3));
-                        mma_bf16(dka[2 * p], da, bq[0], bq[1]);
-                        mma_bf16(dka[2 * p + 1], da, bq[2], bq[3]);
-                    }
+            for (int p = 0; p < ATT_KSTEPS / 2; p++) {
+                if (p < nkmine) {
+                    uint32_t bq[4];
+                    ldsm_x4_t(bq, cQ + (kq * 16 + (lane & 15)) * pk + (kp0 + p) * 16 + ((lane >> 4) << 3));
+                    mma_bf16(dka[2 * p], ad, bq[0], bq[1]);
+                    mma_bf16(dka[2 * p + 1], ad, bq[2], bq[3]);
                 }
             }
         }
-        __syncthreads(); /* buffer `buf` is refilled by the next iteration's prefetch */
+        __syncthreads(); /* sP, sdS and buffer `buf` are rewritten next */
     }
 
     /* dK += scale * acc (rounded product, then sum: no fma), dV += acc */
 #pragma unroll
     for (int half = 0; half < 2; half++) {
-        const int s = kmin + g + 8 * half;
+        const int s = s0 + rk + g + 8 * half;
         if (s >= T) continue;
         float *dkr = dk + (((size_t)b * T + s) * H + h) * Dk;
         float *dvr = dv + (((size_t)b * T + s) * H + h) * Dv;
 #pragma unroll
-        for (int n = 0; n < 2 * ATT_KSTEPS; n++) {
-            const int col = n * 8 + 2 * c;
-            if (col < Dk) dkr[col] = __fadd_rn(dkr[col], __fmul_rn(scale, dka[n][2 * half]));
-            if (col + 1 < Dk) dkr[col + 1] = __fadd_rn(dkr[col + 1], __fmul_rn(scale, dka[n][2 * half + 1]));
+        for (int p = 0; p < ATT_KSTEPS / 2; p++) {
+            if (p < nkmine) {
+#pragma unroll
+                for (int nn = 0; nn < 2; nn++) {
+                    const int col = (kp0 + p) * 16 + nn * 8 + 2 * c;
+                    if (col < Dk) dkr[col] = __fadd_rn(dkr[col], __fmul_rn(scale, dka[2 * p + nn][2 * half]));
+                    if (col + 1 < Dk)
+                        dkr[col + 1] = __fadd_rn(dkr[col + 1], __fmul_rn(scale, dka[2 * p + nn][2 * half + 1]));
+                }
+            }
         }
 #pragma unroll
-        for (int n = 0; n < 2 * ATT_VSTEPS; n++) {
-            const int col = n * 8 + 2 * c;
-            if (col < Dv) dvr[col] += dva[n][2 * half];
-            if (col + 1 < Dv) dvr[col + 1] += dva[n][2 * half + 1];
+        for (int p = 0; p < ATT_VSTEPS / 2; p++) {
+            if (p < nvmine) {
+#pragma unroll
+                for (int nn = 0; nn < 2; nn++) {
+                    const int col = (vp0 + p) * 16 + nn * 8 + 2 * c;
+                    if (col < Dv) dvr[col] += dva[2 * p + nn][2 * half];
+                    if (col + 1 < Dv) dvr[col + 1] += dva[2 * p + nn][2 * half + 1];
+                }
+            }
         }
     }
 }
 
-/* grid (B*H, ceil(T/128)), BWD_THREADS threads: dq [B, T, H, Dk] += the gradient of the
- * 128 queries t0 = 128 (gridDim.y-1-blockIdx.y).. (heaviest first), summed over their
- * 64-key tiles in order. Warp w owns queries t0+16w..+15 and all their dQ columns, as the
- * forward owns its rows: S = Q K^T and dP = dO V^T (16 x 64), P and dS in registers,
- * whose accumulators are the A fragments of dQ += dS K (K through ldmatrix.trans). */
+static size_t dq_smem_bytes(int dkp, int dvp, int nt)
+{
+    return (size_t)3 * ATT_TILE * (dkp + 8) * sizeof(bf16) + (size_t)3 * ATT_TILE * (dvp + 8) * sizeof(bf16) +
+           (size_t)ATT_TILE * ATT_PP * sizeof(bf16) + (size_t)(5 * ATT_TILE + 2 * nt + 1) * sizeof(int);
+}
+
+/* grid (B*H, nt), BWD_THREADS threads: dq [B, T, H, Dk] += the gradient of query tile
+ * nt-1-blockIdx.y, summed over its key tiles in order. */
 static __global__ void __launch_bounds__(BWD_THREADS, 1)
     attn_bwd_dq_kernel(float *dq, const bf16 *qb, const bf16 *kb, const bf16 *vb, const bf16 *dob,
                        const float *lse, const float *Dvec, const int32_t *doc_id, int T, int H, int Dk, int dkp,
@@ -262,34 +277,31 @@ static __global__ void __launch_bounds__(BWD_THREADS, 1)
 {
     extern __shared__ __align__(16) unsigned char smem[];
     const int pk = dkp + 8, pv = dvp + 8;
-    bf16 *sQ = (bf16 *)smem;                    /* [128][pk] */
-    bf16 *sdO = sQ + BWD_ROWS * pk;             /* [128][pv] */
-    bf16 *sK = sdO + BWD_ROWS * pv;             /* [2][64][pk] */
-    bf16 *sV = sK + 2 * ATT_TILE * pk;          /* [2][64][pv] */
-    float *slse = (float *)(sV + 2 * ATT_TILE * pv); /* [128] */
-    float *sD = slse + BWD_ROWS;                /* [128] */
-    int *sqd = (int *)(sD + BWD_ROWS);          /* [128] */
-    int *skd = sqd + BWD_ROWS;                  /* [2][64] */
+    bf16 *sQ = (bf16 *)smem;                   /* [64][pk] */
+    bf16 *sK = sQ + ATT_TILE * pk;             /* [2][64][pk] */
+    bf16 *sdO = sK + 2 * ATT_TILE * pk;        /* [64][pv] */
+    bf16 *sV = sdO + ATT_TILE * pv;            /* [2][64][pv] */
+    bf16 *sdS = sV + 2 * ATT_TILE * pv;        /* [64][ATT_PP] */
+    float *slse = (float *)(sdS + ATT_TILE * ATT_PP); /* [64] */
+    float *sD = slse + ATT_TILE;               /* [64] */
+    int *sqd = (int *)(sD + ATT_TILE);         /* [64] */
+    int *skd = sqd + ATT_TILE;                 /* [2][64] */
     int *slist = skd + 2 * ATT_TILE, *sflag = slist + nt, *scount = sflag + nt;
 
     const int bh = blockIdx.x, b = bh / H, h = bh - b * H;
-    const int t0 = ((int)gridDim.y - 1 - (int)blockIdx.y) * BWD_ROWS, qt0 = t0 / ATT_TILE;
-    const int last = min(qt0 + 1, nt - 1); /* last key tile: the diagonal */
+    const int qt = nt - 1 - (int)blockIdx.y, t0 = qt * ATT_TILE;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    const int nkq = dkp >> 4, nvp = dvp >> 4;
     const size_t hrow = (size_t)bh * T;
     const bf16 *qh = qb + hrow * dkp, *kh = kb + hrow * dkp, *vh = vb + hrow * dvp, *doh = dob + hrow * dvp;
     const int32_t *doc = doc_id ? doc_id + (size_t)b * T : NULL;
 
-    const int nvis = doc ? doc_tile_list(slist, sflag, scount, doc, T, qt0, qt0 + 1, 0, last) : last + 1;
+    const int nvis = doc ? doc_tile_list(slist, sflag, scount, doc, T, qt, 0, qt) : qt + 1;
 
-    for (int r = 0; r < BWD_ROWS; r += ATT_TILE) {
-        load_rows_async(sQ + r * pk, pk, qh, dkp, t0 + r, T, BWD_THREADS);
-        load_rows_async(sdO + r * pv, pv, doh, dvp, t0 + r, T, BWD_THREADS);
-        load_vals_async(slse + r, lse + hrow, t0 + r, T);
-        load_vals_async(sD + r, Dvec + hrow, t0 + r, T);
-        if (doc) load_vals_async(sqd + r, doc, t0 + r, T);
-    }
+    load_rows_async(sQ, pk, qh, dkp, t0, T, BWD_THREADS);
+    load_rows_async(sdO, pv, doh, dvp, t0, T, BWD_THREADS);
+    load_vals_async(slse, lse + hrow, t0, T);
+    load_vals_async(sD, Dvec + hrow, t0, T);
+    if (doc) load_vals_async(sqd, doc, t0, T);
     {
         const int j = doc ? slist[0] : 0;
         load_rows_async(sK, pk, kh, dkp, j * ATT_TILE, T, BWD_THREADS);
@@ -298,10 +310,13 @@ static __global__ void __launch_bounds__(BWD_THREADS, 1)
     }
     cp_async_commit();
 
-    const int rq = warp * 16, tmin = t0 + rq; /* this warp's queries: local rq.., global tmin.. */
-    float dqa[2 * ATT_KSTEPS][4];
+    /* phase 2 ownership: query rows rq..rq+15, one half of the dQ columns */
+    const int rq = (warp & 3) * 16, hf = warp >> 2;
+    int kp0, nkmine;
+    column_half(dkp, hf, &kp0, &nkmine);
+    float dqa[ATT_KSTEPS][4];
 #pragma unroll
-    for (int n = 0; n < 2 * ATT_KSTEPS; n++) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.f;
+    for (int n = 0; n < ATT_KSTEPS; n++) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.f;
 
     for (int it = 0; it < nvis; it++) {
         const int j = doc ? slist[it] : it, buf = it & 1;
@@ -316,92 +331,44 @@ static __global__ void __launch_bounds__(BWD_THREADS, 1)
             cp_async_wait_all();
         }
         __syncthreads();
-        const int s0 = j * ATT_TILE;
-        /* warp-uniform: skip tiles whose every key is after every query of the warp */
-        if (tmin < T && s0 <= tmin + 15) {
-            const bf16 *cK = sK + buf * ATT_TILE * pk, *cV = sV + buf * ATT_TILE * pv;
-            const int *ckd = skd + buf * ATT_TILE;
-            float s[8][4], dp[8][4]; /* n-tile n: keys s0+8n.. */
+        const bf16 *cK = sK + buf * ATT_TILE * pk, *cV = sV + buf * ATT_TILE * pv;
+        bwd_probs(NULL, sdS, sQ, cK, pk, dkp >> 4, sdO, cV, pv, dvp >> 4, slse, sD, doc ? sqd : NULL,
+                  doc ? skd + buf * ATT_TILE : NULL, t0, j * ATT_TILE, T, sl2);
+        __syncthreads();
+        /* dQ += dS K over the 64 keys, 16 at a time */
 #pragma unroll
-            for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.f;
+        for (int kk = 0; kk < 4; kk++) {
+            uint32_t a[4];
+            ldsm_x4(a, sdS + (rq + (lane & 15)) * ATT_PP + kk * 16 + ((lane >> 4) << 3));
 #pragma unroll
-            for (int kk = 0; kk < ATT_KSTEPS; kk++) {
-                if (kk < nkq) {
-                    uint32_t a[4];
-                    ldsm_x4(a, sQ + (rq + (lane & 15)) * pk + kk * 16 + ((lane >> 4) << 3));
-#pragma unroll
-                    for (int np = 0; np < 4; np++) {
-                        uint32_t bk[4];
-                        ldsm_x4(bk, cK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * pk + kk * 16 +
-                                        (((lane >> 3) & 1) << 3));
-                        mma_bf16(s[2 * np], a, bk[0], bk[1]);
-                        mma_bf16(s[2 * np + 1], a, bk[2], bk[3]);
-                    }
-                }
-            }
-#pragma unroll
-            for (int kk = 0; kk < ATT_VSTEPS; kk++) {
-                if (kk < nvp) {
-                    uint32_t a[4];
-                    ldsm_x4(a, sdO + (rq + (lane & 15)) * pv + kk * 16 + ((lane >> 4) << 3));
-#pragma unroll
-                    for (int np = 0; np < 4; np++) {
-                        uint32_t bv[4];
-                        ldsm_x4(bv, cV + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * pv + kk * 16 +
-                                        (((lane >> 3) & 1) << 3));
-                        mma_bf16(dp[2 * np], a, bv[0], bv[1]);
-                        mma_bf16(dp[2 * np + 1], a, bv[2], bv[3]);
-                    }
-                }
-            }
-            const int ra = rq + g, rb = ra + 8;
-            const float lsa = slse[ra] * ATT_LOG2E, lsb = slse[rb] * ATT_LOG2E, Da = sD[ra], Db = sD[rb];
-            /* no mask needed: no documents, every key before every query, all queries < T */
-            const int full = !doc && s0 + ATT_TILE - 1 <= tmin && tmin + 15 < T;
-#pragma unroll
-            for (int n = 0; n < 8; n++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int r = e < 2 ? ra : rb, t = t0 + r, col = n * 8 + 2 * c + (e & 1);
-                    int vis = full || (s0 + col <= t && t < T);
-                    if (doc) vis = vis && sqd[r] == ckd[col];
-                    const float p = vis ? exp2f(s[n][e] * sl2 - (e < 2 ? lsa : lsb)) : 0.f;
-                    dp[n][e] = p * (dp[n][e] - (e < 2 ? Da : Db));
-                }
-            }
-            /* dQ += dS K over the 64 keys, 16 at a time: the accumulators of key n-tiles
-             * 2kk, 2kk+1 are the A fragment of k-step kk */
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++) {
-                uint32_t da[4];
-                da[0] = pack_bf16(dp[2 * kk][0], dp[2 * kk][1]);
-                da[1] = pack_bf16(dp[2 * kk][2], dp[2 * kk][3]);
-                da[2] = pack_bf16(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-                da[3] = pack_bf16(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
-#pragma unroll
-                for (int p = 0; p < ATT_KSTEPS; p++) {
-                    if (p < nkq) {
-                        uint32_t bk[4];
-                        ldsm_x4_t(bk, cK + (kk * 16 + (lane & 15)) * pk + p * 16 + ((lane >> 4) << 3));
-                        mma_bf16(dqa[2 * p], da, bk[0], bk[1]);
-                        mma_bf16(dqa[2 * p + 1], da, bk[2], bk[3]);
-                    }
+            for (int p = 0; p < ATT_KSTEPS / 2; p++) {
+                if (p < nkmine) {
+                    uint32_t bk[4];
+                    ldsm_x4_t(bk, cK + (kk * 16 + (lane & 15)) * pk + (kp0 + p) * 16 + ((lane >> 4) << 3));
+                    mma_bf16(dqa[2 * p], a, bk[0], bk[1]);
+                    mma_bf16(dqa[2 * p + 1], a, bk[2], bk[3]);
                 }
             }
         }
-        __syncthreads(); /* buffer `buf` is refilled by the next iteration's prefetch */
+        __syncthreads(); /* sdS and buffer `buf` are rewritten next */
     }
 
 #pragma unroll
     for (int half = 0; half < 2; half++) {
-        const int t = tmin + g + 8 * half;
+        const int t = t0 + rq + g + 8 * half;
         if (t >= T) continue;
         float *dqr = dq + (((size_t)b * T + t) * H + h) * Dk;
 #pragma unroll
-        for (int n = 0; n < 2 * ATT_KSTEPS; n++) {
-            const int col = n * 8 + 2 * c;
-            if (col < Dk) dqr[col] = __fadd_rn(dqr[col], __fmul_rn(scale, dqa[n][2 * half]));
-            if (col + 1 < Dk) dqr[col + 1] = __fadd_rn(dqr[col + 1], __fmul_rn(scale, dqa[n][2 * half + 1]));
+        for (int p = 0; p < ATT_KSTEPS / 2; p++) {
+            if (p < nkmine) {
+#pragma unroll
+                for (int nn = 0; nn < 2; nn++) {
+                    const int col = (kp0 + p) * 16 + nn * 8 + 2 * c;
+                    if (col < Dk) dqr[col] = __fadd_rn(dqr[col], __fmul_rn(scale, dqa[2 * p + nn][2 * half]));
+                    if (col + 1 < Dk)
+                        dqr[col + 1] = __fadd_rn(dqr[col + 1], __fmul_rn(scale, dqa[2 * p + nn][2 * half + 1]));
+                }
+            }
         }
     }
 }
@@ -429,14 +396,14 @@ extern "C" void cuda_attention_backward(float *dq, float *dk, float *dv, const f
     LAUNCH_CHECK();
 
     const float sl2 = scale * ATT_LOG2E;
-    const int nblk = (T + BWD_ROWS - 1) / BWD_ROWS;
-    const size_t smem = bwd_smem_bytes(dkp, dvp, nt);
-    attn_smem_limit((const void *)attn_bwd_dkdv_kernel, smem, &dkdv_set, "cuda_attention_backward");
-    attn_bwd_dkdv_kernel<<<dim3(B * H, nblk), BWD_THREADS, smem, cuda_stream()>>>(
+    const size_t smem_kv = dkdv_smem_bytes(dkp, dvp, nt);
+    attn_smem_limit((const void *)attn_bwd_dkdv_kernel, smem_kv, &dkdv_set, "cuda_attention_backward");
+    attn_bwd_dkdv_kernel<<<dim3(B * H, nt), BWD_THREADS, smem_kv, cuda_stream()>>>(
         dk, dv, qb, kb, vb, dob, lse, Dvec, doc_id, T, H, Dk, Dv, dkp, dvp, nt, scale, sl2);
     LAUNCH_CHECK();
-    attn_smem_limit((const void *)attn_bwd_dq_kernel, smem, &dq_set, "cuda_attention_backward");
-    attn_bwd_dq_kernel<<<dim3(B * H, nblk), BWD_THREADS, smem, cuda_stream()>>>(
+    const size_t smem_q = dq_smem_bytes(dkp, dvp, nt);
+    attn_smem_limit((const void *)attn_bwd_dq_kernel, smem_q, &dq_set, "cuda_attention_backward");
+    attn_bwd_dq_kernel<<<dim3(B * H, nt), BWD_THREADS, smem_q, cuda_stream()>>>(
         dq, qb, kb, vb, dob, lse, Dvec, doc_id, T, H, Dk, dkp, dvp, nt, scale, sl2);
     LAUNCH_CHECK();
 }

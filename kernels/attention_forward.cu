@@ -41,7 +41,7 @@ static __global__ void __launch_bounds__(FWD_THREADS, 2)
     const bf16 *qh = qb + hrow * dkp, *kh = kb + hrow * dkp, *vh = vb + hrow * dvp;
     const int32_t *doc = doc_id ? doc_id + (size_t)b * T : NULL;
 
-    const int nvis = doc ? doc_tile_list(slist, sflag, scount, doc, T, qt, qt, 0, qt) : qt + 1;
+    const int nvis = doc ? doc_tile_list(slist, sflag, scount, doc, T, qt, 0, qt) : qt + 1;
 
     load_rows_async(sQ, pk, qh, dkp, t0, T, FWD_THREADS);
     {

@@ -44,9 +44,9 @@ typedef __nv_bfloat16 bf16;
 #define ATT_DV_MAX 128
 #define ATT_KSTEPS (ATT_DK_MAX / 16)    /* 16-wide column blocks of q/k */
 #define ATT_VSTEPS (ATT_DV_MAX / 16)    /* 16-wide column blocks of v/out */
+#define ATT_PP (ATT_TILE + 8)           /* pitch (bf16) of the shared 64x64 P and dS tiles */
 #define FWD_THREADS 128                 /* 4 warps x 16 query rows */
 #define BWD_THREADS 256                 /* 8 warps */
-#define BWD_ROWS 128                    /* keys per dK/dV block, queries per dQ block: 8 warps x 16 */
 #define CVT_THREADS 256
 #define ATT_LOG2E 1.4426950408889634f
 #define ATT_LN2 0.69314718055994531f
@@ -160,21 +160,15 @@ static __device__ void doc_range(const int32_t *doc, int T, int tile, int *lo, i
     *hi = __reduce_max_sync(0xffffffffu, mx);
 }
 
-/* The tiles in [first, last], ascending, whose document-id range meets that of the tiles
- * own0..own1 (of the same batch row `doc`; tiles past T add nothing): written to list,
- * count returned to every thread. flag: last-first+1 ints of scratch; count: one int.
- * Called by the whole block. */
-static __device__ int doc_tile_list(int *list, int *flag, int *count, const int32_t *doc, int T, int own0,
-                                    int own1, int first, int last)
+/* The tiles in [first, last], ascending, whose document-id range meets that of tile
+ * `own` (of the same batch row `doc`): written to list, count returned to every thread.
+ * flag: last-first+1 ints of scratch; count: one int. Called by the whole block. */
+static __device__ int doc_tile_list(int *list, int *flag, int *count, const int32_t *doc, int T, int own,
+                                    int first, int last)
 {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-    int olo = INT_MAX, ohi = INT_MIN;
-    for (int o = own0; o <= own1; o++) {
-        int lo, hi;
-        doc_range(doc, T, o, &lo, &hi);
-        olo = min(olo, lo);
-        ohi = max(ohi, hi);
-    }
+    int olo, ohi;
+    doc_range(doc, T, own, &olo, &ohi);
     for (int j = first + warp; j <= last; j += nwarps) {
         int lo, hi;
         doc_range(doc, T, j, &lo, &hi);
