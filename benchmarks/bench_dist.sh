@@ -28,7 +28,9 @@ else
     threads=1
 fi
 echo "device,ranks,ep,zero,tokens_per_s,tokens_per_s_per_rank,step_ms,reduce_ms,alltoall_ms,alltoall_GBps,peak_mem_GiB"
-for layout in "1 1 0" "2 1 0" "2 2 0" "4 1 0" "4 2 0" "4 4 0" "4 1 1"; do
+# BENCH_LAYOUTS overrides the list of "ranks ep zero" triples
+IFS=, read -r -a layouts <<<"${BENCH_LAYOUTS:-1 1 0,2 1 0,2 2 0,4 1 0,4 2 0,4 4 0,4 1 1}"
+for layout in "${layouts[@]}"; do
     read -r np ep zero <<<"$layout"
     [ "$np" -le "$gpus" ] || continue
     name="np${np}_ep${ep}_zero${zero}"
