@@ -5,7 +5,8 @@
  * fp32) in the backend scratch buffer: at V = 50304 that is 667 rows, large enough for
  * the GEMM to run at full tensor-core rate and small next to the activations. The GEMMs
  * are matmul.cu's bf16 ones (operands rounded to bf16, fp32 accumulation); wte is rounded
- * once per call into a buffer of this file and each chunk's h rows once. Per chunk:
+ * once per call into a buffer of this file and each chunk's h rows once (heads below
+ * 2^27 multiply-adds in all go chunk by chunk through cuda_matmul_* instead). Per chunk:
  *   forward : logits = h_c wte^T, then one block per row finds lse and the loss;
  *   backward: the same GEMM recomputes the logits, one block per row turns them in
  *             place into dlogits = scale (softmax - onehot) (all zero for ignored rows),
@@ -54,6 +55,10 @@ static __nv_bfloat16 *bf_reserve(size_t elems)
 }
 
 static size_t round8(size_t n) { return (n + 7) & ~(size_t)7; }
+
+/* A head too small to gain from rounding wte once: each chunk goes through
+ * cuda_matmul_forward/backward, which keep small products on cuBLAS's own choice. */
+static int small_head(int N, int V, int C) { return (size_t)N * V * C < ((size_t)1 << 27); }
 
 /* rows per chunk: as many as fit CHUNK_FLOATS logits, at least 1, at most N */
 static int chunk_rows(int N, int V)
@@ -150,6 +155,15 @@ extern "C" void cuda_classifier_forward(float *loss, float *lse, const float *h,
     if (N <= 0 || V <= 0) return;
     const int rows = chunk_rows(N, V);
     float *logits = (float *)cuda_scratch((size_t)rows * V * sizeof(float));
+    if (small_head(N, V, C)) {
+        for (int i0 = 0; i0 < N; i0 += rows) {
+            const int nr = N - i0 < rows ? N - i0 : rows;
+            cuda_matmul_forward(logits, h + (size_t)i0 * C, wte, nr, C, V);
+            ce_forward_kernel<<<nr, ROW_THREADS, 0, cuda_stream()>>>(loss, lse, logits, targets, i0, V);
+            LAUNCH_CHECK();
+        }
+        return;
+    }
     size_t nw = round8((size_t)V * C);
     __nv_bfloat16 *wb = bf_reserve(nw + round8((size_t)rows * C)), *hb = wb + nw;
     cuda_to_bf16(wb, wte, (size_t)V * C);
@@ -172,6 +186,17 @@ extern "C" void cuda_classifier_backward(float *dh, float *dwte, const float *h,
     if (N <= 0 || V <= 0) return;
     const int rows = chunk_rows(N, V);
     float *dlogits = (float *)cuda_scratch((size_t)rows * V * sizeof(float));
+    if (small_head(N, V, C)) {
+        for (int i0 = 0; i0 < N; i0 += rows) {
+            const int nr = N - i0 < rows ? N - i0 : rows;
+            const float *hc = h + (size_t)i0 * C;
+            cuda_matmul_forward(dlogits, hc, wte, nr, C, V);
+            ce_backward_kernel<<<nr, ROW_THREADS, 0, cuda_stream()>>>(dlogits, targets, lse, dloss_scale, i0, V);
+            LAUNCH_CHECK();
+            cuda_matmul_backward(dh + (size_t)i0 * C, dwte, dlogits, hc, wte, nr, C, V);
+        }
+        return;
+    }
     size_t nw = round8((size_t)V * C), nh = round8((size_t)rows * C);
     __nv_bfloat16 *wb = bf_reserve(nw + nh + round8((size_t)rows * V)), *hb = wb + nw, *db = hb + nh;
     cuda_to_bf16(wb, wte, (size_t)V * C);
