@@ -8,6 +8,7 @@ Prints one line per shape: forward ms and backward ms (median of 20 after 5 warm
 CUDA events), and which backends were available.
 """
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,7 @@ def bench(B, T, H, dk, dv, backend):
 
 
 def main():
+    warnings.filterwarnings("ignore")  # PyTorch explains at length why each other backend declines
     if not torch.cuda.is_available():
         print("skip: no CUDA device")
         return 0
