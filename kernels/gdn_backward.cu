@@ -16,8 +16,11 @@
 
 /* Per (chunk, b*h), from the saved S0: e0 to e0buf; Xk = T^T diag(eL) K; Hc =
  * Qs^T diag(e0) dO [D, D]; Xo = T^T M^T dO; W = T diag(beta) (V - diag(e0) K S0).
- * Shared: header, K and Qs [64, dp]; four [64, GDN_PP] tiles: R1 (A, then T^T's factor
- * diag(eL) T, then panels of dO or S0), T, M, P2 (M^T dO, then the right-hand side). */
+ * Shared: header, K and Qs [64, dp] (pad columns zero); four [64, GDN_PP] tiles: R1 (A,
+ * then T^T's factor diag(eL) T, then panels of dO or S0), T, M, P2 (M^T dO, then the
+ * right-hand side). Warp w computes the warp tile (16 (w % 4), 32 (w / 4)) of each
+ * [64, 64] result; T and M are lower triangular, so products with them or their
+ * transposes contract only over the rows or columns that the tile's rows reach. */
 static __global__ void __launch_bounds__(GDN_NT, 2)
 gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float *e0buf,
                     const float *dout, const float *q, const float *k, const float *v,
@@ -25,19 +28,19 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
                     const int32_t *doc_start, int T, int H, int D, int nchunk, float scale)
 {
     const int c = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
-    const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_pitch(D);
+    const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_kpitch(D), D8 = gdn_r8(D);
     const size_t ci = (size_t)bh * nchunk + c, rs = (size_t)H * D, tok = gdn_row(b, t0, h, T, H, D);
     const gdn_hdr s = gdn_hdr_at(gdn_smem);
     float *Ks = gdn_smem + GDN_HDR, *Qs = Ks + GDN_C * dp, *R1 = Qs + GDN_C * dp;
     float *Ts = R1 + GDN_C * GDN_PP, *Ms = Ts + GDN_C * GDN_PP, *P2 = Ms + GDN_C * GDN_PP;
-    const int tm = tid >> 4, tn = tid & 15;
+    const int warp = tid >> 5, m0 = 16 * (warp & 3), n0 = 32 * (warp >> 2);
     const float *S0 = state_save + ci * D * D;
     float *Wc = Wbuf + ci * GDN_C * D, *Xc = Xbuf + ci * GDN_C * D, *Xkc = Xkbuf + ci * GDN_C * D;
     float *Hc = Hcbuf + ci * D * D;
 
     gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
-    gdn_load(Ks, dp, GDN_C, D, k + tok, rs, L, 0, D, 1.0f);
-    gdn_load(Qs, dp, GDN_C, D, q + tok, rs, L, 0, D, scale);
+    gdn_load(Ks, dp, GDN_C, D8, k + tok, rs, L, 0, D, 1.0f);
+    gdn_load(Qs, dp, GDN_C, D8, q + tok, rs, L, 0, D, scale);
     if (tid < GDN_C) e0buf[ci * GDN_C + tid] = s.e0[tid];
     __syncthreads();
 
@@ -46,15 +49,16 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
         float ak[4][4], aq[4][4];
         gdn_zero(ak);
         gdn_zero(aq);
-        gdn_tile_2a(ak, aq, Ks, Qs, dp, 1, 4 * tm, GDN_C - 1, Ks, 1, dp, tn, 16, GDN_C - 1, 0, D);
+        if (n0 < m0 + 16)
+            gdn_mma_2a(GDN_SPLIT_PAIR, ak, aq, Ks, Qs, dp, 1, m0, GDN_C - 1, Ks, 1, dp, n0, GDN_C - 1, 0, D);
 #pragma unroll
-        for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int t = 4 * tm + i, u = tn + 16 * j;
+            for (int r = 0; r < 4; r++) {
+                const int t = gdn_frow(m0, r), u = gdn_fcol(n0, j, r);
                 const float E = gdn_decay(s, t, u, L);
-                R1[t * GDN_PP + u] = u < t ? s.bt[t] * E * ak[i][j] : 0.0f;
-                Ms[t * GDN_PP + u] = E * aq[i][j];
+                R1[t * GDN_PP + u] = u < t ? s.bt[t] * E * ak[j][r] : 0.0f;
+                Ms[t * GDN_PP + u] = E * aq[j][r];
             }
     }
     __syncthreads();
@@ -77,56 +81,58 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
 
     /* Xk = (diag(eL) T)^T K; T^T is upper triangular */
     for (int np = 0; np < D; np += 64) {
+        if (np + n0 >= D) continue;
         float acc[4][4];
         gdn_zero(acc);
-        gdn_tile(acc, R1, 1, GDN_PP, 4 * tm, GDN_C - 1, Ks + np, dp, 1, tn, 16, D - 1 - np, 4 * tm, GDN_C);
+        gdn_mma(GDN_SPLIT_SOLVE, acc, R1, 1, GDN_PP, m0, GDN_C - 1, Ks + np, dp, 1, n0, D - 1 - np, m0, GDN_C);
 #pragma unroll
-        for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int n = np + tn + 16 * j;
-                if (n < D) Xkc[(size_t)(4 * tm + i) * D + n] = acc[i][j];
+            for (int r = 0; r < 4; r++) {
+                const int n = np + gdn_fcol(n0, j, r);
+                if (n < D) Xkc[(size_t)gdn_frow(m0, r) * D + n] = acc[j][r];
             }
     }
     __syncthreads();
 
     /* per 64 value columns of dO: Hc, then Xo = T^T (M^T dO) */
     for (int jp = 0; jp < D; jp += 64) {
-        const int jw = gdn_imin(64, D - jp);
+        const int jw = gdn_imin(64, D - jp), act = n0 < jw;
         gdn_load(R1, GDN_PP, GDN_C, 64, dout + tok, rs, L, jp, D, 1.0f);
         __syncthreads();
         for (int ip = 0; ip < D; ip += 64) {
+            if (!act || ip + m0 >= D) continue;
             float acc[4][4];
             gdn_zero(acc);
-            gdn_tile(acc, Qs + ip, 1, dp, 4 * tm, D - 1 - ip, R1, GDN_PP, 1, tn, 16, 63, 0, GDN_C);
+            gdn_mma(GDN_SPLIT_S0, acc, Qs + ip, 1, dp, m0, D - 1 - ip, R1, GDN_PP, 1, n0, 63, 0, GDN_C);
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const int m = ip + 4 * tm + i, n = tn + 16 * j;
-                    if (m < D && n < jw) Hc[(size_t)m * D + jp + n] = acc[i][j];
+                for (int r = 0; r < 4; r++) {
+                    const int m = ip + gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
+                    if (m < D && n < jw) Hc[(size_t)m * D + jp + n] = acc[j][r];
                 }
         }
         {
             float acc[4][4];
             gdn_zero(acc);
-            gdn_tile(acc, Ms, 1, GDN_PP, 4 * tm, GDN_C - 1, R1, GDN_PP, 1, tn, 16, 63, 4 * tm, GDN_C);
+            if (act) gdn_mma(GDN_SPLIT_SOLVE, acc, Ms, 1, GDN_PP, m0, GDN_C - 1, R1, GDN_PP, 1, n0, 63, m0, GDN_C);
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) P2[(4 * tm + i) * GDN_PP + tn + 16 * j] = acc[i][j];
+                for (int r = 0; r < 4; r++) P2[gdn_frow(m0, r) * GDN_PP + gdn_fcol(n0, j, r)] = acc[j][r];
         }
         __syncthreads();
-        {
+        if (act) {
             float acc[4][4];
             gdn_zero(acc);
-            gdn_tile(acc, Ts, 1, GDN_PP, 4 * tm, GDN_C - 1, P2, GDN_PP, 1, tn, 16, 63, 4 * tm, GDN_C);
+            gdn_mma(GDN_SPLIT_SOLVE, acc, Ts, 1, GDN_PP, m0, GDN_C - 1, P2, GDN_PP, 1, n0, 63, m0, GDN_C);
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const int n = tn + 16 * j;
-                    if (n < jw) Xc[(size_t)(4 * tm + i) * D + jp + n] = acc[i][j];
+                for (int r = 0; r < 4; r++) {
+                    const int n = gdn_fcol(n0, j, r);
+                    if (n < jw) Xc[(size_t)gdn_frow(m0, r) * D + jp + n] = acc[j][r];
                 }
         }
         __syncthreads();
@@ -135,35 +141,44 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
     /* per 64 value columns: U = K S0 over 64-row panels of S0, the right-hand side
      * beta (V - e0 U) into P2, W = T P2 */
     for (int jp = 0; jp < D; jp += 64) {
-        const int jw = gdn_imin(64, D - jp);
+        const int jw = gdn_imin(64, D - jp), act = n0 < jw;
         float au[4][4];
         gdn_zero(au);
         for (int ip = 0; ip < D; ip += 64) {
             const int iw = gdn_imin(64, D - ip);
             gdn_load(R1, GDN_PP, 64, 64, S0 + (size_t)ip * D, D, iw, jp, D, 1.0f);
             __syncthreads();
-            gdn_tile(au, Ks + ip, dp, 1, 4 * tm, GDN_C - 1, R1, GDN_PP, 1, tn, 16, 63, 0, iw);
+            if (act) gdn_mma(GDN_SPLIT_S0, au, Ks + ip, dp, 1, m0, GDN_C - 1, R1, GDN_PP, 1, n0, 63, 0, iw);
             __syncthreads();
         }
+        float vv[4][4]; /* all loads first (the P2 stores would order them) */
 #pragma unroll
-        for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int t = 4 * tm + i, n = tn + 16 * j;
-                const float vv = t < L && n < jw ? v[tok + (size_t)t * rs + jp + n] : 0.0f;
-                P2[t * GDN_PP + n] = s.bt[t] * (vv - s.e0[t] * au[i][j]);
+            for (int r = 0; r < 4; r++) {
+                const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
+                vv[j][r] = t < L && n < jw ? v[tok + (size_t)t * rs + jp + n] : 0.0f;
+            }
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
+                P2[t * GDN_PP + n] = s.bt[t] * (vv[j][r] - s.e0[t] * au[j][r]);
             }
         __syncthreads();
-        float aw[4][4];
-        gdn_zero(aw);
-        gdn_tile(aw, Ts, GDN_PP, 1, 4 * tm, GDN_C - 1, P2, GDN_PP, 1, tn, 16, 63, 0, 4 * tm + 4);
+        if (act) {
+            float aw[4][4];
+            gdn_zero(aw);
+            gdn_mma(GDN_SPLIT_SOLVE, aw, Ts, GDN_PP, 1, m0, GDN_C - 1, P2, GDN_PP, 1, n0, 63, 0, m0 + 16);
 #pragma unroll
-        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int n = tn + 16 * j;
-                if (n < jw) Wc[(size_t)(4 * tm + i) * D + jp + n] = aw[i][j];
-            }
+                for (int r = 0; r < 4; r++) {
+                    const int n = gdn_fcol(n0, j, r);
+                    if (n < jw) Wc[(size_t)gdn_frow(m0, r) * D + jp + n] = aw[j][r];
+                }
+        }
         /* the next pass writes P2 only after the barriers of its S0 loop */
     }
 }
@@ -171,21 +186,23 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
 /* Per (32 value columns j0.., b*h), chunks last to first: dS [D, 32] starts at 0; per
  * chunk: save dS (the gradient at the chunk's end); X = Xo + Xk dS (written over Xo);
  * dS = e0L dS + Hc - K^T diag(e0 beta) X, or 0 if the chunk's first token starts a
- * document. Shared: dS [D, GDN_VP], e0 beta X [64, GDN_VP], Xk and K of the chunk
- * [64, dp], e0 and beta [128]. Groups as in the forward state kernel: X (Xk, e0, beta)
- * and K. */
+ * document. Shared: dS [r8(D), GDN_SP] (rows past D zero), e0 beta X [64, GDN_SP], Xk and
+ * K of the chunk [64, dp] (pad columns zero), e0 and beta [128]. Groups as in the
+ * forward state kernel: X (Xk, e0, beta) and K; warps as there. */
 static __global__ void __launch_bounds__(GDN_ST)
 gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float *Hcbuf,
                      const float *k, const float *beta, const float *e0buf,
                      const int32_t *doc_start, int T, int H, int D, int nchunk)
 {
     const int j0 = blockIdx.x * GDN_DV, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
-    const int dp = gdn_pitch(D), nv = gdn_imin(GDN_DV, D - j0);
-    float *dS = gdn_smem, *Xt = dS + D * GDN_VP, *Xkb = Xt + GDN_C * GDN_VP, *Kb = Xkb + GDN_C * dp;
+    const int dp = gdn_kpitch(D), D8 = gdn_r8(D), nv = gdn_imin(GDN_DV, D - j0), warp = tid >> 5;
+    float *dS = gdn_smem, *Xt = dS + D8 * GDN_SP, *Xkb = Xt + GDN_C * GDN_SP, *Kb = Xkb + GDN_C * dp;
     float *sc = Kb + GDN_C * dp;
     const size_t rs = (size_t)H * D, DD = (size_t)D * D;
 
-    for (int e = tid; e < D * GDN_VP; e += GDN_ST) dS[e] = 0.0f;
+    for (int e = tid; e < D8 * GDN_SP; e += GDN_ST) dS[e] = 0.0f;
+    gdn_zero_cols(Xkb, dp, GDN_C, D, dp);
+    gdn_zero_cols(Kb, dp, GDN_C, D, dp);
     {
         const int cl = nchunk - 1, t0 = cl * GDN_C, L = T - t0;
         const size_t ci = (size_t)bh * nchunk + cl;
@@ -210,31 +227,31 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
         float *ds = dSbuf + ci * DD + j0;
         for (int e = tid; e < D * nv; e += GDN_ST) {
             const int r = e / nv, col = e - r * nv;
-            ds[(size_t)r * D + col] = dS[r * GDN_VP + col];
+            ds[(size_t)r * D + col] = dS[r * GDN_SP + col];
         }
 
         /* X = Xo + Xk dS */
         {
-            const int tm = tid >> 3, tn = tid & 7;
+            const int m0 = 16 * warp;
             float *xc = Xbuf + ci * GDN_C * D + j0;
             float xo[4][4], acc[4][4];
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const int n = tn + 8 * j;
-                    xo[i][j] = n < nv ? xc[(size_t)(4 * tm + i) * D + n] : 0.0f;
+                for (int r = 0; r < 4; r++) {
+                    const int n = gdn_fcol(0, j, r);
+                    xo[j][r] = n < nv ? xc[(size_t)gdn_frow(m0, r) * D + n] : 0.0f;
                 }
             gdn_zero(acc);
-            gdn_tile(acc, Xkb, dp, 1, 4 * tm, GDN_C - 1, dS, GDN_VP, 1, tn, 8, GDN_DV - 1, 0, D);
+            gdn_mma(GDN_SPLIT_STATE, acc, Xkb, dp, 1, m0, GDN_C - 1, dS, GDN_SP, 1, 0, GDN_DV - 1, 0, D);
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const int t = 4 * tm + i, n = tn + 8 * j;
-                    const float x = xo[i][j] + acc[i][j];
+                for (int r = 0; r < 4; r++) {
+                    const int t = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
+                    const float x = xo[j][r] + acc[j][r];
                     if (n < nv) xc[(size_t)t * D + n] = x;
-                    Xt[t * GDN_VP + n] = sc[t] * sc[GDN_C + t] * x;
+                    Xt[t * GDN_SP + n] = sc[t] * sc[GDN_C + t] * x;
                 }
         }
         __syncthreads();
@@ -253,25 +270,24 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
 
         /* dS = e0L dS + Hc - K^T (e0 beta X) */
         const float *hc = Hcbuf + ci * DD + j0;
-        for (int tile = tid; tile < ((D + 3) >> 2) * 8; tile += GDN_ST) {
-            const int tm = tile >> 3, tn = tile & 7;
+        for (int m0 = 16 * warp; m0 < D; m0 += 16 * (GDN_ST / 32)) {
             float hv[4][4], acc[4][4];
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const int m = 4 * tm + i, n = tn + 8 * j;
-                    hv[i][j] = m < D && n < nv ? hc[(size_t)m * D + n] : 0.0f;
+                for (int r = 0; r < 4; r++) {
+                    const int m = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
+                    hv[j][r] = m < D && n < nv ? hc[(size_t)m * D + n] : 0.0f;
                 }
             gdn_zero(acc);
-            gdn_tile(acc, Kb, 1, dp, 4 * tm, D - 1, Xt, GDN_VP, 1, tn, 8, GDN_DV - 1, 0, GDN_C);
+            gdn_mma(GDN_SPLIT_STATE, acc, Kb, 1, dp, m0, D - 1, Xt, GDN_SP, 1, 0, GDN_DV - 1, 0, GDN_C);
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const int m = 4 * tm + i, n = tn + 8 * j;
+                for (int r = 0; r < 4; r++) {
+                    const int m = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
                     if (m < D)
-                        dS[m * GDN_VP + n] = reset0 ? 0.0f : e0L * dS[m * GDN_VP + n] + hv[i][j] - acc[i][j];
+                        dS[m * GDN_SP + n] = reset0 ? 0.0f : e0L * dS[m * GDN_SP + n] + hv[j][r] - acc[j][r];
                 }
         }
         __syncthreads();
@@ -282,13 +298,18 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
 
 /* Per (chunk, b*h): the local gradients (steps 3-8 of cpu_gdn.c) into dq, dk, dv, dg,
  * dbeta, from S0 (state_save), dS (dL/dS_end, from the state kernel), W and X.
- * Shared: header; dKK and dQK [64, GDN_PP]; partial sums [3][64][16] of the pairs and
- * [3][64][16] of the state terms; per-row sums
- * [8][64]; per-thread sums of <S0, dS> [256]; then one region reused by the phases:
+ * Shared: header; dKK and dQK [64, GDN_PP]; partial sums of the pairs' rows [2][64][2]
+ * (one per column half) and columns [64][4] (one per row quarter); partial sums of the
+ * state terms' rows [3][64][2]; per-row sums [8][64]; per-thread sums of <S0, dS> [256];
+ * then one region reused by the phases:
  *   pairs:  32-column panels of K and Qs, then of X, dO, W, V (4 x [64, GDN_VP])
  *   dk/dq:  64-column panels of K and Qs                   (2 x [64, GDN_PP])
- *           32-column panels of dO, X, W and 64 x 32 blocks of S0, dS (5 x [64, GDN_VP]) */
+ *           32-column panels of dO, X, W and 64 x 32 blocks of S0, dS (5 x [64, GDN_VP])
+ * Warp w computes the warp tile (16 (w % 4), 32 (w / 4)) of every [64, 64] result; row
+ * and column sums of a tile are reduced across its lanes by shuffles in a fixed order. */
 #define GDN_B3_REGION (5 * GDN_C * GDN_VP)
+#define GDN_B3_PART (8 * GDN_C)
+#define GDN_B3_DOTS (6 * GDN_C)
 static __global__ void __launch_bounds__(GDN_NT, 2)
 gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout,
                      const float *q, const float *k, const float *v, const float *g,
@@ -301,15 +322,17 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
     const size_t ci = (size_t)bh * nchunk + c, rs = (size_t)H * D, tok = gdn_row(b, t0, h, T, H, D);
     const gdn_hdr s = gdn_hdr_at(gdn_smem);
     float *dKK = gdn_smem + GDN_HDR, *dQK = dKK + GDN_C * GDN_PP, *part = dQK + GDN_C * GDN_PP;
-    float *dots = part + 3 * GDN_C * 16, *red = dots + 3 * GDN_C * 16, *sdsp = red + 8 * GDN_C;
+    float *dots = part + GDN_B3_PART, *red = dots + GDN_B3_DOTS, *sdsp = red + 8 * GDN_C;
     float *reg = sdsp + GDN_NT;
     float *rE = red, *cE = red + GDN_C, *rB = red + 2 * GDN_C, *vX = red + 3 * GDN_C;
     float *kY = red + 4 * GDN_C, *dG = red + 5 * GDN_C, *sdsum = red + 6 * GDN_C;
-    const int tm = tid >> 4, tn = tid & 15;
+    const int warp = tid >> 5, wm = warp & 3, wn = warp >> 2, m0 = 16 * wm, n0 = 32 * wn;
+    const int lg = (tid & 31) >> 2, lq = tid & 3;
+    const int upper = n0 >= m0 + 16; /* the warp tile lies right of the diagonal */
     const float *S0 = state_save + ci * D * D, *dSc = dSbuf + ci * D * D;
     const float *Wc = Wbuf + ci * GDN_C * D, *Xc = Xbuf + ci * GDN_C * D;
 
-    for (int e = tid; e < 3 * GDN_C * 16; e += GDN_NT) dots[e] = 0.0f;
+    for (int e = tid; e < GDN_B3_DOTS; e += GDN_NT) dots[e] = 0.0f;
     gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
 
     /* ---- pairs, first pass: KK and QK over 32-column panels of K and Qs, parked in
@@ -324,22 +347,24 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
             gdn_load(Kp, GDN_VP, GDN_C, GDN_KP, k + tok, rs, L, p, D, 1.0f);
             gdn_load(Qp, GDN_VP, GDN_C, GDN_KP, q + tok, rs, L, p, D, scale);
             __syncthreads();
-            gdn_tile_2a(kk, qk, Kp, Qp, GDN_VP, 1, 4 * tm, GDN_C - 1, Kp, 1, GDN_VP, tn, 16, GDN_C - 1, 0, pw);
+            if (!upper)
+                gdn_mma_2a(GDN_SPLIT_PAIR, kk, qk, Kp, Qp, GDN_VP, 1, m0, GDN_C - 1, Kp, 1, GDN_VP, n0, GDN_C - 1, 0, pw);
             __syncthreads();
         }
 #pragma unroll
-        for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int x = (4 * tm + i) * GDN_PP + tn + 16 * j;
-                dKK[x] = kk[i][j];
-                dQK[x] = qk[i][j];
+            for (int r = 0; r < 4; r++) {
+                const int x = gdn_frow(m0, r) * GDN_PP + gdn_fcol(n0, j, r);
+                dKK[x] = kk[j][r];
+                dQK[x] = qk[j][r];
             }
     }
     /* ---- second pass: C1 = X W^T and C2 = dO W^T; dv += beta X and v . X on the way.
      * Then dKK_ts = -E beta_t C1 (s < t), dQK_ts = E C2 (s <= t); the dG term
      * E (QK C2 - KK beta_t C1) and the dbeta term E KK C1 (s < t) are summed by rows and
-     * columns, first over the thread's tile, then over the 16 tiles of each row/column */
+     * columns, first over the thread's fragment, then over the lanes of the warp tile,
+     * then over the warp tiles of each row/column */
     float vx = 0.0f;
     {
         float c1[4][4], c2[4][4];
@@ -353,86 +378,123 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
             gdn_load(Xp, GDN_VP, GDN_C, GDN_KP, Xc, D, GDN_C, p, D, 1.0f);
             gdn_load(Wp, GDN_VP, GDN_C, GDN_KP, Wc, D, GDN_C, p, D, 1.0f);
             __syncthreads();
-            gdn_tile_2a(c1, c2, Xp, Op, GDN_VP, 1, 4 * tm, GDN_C - 1, Wp, 1, GDN_VP, tn, 16, GDN_C - 1, 0, pw);
+            if (!upper)
+                gdn_mma_2a(GDN_SPLIT_PAIR, c1, c2, Xp, Op, GDN_VP, 1, m0, GDN_C - 1, Wp, 1, GDN_VP, n0, GDN_C - 1, 0, pw);
             if (tid < GDN_C)
                 for (int col = 0; col < pw; col++) vx = fmaf(Vp[tid * GDN_VP + col], Xp[tid * GDN_VP + col], vx);
-            for (int e = tid; e < L * pw; e += GDN_NT) {
-                const int r = e / pw, col = e - r * pw;
-                dv[tok + (size_t)r * rs + p + col] += s.bt[r] * Xp[r * GDN_VP + col];
+            /* dv += beta X: all loads of a thread first (L * pw <= 8 * GDN_NT) */
+            {
+                float old[8];
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    const int e = tid + u * GDN_NT, r = e / pw, col = e - r * pw;
+                    old[u] = e < L * pw ? dv[tok + (size_t)r * rs + p + col] : 0.0f;
+                }
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    const int e = tid + u * GDN_NT, r = e / pw, col = e - r * pw;
+                    if (e < L * pw) dv[tok + (size_t)r * rs + p + col] = old[u] + s.bt[r] * Xp[r * GDN_VP + col];
+                }
             }
             __syncthreads();
         }
-        float re[4] = {0, 0, 0, 0}, rb[4] = {0, 0, 0, 0}, ce[4] = {0, 0, 0, 0};
+        float re[2] = {0, 0}, rb[2] = {0, 0}, ce[4][2] = {{0, 0}, {0, 0}, {0, 0}, {0, 0}};
 #pragma unroll
-        for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int t = 4 * tm + i, u = tn + 16 * j, x = t * GDN_PP + u;
+            for (int r = 0; r < 4; r++) {
+                const int t = gdn_frow(m0, r), u = gdn_fcol(n0, j, r), x = t * GDN_PP + u;
                 const float kk = dKK[x], qk = dQK[x];
-                const float E = gdn_decay(s, t, u, L), bc = s.bt[t] * c1[i][j];
+                const float E = gdn_decay(s, t, u, L), bc = s.bt[t] * c1[j][r];
                 float dkk = 0.0f, dee = 0.0f, dbp = 0.0f;
                 if (u < t) {
                     dkk = -E * bc;
-                    dee = (qk * c2[i][j] - kk * bc) * E;
-                    dbp = E * kk * c1[i][j];
+                    dee = (qk * c2[j][r] - kk * bc) * E;
+                    dbp = E * kk * c1[j][r];
                 }
                 dKK[x] = dkk;
-                dQK[x] = E * c2[i][j];
-                re[i] += dee;
-                rb[i] += dbp;
-                ce[j] += dee;
+                dQK[x] = E * c2[j][r];
+                re[r >> 1] += dee;
+                rb[r >> 1] += dbp;
+                ce[j][r & 1] += dee;
             }
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            part[(4 * tm + i) * 16 + tn] = re[i];
-            part[GDN_C * 16 + (4 * tm + i) * 16 + tn] = rb[i];
-            part[2 * GDN_C * 16 + (tn + 16 * i) * 16 + tm] = ce[i];
-        }
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int sh = 1; sh <= 2; sh <<= 1) {
+                re[i] += __shfl_xor_sync(0xffffffffu, re[i], sh);
+                rb[i] += __shfl_xor_sync(0xffffffffu, rb[i], sh);
+            }
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int x = 0; x < 2; x++)
+#pragma unroll
+                for (int sh = 4; sh <= 16; sh <<= 1) ce[j][x] += __shfl_xor_sync(0xffffffffu, ce[j][x], sh);
+        if (lq == 0)
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const int row = m0 + lg + 8 * i;
+                part[row * 2 + wn] = re[i];
+                part[2 * GDN_C + row * 2 + wn] = rb[i];
+            }
+        if (lg == 0)
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int x = 0; x < 2; x++) part[4 * GDN_C + gdn_fcol(n0, j, x) * 4 + wm] = ce[j][x];
     }
     __syncthreads();
     if (tid < GDN_C) {
-        float a = 0.0f, bb = 0.0f, cc = 0.0f;
-        for (int x = 0; x < 16; x++) {
-            a += part[tid * 16 + x];
-            bb += part[GDN_C * 16 + tid * 16 + x];
-            cc += part[2 * GDN_C * 16 + tid * 16 + x];
-        }
-        rE[tid] = a;
-        rB[tid] = bb;
-        cE[tid] = cc;
+        rE[tid] = part[tid * 2] + part[tid * 2 + 1];
+        rB[tid] = part[2 * GDN_C + tid * 2] + part[2 * GDN_C + tid * 2 + 1];
+        const float *pc = part + 4 * GDN_C + tid * 4;
+        cE[tid] = (pc[0] + pc[1]) + (pc[2] + pc[3]);
         vX[tid] = vx;
     }
 
     /* ---- dq, dk per 64 key columns ip ----
      * from the pairs: dQs = dQK K, dK = dKK K + dKK^T K + dQK^T Qs;
      * from the states: ZO = dO S0^T, Z = X S0^T, Y = W dS^T with dQs += e0 ZO and
-     * dK += eL Y - e0 beta Z; and the row sums qs . ZO, k . Z, k . Y, per thread over its
-     * columns into dots [3][64][16] (each slot owned by one thread) */
+     * dK += eL Y - e0 beta Z; and the row sums qs . ZO, k . Z, k . Y, per warp tile over
+     * its columns into dots [3][64][2] (each slot owned by one thread) */
     float sds = 0.0f;
     for (int ip = 0; ip < D; ip += 64) {
-        const int iw = gdn_imin(64, D - ip);
+        const int iw = gdn_imin(64, D - ip), act = n0 < iw;
         {
             float *Kq = reg, *Qq = Kq + GDN_C * GDN_PP;
             gdn_load(Kq, GDN_PP, GDN_C, 64, k + tok, rs, L, ip, D, 1.0f);
             gdn_load(Qq, GDN_PP, GDN_C, 64, q + tok, rs, L, ip, D, scale);
             __syncthreads();
-            float a1[4][4], a2[4][4];
-            gdn_zero(a1);
-            gdn_zero(a2);
-            gdn_tile_2a(a1, a2, dQK, dKK, GDN_PP, 1, 4 * tm, GDN_C - 1, Kq, GDN_PP, 1, tn, 16, 63, 0, 4 * tm + 4);
-            gdn_tile(a2, dKK, 1, GDN_PP, 4 * tm, GDN_C - 1, Kq, GDN_PP, 1, tn, 16, 63, 4 * tm, GDN_C);
-            gdn_tile(a2, dQK, 1, GDN_PP, 4 * tm, GDN_C - 1, Qq, GDN_PP, 1, tn, 16, 63, 4 * tm, GDN_C);
-#pragma unroll
-            for (int i = 0; i < 4; i++)
+            if (act) {
+                float a1[4][4], a2[4][4];
+                gdn_zero(a1);
+                gdn_zero(a2);
+                gdn_mma_2a(GDN_SPLIT_GRAD, a1, a2, dQK, dKK, GDN_PP, 1, m0, GDN_C - 1, Kq, GDN_PP, 1, n0, 63, 0, m0 + 16);
+                gdn_mma(GDN_SPLIT_GRAD, a2, dKK, 1, GDN_PP, m0, GDN_C - 1, Kq, GDN_PP, 1, n0, 63, m0, GDN_C);
+                gdn_mma(GDN_SPLIT_GRAD, a2, dQK, 1, GDN_PP, m0, GDN_C - 1, Qq, GDN_PP, 1, n0, 63, m0, GDN_C);
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
-                    const int t = 4 * tm + i, n = tn + 16 * j;
-                    if (t < L && n < iw) {
+                    /* read-add-write, the loads of four elements first */
+                    float oq[4], ok[4];
+#pragma unroll
+                    for (int r = 0; r < 4; r++) {
+                        const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
                         const size_t x = tok + (size_t)t * rs + ip + n;
-                        dq[x] += scale * a1[i][j];
-                        dk[x] += a2[i][j];
+                        oq[r] = t < L && n < iw ? dq[x] : 0.0f;
+                        ok[r] = t < L && n < iw ? dk[x] : 0.0f;
+                    }
+#pragma unroll
+                    for (int r = 0; r < 4; r++) {
+                        const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
+                        if (t < L && n < iw) {
+                            const size_t x = tok + (size_t)t * rs + ip + n;
+                            dq[x] = oq[r] + scale * a1[j][r];
+                            dk[x] = ok[r] + a2[j][r];
+                        }
                     }
                 }
+            }
             __syncthreads();
         }
         float zo[4][4], z[4][4], y[4][4];
@@ -450,8 +512,10 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
                 gdn_load(Sp, GDN_VP, 64, GDN_KP, S0 + (size_t)ip * D, D, iw, jp, D, 1.0f);
                 gdn_load(dSp, GDN_VP, 64, GDN_KP, dSc + (size_t)ip * D, D, iw, jp, D, 1.0f);
                 __syncthreads();
-                gdn_tile_2a(zo, z, Op, Xp, GDN_VP, 1, 4 * tm, GDN_C - 1, Sp, 1, GDN_VP, tn, 16, 63, 0, jw);
-                gdn_tile(y, Wp, GDN_VP, 1, 4 * tm, GDN_C - 1, dSp, 1, GDN_VP, tn, 16, 63, 0, jw);
+                if (act) {
+                    gdn_mma_2a(GDN_SPLIT_S0, zo, z, Op, Xp, GDN_VP, 1, m0, GDN_C - 1, Sp, 1, GDN_VP, n0, 63, 0, jw);
+                    gdn_mma(GDN_SPLIT_S0, y, Wp, GDN_VP, 1, m0, GDN_C - 1, dSp, 1, GDN_VP, n0, 63, 0, jw);
+                }
                 for (int e = tid; e < 64 * GDN_KP; e += GDN_NT) {
                     const int x = (e / GDN_KP) * GDN_VP + e % GDN_KP;
                     sds = fmaf(Sp[x], dSp[x], sds);
@@ -459,27 +523,50 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
                 __syncthreads();
             }
         }
+        float pq[2] = {0, 0}, pk[2] = {0, 0}, py[2] = {0, 0};
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int t = 4 * tm + i;
-            float pq = 0.0f, pk = 0.0f, py = 0.0f;
+        for (int j = 0; j < 4; j++) {
+            /* read-add-write, the loads of four elements first */
+            float vq[4], vk[4], oq[4], ok[4];
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int n = tn + 16 * j;
+            for (int r = 0; r < 4; r++) {
+                const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r), in = t < L && n < iw;
+                const size_t x = tok + (size_t)t * rs + ip + n;
+                vq[r] = in ? q[x] : 0.0f;
+                vk[r] = in ? k[x] : 0.0f;
+                oq[r] = in ? dq[x] : 0.0f;
+                ok[r] = in ? dk[x] : 0.0f;
+            }
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
                 if (t < L && n < iw) {
                     const size_t x = tok + (size_t)t * rs + ip + n;
-                    const float qv = scale * q[x], kv = k[x];
-                    dq[x] += scale * (s.e0[t] * zo[i][j]);
-                    dk[x] += s.eL[t] * y[i][j] - s.e0[t] * s.bt[t] * z[i][j];
-                    pq = fmaf(qv, zo[i][j], pq);
-                    pk = fmaf(kv, z[i][j], pk);
-                    py = fmaf(kv, y[i][j], py);
+                    const float qv = scale * vq[r], kv = vk[r];
+                    dq[x] = oq[r] + scale * (s.e0[t] * zo[j][r]);
+                    dk[x] = ok[r] + (s.eL[t] * y[j][r] - s.e0[t] * s.bt[t] * z[j][r]);
+                    pq[r >> 1] = fmaf(qv, zo[j][r], pq[r >> 1]);
+                    pk[r >> 1] = fmaf(kv, z[j][r], pk[r >> 1]);
+                    py[r >> 1] = fmaf(kv, y[j][r], py[r >> 1]);
                 }
             }
-            dots[t * 16 + tn] += pq;
-            dots[GDN_C * 16 + t * 16 + tn] += pk;
-            dots[2 * GDN_C * 16 + t * 16 + tn] += py;
         }
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int sh = 1; sh <= 2; sh <<= 1) {
+                pq[i] += __shfl_xor_sync(0xffffffffu, pq[i], sh);
+                pk[i] += __shfl_xor_sync(0xffffffffu, pk[i], sh);
+                py[i] += __shfl_xor_sync(0xffffffffu, py[i], sh);
+            }
+        if (lq == 0)
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const int row = m0 + lg + 8 * i;
+                dots[row * 2 + wn] += pq[i];
+                dots[2 * GDN_C + row * 2 + wn] += pk[i];
+                dots[4 * GDN_C + row * 2 + wn] += py[i];
+            }
     }
 
     /* ---- per-token scalars: dbeta, dG, then dg by segmented suffix sums ---- */
@@ -487,12 +574,9 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
     __syncthreads();
     if (tid < GDN_C) {
         const int r = tid;
-        float qz = 0.0f, kz = 0.0f, ky = 0.0f;
-        for (int x = 0; x < 16; x++) {
-            qz += dots[r * 16 + x];
-            kz += dots[GDN_C * 16 + r * 16 + x];
-            ky += dots[2 * GDN_C * 16 + r * 16 + x];
-        }
+        const float qz = dots[r * 2] + dots[r * 2 + 1];
+        const float kz = dots[2 * GDN_C + r * 2] + dots[2 * GDN_C + r * 2 + 1];
+        const float ky = dots[4 * GDN_C + r * 2] + dots[4 * GDN_C + r * 2 + 1];
         kY[r] = ky;
         dG[r] = rE[r] - cE[r] + s.e0[r] * (qz - s.bt[r] * kz) - s.eL[r] * ky;
         if (r < L) dbeta[((size_t)b * T + t0 + r) * H + h] += vX[r] - s.e0[r] * kz - rB[r];
@@ -523,10 +607,10 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
 /* =================================================================================== */
 
 /* dynamic shared memory of each kernel, in bytes (the state kernel's: gdn_internal.cuh) */
-static size_t gdn_smem_bwd_prep(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_pitch(D) + 4 * GDN_C * GDN_PP); }
+static size_t gdn_smem_bwd_prep(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_kpitch(D) + 4 * GDN_C * GDN_PP); }
 static size_t gdn_smem_bwd_grads(void)
 {
-    return sizeof(float) * (GDN_HDR + 2 * GDN_C * GDN_PP + 6 * GDN_C * 16 + 8 * GDN_C + GDN_NT + GDN_B3_REGION);
+    return sizeof(float) * (GDN_HDR + 2 * GDN_C * GDN_PP + GDN_B3_PART + GDN_B3_DOTS + 8 * GDN_C + GDN_NT + GDN_B3_REGION);
 }
 
 /* Backward: accumulates into dq, dk, dv, dg, dbeta. Scratch: 3 [64, D] arrays, 2 [D, D]

@@ -16,39 +16,40 @@
 
 /* Per (chunk, b*h): e0, eL to e0buf, eLbuf [bh][chunk][64]; Wv = T diag(beta) V and
  * Uk = T diag(beta e0) K to Wv, Uk [bh][chunk][64][D].
- * Shared: header, K and V [64, dp], A and T [64, GDN_PP]. */
+ * Shared: header, K and V [64, dp] (pad columns zero), A and T [64, GDN_PP]. */
 static __global__ void __launch_bounds__(GDN_NT, 2)
 gdn_fwd_prep_kernel(float *Wv, float *Uk, float *e0buf, float *eLbuf, const float *k, const float *v,
                     const float *g, const float *beta, const int32_t *doc_start, int T, int H, int D,
                     int nchunk)
 {
     const int c = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
-    const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_pitch(D);
+    const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_kpitch(D), D8 = gdn_r8(D);
     const size_t ci = (size_t)bh * nchunk + c, rs = (size_t)H * D;
     const gdn_hdr s = gdn_hdr_at(gdn_smem);
     float *Ks = gdn_smem + GDN_HDR, *Vs = Ks + GDN_C * dp, *As = Vs + GDN_C * dp, *Ts = As + GDN_C * GDN_PP;
-    const int tm = tid >> 4, tn = tid & 15;
+    const int warp = tid >> 5, m0 = 16 * (warp & 3), n0 = 32 * (warp >> 2);
 
     gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
-    gdn_load(Ks, dp, GDN_C, D, k + gdn_row(b, t0, h, T, H, D), rs, L, 0, D, 1.0f);
-    gdn_load(Vs, dp, GDN_C, D, v + gdn_row(b, t0, h, T, H, D), rs, L, 0, D, 1.0f);
+    gdn_load(Ks, dp, GDN_C, D8, k + gdn_row(b, t0, h, T, H, D), rs, L, 0, D, 1.0f);
+    gdn_load(Vs, dp, GDN_C, D8, v + gdn_row(b, t0, h, T, H, D), rs, L, 0, D, 1.0f);
     if (tid < GDN_C) {
         e0buf[ci * GDN_C + tid] = s.e0[tid];
         eLbuf[ci * GDN_C + tid] = s.eL[tid];
     }
     __syncthreads();
 
-    /* A_ts = beta_t E_ts KK_ts below the diagonal */
+    /* A_ts = beta_t E_ts KK_ts below the diagonal (the warp tile right of the diagonal
+     * block is all zero and skips the product) */
     {
         float acc[4][4];
         gdn_zero(acc);
-        gdn_tile(acc, Ks, dp, 1, 4 * tm, GDN_C - 1, Ks, 1, dp, tn, 16, GDN_C - 1, 0, D);
+        if (n0 < m0 + 16) gdn_mma(GDN_SPLIT_PAIR, acc, Ks, dp, 1, m0, GDN_C - 1, Ks, 1, dp, n0, GDN_C - 1, 0, D);
 #pragma unroll
-        for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int t = 4 * tm + i, u = tn + 16 * j;
-                As[t * GDN_PP + u] = u < t ? s.bt[t] * gdn_decay(s, t, u, L) * acc[i][j] : 0.0f;
+            for (int r = 0; r < 4; r++) {
+                const int t = gdn_frow(m0, r), u = gdn_fcol(n0, j, r);
+                As[t * GDN_PP + u] = u < t ? s.bt[t] * gdn_decay(s, t, u, L) * acc[j][r] : 0.0f;
             }
     }
     __syncthreads();
@@ -66,22 +67,24 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *e0buf, float *eLbuf, const floa
     }
     __syncthreads();
 
-    /* Wv = T (beta V), Uk = T (beta e0 K); T is lower triangular */
+    /* Wv = T (beta V), Uk = T (beta e0 K); T is lower triangular, so the contraction
+     * stops at the warp tile's last row */
     float *wv = Wv + ci * GDN_C * D, *uk = Uk + ci * GDN_C * D;
     for (int np = 0; np < D; np += 64) {
+        if (np + n0 >= D) continue;
         float aw[4][4], au[4][4];
         gdn_zero(aw);
         gdn_zero(au);
-        gdn_tile_2b(aw, au, Ts, GDN_PP, 1, 4 * tm, GDN_C - 1, Vs + np, Ks + np, dp, 1, tn, 16,
-                    D - 1 - np, 0, 4 * tm + 4);
+        gdn_mma_2b(GDN_SPLIT_SOLVE, aw, au, Ts, GDN_PP, 1, m0, GDN_C - 1, Vs + np, Ks + np, dp, 1, n0, D - 1 - np, 0,
+                   m0 + 16);
 #pragma unroll
-        for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int t = 4 * tm + i, n = np + tn + 16 * j;
+            for (int r = 0; r < 4; r++) {
+                const int t = gdn_frow(m0, r), n = np + gdn_fcol(n0, j, r);
                 if (n < D) {
-                    wv[(size_t)t * D + n] = aw[i][j];
-                    uk[(size_t)t * D + n] = au[i][j];
+                    wv[(size_t)t * D + n] = aw[j][r];
+                    uk[(size_t)t * D + n] = au[j][r];
                 }
             }
     }
@@ -90,21 +93,25 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *e0buf, float *eLbuf, const floa
 /* Per (32 value columns j0.., b*h), chunks in order: S [D, 32] of those columns starts
  * at 0; per chunk: reset if the chunk's first token starts a document; save S;
  * W = Wv - Uk S (written over Wv); S = e0L S + K^T diag(eL) W.
- * Shared: S [D, GDN_VP], eL W [64, GDN_VP], Uk and K of the chunk [64, dp], eL and e0L
- * [65]. Two cp.async groups per chunk: U (Uk, eL, e0L) is refilled for the next chunk
- * as soon as the W product is done with it, K as soon as the S update is. */
+ * Shared: S [r8(D), GDN_SP] (rows past D zero), eL W [64, GDN_SP], Uk and K of the chunk
+ * [64, dp] (pad columns zero), eL and e0L [65]. Two cp.async groups per chunk: U (Uk, eL,
+ * e0L) is refilled for the next chunk as soon as the W product is done with it, K as
+ * soon as the S update is. Warp w computes rows 16w.. of W, and row tiles w, w + 4, ...
+ * of S. */
 static __global__ void __launch_bounds__(GDN_ST)
 gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float *k,
                      const float *e0buf, const float *eLbuf, const int32_t *doc_start, int T,
                      int H, int D, int nchunk)
 {
     const int j0 = blockIdx.x * GDN_DV, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
-    const int dp = gdn_pitch(D), nv = gdn_imin(GDN_DV, D - j0);
-    float *S = gdn_smem, *Wt = S + D * GDN_VP, *Ub = Wt + GDN_C * GDN_VP, *Kb = Ub + GDN_C * dp;
+    const int dp = gdn_kpitch(D), D8 = gdn_r8(D), nv = gdn_imin(GDN_DV, D - j0), warp = tid >> 5;
+    float *S = gdn_smem, *Wt = S + D8 * GDN_SP, *Ub = Wt + GDN_C * GDN_SP, *Kb = Ub + GDN_C * dp;
     float *sc = Kb + GDN_C * dp;
     const size_t rs = (size_t)H * D, DD = (size_t)D * D;
 
-    for (int e = tid; e < D * GDN_VP; e += GDN_ST) S[e] = 0.0f;
+    for (int e = tid; e < D8 * GDN_SP; e += GDN_ST) S[e] = 0.0f;
+    gdn_zero_cols(Ub, dp, GDN_C, D, dp);
+    gdn_zero_cols(Kb, dp, GDN_C, D, dp);
     /* groups U(0), K(0) */
     {
         const size_t ci = (size_t)bh * nchunk;
@@ -124,37 +131,37 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
         __syncthreads();
         const float e0L = sc[GDN_C];
         if (doc_start && doc_start[(size_t)b * T + t0]) {
-            for (int e = tid; e < D * GDN_VP; e += GDN_ST) S[e] = 0.0f;
+            for (int e = tid; e < D * GDN_SP; e += GDN_ST) S[e] = 0.0f;
             __syncthreads();
         }
         float *ss = state_save + ci * DD + j0;
         for (int e = tid; e < D * nv; e += GDN_ST) {
             const int r = e / nv, col = e - r * nv;
-            ss[(size_t)r * D + col] = S[r * GDN_VP + col];
+            ss[(size_t)r * D + col] = S[r * GDN_SP + col];
         }
 
-        /* W = Wv - Uk S: a 16 x 8 grid of 4 x 4 tiles covers [64, 32] */
+        /* W = Wv - Uk S: warp w has rows 16w..16w+15 of [64, 32] */
         {
-            const int tm = tid >> 3, tn = tid & 7;
+            const int m0 = 16 * warp;
             float *wc = Wv + ci * GDN_C * D + j0;
             float wv[4][4], acc[4][4];
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const int n = tn + 8 * j;
-                    wv[i][j] = n < nv ? wc[(size_t)(4 * tm + i) * D + n] : 0.0f;
+                for (int r = 0; r < 4; r++) {
+                    const int n = gdn_fcol(0, j, r);
+                    wv[j][r] = n < nv ? wc[(size_t)gdn_frow(m0, r) * D + n] : 0.0f;
                 }
             gdn_zero(acc);
-            gdn_tile(acc, Ub, dp, 1, 4 * tm, GDN_C - 1, S, GDN_VP, 1, tn, 8, GDN_DV - 1, 0, D);
+            gdn_mma(GDN_SPLIT_STATE, acc, Ub, dp, 1, m0, GDN_C - 1, S, GDN_SP, 1, 0, GDN_DV - 1, 0, D);
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const int t = 4 * tm + i, n = tn + 8 * j;
-                    const float w = wv[i][j] - acc[i][j];
+                for (int r = 0; r < 4; r++) {
+                    const int t = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
+                    const float w = wv[j][r] - acc[j][r];
                     if (n < nv) wc[(size_t)t * D + n] = w;
-                    Wt[t * GDN_VP + n] = sc[t] * w;
+                    Wt[t * GDN_SP + n] = sc[t] * w;
                 }
         }
         __syncthreads();
@@ -168,18 +175,17 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
         gdn_async_wait_all_but_newest(); /* K(c) has landed */
         __syncthreads();
 
-        /* S = e0L S + K^T (eL W): tiles of [D, 32] */
-        for (int tile = tid; tile < ((D + 3) >> 2) * 8; tile += GDN_ST) {
-            const int tm = tile >> 3, tn = tile & 7;
+        /* S = e0L S + K^T (eL W): row tiles of 16 of [D, 32] */
+        for (int m0 = 16 * warp; m0 < D; m0 += 16 * (GDN_ST / 32)) {
             float acc[4][4];
             gdn_zero(acc);
-            gdn_tile(acc, Kb, 1, dp, 4 * tm, D - 1, Wt, GDN_VP, 1, tn, 8, GDN_DV - 1, 0, GDN_C);
+            gdn_mma(GDN_SPLIT_STATE, acc, Kb, 1, dp, m0, D - 1, Wt, GDN_SP, 1, 0, GDN_DV - 1, 0, GDN_C);
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const int m = 4 * tm + i, n = tn + 8 * j;
-                    if (m < D) S[m * GDN_VP + n] = e0L * S[m * GDN_VP + n] + acc[i][j];
+                for (int r = 0; r < 4; r++) {
+                    const int m = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
+                    if (m < D) S[m * GDN_SP + n] = e0L * S[m * GDN_SP + n] + acc[j][r];
                 }
         }
         __syncthreads();
@@ -192,39 +198,41 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
 }
 
 /* Per (chunk, b*h): o = diag(e0) Qs S0 + M W, M = E o QK (lower triangle with diagonal).
- * Shared: header, Qs and K [64, dp], M [64, GDN_PP], a [64, 64] panel of S0 and one of W. */
+ * Shared: header, Qs and K [64, dp] (pad columns zero), M [64, GDN_PP], a [64, 64] panel
+ * of S0 and one of W. */
 static __global__ void __launch_bounds__(GDN_NT, 2)
 gdn_fwd_out_kernel(float *o, const float *q, const float *k, const float *g, const float *beta,
                    const int32_t *doc_start, const float *state_save, const float *Wbuf, int T,
                    int H, int D, int nchunk, float scale)
 {
     const int c = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
-    const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_pitch(D);
+    const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_kpitch(D), D8 = gdn_r8(D);
     const size_t ci = (size_t)bh * nchunk + c, rs = (size_t)H * D;
     const gdn_hdr s = gdn_hdr_at(gdn_smem);
     float *Qs = gdn_smem + GDN_HDR, *Ks = Qs + GDN_C * dp, *Ms = Ks + GDN_C * dp;
     float *Sp = Ms + GDN_C * GDN_PP, *Wp = Sp + GDN_C * GDN_PP;
-    const int tm = tid >> 4, tn = tid & 15;
+    const int warp = tid >> 5, m0 = 16 * (warp & 3), n0 = 32 * (warp >> 2);
     const float *S0 = state_save + ci * D * D, *Wc = Wbuf + ci * GDN_C * D;
 
     gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
-    gdn_load(Qs, dp, GDN_C, D, q + gdn_row(b, t0, h, T, H, D), rs, L, 0, D, scale);
-    gdn_load(Ks, dp, GDN_C, D, k + gdn_row(b, t0, h, T, H, D), rs, L, 0, D, 1.0f);
+    gdn_load(Qs, dp, GDN_C, D8, q + gdn_row(b, t0, h, T, H, D), rs, L, 0, D, scale);
+    gdn_load(Ks, dp, GDN_C, D8, k + gdn_row(b, t0, h, T, H, D), rs, L, 0, D, 1.0f);
     __syncthreads();
     {
         float acc[4][4];
         gdn_zero(acc);
-        gdn_tile(acc, Qs, dp, 1, 4 * tm, GDN_C - 1, Ks, 1, dp, tn, 16, GDN_C - 1, 0, D);
+        if (n0 < m0 + 16) gdn_mma(GDN_SPLIT_PAIR, acc, Qs, dp, 1, m0, GDN_C - 1, Ks, 1, dp, n0, GDN_C - 1, 0, D);
 #pragma unroll
-        for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int t = 4 * tm + i, u = tn + 16 * j;
-                Ms[t * GDN_PP + u] = gdn_decay(s, t, u, L) * acc[i][j];
+            for (int r = 0; r < 4; r++) {
+                const int t = gdn_frow(m0, r), u = gdn_fcol(n0, j, r);
+                Ms[t * GDN_PP + u] = gdn_decay(s, t, u, L) * acc[j][r];
             }
     }
     /* (the first barrier of the loop below orders M before its use) */
     for (int np = 0; np < D; np += 64) {
+        const int act = np + n0 < D; /* the warp's columns reach into D */
         float am[4][4], aq[4][4];
         gdn_zero(am);
         gdn_zero(aq);
@@ -233,18 +241,19 @@ gdn_fwd_out_kernel(float *o, const float *q, const float *k, const float *g, con
             const int iw = gdn_imin(64, D - ip);
             gdn_load(Sp, GDN_PP, 64, 64, S0 + (size_t)ip * D, D, iw, np, D, 1.0f);
             __syncthreads();
-            if (ip == 0)
-                gdn_tile(am, Ms, GDN_PP, 1, 4 * tm, GDN_C - 1, Wp, GDN_PP, 1, tn, 16, 63, 0,
-                         4 * tm + 4);
-            gdn_tile(aq, Qs + ip, dp, 1, 4 * tm, GDN_C - 1, Sp, GDN_PP, 1, tn, 16, 63, 0, iw);
+            if (act) {
+                if (ip == 0)
+                    gdn_mma(GDN_SPLIT_SOLVE, am, Ms, GDN_PP, 1, m0, GDN_C - 1, Wp, GDN_PP, 1, n0, 63, 0, m0 + 16);
+                gdn_mma(GDN_SPLIT_S0, aq, Qs + ip, dp, 1, m0, GDN_C - 1, Sp, GDN_PP, 1, n0, 63, 0, iw);
+            }
             __syncthreads();
         }
 #pragma unroll
-        for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int t = 4 * tm + i, n = np + tn + 16 * j;
-                if (t < L && n < D) o[gdn_row(b, t0 + t, h, T, H, D) + n] = s.e0[t] * aq[i][j] + am[i][j];
+            for (int r = 0; r < 4; r++) {
+                const int t = gdn_frow(m0, r), n = np + gdn_fcol(n0, j, r);
+                if (t < L && n < D) o[gdn_row(b, t0 + t, h, T, H, D) + n] = s.e0[t] * aq[j][r] + am[j][r];
             }
     }
 }
@@ -254,8 +263,8 @@ gdn_fwd_out_kernel(float *o, const float *q, const float *k, const float *g, con
 /* =================================================================================== */
 
 /* dynamic shared memory of each kernel, in bytes (the state kernel's: gdn_internal.cuh) */
-static size_t gdn_smem_fwd_prep(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_pitch(D) + 2 * GDN_C * GDN_PP); }
-static size_t gdn_smem_fwd_out(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_pitch(D) + 3 * GDN_C * GDN_PP); }
+static size_t gdn_smem_fwd_prep(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_kpitch(D) + 2 * GDN_C * GDN_PP); }
+static size_t gdn_smem_fwd_out(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_kpitch(D) + 3 * GDN_C * GDN_PP); }
 
 /* Forward: o overwritten, state_save overwritten. Scratch: 2 [64, D] arrays and 2 [64]
  * vectors per (b, h, chunk). */

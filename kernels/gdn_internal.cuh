@@ -1,6 +1,6 @@
 /* gdn_internal.cuh: the design of the CUDA twin of src/cpu/cpu_gdn.c, the gated delta
  * rule (MODEL.md section 3), and what its forward (gdn_forward.cu) and backward
- * (gdn_backward.cu) kernels share: sizes, the per-chunk scalars, register-tile products,
+ * (gdn_backward.cu) kernels share: sizes, the per-chunk scalars, tensor-core warp tiles,
  * cp.async copies, the triangular solve, and the launchers' shape and shared-memory checks.
  * Chunked (GDN_CHUNK = 64 tokens), forward and backward, for any head dim D in 1..256.
  * Layouts as in backend.h: q, k, v, o [B, T, H, D]; g, beta [B, T, H]; doc_start NULL or
@@ -27,26 +27,47 @@
  * sequence end are zero): forward Wv/W and Uk; backward W, Xo/X, Xk ([64, D] each), Hc and
  * dS ([D, D] each), and the per-token decays e0, eL.
  *
- * Every product is fp32 FMA from shared memory: a thread holds a 4 x 4 register tile,
- * rows 4*tm..4*tm+3 and columns tn + stride*j, so that 256 threads cover a [64, 64]
- * block and a warp's loads are broadcasts or consecutive words; wider results loop over
- * 64-wide panels, and contractions longer than what is staged loop over panels.
- * Shared arrays have an odd row pitch, so walking down a column hits 32 different banks.
+ * Every product runs on the tensor cores: mma.sync m16n8k8 with TF32 operands and fp32
+ * accumulation, in 3xTF32 form (x = hi + lo, both TF32; hi*hi + hi*lo + lo*hi), which is
+ * accurate to about 2^-22 relative per product, i.e. fp32-like. Plain TF32 (split 1,
+ * selectable per product family by the GDN_SPLIT_* macros below) was measured on an
+ * H100 at 4e-4 to 5e-4 relative error against the CPU op, through the solve and the
+ * state recurrence; 3xTF32 keeps every test within the fp32 tolerance (1e-5), and it
+ * costs little, since these kernels are bound by latency, not by the tensor cores.
+ * A warp computes a tile of 16 rows x 32 columns (gdn_mma and its two-product forms); the
+ * per-chunk kernels' 8 warps cover a [64, 64] block as 4 x 2 tiles, the state kernels'
+ * 4 warps a [64, 32] block or the 16-row tiles of a [D, 32] one. Operands are read from
+ * shared memory by scalar loads in fragment order, with arbitrary strides, so the same
+ * helper serves A, A^T, B and B^T. The contraction steps by 8: [64, D] arrays keep
+ * D rounded up to a multiple of 8 with zero pad columns (D = 85 -> 88, pitch 92), S and
+ * dS keep zero rows past D, and products with the triangular T, M, dKK, dQK contract
+ * only over the rows or columns the warp tile's rows reach. Warp tiles that lie wholly
+ * right of the diagonal of K K^T, Qs K^T or wholly past column D skip their products.
+ * Row pitches of 4 mod 8 (GDN_PP = 68, gdn_kpitch) spread a fragment's loads over 32
+ * banks; column-wise reads meet two-way conflicts. Global loads are issued 8 or more per
+ * thread before their stores (gdn_load, the read-add-write epilogues), since a thread's
+ * loads would otherwise wait for each other.
  * The cumulative log decay G is summed in double per chunk (64 serial adds) and every
  * decay factor is exp of a difference of G's, as on the CPU. Every output element is
  * computed by one thread in a fixed order and gradients are read-add-written by their one
- * owner, so two runs give the same bits.
+ * owner; row and column sums over a warp tile are reduced by shuffles in a fixed order,
+ * so two runs give the same bits.
  *
- * Cost at B = 8, T = 2048, H = 12, D = 85 (3072 chunks), as written: about 3.4 M FMA per
- * chunk forward and 9.3 M backward, 39 GFMA in all. That counts what the tiling computes:
- * 85 columns take two 64-wide panels, the [64, 64] pair products are computed whole
- * although only their lower triangle is used, and the forward's output kernel recomputes
- * Qs K^T. A 4 x 4 tile makes 16 FMA per 8 shared loads, so these loops run at no more than
- * half the FP32 peak, about 15 TFMA/s on an H100: at least 2.6 ms for forward plus
- * backward, likely 3-4 ms. The two state kernels take ceil(D/32) * B * H blocks (288
- * here, all resident at once) and are bound by the same throughput, not by the 32 serial
- * steps. Reaching 1.5 ms needs the products on the tensor cores with fp32 accuracy
- * (3xTF32 mma) and panels that fit D = 85 more tightly.
+ * Cost at B = 8, T = 2048, H = 12, D = 85 (3072 chunks), measured on an H100 (wall time
+ * of the GPU test's timing line; Nsight Compute per kernel in brackets): forward
+ * 1.72 ms (prep 0.58, state 0.86, out 0.65), backward 3.96 ms (prep 1.82, state 0.88,
+ * grads 1.96), against 2.30 + 6.11 ms for the fp32 FMA version these kernels replace.
+ * The tensor-core work itself (about 40 G multiply-adds counted three times for 3xTF32)
+ * is a small part of that: the kernels are bound by latency. Per-chunk blocks (256
+ * threads, 2 per SM at D = 85) wait at barriers while one thread scans G and two warps
+ * run the column-wise forward substitution of T, and on global loads; the backward
+ * writes and rereads Hc and dS ([D, D] per chunk). The state kernels (288 blocks of 4
+ * warps) are a serial chain of 32 chunk steps, each a few dependent mma products and a
+ * cp.async refill. Reaching 1.5 ms would take: T by blocked inversion on the tensor
+ * cores, the G scan by a warp scan, fusing prep and out (and prep and grads) so that
+ * K, Q and the pair matrices are loaded and built once, dropping the Hc buffer (the
+ * state kernel can form Qs^T diag(e0) dO itself), and more value columns per state
+ * block with fewer, larger cp.async copies.
  */
 #ifndef DELTAMLA_GDN_INTERNAL_CUH
 #define DELTAMLA_GDN_INTERNAL_CUH
@@ -59,11 +80,12 @@ extern "C" {
 }
 
 #define GDN_C 64        /* tokens per chunk (GDN_CHUNK; checked below) */
-#define GDN_PP 65       /* row pitch of a [64, 64] tile in shared memory */
-#define GDN_NT 256      /* threads of the per-chunk kernels: 16 x 16 tiles of 4 x 4 */
-#define GDN_ST 128      /* threads of the state kernels */
+#define GDN_PP 68       /* row pitch of a [64, 64] tile in shared memory (4 mod 8) */
+#define GDN_NT 256      /* threads of the per-chunk kernels: 8 warps, 4 x 2 warp tiles of [16, 32] */
+#define GDN_ST 128      /* threads of the state kernels: 4 warps */
 #define GDN_DV 32       /* value columns of S per state-kernel block */
-#define GDN_VP 33       /* row pitch of 32-wide rows */
+#define GDN_SP 40       /* row pitch of the state kernels' 32-wide rows (8 mod 16) */
+#define GDN_VP 36       /* row pitch of the grads kernel's 32-wide panels (4 mod 8) */
 #define GDN_KP 32       /* contraction panel of the backward's grads kernel */
 #define GDN_MAXD 256
 /* per-token scalars at the start of every block's shared memory (in floats):
@@ -74,8 +96,11 @@ static_assert(GDN_CHUNK == GDN_C, "the GDN kernels are written for chunks of 64 
 
 extern __shared__ __align__(16) float gdn_smem[];
 
-/* odd row pitch for rows of n floats */
-static __host__ __device__ __forceinline__ int gdn_pitch(int n) { return n | 1; }
+/* D rounded up to a multiple of 8 (the mma's k step), and the row pitch of [64, D]
+ * arrays in shared memory: columns D..gdn_r8(D)-1 are kept zero, and a pitch of 4 mod 8
+ * spreads a fragment's rows g = 0..7 and columns q = 0..3 over 32 banks */
+static __host__ __device__ __forceinline__ int gdn_r8(int n) { return (n + 7) & ~7; }
+static __host__ __device__ __forceinline__ int gdn_kpitch(int n) { return gdn_r8(n) + 4; }
 
 static __device__ __forceinline__ int gdn_imin(int a, int b) { return a < b ? a : b; }
 
@@ -160,109 +185,177 @@ static __device__ __forceinline__ float gdn_decay(gdn_hdr s, int t, int u, int L
     return (u <= t && t < L && s.seg[t] == s.seg[u]) ? expf((float)(s.G[t] - s.G[u])) : 0.0f;
 }
 
-/* ---- register-tile products from shared memory ----
- * acc[i][j] += sum over k in [kb, ke) of A(m0 + i, k) * B(k, n0 + j*ns), where
- * A(m, k) = A[m*ars + k*aks] and B(k, n) = B[k*bks + n*bcs]. Rows past mlast and columns
- * past nlast read row mlast and column nlast instead (always valid memory); the caller
- * discards those results. */
-static __device__ __forceinline__ void gdn_tile(float acc[4][4], const float *A, int ars, int aks,
-                                                int m0, int mlast, const float *B, int bks, int bcs,
-                                                int n0, int ns, int nlast, int kb, int ke)
+/* ---- warp-tile products on the tensor cores ----
+ * Every product is a sum of warp tiles of 16 rows x 32 columns, computed by
+ * mma.sync.m16n8k8 with TF32 operands and fp32 accumulation: four n8 tiles per k step
+ * of 8. A thread's 16 results acc[j][r] lie at row m0 + g + 8 (r >> 1) and column
+ * n0 + 8 j + 2 q + (r & 1), g = lane / 4, q = lane % 4 (gdn_frow, gdn_fcol).
+ * split 3 is 3xTF32: each operand x = hi + lo with hi = tf32(x), lo = tf32(x - hi), and
+ * the product is lo*hi + hi*lo + hi*hi, which loses only lo*lo and the rounding of lo
+ * (about 2^-22 relative, fp32-like); split 1 is plain TF32 (2^-11). */
+#ifndef GDN_SPLIT_PAIR
+#define GDN_SPLIT_PAIR 3  /* K K^T, Qs K^T, and the grads kernel's X W^T, dO W^T */
+#endif
+#ifndef GDN_SPLIT_SOLVE
+#define GDN_SPLIT_SOLVE 3 /* products with T and M: Wv, Uk, Xk, Xo, W, M W, M^T dO */
+#endif
+#ifndef GDN_SPLIT_STATE
+#define GDN_SPLIT_STATE 3 /* the state kernels' chunk-to-chunk recurrences */
+#endif
+#ifndef GDN_SPLIT_S0
+#define GDN_SPLIT_S0 3    /* per-chunk products with S0 or dS: Qs S0, K S0, Hc, dO S0^T, ... */
+#endif
+#ifndef GDN_SPLIT_GRAD
+#define GDN_SPLIT_GRAD 3  /* the grads kernel's dq, dk from dKK and dQK */
+#endif
+
+static __device__ __forceinline__ int gdn_frow(int m0, int r) { return m0 + (int)((threadIdx.x & 31) >> 2) + ((r >> 1) << 3); }
+static __device__ __forceinline__ int gdn_fcol(int n0, int j, int r) { return n0 + 8 * j + 2 * (int)(threadIdx.x & 3) + (r & 1); }
+
+static __device__ __forceinline__ uint32_t gdn_to_tf32(float x)
 {
-    const float *ap[4], *bp[4];
+    uint32_t r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
+}
+
+/* hi (and lo when split is 3) of n floats */
+static __device__ __forceinline__ void gdn_split_n(int split, const float *x, uint32_t *hi, uint32_t *lo, int n)
+{
 #pragma unroll
-    for (int i = 0; i < 4; i++) {
-        ap[i] = A + gdn_imin(m0 + i, mlast) * ars + kb * aks;
-        bp[i] = B + gdn_imin(n0 + i * ns, nlast) * bcs + kb * bks;
-    }
-#pragma unroll 4
-    for (int k = kb; k < ke; k++) {
-        float a[4], c[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            a[i] = *ap[i];
-            c[i] = *bp[i];
-            ap[i] += aks;
-            bp[i] += bks;
-        }
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-#pragma unroll
-            for (int j = 0; j < 4; j++) acc[i][j] = fmaf(a[i], c[j], acc[i][j]);
+    for (int i = 0; i < n; i++) {
+        hi[i] = gdn_to_tf32(x[i]);
+        lo[i] = split == 3 ? gdn_to_tf32(x[i] - __uint_as_float(hi[i])) : 0u;
     }
 }
 
-/* two products sharing the B operand: acc1 += A1 B, acc2 += A2 B (A1, A2 alike strided) */
-static __device__ __forceinline__ void gdn_tile_2a(float acc1[4][4], float acc2[4][4],
-                                                   const float *A1, const float *A2, int ars,
-                                                   int aks, int m0, int mlast, const float *B,
-                                                   int bks, int bcs, int n0, int ns, int nlast,
-                                                   int kb, int ke)
+static __device__ __forceinline__ void gdn_mma_tf32(float c[4], const uint32_t a[4], const uint32_t b[2])
 {
-    const float *ap[4], *aq[4], *bp[4];
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const int m = gdn_imin(m0 + i, mlast) * ars + kb * aks;
-        ap[i] = A1 + m;
-        aq[i] = A2 + m;
-        bp[i] = B + gdn_imin(n0 + i * ns, nlast) * bcs + kb * bks;
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+/* c += a b in the chosen precision, the small terms first */
+static __device__ __forceinline__ void gdn_mma_x(int split, float c[4], const uint32_t ah[4], const uint32_t al[4],
+                                                 const uint32_t bh[2], const uint32_t bl[2])
+{
+    if (split == 3) {
+        gdn_mma_tf32(c, al, bh);
+        gdn_mma_tf32(c, ah, bl);
     }
+    gdn_mma_tf32(c, ah, bh);
+}
+
+/* Where a warp reads its fragments: A(m, k) = A[m*ars + k*aks], B(k, n) = B[k*bks + n*bcs].
+ * Rows past mlast and columns past nlast read row mlast and column nlast instead (valid
+ * memory; the caller discards those results). The contraction runs over k = kb, kb + 8,
+ * ... while k < ke, so it reads up to k = roundup8(ke) - 1: the caller guarantees that
+ * this memory exists, holds finite values, and that A or B is zero there. */
+typedef struct gdn_mpos {
+    int a0, a1, a4;   /* offsets of rows g and g + 8 at k = kb + q; 4 steps of k */
+    int b[4], b4;     /* offsets of column n0 + 8 j + g at k = kb + q; 4 steps of k */
+    int a8, b8;
+} gdn_mpos;
+
+static __device__ __forceinline__ gdn_mpos gdn_mpos_at(int ars, int aks, int m0, int mlast, int bks, int bcs,
+                                                       int n0, int nlast, int kb)
+{
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    gdn_mpos p;
+    p.a0 = gdn_imin(m0 + g, mlast) * ars + (kb + q) * aks;
+    p.a1 = gdn_imin(m0 + g + 8, mlast) * ars + (kb + q) * aks;
+    p.a4 = 4 * aks;
+    p.a8 = 8 * aks;
+#pragma unroll
+    for (int j = 0; j < 4; j++) p.b[j] = gdn_imin(n0 + 8 * j + g, nlast) * bcs + (kb + q) * bks;
+    p.b4 = 4 * bks;
+    p.b8 = 8 * bks;
+    return p;
+}
+
+static __device__ __forceinline__ void gdn_mpos_step(gdn_mpos *p)
+{
+    p->a0 += p->a8;
+    p->a1 += p->a8;
+#pragma unroll
+    for (int j = 0; j < 4; j++) p->b[j] += p->b8;
+}
+
+static __device__ __forceinline__ void gdn_afrag(int split, const float *A, const gdn_mpos *p, uint32_t ah[4], uint32_t al[4])
+{
+    const float x[4] = {A[p->a0], A[p->a1], A[p->a0 + p->a4], A[p->a1 + p->a4]};
+    gdn_split_n(split, x, ah, al, 4);
+}
+
+static __device__ __forceinline__ void gdn_bfrag(int split, const float *B, const gdn_mpos *p, int j, uint32_t bh[2], uint32_t bl[2])
+{
+    const float x[2] = {B[p->b[j]], B[p->b[j] + p->b4]};
+    gdn_split_n(split, x, bh, bl, 2);
+}
+
+/* acc += A B over the warp tile (m0, n0), k in [kb, ke) */
+static __device__ __forceinline__ void gdn_mma(int split, float acc[4][4], const float *A, int ars, int aks, int m0,
+                                               int mlast, const float *B, int bks, int bcs, int n0, int nlast,
+                                               int kb, int ke)
+{
+    gdn_mpos p = gdn_mpos_at(ars, aks, m0, mlast, bks, bcs, n0, nlast, kb);
 #pragma unroll 2
-    for (int k = kb; k < ke; k++) {
-        float a[4], e[4], c[4];
+    for (int k = kb; k < ke; k += 8) {
+        uint32_t ah[4], al[4];
+        gdn_afrag(split, A, &p, ah, al);
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            a[i] = *ap[i];
-            e[i] = *aq[i];
-            c[i] = *bp[i];
-            ap[i] += aks;
-            aq[i] += aks;
-            bp[i] += bks;
+        for (int j = 0; j < 4; j++) {
+            uint32_t bh[2], bl[2];
+            gdn_bfrag(split, B, &p, j, bh, bl);
+            gdn_mma_x(split, acc[j], ah, al, bh, bl);
         }
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                acc1[i][j] = fmaf(a[i], c[j], acc1[i][j]);
-                acc2[i][j] = fmaf(e[i], c[j], acc2[i][j]);
-            }
+        gdn_mpos_step(&p);
     }
 }
 
-/* two products sharing the A operand: acc1 += A B1, acc2 += A B2 (B1, B2 alike strided) */
-static __device__ __forceinline__ void gdn_tile_2b(float acc1[4][4], float acc2[4][4],
-                                                   const float *A, int ars, int aks, int m0,
-                                                   int mlast, const float *B1, const float *B2,
-                                                   int bks, int bcs, int n0, int ns, int nlast,
-                                                   int kb, int ke)
+/* two products sharing B: acc1 += A1 B, acc2 += A2 B (A1, A2 alike strided) */
+static __device__ __forceinline__ void gdn_mma_2a(int split, float acc1[4][4], float acc2[4][4], const float *A1,
+                                                  const float *A2, int ars, int aks, int m0, int mlast,
+                                                  const float *B, int bks, int bcs, int n0, int nlast, int kb, int ke)
 {
-    const float *ap[4], *bp[4], *bq[4];
+    gdn_mpos p = gdn_mpos_at(ars, aks, m0, mlast, bks, bcs, n0, nlast, kb);
+#pragma unroll 1
+    for (int k = kb; k < ke; k += 8) {
+        uint32_t ah[4], al[4], eh[4], el[4];
+        gdn_afrag(split, A1, &p, ah, al);
+        gdn_afrag(split, A2, &p, eh, el);
 #pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const int n = gdn_imin(n0 + i * ns, nlast) * bcs + kb * bks;
-        ap[i] = A + gdn_imin(m0 + i, mlast) * ars + kb * aks;
-        bp[i] = B1 + n;
-        bq[i] = B2 + n;
-    }
-#pragma unroll 2
-    for (int k = kb; k < ke; k++) {
-        float a[4], c[4], d[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            a[i] = *ap[i];
-            c[i] = *bp[i];
-            d[i] = *bq[i];
-            ap[i] += aks;
-            bp[i] += bks;
-            bq[i] += bks;
+        for (int j = 0; j < 4; j++) {
+            uint32_t bh[2], bl[2];
+            gdn_bfrag(split, B, &p, j, bh, bl);
+            gdn_mma_x(split, acc1[j], ah, al, bh, bl);
+            gdn_mma_x(split, acc2[j], eh, el, bh, bl);
         }
+        gdn_mpos_step(&p);
+    }
+}
+
+/* two products sharing A: acc1 += A B1, acc2 += A B2 (B1, B2 alike strided) */
+static __device__ __forceinline__ void gdn_mma_2b(int split, float acc1[4][4], float acc2[4][4], const float *A,
+                                                  int ars, int aks, int m0, int mlast, const float *B1,
+                                                  const float *B2, int bks, int bcs, int n0, int nlast, int kb, int ke)
+{
+    gdn_mpos p = gdn_mpos_at(ars, aks, m0, mlast, bks, bcs, n0, nlast, kb);
+#pragma unroll 1
+    for (int k = kb; k < ke; k += 8) {
+        uint32_t ah[4], al[4];
+        gdn_afrag(split, A, &p, ah, al);
 #pragma unroll
-        for (int i = 0; i < 4; i++)
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                acc1[i][j] = fmaf(a[i], c[j], acc1[i][j]);
-                acc2[i][j] = fmaf(a[i], d[j], acc2[i][j]);
-            }
+        for (int j = 0; j < 4; j++) {
+            uint32_t bh[2], bl[2], ch[2], cl[2];
+            gdn_bfrag(split, B1, &p, j, bh, bl);
+            gdn_bfrag(split, B2, &p, j, ch, cl);
+            gdn_mma_x(split, acc1[j], ah, al, bh, bl);
+            gdn_mma_x(split, acc2[j], ah, al, ch, cl);
+        }
+        gdn_mpos_step(&p);
     }
 }
 
@@ -275,15 +368,27 @@ static __device__ __forceinline__ void gdn_zero(float acc[4][4])
 }
 
 /* dst[r*dp + c] = mul * src[r*rs + c0 + c] for r < rows, c < cols; 0 where r >= rv or
- * c0 + c >= cv. All threads of the block; no barrier. */
+ * c0 + c >= cv. All threads of the block; no barrier. Each thread issues 8 global loads
+ * before it stores any of them: the loads of one thread are otherwise serialised (the
+ * compiler cannot tell that dst in shared memory does not alias src), and their latency
+ * is what bounds the per-chunk kernels. */
+#define GDN_LOAD_BATCH 8
 static __device__ void gdn_load(float *dst, int dp, int rows, int cols, const float *src, size_t rs,
                                 int rv, int c0, int cv, float mul)
 {
-    for (int e = threadIdx.x; e < rows * cols; e += blockDim.x) {
-        const int r = e / cols, c = e - r * cols;
-        float x = 0.0f;
-        if (r < rv && c0 + c < cv) x = mul * src[(size_t)r * rs + c0 + c];
-        dst[r * dp + c] = x;
+    const int n = rows * cols, nt = blockDim.x;
+    for (int e0 = threadIdx.x; e0 < n; e0 += GDN_LOAD_BATCH * nt) {
+        float x[GDN_LOAD_BATCH];
+#pragma unroll
+        for (int u = 0; u < GDN_LOAD_BATCH; u++) {
+            const int e = e0 + u * nt, r = e / cols, c = e - r * cols;
+            x[u] = e < n && r < rv && c0 + c < cv ? mul * src[(size_t)r * rs + c0 + c] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < GDN_LOAD_BATCH; u++) {
+            const int e = e0 + u * nt, r = e / cols, c = e - r * cols;
+            if (e < n) dst[r * dp + c] = x[u];
+        }
     }
 }
 
@@ -325,6 +430,14 @@ static __device__ void gdn_async_rows(float *dst, int dp, const float *src, size
     }
 }
 
+/* zero columns c0..c1-1 of `rows` rows (pitch dp): the pad columns that cp.async never
+ * writes. All threads; no barrier. */
+static __device__ void gdn_zero_cols(float *dst, int dp, int rows, int c0, int c1)
+{
+    const int w = c1 - c0;
+    for (int e = threadIdx.x; e < rows * w; e += blockDim.x) dst[(e / w) * dp + c0 + e % w] = 0.0f;
+}
+
 /* Column c (the calling thread, c < 64) of T = (I + A)^-1 by forward substitution:
  * T_tc = [t == c] - sum_{s<t} A_ts T_sc, with A [64, GDN_PP] strictly lower triangular.
  * Fully unrolled so that the column stays in registers; four partial sums per row
@@ -349,7 +462,7 @@ static __device__ __forceinline__ void gdn_invert_column(float *Ts, const float 
 
 static inline size_t gdn_smem_state(int D)
 {
-    return sizeof(float) * ((size_t)D * GDN_VP + GDN_C * GDN_VP + 2 * GDN_C * gdn_pitch(D) + 2 * GDN_C);
+    return sizeof(float) * ((size_t)gdn_r8(D) * GDN_SP + GDN_C * GDN_SP + 2 * GDN_C * gdn_kpitch(D) + 2 * GDN_C);
 }
 
 /* Allow `bytes` of dynamic shared memory for `kernel` (needed above 48 KB). */
