@@ -5,6 +5,7 @@
 #   np 1 (batch 4) | np 2 data parallel (batch 2) | np 4 = DP 2 x EP 2 (batch 1)
 #   np 4 with --zero 1 | np 4 with --ep 2 --zero 1 (and AdamW for the first and last)
 #   np 2 --ep 2 with gradient accumulation and checkpointing against np 1 accumulating
+#   np 2 --ep 2 on token shards with --doc_mask and validation passes against np 1
 # Resuming in another layout continues with the same losses (np 4 / ep 2 / zero 1 at
 # step 5 -> np 2 -> np 1 and back to np 4 / ep 2); killing one rank ends the job non-zero
 # in bounded time; impossible layouts are refused with one line.
@@ -156,6 +157,29 @@ resume_from r_np4 4 1 "$out/np2/ckpt_00000005.h5" --ep 2 --zero 1 && compare r_n
 grep -q '"resumed_from"' "$out/r_np1/metrics.jsonl" && grep -q '"step":11' "$out/r_np1/metrics.jsonl" &&
     echo "ok - dist: np 1 resumes the np 2 run's final checkpoint (made from an np 4 / ep 2 / zero 1 one) and trains on" ||
     { echo "not ok - dist: np 1 did not continue from the np 2 checkpoint"; tail -3 "$out/r_np1/log.txt"; }
+
+# token shards with documents: --doc_mask and validation passes (val loss reduced over
+# ranks) under data and expert parallelism give one rank's numbers
+if bin/deltamla prep --input "$data" --output "$out/shards" >/dev/null 2>&1; then
+    vflags=(--data "$out/shards" --doc_mask --val_fraction 0.1 --eval_interval 5 --eval_iters 2)
+    if run d_np1 1 4 "${vflags[@]}" && run d_np2_ep2 2 2 "${vflags[@]}" --ep 2; then
+        compare d_np2_ep2 d_np1
+        python3 - "$out/d_np1/metrics.jsonl" "$out/d_np2_ep2/metrics.jsonl" "$tol" <<'PY'
+import json, sys
+def val(path):
+    return {r["step"]: r["val_loss"] for r in map(json.loads, open(path)) if "val_loss" in r}
+a, b, tol = val(sys.argv[1]), val(sys.argv[2]), float(sys.argv[3])
+worst = max((abs(a[s] - b[s]) / abs(a[s]) for s in a if s in b), default=float("inf"))
+ok = len(a) == 2 and sorted(a) == sorted(b) and worst <= tol
+print(f"{'ok' if ok else 'not ok'} - dist: validation losses of np 2 --ep 2 (steps {sorted(b)}) equal np 1's to "
+      f"{worst:.2e} relative")
+PY
+    else
+        fail_run "doc_mask + validation on shards" d_np2_ep2
+    fi
+else
+    echo "not ok - dist: prep of the test shards failed"
+fi
 
 # impossible layouts: one clear line, non-zero exit
 check_refused() { # WHAT NP PATTERN [flags]
