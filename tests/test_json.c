@@ -17,19 +17,7 @@
 
 #include "json.h"
 
-static int failures;
-
-static void check(int cond, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fputs(cond ? "ok - " : "not ok - ", stdout);
-    vprintf(fmt, ap);
-    fputc('\n', stdout);
-    va_end(ap);
-    fflush(stdout);
-    if (!cond) failures++;
-}
+#include "check.h"
 
 static json_value *parse(const char *text) { return json_parse(text, strlen(text), 0, NULL); }
 

@@ -19,19 +19,7 @@
 #include "rng.h"
 #include "util.h"
 
-static int failures;
-
-static void check(int cond, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fputs(cond ? "ok - " : "not ok - ", stdout);
-    vprintf(fmt, ap);
-    fputc('\n', stdout);
-    va_end(ap);
-    fflush(stdout);
-    if (!cond) failures++;
-}
+#include "check.h"
 
 /* config_parse on a space-separated flag string */
 static void parse_flags(config *c, const char *flags)

@@ -20,19 +20,7 @@
 #include "../io/shards.h"
 #include "../io/tokenizer.h"
 
-static int failures;
-
-static void check(int cond, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fputs(cond ? "ok - " : "not ok - ", stdout);
-    vprintf(fmt, ap);
-    fputc('\n', stdout);
-    va_end(ap);
-    fflush(stdout);
-    if (!cond) failures++;
-}
+#include "check.h"
 
 /* Encode s and compare with want[0..n). */
 static int encodes_to(const tokenizer *t, const char *s, const int32_t *want, int64_t n)
