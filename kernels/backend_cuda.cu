@@ -19,16 +19,18 @@ static size_t scratch_bytes;
 extern "C" cudaStream_t cuda_stream(void) { return stream; }
 extern "C" cublasHandle_t cuda_cublas(void) { return cublas; }
 
-extern "C" void *cuda_scratch(size_t bytes)
+extern "C" void *cuda_grow(void **buf, size_t *cap, size_t bytes)
 {
-    if (bytes > scratch_bytes) {
-        if (scratch) CUDA_CHECK(cudaFreeAsync(scratch, stream));
+    if (bytes > *cap) {
+        if (*buf) CUDA_CHECK(cudaFreeAsync(*buf, stream));
         size_t grow = bytes + bytes / 4;
-        CUDA_CHECK(cudaMallocAsync(&scratch, grow, stream));
-        scratch_bytes = grow;
+        CUDA_CHECK(cudaMallocAsync(buf, grow, stream));
+        *cap = grow;
     }
-    return scratch;
+    return *buf;
 }
+
+extern "C" void *cuda_scratch(size_t bytes) { return cuda_grow(&scratch, &scratch_bytes, bytes); }
 
 /* peak of what the device holds (cudaMemGetInfo: our allocations, the scratch buffer,
  * cuBLAS workspaces and the context), sampled at every allocation and sync */

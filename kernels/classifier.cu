@@ -41,24 +41,17 @@ extern "C" {
 #define ROW_THREADS 256
 
 /* bf16 copies: wte [V, C], then one chunk's h [rows, C] and dlogits [rows, V] */
-static __nv_bfloat16 *bf_buf;
-static size_t bf_cap;
+static void *bf_buf;
+static size_t bf_bytes;
 
 static __nv_bfloat16 *bf_reserve(size_t elems)
 {
-    if (elems > bf_cap) {
-        if (bf_buf) CUDA_CHECK(cudaFreeAsync(bf_buf, cuda_stream()));
-        CUDA_CHECK(cudaMallocAsync((void **)&bf_buf, elems * sizeof *bf_buf, cuda_stream()));
-        bf_cap = elems;
-    }
-    return bf_buf;
+    return (__nv_bfloat16 *)cuda_grow(&bf_buf, &bf_bytes, elems * sizeof(__nv_bfloat16));
 }
-
-static size_t round8(size_t n) { return (n + 7) & ~(size_t)7; }
 
 /* A head too small to gain from rounding wte once: each chunk goes through
  * cuda_matmul_forward/backward, which keep small products on cuBLAS's own choice. */
-static int small_head(int N, int V, int C) { return (size_t)N * V * C < ((size_t)1 << 27); }
+static int small_head(int N, int V, int C) { return cuda_matmul_small((size_t)N * V * C); }
 
 /* rows per chunk: as many as fit CHUNK_FLOATS logits, at least 1, at most N */
 static int chunk_rows(int N, int V)
@@ -164,8 +157,8 @@ extern "C" void cuda_classifier_forward(float *loss, float *lse, const float *h,
         }
         return;
     }
-    size_t nw = round8((size_t)V * C);
-    __nv_bfloat16 *wb = bf_reserve(nw + round8((size_t)rows * C)), *hb = wb + nw;
+    size_t nw = cuda_round8((size_t)V * C);
+    __nv_bfloat16 *wb = bf_reserve(nw + cuda_round8((size_t)rows * C)), *hb = wb + nw;
     cuda_to_bf16(wb, wte, (size_t)V * C);
     for (int i0 = 0; i0 < N; i0 += rows) {
         const int nr = N - i0 < rows ? N - i0 : rows;
@@ -197,8 +190,8 @@ extern "C" void cuda_classifier_backward(float *dh, float *dwte, const float *h,
         }
         return;
     }
-    size_t nw = round8((size_t)V * C), nh = round8((size_t)rows * C);
-    __nv_bfloat16 *wb = bf_reserve(nw + nh + round8((size_t)rows * V)), *hb = wb + nw, *db = hb + nh;
+    size_t nw = cuda_round8((size_t)V * C), nh = cuda_round8((size_t)rows * C);
+    __nv_bfloat16 *wb = bf_reserve(nw + nh + cuda_round8((size_t)rows * V)), *hb = wb + nw, *db = hb + nh;
     cuda_to_bf16(wb, wte, (size_t)V * C);
     for (int i0 = 0; i0 < N; i0 += rows) {
         const int nr = N - i0 < rows ? N - i0 : rows;

@@ -38,10 +38,20 @@ extern "C" cublasHandle_t cuda_cublas(void);   /* bound to cuda_stream() */
 /* device scratch of at least `bytes`, valid until the next call (grows, never shrinks) */
 extern "C" void *cuda_scratch(size_t bytes);
 
+/* A stream-ordered device buffer of at least `bytes` in *buf (capacity *cap, both 0 at
+ * first): reallocated 25% larger when too small, kept otherwise. cuda_scratch is one. */
+extern "C" void *cuda_grow(void **buf, size_t *cap, size_t bytes);
+
+/* n rounded up to a multiple of 8 (bf16 operands packed one after another stay 16-byte aligned) */
+static inline size_t cuda_round8(size_t n) { return (n + 7) & ~(size_t)7; }
+
 /* matmul.cu's building blocks, for ops that reuse an operand over several GEMMs:
  * dst = bf16(src) (round to nearest even), and C [m, n] = op(A) op(B) + beta C with A, B
  * column-major bf16 and C fp32 (fp32 accumulation, the backend's stream and handle). */
 extern "C" void cuda_to_bf16(__nv_bfloat16 *dst, const float *src, size_t n);
+/* 1 when a product of `macs` multiply-adds stays on cuBLAS's fp32-operand call (too small
+ * for the rounding passes to pay; matmul.cu's comment) */
+extern "C" int cuda_matmul_small(size_t macs);
 extern "C" void cuda_gemm_bf16(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const __nv_bfloat16 *a,
                                int lda, const __nv_bfloat16 *b, int ldb, float beta, float *c, int ldc);
 

@@ -32,18 +32,12 @@ extern "C" {
 }
 
 /* The bf16 copies of one call's operands; grows to the largest call and stays. */
-static __nv_bfloat16 *bf_buf;
-static size_t bf_cap;
+static void *bf_buf;
+static size_t bf_bytes;
 
 static __nv_bfloat16 *bf_reserve(size_t elems)
 {
-    if (elems > bf_cap) {
-        if (bf_buf) CUDA_CHECK(cudaFreeAsync(bf_buf, cuda_stream()));
-        size_t cap = elems + elems / 4;
-        CUDA_CHECK(cudaMallocAsync((void **)&bf_buf, cap * sizeof *bf_buf, cuda_stream()));
-        bf_cap = cap;
-    }
-    return bf_buf;
+    return (__nv_bfloat16 *)cuda_grow(&bf_buf, &bf_bytes, elems * sizeof(__nv_bfloat16));
 }
 
 /* dst[i] = bf16(src[i]), round to nearest even; four at a time where aligned */
@@ -99,10 +93,9 @@ static void gemm_f32(cublasOperation_t ta, cublasOperation_t tb, int m, int n, i
                               c, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT));
 }
 
-static int small_product(int N, int in, int out) { return (size_t)N * in * out < MATMUL_BF16_MIN_MACS; }
+extern "C" int cuda_matmul_small(size_t macs) { return macs < MATMUL_BF16_MIN_MACS; }
 
-/* Room for three operands, each starting on a 16-byte boundary. */
-static size_t round8(size_t n) { return (n + 7) & ~(size_t)7; }
+static int small_product(int N, int in, int out) { return cuda_matmul_small((size_t)N * in * out); }
 
 /* y [N, out] = x [N, in] w [out, in]^T; overwrites y. Device pointers. */
 extern "C" void cuda_matmul_forward(float *y, const float *x, const float *w, int N, int in, int out)
@@ -116,7 +109,7 @@ extern "C" void cuda_matmul_forward(float *y, const float *x, const float *w, in
         gemm_f32(CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, w, in, x, in, 0.0f, y, out);
         return;
     }
-    size_t nx = round8((size_t)N * in), nw = round8((size_t)out * in);
+    size_t nx = cuda_round8((size_t)N * in), nw = cuda_round8((size_t)out * in);
     __nv_bfloat16 *xb = bf_reserve(nx + nw), *wb = xb + nx;
     cuda_to_bf16(xb, x, (size_t)N * in);
     cuda_to_bf16(wb, w, (size_t)out * in);
@@ -135,7 +128,7 @@ extern "C" void cuda_matmul_backward(float *dx, float *dw, const float *dy, cons
         if (dw) gemm_f32(CUBLAS_OP_N, CUBLAS_OP_T, in, out, N, x, in, dy, out, 1.0f, dw, in);
         return;
     }
-    size_t ny = round8((size_t)N * out), nx = round8((size_t)N * in), nw = round8((size_t)out * in);
+    size_t ny = cuda_round8((size_t)N * out), nx = cuda_round8((size_t)N * in), nw = cuda_round8((size_t)out * in);
     __nv_bfloat16 *dyb = bf_reserve(ny + (dw ? nx : 0) + (dx ? nw : 0)), *rest = dyb + ny;
     cuda_to_bf16(dyb, dy, (size_t)N * out);
     if (dx) {

@@ -35,8 +35,9 @@ void ep_init(model *m)
     m->ep_layers = xcalloc((size_t)m->n_moe, sizeof *m->ep_layers);
     for (int s = 0; s < m->n_moe; s++) {
         ep_layer *e = &m->ep_layers[s];
-        e->send_rows = xcalloc(2 * (size_t)m->ep, sizeof(int64_t));
+        e->send_rows = xcalloc(3 * (size_t)m->ep, sizeof(int64_t));
         e->recv_rows = e->send_rows + m->ep;
+        e->cursor = e->recv_rows + m->ep;
         e->h_order = xmalloc(4 * Nk * sizeof(int32_t));
         e->h_pos = e->h_order + Nk;
         e->h_lid = e->h_pos + Nk;
@@ -115,8 +116,9 @@ void ep_experts_forward(model *m, int slot, float *y, const float *x, const int3
 
     /* the exchange plan: assignments grouped by destination, in assignment order */
     be->to_host(e->h_idx, idx, Nk * sizeof(int32_t));
-    int64_t *cursor = xcalloc((size_t)ep, sizeof *cursor);
+    int64_t *cursor = e->cursor;
     memset(e->send_rows, 0, (size_t)ep * sizeof(int64_t));
+    cursor[0] = 0;
     for (size_t a = 0; a < Nk; a++) e->send_rows[e->h_idx[a] / El]++;
     for (int r = 1; r < ep; r++) cursor[r] = cursor[r - 1] + e->send_rows[r - 1];
     for (size_t a = 0; a < Nk; a++) {
@@ -126,7 +128,6 @@ void ep_experts_forward(model *m, int slot, float *y, const float *x, const int3
         e->h_order[p] = (int32_t)(a / (size_t)k);
         e->h_lid[p] = ex % El;
     }
-    free(cursor);
     dist_alltoall_host_i64(d, DIST_EP, e->send_rows, e->recv_rows);
     int64_t M = 0;
     for (int r = 0; r < ep; r++) M += e->recv_rows[r];

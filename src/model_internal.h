@@ -82,6 +82,7 @@ void mla_backward(model *m, int l, const float *x, float *dx, arena *scratch);
  * exchanged over the expert-parallel group. y is overwritten; dx and dgate accumulate. */
 struct ep_layer {
     int64_t *send_rows, *recv_rows; /* host [ep]: rows to / from each group member */
+    int64_t *cursor;                /* host [ep]: the exchange plan's next free slot per member */
     int64_t M, cap;                 /* rows received; rows the buffers below hold */
     int32_t *h_order, *h_pos, *h_lid; /* host [N*k] send order (token), slot of each assignment, local expert */
     int32_t *h_lid_recv;            /* host [cap] local expert of each received row */
