@@ -1,4 +1,4 @@
-/* test_gpu_moe.c: the CUDA mixture-of-experts ops (kernels/moe_route.cu, moe_experts.cu) against the CPU
+/* test_gpu_moe.c: the CUDA mixture-of-experts ops (kernels/moe_*.cu) against the CPU
  * oracle (src/cpu/cpu_moe.c) on the same random inputs.
  *
  * Router, at (N,E,k) = (7,8,2) with exact ties, (16384,128,12) and (1000,32,3) with a
