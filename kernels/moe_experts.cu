@@ -9,8 +9,8 @@
  * expert-sorted bf16 buffers and the expert weights converted to bf16 once per call (w1
  * with the forward's [g | u] column interleave), every row padded to a multiple of 8
  * elements with zeros, so that the GEMMs read only contiguous, aligned bf16. The expert
- * GEMMs are one grouped GEMM kernel (moe_gemm.cu) that reads the per-expert offsets from device memory:
- * no host synchronisation, so the op can be captured in a CUDA graph. It runs bf16
+ * GEMMs are one grouped GEMM kernel (moe_gemm.cu) that reads the per-expert offsets
+ * from device memory: no host synchronisation, so the op can be captured in a CUDA graph. It runs bf16
  * tensor-core mma.sync (m16n8k16, fp32 accumulate) on 128x128x64 tiles fed by a 3-stage
  * cp.async ring and ldmatrix (.trans for operands stored r-contiguous). Two shapes: "rows"
  * (M = the tokens of one expert, the forward and the input-side backward) and "weight
