@@ -4,28 +4,28 @@
  *
  * Experts. The N*k (token, slot) assignments are sorted by expert with a stable counting
  * sort: per chunk of 1024 assignments a histogram, an exclusive scan over chunks per
- * expert and over experts, then placement in (token, slot) order inside each chunk
- * (warp match + per-warp counts). The routed rows (x, dy) are then gathered once into
- * expert-sorted bf16 buffers and the expert weights converted to bf16 once per call (w1
- * with the forward's [g | u] column interleave), every row padded to a multiple of 8
- * elements with zeros, so that the GEMMs read only contiguous, aligned bf16. The expert
- * GEMMs are one grouped GEMM kernel (moe_gemm.cu) that reads the per-expert offsets
- * from device memory: no host synchronisation, so the op can be captured in a CUDA graph. It runs bf16
- * tensor-core mma.sync (m16n8k16, fp32 accumulate) on 128x128x64 tiles fed by a 3-stage
- * cp.async ring and ldmatrix (.trans for operands stored r-contiguous). Two shapes: "rows"
- * (M = the tokens of one expert, the forward and the input-side backward) and "weight
- * gradient" (K = the tokens of one expert, one block per output tile of one expert, so
- * every dw element is one thread's sum in a fixed order). Epilogues do the rest: the
- * output tile is parked in shared memory and written row by row with wide coalesced
- * accesses. The first forward GEMM writes save = [g | u | silu(g) u] in (token, slot)
- * order and act (bf16, sorted order) for the second; the first backward GEMM (w2 dy)
- * applies the SwiGLU backward, writes dpre and gate act (bf16, sorted order: the operands
- * of the later GEMMs, which round them to bf16 anyway) and per-tile partial dot products
- * for dgate. Outputs per assignment go to (token, slot)-ordered buffers and are combined
- * per token in slot order, so every result is deterministic. Operands are rounded to
- * bf16, so results differ from the fp32 oracle by about 2e-3 to 5e-3 relative (norm of
- * the difference over norm of the result); the pre-activations in save are the fp32
- * accumulators.
+ * expert and over experts, then placement in (token, slot) order inside each chunk (warp
+ * match + per-warp counts). The routed rows (x, dy) are then gathered once into expert-
+ * sorted bf16 buffers and the expert weights converted to bf16 once per call (w1 with
+ * the forward's [g | u] column interleave), every row padded to a multiple of 8 elements
+ * with zeros, so that the GEMMs read only contiguous, aligned bf16. The expert GEMMs are
+ * one grouped GEMM kernel (moe_gemm.cu) that reads the per-expert offsets from device
+ * memory: no host synchronisation, so the op can be captured in a CUDA graph. It runs
+ * bf16 tensor-core mma.sync (m16n8k16, fp32 accumulate) on 128x128x64 tiles fed by a
+ * 3-stage cp.async ring and ldmatrix (.trans for operands stored r-contiguous). Two
+ * shapes: "rows" (M = the tokens of one expert, the forward and the input-side backward)
+ * and "weight gradient" (K = the tokens of one expert, one block per output tile of one
+ * expert, so every dw element is one thread's sum in a fixed order). Epilogues do the
+ * rest: the output tile is parked in shared memory and written row by row with wide
+ * coalesced accesses. The first forward GEMM writes save = [g | u | silu(g) u] in
+ * (token, slot) order and act (bf16, sorted order) for the second; the first backward
+ * GEMM (w2 dy) applies the SwiGLU backward, writes dpre and gate act (bf16, sorted
+ * order: the operands of the later GEMMs, which round them to bf16 anyway) and per-tile
+ * partial dot products for dgate. Outputs per assignment go to (token, slot)-ordered
+ * buffers and are combined per token in slot order, so every result is deterministic.
+ * Operands are rounded to bf16, so results differ from the fp32 oracle by about 2e-3 to
+ * 5e-3 relative (norm of the difference over norm of the result); the pre-activations in
+ * save are the fp32 accumulators.
  */
 #include <cuda_bf16.h>
 #include <limits.h>
