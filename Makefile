@@ -48,6 +48,18 @@ else
   CU_SRCS := $(filter-out kernels/nccl.cu,$(CU_SRCS))
 endif
 
+# ---- cuDNN (fused attention through the cuDNN frontend's headers: pip install
+# nvidia-cudnn-frontend, or CUDNN_FRONTEND_INC=dir holding cudnn_frontend.h) ----
+CUDNN_FRONTEND_INC ?= $(shell python3 -c 'import sysconfig, os; d = os.path.join(sysconfig.get_paths()["purelib"], "include"); print(d if os.path.exists(os.path.join(d, "cudnn_frontend.h")) else "")' 2>/dev/null)
+CUDNN_H := $(wildcard $(CUDA_HOME)/include/cudnn.h /usr/include/cudnn.h /usr/include/x86_64-linux-gnu/cudnn.h)
+HAVE_CUDNN := $(if $(and $(filter yes,$(HAVE_CUDA)),$(CUDNN_FRONTEND_INC),$(CUDNN_H)),yes,no)
+ifeq ($(HAVE_CUDNN),yes)
+  NVCCFLAGS += -DDELTAMLA_HAVE_CUDNN
+  CFLAGS_BASE += -DDELTAMLA_HAVE_CUDNN
+  CPP_SRCS := kernels/attention_cudnn.cpp
+  LDLIBS += -lcudnn -lnvrtc
+endif
+
 # ---- HDF5 (parallel) ----
 HDF5_PC := $(shell pkg-config --exists hdf5-openmpi 2>/dev/null && echo hdf5-openmpi)
 ifneq ($(HDF5_HOME),)
@@ -72,7 +84,7 @@ CFLAGS := $(CFLAGS_BASE) $(CFLAGS_EXTRA)
 
 LIB_SRCS := $(filter-out src/main.c,$(wildcard src/*.c src/cpu/*.c io/*.c))
 LIB_OBJS := $(patsubst %.c,build/obj/%.o,$(LIB_SRCS))
-CU_OBJS := $(if $(filter yes,$(HAVE_CUDA)),$(patsubst %.cu,build/obj/%.o,$(CU_SRCS)))
+CU_OBJS := $(if $(filter yes,$(HAVE_CUDA)),$(patsubst %.cu,build/obj/%.o,$(CU_SRCS)) $(patsubst %.cpp,build/obj/%.o,$(CPP_SRCS)))
 DBL_OBJS := $(patsubst %.c,build/dbl/%.o,$(wildcard src/cpu/*.c)) build/dbl/tests/ops/gradcheck.o
 
 OPS_TESTS := $(patsubst tests/ops/%.c,build/tests/%,$(filter-out tests/ops/gradcheck.c,$(wildcard tests/ops/*.c)))
@@ -83,7 +95,7 @@ LIB_TESTS := $(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c))
 all: found bin/deltamla
 
 found:
-	@echo "deltamla build: MPI=$(HAVE_MPI)$(if $(filter yes,$(HAVE_MPI)), ($(MPICC)))  CUDA=$(HAVE_CUDA)$(if $(filter yes,$(HAVE_CUDA)), ($(NVCC)))  NCCL=$(HAVE_NCCL)  HDF5=$(HAVE_HDF5)"
+	@echo "deltamla build: MPI=$(HAVE_MPI)$(if $(filter yes,$(HAVE_MPI)), ($(MPICC)))  CUDA=$(HAVE_CUDA)$(if $(filter yes,$(HAVE_CUDA)), ($(NVCC)))  NCCL=$(HAVE_NCCL)  cuDNN=$(HAVE_CUDNN)  HDF5=$(HAVE_HDF5)"
 
 build/libdeltamla.a: $(LIB_OBJS) $(CU_OBJS)
 	@mkdir -p $(@D)
@@ -101,6 +113,12 @@ build/obj/%.o: %.c
 build/obj/%.o: %.cu
 	@mkdir -p $(@D)
 	$(NVCC) $(NVCCFLAGS) -Isrc -Ikernels -c $< -o $@
+
+# host C++ over the cuDNN frontend's headers (warnings off: they are the headers')
+build/obj/%.o: %.cpp
+	@mkdir -p $(@D)
+	$(CXX) -std=c++17 -O2 -g -fPIC -MMD -MP -w -DDELTAMLA_HAVE_CUDA -DDELTAMLA_HAVE_CUDNN -I$(CUDA_HOME)/include \
+	    -I$(CUDNN_FRONTEND_INC) -Isrc -Ikernels -c $< -o $@
 
 build/dbl/%.o: %.c
 	@mkdir -p $(@D)

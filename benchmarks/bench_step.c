@@ -163,6 +163,37 @@ int main(int argc, char **argv)
     }
     printf("%-22s %10.3f %10.3f %8.1f   (profiled: synchronised after every op)\n", "total", sum, sum_floor,
            sum / sum_floor);
+
+    /* the dense GEMMs by shape, slowest first (y [N, out] = x [N, in] W^T; the backward
+     * makes dx, dW or both), and the optimizer's Muon batches and AdamW runs */
+    int ns = 0;
+    const gemm_shape_stats *gs = timed_gemm_shapes(&ns);
+    int *order = xmalloc((size_t)(ns ? ns : 1) * sizeof *order);
+    for (int i = 0; i < ns; i++) order[i] = i;
+    for (int i = 1; i < ns; i++)
+        for (int j = i; j > 0 && gs[order[j]].seconds > gs[order[j - 1]].seconds; j--) {
+            const int t = order[j];
+            order[j] = order[j - 1], order[j - 1] = t;
+        }
+    printf("\n%-36s %7s %10s %10s %8s %10s\n", "GEMM shape / optimizer call", "calls", "ms/step", "floor ms",
+           "ratio", "TFLOP/s");
+    for (int r = 0; r < ns; r++) {
+        const gemm_shape_stats *g = &gs[order[r]];
+        char what[64];
+        if (g->kind == SHAPE_MUON)
+            snprintf(what, sizeof what, "muon %d x [%d, %d]", g->N, g->in, g->out);
+        else if (g->kind == SHAPE_ADAMW)
+            snprintf(what, sizeof what, "adamw (all runs)");
+        else
+            snprintf(what, sizeof what, "%s %d x %d -> %d",
+                     g->kind == SHAPE_GEMM_FWD ? "fwd" : g->dx && g->dw ? "bwd dx+dw" : g->dx ? "bwd dx" : "bwd dw",
+                     g->N, g->in, g->out);
+        const double ms = 1e3 * g->seconds / prof, fl = g->flops / prof, by = g->bytes / prof;
+        const double floor_ms = 1e3 * (fl / gemm > by / bw ? fl / gemm : by / bw);
+        printf("%-36s %7ld %10.3f %10.3f %8.1f %10.1f\n", what, g->calls / prof, ms, floor_ms,
+               floor_ms > 0 ? ms / floor_ms : 0, ms > 0 ? fl / (ms * 1e-3) / 1e12 : 0);
+    }
+    free(order);
     trainer_free(&tr);
     return 0;
 }

@@ -17,6 +17,27 @@ static const char *family_names[FAM_COUNT] = {
     "moe experts backward", "head+loss forward", "head+loss backward", "optimizer", "memset/copy"};
 
 static op_family current;
+#define MAX_GEMM_SHAPES 128
+static gemm_shape_stats shapes[MAX_GEMM_SHAPES];
+static int n_shapes;
+
+/* add one call to its shape's row (calls of shapes beyond the table's size are
+ * still in their family) */
+static void gemm_shape(int kind, int dx, int dw, int N, int in, int out, double seconds, double flops, double bytes)
+{
+    int i = 0;
+    while (i < n_shapes && !(shapes[i].kind == kind && shapes[i].dx == dx && shapes[i].dw == dw &&
+                             shapes[i].N == N && shapes[i].in == in && shapes[i].out == out))
+        i++;
+    if (i == n_shapes) {
+        if (n_shapes == MAX_GEMM_SHAPES) return;
+        shapes[n_shapes++] = (gemm_shape_stats){kind, dx, dw, N, in, out, 0, 0, 0, 0};
+    }
+    shapes[i].seconds += seconds;
+    shapes[i].flops += flops;
+    shapes[i].bytes += bytes;
+    shapes[i].calls++;
+}
 
 static double begin(void)
 {
@@ -202,16 +223,22 @@ static void t_matmul_forward(float *y, const float *x, const float *w, int N, in
 {
     double t0 = begin();
     inner->matmul_forward(y, x, w, N, in, out);
+    const double s0 = stats[FAM_GEMM_FWD].seconds, f0 = stats[FAM_GEMM_FWD].flops, b0 = stats[FAM_GEMM_FWD].bytes;
     end(FAM_GEMM_FWD, t0);
     cost_matmul_forward(y, x, w, N, in, out);
+    gemm_shape(SHAPE_GEMM_FWD, 0, 0, N, in, out, stats[FAM_GEMM_FWD].seconds - s0, stats[FAM_GEMM_FWD].flops - f0,
+               stats[FAM_GEMM_FWD].bytes - b0);
 }
 
 static void t_matmul_backward(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out)
 {
     double t0 = begin();
     inner->matmul_backward(dx, dw, dy, x, w, N, in, out);
+    const double s0 = stats[FAM_GEMM_BWD].seconds, f0 = stats[FAM_GEMM_BWD].flops, b0 = stats[FAM_GEMM_BWD].bytes;
     end(FAM_GEMM_BWD, t0);
     cost_matmul_backward(dx, dw, dy, x, w, N, in, out);
+    gemm_shape(SHAPE_GEMM_BWD, dx != NULL, dw != NULL, N, in, out, stats[FAM_GEMM_BWD].seconds - s0,
+               stats[FAM_GEMM_BWD].flops - f0, stats[FAM_GEMM_BWD].bytes - b0);
 }
 
 static void t_rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, int N, int C)
@@ -450,8 +477,11 @@ static void t_adamw_update(float *p, const float *g, float *m, float *v, size_t 
 {
     double t0 = begin();
     inner->adamw_update(p, g, m, v, n, lr, beta1, beta2, eps, wd, step);
+    const double s0 = stats[FAM_OPTIMIZER].seconds, f0 = stats[FAM_OPTIMIZER].flops, b0 = stats[FAM_OPTIMIZER].bytes;
     end(FAM_OPTIMIZER, t0);
     cost_adamw_update(p, g, m, v, n, lr, beta1, beta2, eps, wd, step);
+    gemm_shape(SHAPE_ADAMW, 0, 0, 1, 1, 1, stats[FAM_OPTIMIZER].seconds - s0, stats[FAM_OPTIMIZER].flops - f0,
+               stats[FAM_OPTIMIZER].bytes - b0);
 }
 
 static void t_muon_update(float *p, const float *g, float *buf, float *work, int rows, int cols, float lr, float mu, float wd)
@@ -466,8 +496,11 @@ static void t_muon_update_batch(float *const *p, const float *const *g, float *c
 {
     double t0 = begin();
     inner->muon_update_batch(p, g, buf, work, count, rows, cols, lr, mu, wd);
+    const double s0 = stats[FAM_OPTIMIZER].seconds, f0 = stats[FAM_OPTIMIZER].flops, b0 = stats[FAM_OPTIMIZER].bytes;
     end(FAM_OPTIMIZER, t0);
     cost_muon_update_batch(p, g, buf, work, count, rows, cols, lr, mu, wd);
+    gemm_shape(SHAPE_MUON, 0, 0, count, rows, cols, stats[FAM_OPTIMIZER].seconds - s0,
+               stats[FAM_OPTIMIZER].flops - f0, stats[FAM_OPTIMIZER].bytes - b0);
 }
 
 const backend *timed_backend(const backend *in)
@@ -521,8 +554,15 @@ const backend *timed_backend(const backend *in)
 
 family_stats *timed_stats(void) { return stats; }
 
+const gemm_shape_stats *timed_gemm_shapes(int *count)
+{
+    *count = n_shapes;
+    return shapes;
+}
+
 void timed_reset(void)
 {
     memset(stats, 0, sizeof stats);
+    n_shapes = 0;
     for (int f = 0; f < FAM_COUNT; f++) stats[f].name = family_names[f];
 }

@@ -20,9 +20,21 @@ typedef struct family_stats {
     long calls;
 } family_stats;
 
+/* the dense GEMMs (matmul_forward / matmul_backward) by shape, and the optimizer's calls:
+ * Muon batches by count and shape, AdamW runs all in one row */
+enum { SHAPE_GEMM_FWD, SHAPE_GEMM_BWD, SHAPE_MUON, SHAPE_ADAMW };
+typedef struct gemm_shape_stats {
+    int kind, dx, dw; /* SHAPE_*; for the backward, which gradients it made */
+    int N, in, out;   /* Muon: N matrices of in x out */
+    double seconds, flops, bytes;
+    long calls;
+} gemm_shape_stats;
+
 /* A backend that forwards to inner and records into the stats below. */
 const backend *timed_backend(const backend *inner);
 family_stats *timed_stats(void);
+/* the GEMM shapes seen since the last reset, *count of them */
+const gemm_shape_stats *timed_gemm_shapes(int *count);
 void timed_reset(void);
 
 #endif

@@ -381,6 +381,9 @@ extern "C" void cuda_attention_backward(float *dq, float *dk, float *dv, const f
 {
     static size_t dkdv_set, dq_set;
     attn_check("cuda_attention_backward", B, T, H, Dk, Dv);
+#ifdef DELTAMLA_HAVE_CUDNN
+    if (!doc_id && attn_cudnn_backward(dq, dk, dv, dout, out, lse, q, k, v, B, T, H, Dk, Dv, scale)) return;
+#endif
     const int dkp = round16(Dk), dvp = round16(Dv), nt = (T + ATT_TILE - 1) / ATT_TILE;
     const size_t nrow = (size_t)B * H * T;
     /* scratch: q, k, v, dout in bf16 [B, H, T, dkp | dvp], then D [B, H, T] fp32 */

@@ -46,6 +46,30 @@ void attn_to_heads_bf16(bf16 *dst, const float *src, int B, int T, int H, int D,
     LAUNCH_CHECK();
 }
 
+/* dst = src (acc 0) or dst += src (acc 1), bf16 -> fp32, n elements */
+static __global__ void from_bf16_kernel(float *__restrict__ dst, const bf16 *__restrict__ src, size_t n, int acc)
+{
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float x = __bfloat162float(src[i]);
+        dst[i] = acc ? dst[i] + x : x;
+    }
+}
+
+extern "C" void attn_from_bf16(float *dst, const bf16 *src, size_t n, int acc)
+{
+    if (!n) return;
+    const size_t blocks = ceil_div_u(n, CVT_THREADS), cap = 8 * (size_t)cuda_num_sms();
+    from_bf16_kernel<<<(unsigned)(blocks < cap ? blocks : cap), CVT_THREADS, 0, cuda_stream()>>>(dst, src, n, acc);
+    LAUNCH_CHECK();
+}
+
+#ifndef DELTAMLA_HAVE_CUDNN
+/* without cuDNN there is only our kernel to choose */
+extern "C" void cuda_attention_use_cudnn(int on) { (void)on; }
+extern "C" int cuda_attention_cudnn_calls(void) { return 0; }
+#endif
+
 void attn_check(const char *who, int B, int T, int H, int Dk, int Dv)
 {
     if (B < 1 || T < 1 || H < 1 || Dk < 1 || Dv < 1)

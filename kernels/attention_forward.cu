@@ -205,6 +205,9 @@ extern "C" void cuda_attention_forward(float *out, float *lse, const float *q, c
 {
     static size_t fwd_set;
     attn_check("cuda_attention_forward", B, T, H, Dk, Dv);
+#ifdef DELTAMLA_HAVE_CUDNN
+    if (!doc_id && attn_cudnn_forward(out, lse, q, k, v, B, T, H, Dk, Dv, scale)) return;
+#endif
     const int dkp = round16(Dk), dvp = round16(Dv), nt = (T + ATT_TILE - 1) / ATT_TILE;
     const size_t nrow = (size_t)B * H * T;
     /* scratch: q, k, v in bf16, [B, H, T, dkp | dvp] */

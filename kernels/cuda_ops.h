@@ -74,6 +74,11 @@ void cuda_attention_forward(float *out, float *lse, const float *q, const float 
 void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
                              const float *lse, const float *q, const float *k, const float *v,
                              const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale);
+/* 1: attention without document masking through cuDNN's fused kernels where the build has
+ * them (the default unless DELTAMLA_ATTENTION=own); 0: deltamla's own kernels always */
+void cuda_attention_use_cudnn(int on);
+/* how many attention op calls cuDNN has served so far (0 in a build without it) */
+int cuda_attention_cudnn_calls(void);
 
 /* moe */
 void cuda_moe_route_forward(int32_t *idx, float *gate, int32_t *counts, float *zloss_out,
@@ -98,6 +103,8 @@ void cuda_moe_combine_backward(float *dvals, float *dgate, const float *dy, cons
                                const int32_t *pos, const float *gate, int N, int k, int width);
 
 /* classifier */
+/* rows of one chunk of the head (logits of at most 128 Mi floats at a time), for the tests */
+int cuda_classifier_chunk_rows(int N, int V);
 void cuda_classifier_forward(float *loss, float *lse, const float *h, const float *wte,
                              const int32_t *targets, int N, int V, int C);
 void cuda_classifier_backward(float *dh, float *dwte, const float *h, const float *wte,

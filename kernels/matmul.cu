@@ -8,8 +8,9 @@
  * oracle, but cuBLAS then runs its bf16 kernels at full rate: for the model's shapes
  * (N = 16384 rows, widths 256 to 4096) the fp32-operand path ran at about 150 TFLOP/s.
  *
- * Small products (fewer than MATMUL_BF16_MIN_MACS multiply-adds, as in the test configs)
- * keep the first form: cublasGemmEx on the fp32 operands with CUBLAS_COMPUTE_32F_FAST_16BF,
+ * Skinny products (in or out at most MATMUL_SKINNY_WIDTH) run on the fp32 operands in TF32
+ * (see skinny_product). Small products (fewer than MATMUL_BF16_MIN_MACS multiply-adds, as
+ * in the test configs) keep the first form: cublasGemmEx on the fp32 operands with CUBLAS_COMPUTE_32F_FAST_16BF,
  * where cuBLAS picks its own kernel (the rounding passes would cost more than they save).
  *
  * cuBLAS is column-major. A row-major [r, c] buffer read column-major is its transpose
@@ -84,18 +85,30 @@ extern "C" void cuda_gemm_bf16(cublasOperation_t ta, cublasOperation_t tb, int m
 
 #define MATMUL_BF16_MIN_MACS ((size_t)1 << 27)
 
-/* C [m, n] = op(A) op(B) + beta C on fp32 column-major buffers, cuBLAS's bf16 fast mode */
+/* products with a width (in or out) this narrow are skinny: see skinny_product */
+#define MATMUL_SKINNY_WIDTH 128
+
+/* C [m, n] = op(A) op(B) + beta C on fp32 column-major buffers; compute: cuBLAS's bf16
+ * fast mode (CUBLAS_COMPUTE_32F_FAST_16BF) or TF32 (CUBLAS_COMPUTE_32F_FAST_TF32) */
 static void gemm_f32(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const float *a, int lda,
-                     const float *b, int ldb, float beta, float *c, int ldc)
+                     const float *b, int ldb, float beta, float *c, int ldc,
+                     cublasComputeType_t compute = CUBLAS_COMPUTE_32F_FAST_16BF)
 {
     const float alpha = 1.0f;
     CUBLAS_CHECK(cublasGemmEx(cuda_cublas(), ta, tb, m, n, k, &alpha, a, CUDA_R_32F, lda, b, CUDA_R_32F, ldb, &beta,
-                              c, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT));
+                              c, CUDA_R_32F, ldc, compute, CUBLAS_GEMM_DEFAULT));
 }
 
 extern "C" int cuda_matmul_small(size_t macs) { return macs < MATMUL_BF16_MIN_MACS; }
 
 static int small_product(int N, int in, int out) { return cuda_matmul_small((size_t)N * in * out); }
+
+/* A skinny product (the GDN gate projections' 12 outputs, the 64 and 128 of the MLA's
+ * rope key and router) does a few multiply-adds per element of x: rounding x to bf16
+ * first costs a pass over x that the product itself never pays back (the 1024 -> 12 GEMMs
+ * ran at 5 TFLOP/s that way). It runs on the fp32 buffers in TF32 instead: one read of
+ * each operand, and TF32 rounds less than bf16. */
+static int skinny_product(int in, int out) { return in <= MATMUL_SKINNY_WIDTH || out <= MATMUL_SKINNY_WIDTH; }
 
 /* y [N, out] = x [N, in] w [out, in]^T; overwrites y. Device pointers. */
 extern "C" void cuda_matmul_forward(float *y, const float *x, const float *w, int N, int in, int out)
@@ -107,6 +120,10 @@ extern "C" void cuda_matmul_forward(float *y, const float *x, const float *w, in
     }
     if (small_product(N, in, out)) {
         gemm_f32(CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, w, in, x, in, 0.0f, y, out);
+        return;
+    }
+    if (skinny_product(in, out)) {
+        gemm_f32(CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, w, in, x, in, 0.0f, y, out, CUBLAS_COMPUTE_32F_FAST_TF32);
         return;
     }
     size_t nx = cuda_round8((size_t)N * in), nw = cuda_round8((size_t)out * in);
@@ -126,6 +143,12 @@ extern "C" void cuda_matmul_backward(float *dx, float *dw, const float *dy, cons
     if (small_product(N, in, out)) {
         if (dx) gemm_f32(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, w, in, dy, out, 1.0f, dx, in);
         if (dw) gemm_f32(CUBLAS_OP_N, CUBLAS_OP_T, in, out, N, x, in, dy, out, 1.0f, dw, in);
+        return;
+    }
+    if (skinny_product(in, out)) {
+        const cublasComputeType_t tf32 = CUBLAS_COMPUTE_32F_FAST_TF32;
+        if (dx) gemm_f32(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, w, in, dy, out, 1.0f, dx, in, tf32);
+        if (dw) gemm_f32(CUBLAS_OP_N, CUBLAS_OP_T, in, out, N, x, in, dy, out, 1.0f, dw, in, tf32);
         return;
     }
     size_t ny = cuda_round8((size_t)N * out), nx = cuda_round8((size_t)N * in), nw = cuda_round8((size_t)out * in);

@@ -217,7 +217,7 @@ size_t gdn_state_floats(int B, int T, int H, int D);
 /* scratch floats muon_update needs for a rows x cols matrix */
 size_t muon_work_floats(int rows, int cols);
 /* the most matrices one muon_update_batch call takes */
-#define MUON_BATCH_MAX 64
+#define MUON_BATCH_MAX 128
 /* scratch floats muon_update_batch needs for count matrices of rows x cols: count times
  * muon_work_floats with each piece rounded up to 64 floats (256-byte aligned matrices
  * for the batched GEMMs) */

@@ -13,9 +13,10 @@
 #define ADAMW_EPS 1e-8f
 #define MUON_MOMENTUM 0.95f
 #define MUON_LR_SCALE 200.0
-/* the most Muon scratch one batch may take, in floats (256 MiB): three 8192x1024 or six
- * 1024x4096 matrices, sixty-four of the small ones */
-#define MUON_BATCH_WORK_CAP ((size_t)1 << 26)
+/* the most Muon scratch one batch may take, in floats (1 GiB): the eight 8192x1024 or
+ * fifteen 1024x4096 matrices of moe-1b in one batch, so that the 1024x1024 Gram products
+ * fill the GPU (batches of three left it a third idle); MUON_BATCH_MAX of the small ones */
+#define MUON_BATCH_WORK_CAP ((size_t)1 << 28)
 
 /* Work of one tensor's update, for balancing ZeRO shards: AdamW is a pass over the
  * tensor; Muon's Newton-Schulz iterations cost about min(rows, cols) times more. */

@@ -29,6 +29,12 @@
 
 /* kernels/backend_cuda.cu (C linkage): the stream every CUDA op runs on */
 cudaStream_t cuda_stream(void);
+/* kernels/attention_cudnn.cpp or attention_common.cu: cuDNN's fused attention (where the
+ * build has it) or our kernels for the op without document masking */
+void cuda_attention_use_cudnn(int on);
+int cuda_attention_cudnn_calls(void);
+static const char *impl = "";
+static int nodoc_calls; /* GPU attention calls without documents so far */
 
 #define PREFILL 0.375f
 #define PREP_TOL GT_TOL_FP32
@@ -245,8 +251,8 @@ static void test_attention(gt_ctx *g, int B, int T, int H, int Dk, int Dv, int d
     const size_t N = (size_t)B * T, nq = N * H * Dk, nv = N * H * Dv, nl = N * H;
     const float scale = 1.0f / sqrtf((float)Dk);
     char name[160], what[256];
-    snprintf(name, sizeof name, "B=%d T=%d H=%d Dk=%d Dv=%d%s%s", B, T, H, Dk, Dv, doc_name[docs],
-             qamp > 1.5f ? " sharp" : "");
+    snprintf(name, sizeof name, "B=%d T=%d H=%d Dk=%d Dv=%d%s%s%s", B, T, H, Dk, Dv, doc_name[docs],
+             qamp > 1.5f ? " sharp" : "", impl);
     const layout Lk = {B, T, H, Dk, 0}, Lv = {B, T, H, Dv, 0}, Ll = {B, T, H, 1, 1};
 
     float *q = gt_rand(g, nq, -qamp, qamp), *k = gt_rand(g, nq, -qamp, qamp);
@@ -263,6 +269,7 @@ static void test_attention(gt_ctx *g, int B, int T, int H, int Dk, int Dv, int d
     for (int r = 0; r < 2; r++) {
         gt_poison(g, d_out, nv), gt_poison(g, d_lse, nl);
         g->gpu->attention_forward(d_out, d_lse, d_q, d_k, d_v, d_doc, B, T, H, Dk, Dv, scale);
+        nodoc_calls += !docs;
         fo[r] = gt_down(g, d_out, nv), fl[r] = gt_down(g, d_lse, nl);
     }
     snprintf(what, sizeof what, "attention_forward %s: out", name);
@@ -285,6 +292,7 @@ static void test_attention(gt_ctx *g, int B, int T, int H, int Dk, int Dv, int d
         float *d_dq = up_filled(g, nq, PREFILL), *d_dk = up_filled(g, nq, PREFILL), *d_dv = up_filled(g, nv, PREFILL);
         g->gpu->attention_backward(d_dq, d_dk, d_dv, d_dout, d_out, d_lse, d_q, d_k, d_v, d_doc, B, T, H, Dk, Dv,
                                    scale);
+        nodoc_calls += !docs;
         br[r][0] = gt_down(g, d_dq, nq), br[r][1] = gt_down(g, d_dk, nq), br[r][2] = gt_down(g, d_dv, nv);
         g->gpu->free(d_dq), g->gpu->free(d_dk), g->gpu->free(d_dv);
     }
@@ -342,6 +350,7 @@ static void time_attention(gt_ctx *g, int B, int T, int H, int Dk, int Dv, int d
 
     g->gpu->attention_forward(out, lse, q, k, v, doc, B, T, H, Dk, Dv, scale);
     g->gpu->attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc, B, T, H, Dk, Dv, scale);
+    nodoc_calls += docs ? 0 : 2 + 2 * reps + 2; /* these, the timed ones and the two below */
 
     cudaEvent_t e0, e1, e2;
     cudaEventCreate(&e0), cudaEventCreate(&e1), cudaEventCreate(&e2);
@@ -364,14 +373,14 @@ static void time_attention(gt_ctx *g, int B, int T, int H, int Dk, int Dv, int d
      * recompute S and dP a second time for dQ, not counted) */
     const double pairs = (double)B * H * T * (T + 1) / 2;
     const double ff = 2 * pairs * (Dk + Dv), fb = 2 * pairs * (3.0 * Dk + 2.0 * Dv);
-    printf("# attention timing B=%d T=%d H=%d Dk=%d Dv=%d%s: forward %.3f ms (%.0f TFLOP/s), backward %.3f ms "
+    printf("# attention timing%s B=%d T=%d H=%d Dk=%d Dv=%d%s: forward %.3f ms (%.0f TFLOP/s), backward %.3f ms "
            "(%.0f TFLOP/s)%s\n",
-           B, T, H, Dk, Dv, docs ? " docs<=1024 tokens" : "", ms_f, ff / ms_f * 1e-9, ms_b, fb / ms_b * 1e-9,
+           impl, B, T, H, Dk, Dv, docs ? " docs<=1024 tokens" : "", ms_f, ff / ms_f * 1e-9, ms_b, fb / ms_b * 1e-9,
            docs ? " [TFLOP/s as if unmasked]" : "");
 
     char what[200];
-    snprintf(what, sizeof what, "attention B=%d T=%d H=%d%s at full size: outputs finite", B, T, H,
-             docs ? " docs" : "");
+    snprintf(what, sizeof what, "attention B=%d T=%d H=%d%s%s at full size: outputs finite", B, T, H,
+             docs ? " docs" : "", impl);
     float *o = gt_down(g, out, nv), *l = gt_down(g, lse, nl);
     g->gpu->zero(dq, nq * sizeof(float));
     g->gpu->attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc, B, T, H, Dk, Dv, scale);
@@ -380,8 +389,8 @@ static void time_attention(gt_ctx *g, int B, int T, int H, int Dk, int Dv, int d
     g->gpu->zero(dq, nq * sizeof(float));
     g->gpu->attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc, B, T, H, Dk, Dv, scale);
     float *g2 = gt_down(g, dq, nq);
-    snprintf(what, sizeof what, "attention_backward B=%d T=%d H=%d%s at full size: deterministic dq", B, T, H,
-             docs ? " docs" : "");
+    snprintf(what, sizeof what, "attention_backward B=%d T=%d H=%d%s%s at full size: deterministic dq", B, T, H,
+             docs ? " docs" : "", impl);
     same_bits(what, g1, g2, nq);
     free(o), free(l), free(g1), free(g2), free(doc_h);
     g->gpu->free(q), g->gpu->free(k), g->gpu->free(v), g->gpu->free(dout), g->gpu->free(doc);
@@ -398,19 +407,40 @@ int main(void)
     test_prep(&g, 1, 2048, 12, 128, 64, 128, 0);
     test_prep(&g, 1, 2048, 12, 128, 64, 128, 1);
 
-    test_attention(&g, 1, 37, 2, 24, 16, DOCS_NONE, 1.5f);
-    test_attention(&g, 1, 37, 2, 24, 16, DOCS_PACKED, 1.5f);
-    test_attention(&g, 2, 130, 3, 192, 128, DOCS_NONE, 1.5f);
-    test_attention(&g, 2, 130, 3, 192, 128, DOCS_NONE, 2.0f);
-    test_attention(&g, 2, 130, 3, 192, 128, DOCS_PACKED, 1.5f);
-    test_attention(&g, 2, 130, 3, 192, 128, DOCS_REPEAT, 1.5f);
-    test_attention(&g, 2, 200, 2, 48, 24, DOCS_PACKED, 1.5f); /* the GPU step test's head dims */
-    test_attention(&g, 1, 1024, 12, 192, 128, DOCS_NONE, 1.5f);
-    test_attention(&g, 1, 1024, 12, 192, 128, DOCS_PACKED, 1.5f);
+    /* the op without documents goes to cuDNN where the build has it: both implementations */
+    int before = cuda_attention_cudnn_calls(), calls_before = 0;
+    for (int own = 0; own < 2; own++) {
+        cuda_attention_use_cudnn(!own);
+        impl = own ? " [own kernels]" : " [default: cuDNN where built]";
+        test_attention(&g, 1, 37, 2, 24, 16, DOCS_NONE, 1.5f);
+        test_attention(&g, 1, 37, 2, 24, 16, DOCS_PACKED, 1.5f);
+        test_attention(&g, 2, 130, 3, 192, 128, DOCS_NONE, 1.5f);
+        test_attention(&g, 2, 130, 3, 192, 128, DOCS_NONE, 2.0f);
+        test_attention(&g, 2, 130, 3, 192, 128, DOCS_PACKED, 1.5f);
+        test_attention(&g, 2, 130, 3, 192, 128, DOCS_REPEAT, 1.5f);
+        test_attention(&g, 2, 200, 2, 48, 24, DOCS_PACKED, 1.5f); /* the GPU step test's head dims */
+        test_attention(&g, 1, 1024, 12, 192, 128, DOCS_NONE, 1.5f);
+        test_attention(&g, 1, 1024, 12, 192, 128, DOCS_PACKED, 1.5f);
 
-    time_attention(&g, 8, 2048, 12, 192, 128, 0, 5);
-    time_attention(&g, 8, 2048, 12, 192, 128, 1, 5);
-    time_attention(&g, 2, 8192, 12, 192, 128, 0, 3);
+        time_attention(&g, 8, 2048, 12, 192, 128, 0, 5);
+        time_attention(&g, 8, 2048, 12, 192, 128, 1, 5);
+        time_attention(&g, 2, 8192, 12, 192, 128, 0, 3);
+#ifdef DELTAMLA_HAVE_CUDNN
+        /* the default must really have gone to cuDNN (a refused shape falls back quietly
+         * but for one note), and our kernels must really have been the ones checked */
+        const int served = cuda_attention_cudnn_calls() - before, asked = nodoc_calls - calls_before;
+        before += served, calls_before = nodoc_calls;
+        char detail[96];
+        snprintf(detail, sizeof detail, "%d of %d calls without documents went to cuDNN", served, asked);
+        gt_report(own ? "attention: deltamla's own kernels ran every call when asked to"
+                      : "attention: cuDNN ran the calls without documents at every tested shape",
+                  own ? served == 0 : served == asked && asked > 0, detail);
+#else
+        (void)before, (void)calls_before;
+        printf("# note: this build has no cuDNN frontend: our kernels ran every call\n");
+#endif
+    }
+    cuda_attention_use_cudnn(1);
 
     printf("# %d failure(s)\n", gt_failures());
     return gt_failures() != 0;

@@ -23,6 +23,9 @@
 #include "gpu_test.h"
 #include "util.h"
 
+/* kernels/classifier.cu (C linkage): rows per chunk of the head */
+int cuda_classifier_chunk_rows(int N, int V);
+
 static size_t fbytes(size_t n) { return n * sizeof(float); }
 
 static double rms(const float *x, size_t n)
@@ -163,11 +166,9 @@ static void test_classifier(gt_ctx *g, int N, int V, int C, int ignore_pct)
         if (pct[i] < ignore_pct) targets[i] = -100;
         else valid++;
     }
-    /* The chunking of kernels/classifier.cu (32 Mi logits per chunk), so the log shows
-     * whether a case ran in several chunks with a ragged last one. */
-    long rows = (long)((1L << 25) / V);
-    if (rows < 1) rows = 1;
-    if (rows > N) rows = N;
+    /* The chunking of kernels/classifier.cu, so the log shows whether a case ran in
+     * several chunks with a ragged last one. */
+    const long rows = cuda_classifier_chunk_rows(N, V);
     printf("# classifier N=%d V=%d C=%d: %d of %d targets ignored; %ld chunk(s) of %ld rows, last %ld\n", N, V, C,
            N - valid, N, (N + rows - 1) / rows, rows, N - (N - 1) / rows * rows);
     fflush(stdout);
@@ -415,7 +416,9 @@ int main(void)
     gt_ctx g;
     gt_init(&g, 20250611);
 
-    static const int mm[][3] = {{7, 13, 5}, {4096, 1024, 3072}, {1000, 85, 257}, {16384, 1024, 256}};
+    /* small (fp32 operands, bf16 fast mode), bf16 copies, skinny (TF32 on fp32 operands) */
+    static const int mm[][3] = {{7, 13, 5},       {4096, 1024, 3072}, {1000, 85, 257},
+                                {16384, 1024, 256}, {16385, 1024, 12}, {12000, 100, 2048}};
     for (size_t i = 0; i < sizeof mm / sizeof mm[0]; i++) {
         const int N = mm[i][0], in = mm[i][1], out = mm[i][2];
         test_matmul_forward(&g, N, in, out);
@@ -425,8 +428,8 @@ int main(void)
     }
 
     test_classifier(&g, 7, 37, 13, 0);
-    test_classifier(&g, 2048, 50304, 1024, 5);  /* 4 chunks, the last of 47 rows */
-    test_classifier(&g, 1335, 50304, 64, 10);   /* 3 chunks, the last of 1 row */
+    test_classifier(&g, 2700, 50304, 1024, 5);  /* 2 chunks, the last of 32 rows */
+    test_classifier(&g, 5337, 50304, 64, 10);   /* 3 chunks, the last of 1 row */
     test_classifier(&g, 100, 256, 64, 15);
 
     test_adamw(&g, 1000003);
