@@ -79,12 +79,18 @@ static void cost_matmul_backward(float *dx, float *dw, const float *dy, const fl
     if (dw) { f += 2.0 * N * in * out; b += F4 * ((double)N * in + 2.0 * in * out); }
     charge(f, b);
 }
+static void cost_matmul_backward_set(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out)
+{
+    cost_matmul_backward(dx, dw, dy, x, w, N, in, out);
+    if (dx) charge(0, -F4 * (double)N * in); /* dx written, not read */
+}
 static void cost_rmsnorm_forward(float *o, float *r, const float *x, const float *w, int N, int C) { charge(0, F4 * (2.0 * N * C + N)); }
 static void cost_rmsnorm_backward(float *dx, float *dw, const float *d, const float *x, const float *w, const float *r, int N, int C) { charge(0, F4 * 4.0 * N * C); }
 static void cost_layernorm_forward(float *o, float *m, float *r, const float *x, const float *w, const float *b, int N, int C) { charge(0, F4 * (2.0 * N * C + 2 * N)); }
 static void cost_layernorm_backward(float *dx, float *dw, float *db, const float *d, const float *x, const float *w, const float *m, const float *r, int N, int C) { charge(0, F4 * 4.0 * N * C); }
 static void cost_swiglu_forward(float *o, const float *in, int N, int h, int s) { charge(0, F4 * 3.0 * N * h); }
 static void cost_swiglu_backward(float *di, const float *d, const float *in, int N, int h, int s) { charge(0, F4 * 6.0 * N * h); }
+static void cost_swiglu_backward_set(float *di, const float *d, const float *in, int N, int h, int s) { charge(0, F4 * 5.0 * N * h); }
 static void cost_conv_forward(float *y, const float *x, const float *w, const float *b, const int32_t *ds, int B, int T, int C) { charge(0, F4 * 2.0 * B * T * C); }
 static void cost_conv_backward(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w, const int32_t *ds, int B, int T, int C) { charge(0, F4 * 4.0 * B * T * C); }
 static void cost_gates_forward(float *g, float *b, const float *gr, const float *br, size_t n) { charge(0, F4 * 4.0 * n); }
@@ -241,6 +247,17 @@ static void t_matmul_backward(float *dx, float *dw, const float *dy, const float
                stats[FAM_GEMM_BWD].flops - f0, stats[FAM_GEMM_BWD].bytes - b0);
 }
 
+static void t_matmul_backward_set(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out)
+{
+    double t0 = begin();
+    inner->matmul_backward_set(dx, dw, dy, x, w, N, in, out);
+    const double s0 = stats[FAM_GEMM_BWD].seconds, f0 = stats[FAM_GEMM_BWD].flops, b0 = stats[FAM_GEMM_BWD].bytes;
+    end(FAM_GEMM_BWD, t0);
+    cost_matmul_backward_set(dx, dw, dy, x, w, N, in, out);
+    gemm_shape(SHAPE_GEMM_BWD, dx != NULL, dw != NULL, N, in, out, stats[FAM_GEMM_BWD].seconds - s0,
+               stats[FAM_GEMM_BWD].flops - f0, stats[FAM_GEMM_BWD].bytes - b0);
+}
+
 static void t_rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, int N, int C)
 {
     double t0 = begin();
@@ -287,6 +304,14 @@ static void t_swiglu_backward(float *din, const float *dout, const float *in, in
     inner->swiglu_backward(din, dout, in, N, h, silu_first);
     end(FAM_ELEMENTWISE, t0);
     cost_swiglu_backward(din, dout, in, N, h, silu_first);
+}
+
+static void t_swiglu_backward_set(float *din, const float *dout, const float *in, int N, int h, int silu_first)
+{
+    double t0 = begin();
+    inner->swiglu_backward_set(din, dout, in, N, h, silu_first);
+    end(FAM_ELEMENTWISE, t0);
+    cost_swiglu_backward_set(din, dout, in, N, h, silu_first);
 }
 
 static void t_conv_forward(float *y, const float *x, const float *w, const float *bias, const int32_t *doc_start, int B, int T, int C)
@@ -516,12 +541,14 @@ const backend *timed_backend(const backend *in)
     timed.embedding_backward = t_embedding_backward;
     timed.matmul_forward = t_matmul_forward;
     timed.matmul_backward = t_matmul_backward;
+    timed.matmul_backward_set = t_matmul_backward_set;
     timed.rmsnorm_forward = t_rmsnorm_forward;
     timed.rmsnorm_backward = t_rmsnorm_backward;
     timed.layernorm_forward = t_layernorm_forward;
     timed.layernorm_backward = t_layernorm_backward;
     timed.swiglu_forward = t_swiglu_forward;
     timed.swiglu_backward = t_swiglu_backward;
+    timed.swiglu_backward_set = t_swiglu_backward_set;
     timed.conv_forward = t_conv_forward;
     timed.conv_backward = t_conv_backward;
     timed.gates_forward = t_gates_forward;

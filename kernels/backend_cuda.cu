@@ -148,12 +148,14 @@ extern "C" const backend *backend_cuda(int device)
     b.embedding_backward = cuda_embedding_backward;
     b.matmul_forward = cuda_matmul_forward;
     b.matmul_backward = cuda_matmul_backward;
+    b.matmul_backward_set = cuda_matmul_backward_set;
     b.rmsnorm_forward = cuda_rmsnorm_forward;
     b.rmsnorm_backward = cuda_rmsnorm_backward;
     b.layernorm_forward = cuda_layernorm_forward;
     b.layernorm_backward = cuda_layernorm_backward;
     b.swiglu_forward = cuda_swiglu_forward;
     b.swiglu_backward = cuda_swiglu_backward;
+    b.swiglu_backward_set = cuda_swiglu_backward_set;
     b.conv_forward = cuda_conv_forward;
     b.conv_backward = cuda_conv_backward;
     b.gates_forward = cuda_gates_forward;

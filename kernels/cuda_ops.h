@@ -30,6 +30,8 @@ void cuda_embedding_backward(float *dwte, const float *dout, const int32_t *toke
 void cuda_matmul_forward(float *y, const float *x, const float *w, int N, int in, int out);
 void cuda_matmul_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
                           int N, int in, int out);
+void cuda_matmul_backward_set(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in,
+                              int out);
 
 /* norms */
 void cuda_rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, int N, int C);
@@ -43,6 +45,7 @@ void cuda_layernorm_backward(float *dx, float *dw, float *db, const float *dout,
 /* swiglu */
 void cuda_swiglu_forward(float *out, const float *in, int N, int h, int silu_first);
 void cuda_swiglu_backward(float *din, const float *dout, const float *in, int N, int h, int silu_first);
+void cuda_swiglu_backward_set(float *din, const float *dout, const float *in, int N, int h, int silu_first);
 
 /* gated deltanet pieces */
 void cuda_conv_forward(float *y, const float *x, const float *w, const float *bias,

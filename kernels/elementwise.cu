@@ -476,8 +476,9 @@ extern "C" void cuda_swiglu_forward(float *out, const float *in, int N, int h, i
     LAUNCH_CHECK();
 }
 
+/* acc 1: din += the gradient; acc 0: din = it (din not read) */
 static __global__ void swiglu_backward_kernel(float *din, const float *dout, const float *in, int N, int h,
-                                              int silu_first, int vec)
+                                              int silu_first, int vec, int acc)
 {
     if (vec) {
         int h4 = h / 4;
@@ -488,7 +489,8 @@ static __global__ void swiglu_backward_kernel(float *din, const float *dout, con
             float4 *drow = (float4 *)din + i * 2 * h4;
             float4 a = __ldg(row + j), b = __ldg(row + h4 + j);
             float4 d = __ldg((const float4 *)dout + u);
-            float4 da = drow[j], db = drow[h4 + j];
+            float4 da = make_float4(0.f, 0.f, 0.f, 0.f), db = da;
+            if (acc) da = drow[j], db = drow[h4 + j];
             swiglu_grad1(&da.x, &db.x, d.x, a.x, b.x, silu_first);
             swiglu_grad1(&da.y, &db.y, d.y, a.y, b.y, silu_first);
             swiglu_grad1(&da.z, &db.z, d.z, a.z, b.z, silu_first);
@@ -502,16 +504,32 @@ static __global__ void swiglu_backward_kernel(float *din, const float *dout, con
             size_t i = u / h, j = u % h;
             const float *row = in + i * 2 * h;
             float *drow = din + i * 2 * h;
-            swiglu_grad1(drow + j, drow + h + j, dout[u], row[j], row[h + j], silu_first);
+            float da = acc ? drow[j] : 0.f, db = acc ? drow[h + j] : 0.f;
+            swiglu_grad1(&da, &db, dout[u], row[j], row[h + j], silu_first);
+            drow[j] = da;
+            drow[h + j] = db;
         }
     }
 }
 
-extern "C" void cuda_swiglu_backward(float *din, const float *dout, const float *in, int N, int h, int silu_first)
+static void swiglu_backward(float *din, const float *dout, const float *in, int N, int h, int silu_first, int acc)
 {
     if (N <= 0 || h <= 0) return;
     int vec = h % 4 == 0 && cuda_aligned16(din) && cuda_aligned16(dout) && cuda_aligned16(in);
     size_t units = (size_t)N * (vec ? h / 4 : h);
-    swiglu_backward_kernel<<<ew_grid(units), EW_THREADS, 0, cuda_stream()>>>(din, dout, in, N, h, silu_first, vec);
+    swiglu_backward_kernel<<<ew_grid(units), EW_THREADS, 0, cuda_stream()>>>(din, dout, in, N, h, silu_first, vec,
+                                                                             acc);
     LAUNCH_CHECK();
+}
+
+extern "C" void cuda_swiglu_backward(float *din, const float *dout, const float *in, int N, int h, int silu_first)
+{
+    swiglu_backward(din, dout, in, N, h, silu_first, 1);
+}
+
+/* as cuda_swiglu_backward, but din is written, not added to */
+extern "C" void cuda_swiglu_backward_set(float *din, const float *dout, const float *in, int N, int h,
+                                         int silu_first)
+{
+    swiglu_backward(din, dout, in, N, h, silu_first, 0);
 }

@@ -133,21 +133,23 @@ extern "C" void cuda_matmul_forward(float *y, const float *x, const float *w, in
     cuda_gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, wb, in, xb, in, 0.0f, y, out);
 }
 
-/* dx [N, in] += dy [N, out] w [out, in] (skipped when dx is NULL);
+/* dx [N, in] = dx_beta dx + dy [N, out] w [out, in] (skipped when dx is NULL);
  * dw [out, in] += dy^T x (skipped when dw is NULL). Device pointers. */
-extern "C" void cuda_matmul_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
-                                     int N, int in, int out)
+static void matmul_backward(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in,
+                            int out, float dx_beta)
 {
+    if (dx && dx_beta == 0.0f && N > 0 && in > 0 && out <= 0) /* dx = an empty sum */
+        CUDA_CHECK(cudaMemsetAsync(dx, 0, (size_t)N * in * sizeof *dx, cuda_stream()));
     if (N <= 0 || in <= 0 || out <= 0) return; /* every sum is empty: nothing to add */
     if (!dx && !dw) return;
     if (small_product(N, in, out)) {
-        if (dx) gemm_f32(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, w, in, dy, out, 1.0f, dx, in);
+        if (dx) gemm_f32(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, w, in, dy, out, dx_beta, dx, in);
         if (dw) gemm_f32(CUBLAS_OP_N, CUBLAS_OP_T, in, out, N, x, in, dy, out, 1.0f, dw, in);
         return;
     }
     if (skinny_product(in, out)) {
         const cublasComputeType_t tf32 = CUBLAS_COMPUTE_32F_FAST_TF32;
-        if (dx) gemm_f32(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, w, in, dy, out, 1.0f, dx, in, tf32);
+        if (dx) gemm_f32(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, w, in, dy, out, dx_beta, dx, in, tf32);
         if (dw) gemm_f32(CUBLAS_OP_N, CUBLAS_OP_T, in, out, N, x, in, dy, out, 1.0f, dw, in, tf32);
         return;
     }
@@ -156,11 +158,27 @@ extern "C" void cuda_matmul_backward(float *dx, float *dw, const float *dy, cons
     cuda_to_bf16(dyb, dy, (size_t)N * out);
     if (dx) {
         cuda_to_bf16(rest, w, (size_t)out * in);
-        cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, rest, in, dyb, out, 1.0f, dx, in);
+        cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, rest, in, dyb, out, dx_beta, dx, in);
         rest += nw;
     }
     if (dw) {
         cuda_to_bf16(rest, x, (size_t)N * in);
         cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, in, out, N, rest, in, dyb, out, 1.0f, dw, in);
     }
+}
+
+/* dx [N, in] += dy [N, out] w [out, in] (skipped when dx is NULL);
+ * dw [out, in] += dy^T x (skipped when dw is NULL). Device pointers. */
+extern "C" void cuda_matmul_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
+                                     int N, int in, int out)
+{
+    matmul_backward(dx, dw, dy, x, w, N, in, out, 1.0f);
+}
+
+/* as cuda_matmul_backward, but dx = dy w (beta 0: dx is not read, its old contents,
+ * even NaN, do not matter) */
+extern "C" void cuda_matmul_backward_set(float *dx, float *dw, const float *dy, const float *x, const float *w,
+                                         int N, int in, int out)
+{
+    matmul_backward(dx, dw, dy, x, w, N, in, out, 0.0f);
 }

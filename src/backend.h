@@ -59,6 +59,11 @@ typedef struct backend {
     /* dx[N,in] += dy W (skipped if dx NULL); dw[out,in] += dy^T x (skipped if dw NULL) */
     void (*matmul_backward)(float *dx, float *dw, const float *dy, const float *x, const float *w,
                             int N, int in, int out);
+    /* matmul_backward, except that dx is written (dx = dy W), not added to, so the caller
+     * need not zero it first (a pass over dx saved, and the GEMM does not read it); dw
+     * still accumulates */
+    void (*matmul_backward_set)(float *dx, float *dw, const float *dy, const float *x, const float *w,
+                                int N, int in, int out);
 
     /* ---- norms ---- */
     /* RMSNorm, eps 1e-6: out = w * x / sqrt(mean(x^2) + eps); rstd[N] saved */
@@ -76,6 +81,8 @@ typedef struct backend {
      * silu_first = 0: out = first * silu(second) (dense MLP). out[N,h] */
     void (*swiglu_forward)(float *out, const float *in, int N, int h, int silu_first);
     void (*swiglu_backward)(float *din, const float *dout, const float *in, int N, int h, int silu_first);
+    /* swiglu_backward, except that din is written, not added to */
+    void (*swiglu_backward_set)(float *din, const float *dout, const float *in, int N, int h, int silu_first);
 
     /* ---- Gated DeltaNet pieces ---- */
     /* Short causal depthwise conv, kernel 4, with bias: x,y [B,T,C], w [C,4] oldest tap

@@ -42,6 +42,20 @@ static void cpu_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
 static void cpu_copy(void *dst, const void *src, size_t bytes) { memmove(dst, src, bytes); }
 static void cpu_sync(void) {}
 
+/* the _set forms: the accumulating op on a zeroed output */
+static void cpu_matmul_backward_set(float *dx, float *dw, const float *dy, const float *x, const float *w, int N,
+                                    int in, int out)
+{
+    if (dx) memset(dx, 0, (size_t)N * in * sizeof *dx);
+    cpu_matmul_backward(dx, dw, dy, x, w, N, in, out);
+}
+
+static void cpu_swiglu_backward_set(float *din, const float *dout, const float *in, int N, int h, int silu_first)
+{
+    memset(din, 0, (size_t)N * 2 * h * sizeof *din);
+    cpu_swiglu_backward(din, dout, in, N, h, silu_first);
+}
+
 static const backend cpu_backend = {
     .name = "cpu",
     .alloc = cpu_alloc,
@@ -61,12 +75,14 @@ static const backend cpu_backend = {
     .embedding_backward = cpu_embedding_backward,
     .matmul_forward = cpu_matmul_forward,
     .matmul_backward = cpu_matmul_backward,
+    .matmul_backward_set = cpu_matmul_backward_set,
     .rmsnorm_forward = cpu_rmsnorm_forward,
     .rmsnorm_backward = cpu_rmsnorm_backward,
     .layernorm_forward = cpu_layernorm_forward,
     .layernorm_backward = cpu_layernorm_backward,
     .swiglu_forward = cpu_swiglu_forward,
     .swiglu_backward = cpu_swiglu_backward,
+    .swiglu_backward_set = cpu_swiglu_backward_set,
     .conv_forward = cpu_conv_forward,
     .conv_backward = cpu_conv_backward,
     .gates_forward = cpu_gates_forward,

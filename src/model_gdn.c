@@ -143,26 +143,21 @@ void gdn_backward(model *m, int l, const float *x, float *dx, arena *s)
     float *dact = ARENA_F(s, (size_t)N * 4 * d);
     float *dgu = ARENA_F(s, (size_t)N * 8 * d);
     float *dln = ARENA_F(s, Nd);
-    be->zero(dact, (size_t)N * 4 * d * sizeof(float));
-    be->matmul_backward(dact, GW(gi->mlp_down), dx, A->act, PW(gi->mlp_down), N, 4 * d, d);
-    be->zero(dgu, (size_t)N * 8 * d * sizeof(float));
-    be->swiglu_backward(dgu, dact, A->gu, N, 4 * d, 0);
-    be->zero(dln, Nd * sizeof(float));
-    be->matmul_backward(dln, GW(gi->mlp_gate_up), dgu, A->ln2, PW(gi->mlp_gate_up), N, d, 8 * d);
+    be->matmul_backward_set(dact, GW(gi->mlp_down), dx, A->act, PW(gi->mlp_down), N, 4 * d, d);
+    be->swiglu_backward_set(dgu, dact, A->gu, N, 4 * d, 0);
+    be->matmul_backward_set(dln, GW(gi->mlp_gate_up), dgu, A->ln2, PW(gi->mlp_gate_up), N, d, 8 * d);
     be->rmsnorm_backward(dx, GW(gi->norm2), dln, A->xmid, PW(gi->norm2), A->rstd2, N, d);
 
     /* ---- mixer branch: a fresh scratch layout (dln is taken again, first) ---- */
     s->used = 0;
     dln = ARENA_F(s, Nd);
     float *do_ = ARENA_F(s, NP);
-    be->zero(do_, NP * sizeof(float));
     if (r == 0) {
-        be->matmul_backward(do_, GW(gi->o_proj), dx, A->o, PW(gi->o_proj), N, P, d);
+        be->matmul_backward_set(do_, GW(gi->o_proj), dx, A->o, PW(gi->o_proj), N, P, d);
     } else {
         float *dolat = ARENA_F(s, (size_t)N * r);
-        be->zero(dolat, (size_t)N * r * sizeof(float));
-        be->matmul_backward(dolat, GW(gi->o_up), dx, A->olat, PW(gi->o_up), N, r, d);
-        be->matmul_backward(do_, GW(gi->o_down), dolat, A->o, PW(gi->o_down), N, P, r);
+        be->matmul_backward_set(dolat, GW(gi->o_up), dx, A->olat, PW(gi->o_up), N, r, d);
+        be->matmul_backward_set(do_, GW(gi->o_down), dolat, A->o, PW(gi->o_down), N, P, r);
     }
     float *dconv[3], *dpre[3], *dkn = ARENA_F(s, NP);
     for (int i = 0; i < 3; i++) {
@@ -180,8 +175,7 @@ void gdn_backward(model *m, int l, const float *x, float *dx, arena *s)
     be->zero(dbraw, NH * sizeof(float));
     be->gates_backward(dgraw, dbraw, dg, dbeta, A->graw, A->braw, NH);
 
-    be->zero(dln, Nd * sizeof(float));
-    be->matmul_backward(dln, GW(gi->g_proj), dgraw, A->ln1, PW(gi->g_proj), N, d, H);
+    be->matmul_backward_set(dln, GW(gi->g_proj), dgraw, A->ln1, PW(gi->g_proj), N, d, H);
     be->matmul_backward(dln, GW(gi->beta_proj), dbraw, A->ln1, PW(gi->beta_proj), N, d, H);
     for (int i = 0; i < 3; i++) {
         if (shared && i == 1) {
@@ -199,8 +193,7 @@ void gdn_backward(model *m, int l, const float *x, float *dx, arena *s)
         if (r == 0) {
             be->matmul_backward(dln, GW(gi->proj[i]), dpre[i], A->ln1, PW(gi->proj[i]), N, d, P);
         } else {
-            be->zero(dlat, (size_t)N * r * sizeof(float));
-            be->matmul_backward(dlat, GW(gi->up[i]), dpre[i], A->lat[i], PW(gi->up[i]), N, r, P);
+            be->matmul_backward_set(dlat, GW(gi->up[i]), dpre[i], A->lat[i], PW(gi->up[i]), N, r, P);
             be->matmul_backward(dln, GW(gi->down[i]), dlat, A->ln1, PW(gi->down[i]), N, d, r);
         }
     }

@@ -185,20 +185,16 @@ static void ffn_backward(model *m, int l, const float *dy, float *dln, arena *s)
 
     if (!c->use_moe) {
         float *dact = ARENA_F(s, (size_t)N * 4 * d), *dgu = ARENA_F(s, (size_t)N * 8 * d);
-        be->zero(dact, (size_t)N * 4 * d * sizeof(float));
-        be->matmul_backward(dact, GW(mi->mlp_down), dy, A->act, PW(mi->mlp_down), N, 4 * d, d);
-        be->zero(dgu, (size_t)N * 8 * d * sizeof(float));
-        be->swiglu_backward(dgu, dact, A->gu, N, 4 * d, 0);
+        be->matmul_backward_set(dact, GW(mi->mlp_down), dy, A->act, PW(mi->mlp_down), N, 4 * d, d);
+        be->swiglu_backward_set(dgu, dact, A->gu, N, 4 * d, 0);
         be->matmul_backward(dln, GW(mi->mlp_gate_up), dgu, A->ln2, PW(mi->mlp_gate_up), N, d, 8 * d);
         return;
     }
     int E = c->moe_E, k = c->moe_k, h = c->moe_hidden, in = c->moe_in, ed = c->expert_dim;
     for (int j = 0; j < c->n_shared_experts; j++) {
         float *dact = ARENA_F(s, (size_t)N * ed), *dgu = ARENA_F(s, (size_t)N * 2 * ed);
-        be->zero(dact, (size_t)N * ed * sizeof(float));
-        be->matmul_backward(dact, GW(mi->shared_down[j]), dy, A->sh_act[j], PW(mi->shared_down[j]), N, ed, d);
-        be->zero(dgu, (size_t)N * 2 * ed * sizeof(float));
-        be->swiglu_backward(dgu, dact, A->sh_gu[j], N, ed, 1);
+        be->matmul_backward_set(dact, GW(mi->shared_down[j]), dy, A->sh_act[j], PW(mi->shared_down[j]), N, ed, d);
+        be->swiglu_backward_set(dgu, dact, A->sh_gu[j], N, ed, 1);
         be->matmul_backward(dln, GW(mi->shared_gate_up[j]), dgu, A->ln2, PW(mi->shared_gate_up[j]), N, d, 2 * ed);
     }
     float *dgate = ARENA_F(s, (size_t)N * k);
@@ -207,8 +203,7 @@ static void ffn_backward(model *m, int l, const float *dy, float *dln, arena *s)
     float *dex_in = dln;
     if (c->use_latent_moe) {
         float *dey = ARENA_F(s, (size_t)N * in), *dlat = ARENA_F(s, (size_t)N * in);
-        be->zero(dey, (size_t)N * in * sizeof(float));
-        be->matmul_backward(dey, GW(mi->lat_up), dy, A->ey, PW(mi->lat_up), N, in, d);
+        be->matmul_backward_set(dey, GW(mi->lat_up), dy, A->ey, PW(mi->lat_up), N, in, d);
         be->zero(dlat, (size_t)N * in * sizeof(float));
         ex_in = A->lat;
         dex_out = dey;
@@ -251,8 +246,7 @@ void mla_backward(model *m, int l, const float *x, float *dx, arena *s)
     float *dqh = ARENA_F(s, (size_t)N * Dq), *dkh = ARENA_F(s, (size_t)N * Dq), *dvh = ARENA_F(s, (size_t)N * H * dv);
     float *dq = ARENA_F(s, (size_t)N * Dq), *dkv = ARENA_F(s, (size_t)N * H * (dn + dv));
     float *dkpe = ARENA_F(s, (size_t)N * dr), *dckv_n = ARENA_F(s, (size_t)N * rkv), *dckv = ARENA_F(s, (size_t)N * rkv);
-    be->zero(datt, (size_t)N * H * dv * sizeof(float));
-    be->matmul_backward(datt, GW(mi->wo), dx, A->att, PW(mi->wo), N, H * dv, d);
+    be->matmul_backward_set(datt, GW(mi->wo), dx, A->att, PW(mi->wo), N, H * dv, d);
     be->zero(dqh, (size_t)N * Dq * sizeof(float));
     be->zero(dkh, (size_t)N * Dq * sizeof(float));
     be->zero(dvh, (size_t)N * H * dv * sizeof(float));
@@ -262,20 +256,17 @@ void mla_backward(model *m, int l, const float *x, float *dx, arena *s)
     be->zero(dkv, (size_t)N * H * (dn + dv) * sizeof(float));
     be->zero(dkpe, (size_t)N * dr * sizeof(float));
     be->mla_prep_backward(dq, dkv, dkpe, dr, dqh, dkh, dvh, m->pos, B, T, H, dn, dr, dv, c->rope_theta);
-    be->zero(dckv_n, (size_t)N * rkv * sizeof(float));
-    be->matmul_backward(dckv_n, GW(mi->wkv_b), dkv, A->ckv_n, PW(mi->wkv_b), N, rkv, H * (dn + dv));
+    be->matmul_backward_set(dckv_n, GW(mi->wkv_b), dkv, A->ckv_n, PW(mi->wkv_b), N, rkv, H * (dn + dv));
     be->zero(dckv, (size_t)N * rkv * sizeof(float));
     be->layernorm_backward(dckv, GW(mi->kv_norm_w), GW(mi->kv_norm_b), dckv_n, A->ckv, PW(mi->kv_norm_w),
                            A->kv_mean, A->kv_rstd, N, rkv);
-    be->zero(dln, Nd * sizeof(float));
-    be->matmul_backward(dln, GW(mi->wkv_a), dckv, A->ln1, PW(mi->wkv_a), N, d, rkv);
+    be->matmul_backward_set(dln, GW(mi->wkv_a), dckv, A->ln1, PW(mi->wkv_a), N, d, rkv);
     be->matmul_backward(dln, GW(mi->wkv_a) + (size_t)rkv * d, dkpe, A->ln1, PW(mi->wkv_a) + (size_t)rkv * d, N, d, dr);
     if (rq == 0) {
         be->matmul_backward(dln, GW(mi->wq), dq, A->ln1, PW(mi->wq), N, d, Dq);
     } else {
         float *dqa_n = ARENA_F(s, (size_t)N * rq), *dqa = ARENA_F(s, (size_t)N * rq);
-        be->zero(dqa_n, (size_t)N * rq * sizeof(float));
-        be->matmul_backward(dqa_n, GW(mi->wq_b), dq, A->qa_n, PW(mi->wq_b), N, rq, Dq);
+        be->matmul_backward_set(dqa_n, GW(mi->wq_b), dq, A->qa_n, PW(mi->wq_b), N, rq, Dq);
         be->zero(dqa, (size_t)N * rq * sizeof(float));
         be->layernorm_backward(dqa, GW(mi->q_norm_w), GW(mi->q_norm_b), dqa_n, A->qa, PW(mi->q_norm_w),
                                A->qa_mean, A->qa_rstd, N, rq);

@@ -367,6 +367,18 @@ static void test_swiglu(int N, int h, int silu_first, int off)
     }
     grad_check_free(&din, ctx, off);
 
+    /* the _set form writes din over whatever it held (NaN here) */
+    snprintf(ctx, sizeof ctx, "swiglu_backward_set N=%d h=%d silu_first=%d%s", N, h, silu_first, off_tag(off));
+    fwd_out ds;
+    out_init(&ds, "din", ni, off);
+    G.cpu->swiglu_backward_set(ds.cpu, dout, in, N, h, silu_first);
+    for (int run = 0; run < 2; run++) {
+        out_poison(&ds);
+        G.gpu->swiglu_backward_set(ds.dev, dout_d, in_d, N, h, silu_first);
+        out_take(&ds, run);
+    }
+    out_check_free(&ds, ctx, off);
+
     dev_free(in_d, off), dev_free(dout_d, off);
     free(in), free(dout);
 }

@@ -142,6 +142,30 @@ static void test_matmul_backward(gt_ctx *g, int N, int in, int out, int want_dx,
         check_grad(what, inc_dw, init_dw, cpu_dw, gdw[0], gdw[1], nw, GT_TOL_BF16);
     }
 
+    /* the _set form: dx written over whatever it held (NaN here), dw still added to */
+    float *sdx = want_dx ? gt_host_copy(init_dx, nx) : NULL, *sdw = want_dw ? gt_host_copy(init_dw, nw) : NULL;
+    g->cpu->matmul_backward_set(sdx, sdw, dy, x, w, N, in, out);
+    float *sgx[2] = {NULL, NULL}, *sgw[2] = {NULL, NULL};
+    for (int run = 0; run < 2; run++) {
+        if (want_dx) gt_poison(g, dx_d, nx);
+        if (want_dw) g->gpu->from_host(dw_d, init_dw, fbytes(nw));
+        g->gpu->matmul_backward_set(dx_d, dw_d, dy_d, x_d, w_d, N, in, out);
+        if (want_dx) sgx[run] = gt_down(g, dx_d, nx);
+        if (want_dw) sgw[run] = gt_down(g, dw_d, nw);
+    }
+    if (want_dx) {
+        snprintf(what, sizeof what, "matmul_backward_set N=%d in=%d out=%d [%s]: dx", N, in, out, mode);
+        gt_compare(what, sgx[0], sdx, nx, GT_TOL_BF16);
+        snprintf(what, sizeof what, "matmul_backward_set N=%d in=%d out=%d [%s]: dx deterministic", N, in, out, mode);
+        gt_same_bits(what, sgx[0], sgx[1], fbytes(nx));
+    }
+    if (want_dw) {
+        snprintf(what, sizeof what, "matmul_backward_set N=%d in=%d out=%d [%s]: dw", N, in, out, mode);
+        check_grad(what, inc_dw, init_dw, sdw, sgw[0], sgw[1], nw, GT_TOL_BF16);
+    }
+    for (int run = 0; run < 2; run++) free(sgx[run]), free(sgw[run]);
+    free(sdx), free(sdw);
+
     g->gpu->free(x_d);
     g->gpu->free(w_d);
     g->gpu->free(dy_d);
