@@ -45,7 +45,23 @@
  * but from A A and Bm X, whose rounding the iteration amplifies, so fp32 for the Gram
  * only would not help, and fp32 for all three GEMMs would cost 8-16x the time of TF32,
  * which runs at half the bf16 tensor-core rate. NS_COMPUTE switches it.
+ *
+ * Large batches (matrices of MUON_HALF_MIN_ELEMS elements or more: moe-1b's MLP, shared
+ * expert and attention output matrices, with about 95% of the Newton-Schulz FLOPs) feed
+ * the same GEMMs fp16 operands instead: fp16 has TF32's 10-bit mantissa and runs at
+ * twice its rate on the tensor cores. Each operand (X, A, Bm) is rounded once, to
+ * nearest, into an fp16 copy scaled by NS_HALF_SCALE = 2^12, and alpha carries 2^-24
+ * back; accumulation, outputs and the beta terms (b A, a X) stay fp32 as before. The
+ * scale is exact and keeps every value in fp16's normal range: X starts with Frobenius
+ * norm 1 and NS5 keeps its singular values below about 1.2, so |X_ij| <= 1.2,
+ * |A_ij| <= 1.44 and |Bm_ij| <= 2.9 (the largest |b s + c s^2| for s = sigma^2 <= 1.44),
+ * at most 12,000 after scaling (fp16 ends at 65,504), while entries down to 2^-26
+ * (below any that matters next to a norm-1 matrix) keep all ten mantissa bits. So the
+ * operands carry the same rounding as TF32's, at half the GEMM time; the three
+ * rounding passes cost a few percent of that. Small batches keep TF32: they are
+ * launch-bound, and the passes would only add launches.
  */
+#include <cuda_fp16.h>
 #include <math.h>
 
 #include "cuda_common.cuh"
@@ -62,6 +78,14 @@ extern "C" {
 #define NS_EPS 1e-7
 #define NS_STEPS 5
 #define NS_COMPUTE CUBLAS_COMPUTE_32F_FAST_TF32
+/* matrices of at least this many elements take the scaled fp16 operands (see the top) */
+#define MUON_HALF_MIN_ELEMS ((size_t)1 << 20)
+#define NS_HALF_SCALE 4096.0f                  /* 2^12 */
+#define NS_HALF_UNSCALE (1.0f / (4096.0f * 4096.0f)) /* alpha for a product of two scaled operands */
+
+/* the fp16 copies of the large batches' X, A and Bm; grows to the largest and stays */
+static void *half_buf;
+static size_t half_bytes;
 
 #define THREADS 256
 /* the most blocks of an elementwise grid (grid-stride beyond) */
@@ -171,21 +195,37 @@ static __global__ void muon_apply_kernel(muon_ptrs ptr, const float *o0, size_t 
     }
 }
 
-/* C_i [mm, nn] = alpha op(A_i) op(B_i) + beta C_i for i < count, column-major fp32
- * buffers at strides sa, sb, sc, NS_COMPUTE. One matrix is a plain GEMM (the path
- * muon_update always took), more a strided batched GEMM. */
-static void ns_gemm(int count, cublasOperation_t ta, cublasOperation_t tb, int mm, int nn, int kk, float alpha,
-                    const float *a, int lda, size_t sa, const float *b, int ldb, size_t sb, float beta, float *c,
-                    int ldc, size_t sc)
+/* dst = NS_HALF_SCALE src rounded to fp16 (to nearest), n elements */
+static __global__ void to_half_scaled_kernel(__half *__restrict__ dst, const float *__restrict__ src, size_t n)
 {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = __float2half_rn(src[i] * NS_HALF_SCALE);
+}
+
+static void to_half_scaled(__half *dst, const float *src, size_t n, cudaStream_t s)
+{
+    to_half_scaled_kernel<<<grid_for(n), THREADS, 0, s>>>(dst, src, n);
+    LAUNCH_CHECK();
+}
+
+/* C_i [mm, nn] = alpha op(A_i) op(B_i) + beta C_i for i < count, column-major, C fp32 at
+ * stride sc; A, B at strides sa, sb: fp32 with NS_COMPUTE (half 0), or fp16 copies scaled
+ * by NS_HALF_SCALE with fp32 accumulation (half 1, alpha unscaled here). One matrix is a
+ * plain GEMM (the path muon_update always took), more a strided batched GEMM. */
+static void ns_gemm(int half, int count, cublasOperation_t ta, cublasOperation_t tb, int mm, int nn, int kk,
+                    float alpha, const void *a, int lda, size_t sa, const void *b, int ldb, size_t sb, float beta,
+                    float *c, int ldc, size_t sc)
+{
+    const cudaDataType_t ab = half ? CUDA_R_16F : CUDA_R_32F;
+    const cublasComputeType_t compute = half ? CUBLAS_COMPUTE_32F : NS_COMPUTE;
+    if (half) alpha *= NS_HALF_UNSCALE;
     if (count == 1)
-        CUBLAS_CHECK(cublasGemmEx(cuda_cublas(), ta, tb, mm, nn, kk, &alpha, a, CUDA_R_32F, lda, b, CUDA_R_32F,
-                                  ldb, &beta, c, CUDA_R_32F, ldc, NS_COMPUTE, CUBLAS_GEMM_DEFAULT));
+        CUBLAS_CHECK(cublasGemmEx(cuda_cublas(), ta, tb, mm, nn, kk, &alpha, a, ab, lda, b, ab, ldb, &beta, c,
+                                  CUDA_R_32F, ldc, compute, CUBLAS_GEMM_DEFAULT));
     else
-        CUBLAS_CHECK(cublasGemmStridedBatchedEx(cuda_cublas(), ta, tb, mm, nn, kk, &alpha, a, CUDA_R_32F, lda,
-                                                (long long)sa, b, CUDA_R_32F, ldb, (long long)sb, &beta, c,
-                                                CUDA_R_32F, ldc, (long long)sc, count, NS_COMPUTE,
-                                                CUBLAS_GEMM_DEFAULT));
+        CUBLAS_CHECK(cublasGemmStridedBatchedEx(cuda_cublas(), ta, tb, mm, nn, kk, &alpha, a, ab, lda, (long long)sa,
+                                                b, ab, ldb, (long long)sb, &beta, c, CUDA_R_32F, ldc,
+                                                (long long)sc, count, compute, CUBLAS_GEMM_DEFAULT));
 }
 
 /* p, g, m, v [n] device: one torch.optim.AdamW step (step is 1-based); updates p, m, v. */
@@ -234,14 +274,27 @@ static void muon_run(const muon_ptrs *ptr, int count, float *work, size_t sx, si
      * copies of A into Bm and of X into next X cover the whole batch (unused padding
      * included), one copy each */
     const size_t xbytes = (size_t)count * sx * sizeof(float), abytes = (size_t)count * sa * sizeof(float);
+    const int half = total >= MUON_HALF_MIN_ELEMS;
+    __half *xh = NULL, *ah = NULL, *bh = NULL;
+    if (half) {
+        xh = (__half *)cuda_grow(&half_buf, &half_bytes, (size_t)count * (sx + 2 * sa) * sizeof(__half));
+        ah = xh + (size_t)count * sx;
+        bh = ah + (size_t)count * sa;
+    }
     for (int it = 0; it < NS_STEPS; it++) {
-        if (tall) ns_gemm(count, CUBLAS_OP_N, CUBLAS_OP_T, m, m, n, 1.0f, x, m, sx, x, m, sx, 0.0f, a, m, sa);
-        else ns_gemm(count, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, 1.0f, x, n, sx, x, n, sx, 0.0f, a, m, sa);
+        /* the operands as the GEMMs read them: the fp32 buffers, or their scaled fp16
+         * copies (each made just before it is needed) */
+        const void *xo = x, *ao = a, *bo = bm;
+        if (half) to_half_scaled(xh, x, (size_t)count * sx, s), xo = xh;
+        if (tall) ns_gemm(half, count, CUBLAS_OP_N, CUBLAS_OP_T, m, m, n, 1.0f, xo, m, sx, xo, m, sx, 0.0f, a, m, sa);
+        else ns_gemm(half, count, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, 1.0f, xo, n, sx, xo, n, sx, 0.0f, a, m, sa);
         CUDA_CHECK(cudaMemcpyAsync(bm, a, abytes, cudaMemcpyDeviceToDevice, s));
-        ns_gemm(count, CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, NS_C, a, m, sa, a, m, sa, NS_B, bm, m, sa);
+        if (half) to_half_scaled(ah, a, (size_t)count * sa, s), ao = ah;
+        ns_gemm(half, count, CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, NS_C, ao, m, sa, ao, m, sa, NS_B, bm, m, sa);
         CUDA_CHECK(cudaMemcpyAsync(xn, x, xbytes, cudaMemcpyDeviceToDevice, s));
-        if (tall) ns_gemm(count, CUBLAS_OP_N, CUBLAS_OP_N, m, n, m, 1.0f, bm, m, sa, x, m, sx, NS_A, xn, m, sx);
-        else ns_gemm(count, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, 1.0f, x, n, sx, bm, m, sa, NS_A, xn, n, sx);
+        if (half) to_half_scaled(bh, bm, (size_t)count * sa, s), bo = bh;
+        if (tall) ns_gemm(half, count, CUBLAS_OP_N, CUBLAS_OP_N, m, n, m, 1.0f, bo, m, sa, xo, m, sx, NS_A, xn, m, sx);
+        else ns_gemm(half, count, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, 1.0f, xo, n, sx, bo, m, sa, NS_A, xn, n, sx);
         float *t = x;
         x = xn;
         xn = t;

@@ -525,10 +525,12 @@ int main(void)
     test_muon(&g, 1024, 256); /* tall: NS on the transpose */
     test_muon(&g, 256, 1024); /* wide */
     test_muon(&g, 300, 300);  /* square, not a multiple of any tile */
+    test_muon(&g, 1024, 1536); /* wide, large: Newton-Schulz on scaled fp16 operands */
 
     test_muon_batch(&g, 5, 256, 1024); /* wide */
     test_muon_batch(&g, 3, 1024, 256); /* tall */
-    test_muon_batch(&g, 2, 1024, 1024); /* large enough for the main stream */
+    test_muon_batch(&g, 2, 1024, 1024); /* large: scaled fp16 operands */
+    test_muon_batch(&g, 2, 2048, 1024); /* large and tall */
     test_muon_overlapped(&g);
     test_muon_batch(&g, 4, 12, 1024);  /* the gate projections: tiny, launch-bound alone */
     test_muon_batch(&g, 3, 301, 300);  /* tall, strides padded to 64 floats */
