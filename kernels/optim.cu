@@ -58,9 +58,13 @@
  * at most 12,000 after scaling (fp16 ends at 65,504), while entries down to 2^-26
  * (below any that matters next to a norm-1 matrix) keep all ten mantissa bits. So the
  * operands carry the same rounding as TF32's, at half the GEMM time; the three
- * rounding passes cost a few percent of that. Small batches keep TF32: they are
+ * rounding passes cost a few percent of that. These GEMMs go through cuBLASLt, whose
+ * separate C (read) and D (written) take b A and a X from the fp32 A and X while
+ * writing Bm and the next X, so the two copies per step of the TF32 path (Bm and the
+ * next X start as copies of A and X there) are gone. Small batches keep TF32: they are
  * launch-bound, and the passes would only add launches.
  */
+#include <cublasLt.h>
 #include <cuda_fp16.h>
 #include <math.h>
 
@@ -228,6 +232,91 @@ static void ns_gemm(int half, int count, cublasOperation_t ta, cublasOperation_t
                                                 (long long)sc, count, compute, CUBLAS_GEMM_DEFAULT));
 }
 
+/* One cuBLASLt plan of ns_gemm_into: descriptors and the heuristic's algorithm, kept per
+ * shape (the optimizer repeats the same few every step). */
+struct lt_plan {
+    int ta, tb, mm, nn, kk, lda, ldb, ldc, count;
+    size_t sa, sb, sc;
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t la, lb, lc;
+    cublasLtMatmulAlgo_t algo;
+    int found; /* 0: no algorithm; the caller copies C into D and uses ns_gemm */
+};
+#define LT_PLANS 32
+#define LT_WORKSPACE ((size_t)32 << 20)
+static cublasLtHandle_t lt_handle;
+static lt_plan lt_plans[LT_PLANS];
+static int n_lt_plans;
+static void *lt_ws;
+static size_t lt_ws_bytes;
+
+static cublasLtMatrixLayout_t lt_layout(cudaDataType_t type, int rows, int cols, int ld, int count, size_t stride)
+{
+    cublasLtMatrixLayout_t l;
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&l, type, rows, cols, ld));
+    const int32_t batch = count;
+    const int64_t off = (int64_t)stride;
+    CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch, sizeof batch));
+    CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &off, sizeof off));
+    return l;
+}
+
+static const lt_plan *lt_get(cublasOperation_t ta, cublasOperation_t tb, int mm, int nn, int kk, int lda, size_t sa,
+                             int ldb, size_t sb, int ldc, size_t sc, int count)
+{
+    for (int i = 0; i < n_lt_plans; i++) {
+        const lt_plan *p = &lt_plans[i];
+        if (p->ta == ta && p->tb == tb && p->mm == mm && p->nn == nn && p->kk == kk && p->lda == lda &&
+            p->ldb == ldb && p->ldc == ldc && p->count == count && p->sa == sa && p->sb == sb && p->sc == sc)
+            return p;
+    }
+    if (!lt_handle) CUBLAS_CHECK(cublasLtCreate(&lt_handle));
+    lt_plan p = {ta, tb, mm, nn, kk, lda, ldb, ldc, count, sa, sb, sc};
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+    /* A and B as stored: op(A) [mm, kk], op(B) [kk, nn] */
+    p.la = ta == CUBLAS_OP_N ? lt_layout(CUDA_R_16F, mm, kk, lda, count, sa)
+                             : lt_layout(CUDA_R_16F, kk, mm, lda, count, sa);
+    p.lb = tb == CUBLAS_OP_N ? lt_layout(CUDA_R_16F, kk, nn, ldb, count, sb)
+                             : lt_layout(CUDA_R_16F, nn, kk, ldb, count, sb);
+    p.lc = lt_layout(CUDA_R_32F, mm, nn, ldc, count, sc);
+    cublasLtMatmulPreference_t pref;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const size_t ws = LT_WORKSPACE;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    cublasLtMatmulHeuristicResult_t res;
+    int got = 0;
+    const cublasStatus_t st =
+        cublasLtMatmulAlgoGetHeuristic(lt_handle, p.op, p.la, p.lb, p.lc, p.lc, pref, 1, &res, &got);
+    CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
+    p.found = st == CUBLAS_STATUS_SUCCESS && got > 0;
+    if (p.found) p.algo = res.algo;
+    if (n_lt_plans == LT_PLANS) die("muon: more than %d Newton-Schulz GEMM shapes", LT_PLANS);
+    lt_plans[n_lt_plans] = p;
+    return &lt_plans[n_lt_plans++];
+}
+
+/* D_i = alpha op(A_i) op(B_i) + beta C_i on scaled fp16 A, B (alpha unscaled here), with
+ * fp32 C and D of one layout (ldc, sc) in different buffers: cuBLASLt reads C and writes
+ * D, so the next X and Bm need no copy of X and A first. Without a cuBLASLt algorithm for
+ * the shape it copies C into D and runs ns_gemm. */
+static void ns_gemm_into(int count, cublasOperation_t ta, cublasOperation_t tb, int mm, int nn, int kk, float alpha,
+                         const __half *a, int lda, size_t sa, const __half *b, int ldb, size_t sb, float beta,
+                         const float *c, float *d, int ldc, size_t sc, cudaStream_t s)
+{
+    const lt_plan *p = lt_get(ta, tb, mm, nn, kk, lda, sa, ldb, sb, ldc, sc, count);
+    if (!p->found) {
+        CUDA_CHECK(cudaMemcpyAsync(d, c, (size_t)count * sc * sizeof(float), cudaMemcpyDeviceToDevice, s));
+        ns_gemm(1, count, ta, tb, mm, nn, kk, alpha, a, lda, sa, b, ldb, sb, beta, d, ldc, sc);
+        return;
+    }
+    alpha *= NS_HALF_UNSCALE;
+    void *ws = cuda_grow(&lt_ws, &lt_ws_bytes, LT_WORKSPACE);
+    CUBLAS_CHECK(cublasLtMatmul(lt_handle, p->op, &alpha, a, p->la, b, p->lb, &beta, c, p->lc, d, p->lc, &p->algo, ws,
+                                LT_WORKSPACE, s));
+}
+
 /* p, g, m, v [n] device: one torch.optim.AdamW step (step is 1-based); updates p, m, v. */
 extern "C" void cuda_adamw_update(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
                                   float beta2, float eps, float wd, int step)
@@ -282,19 +371,30 @@ static void muon_run(const muon_ptrs *ptr, int count, float *work, size_t sx, si
         bh = ah + (size_t)count * sa;
     }
     for (int it = 0; it < NS_STEPS; it++) {
-        /* the operands as the GEMMs read them: the fp32 buffers, or their scaled fp16
-         * copies (each made just before it is needed) */
-        const void *xo = x, *ao = a, *bo = bm;
-        if (half) to_half_scaled(xh, x, (size_t)count * sx, s), xo = xh;
-        if (tall) ns_gemm(half, count, CUBLAS_OP_N, CUBLAS_OP_T, m, m, n, 1.0f, xo, m, sx, xo, m, sx, 0.0f, a, m, sa);
-        else ns_gemm(half, count, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, 1.0f, xo, n, sx, xo, n, sx, 0.0f, a, m, sa);
-        CUDA_CHECK(cudaMemcpyAsync(bm, a, abytes, cudaMemcpyDeviceToDevice, s));
-        if (half) to_half_scaled(ah, a, (size_t)count * sa, s), ao = ah;
-        ns_gemm(half, count, CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, NS_C, ao, m, sa, ao, m, sa, NS_B, bm, m, sa);
-        CUDA_CHECK(cudaMemcpyAsync(xn, x, xbytes, cudaMemcpyDeviceToDevice, s));
-        if (half) to_half_scaled(bh, bm, (size_t)count * sa, s), bo = bh;
-        if (tall) ns_gemm(half, count, CUBLAS_OP_N, CUBLAS_OP_N, m, n, m, 1.0f, bo, m, sa, xo, m, sx, NS_A, xn, m, sx);
-        else ns_gemm(half, count, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, 1.0f, xo, n, sx, bo, m, sa, NS_A, xn, n, sx);
+        if (half) {
+            /* scaled fp16 copies of each operand, made just before it is needed; the
+             * b A and a X terms come from the fp32 A and X as cuBLASLt's C */
+            to_half_scaled(xh, x, (size_t)count * sx, s);
+            if (tall) ns_gemm(1, count, CUBLAS_OP_N, CUBLAS_OP_T, m, m, n, 1.0f, xh, m, sx, xh, m, sx, 0.0f, a, m, sa);
+            else ns_gemm(1, count, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, 1.0f, xh, n, sx, xh, n, sx, 0.0f, a, m, sa);
+            to_half_scaled(ah, a, (size_t)count * sa, s);
+            ns_gemm_into(count, CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, NS_C, ah, m, sa, ah, m, sa, NS_B, a, bm, m, sa, s);
+            to_half_scaled(bh, bm, (size_t)count * sa, s);
+            if (tall)
+                ns_gemm_into(count, CUBLAS_OP_N, CUBLAS_OP_N, m, n, m, 1.0f, bh, m, sa, xh, m, sx, NS_A, x, xn, m, sx,
+                             s);
+            else
+                ns_gemm_into(count, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, 1.0f, xh, n, sx, bh, m, sa, NS_A, x, xn, n, sx,
+                             s);
+        } else {
+            if (tall) ns_gemm(0, count, CUBLAS_OP_N, CUBLAS_OP_T, m, m, n, 1.0f, x, m, sx, x, m, sx, 0.0f, a, m, sa);
+            else ns_gemm(0, count, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, 1.0f, x, n, sx, x, n, sx, 0.0f, a, m, sa);
+            CUDA_CHECK(cudaMemcpyAsync(bm, a, abytes, cudaMemcpyDeviceToDevice, s));
+            ns_gemm(0, count, CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, NS_C, a, m, sa, a, m, sa, NS_B, bm, m, sa);
+            CUDA_CHECK(cudaMemcpyAsync(xn, x, xbytes, cudaMemcpyDeviceToDevice, s));
+            if (tall) ns_gemm(0, count, CUBLAS_OP_N, CUBLAS_OP_N, m, n, m, 1.0f, bm, m, sa, x, m, sx, NS_A, xn, m, sx);
+            else ns_gemm(0, count, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, 1.0f, x, n, sx, bm, m, sa, NS_A, xn, n, sx);
+        }
         float *t = x;
         x = xn;
         xn = t;
