@@ -5,7 +5,8 @@
 #   make clean
 # MPI, CUDA, NCCL and HDF5 are found through their compiler wrappers, pkg-config or
 # *_HOME variables (MPI: mpicc on PATH or MPICC=; CUDA: nvcc on PATH or CUDA_HOME;
-# HDF5: pkg-config hdf5-openmpi or HDF5_HOME; NCCL: NCCL_HOME or the CUDA include path).
+# HDF5: pkg-config hdf5-openmpi or HDF5_HOME; NCCL: NCCL_HOME or the CUDA include path;
+# cuDNN's attention: the cuDNN frontend's headers and cuDNN, see below).
 
 CFLAGS_BASE := -std=c11 -O2 -g -Wall -Wextra -Wno-unused-parameter -fopenmp -MMD -MP
 LDLIBS := -lm -fopenmp
@@ -49,15 +50,18 @@ else
 endif
 
 # ---- cuDNN (fused attention through the cuDNN frontend's headers: pip install
-# nvidia-cudnn-frontend, or CUDNN_FRONTEND_INC=dir holding cudnn_frontend.h) ----
+# nvidia-cudnn-frontend, or CUDNN_FRONTEND_INC=dir holding cudnn_frontend.h; cuDNN itself
+# in the CUDA toolkit, the system, or CUDNN_HOME) ----
 CUDNN_FRONTEND_INC ?= $(shell python3 -c 'import sysconfig, os; d = os.path.join(sysconfig.get_paths()["purelib"], "include"); print(d if os.path.exists(os.path.join(d, "cudnn_frontend.h")) else "")' 2>/dev/null)
-CUDNN_H := $(wildcard $(CUDA_HOME)/include/cudnn.h /usr/include/cudnn.h /usr/include/x86_64-linux-gnu/cudnn.h)
+CUDNN_H := $(firstword $(wildcard $(CUDNN_HOME)/include/cudnn.h $(CUDA_HOME)/include/cudnn.h /usr/include/cudnn.h \
+                                   /usr/include/x86_64-linux-gnu/cudnn.h))
 HAVE_CUDNN := $(if $(and $(filter yes,$(HAVE_CUDA)),$(CUDNN_FRONTEND_INC),$(CUDNN_H)),yes,no)
 ifeq ($(HAVE_CUDNN),yes)
   NVCCFLAGS += -DDELTAMLA_HAVE_CUDNN
   CFLAGS_BASE += -DDELTAMLA_HAVE_CUDNN
   CPP_SRCS := kernels/attention_cudnn.cpp
-  LDLIBS += -lcudnn -lnvrtc
+  CUDNN_DIR := $(patsubst %/include/cudnn.h,%,$(CUDNN_H))
+  LDLIBS += $(foreach d,$(wildcard $(CUDNN_DIR)/lib $(CUDNN_DIR)/lib64),-L$(d) -Wl,-rpath,$(d)) -lcudnn -lnvrtc
 endif
 
 # ---- HDF5 (parallel) ----
@@ -117,8 +121,8 @@ build/obj/%.o: %.cu
 # host C++ over the cuDNN frontend's headers (warnings off: they are the headers')
 build/obj/%.o: %.cpp
 	@mkdir -p $(@D)
-	$(CXX) -std=c++17 -O2 -g -fPIC -MMD -MP -w -DDELTAMLA_HAVE_CUDA -DDELTAMLA_HAVE_CUDNN -I$(CUDA_HOME)/include \
-	    -I$(CUDNN_FRONTEND_INC) -Isrc -Ikernels -c $< -o $@
+	$(CXX) -std=c++17 -O2 -g -fPIC -MMD -MP -w -DDELTAMLA_HAVE_CUDA -DDELTAMLA_HAVE_CUDNN -I$(CUDNN_DIR)/include \
+	    -I$(CUDA_HOME)/include -I$(CUDNN_FRONTEND_INC) -Isrc -Ikernels -c $< -o $@
 
 build/dbl/%.o: %.c
 	@mkdir -p $(@D)
