@@ -39,6 +39,20 @@ static void gemm_shape(int kind, int dx, int dw, int N, int in, int out, double 
     shapes[i].calls++;
 }
 
+/* a family's totals before an op is charged, so that the op's own share can be taken */
+typedef struct fam_mark {
+    double seconds, flops, bytes;
+} fam_mark;
+
+static fam_mark mark(op_family f) { return (fam_mark){stats[f].seconds, stats[f].flops, stats[f].bytes}; }
+
+/* charge what family f gained since m to one shape row */
+static void shape_since(op_family f, fam_mark m, int kind, int dx, int dw, int N, int in, int out)
+{
+    gemm_shape(kind, dx, dw, N, in, out, stats[f].seconds - m.seconds, stats[f].flops - m.flops,
+               stats[f].bytes - m.bytes);
+}
+
 static double begin(void)
 {
     inner->sync();
@@ -229,33 +243,30 @@ static void t_matmul_forward(float *y, const float *x, const float *w, int N, in
 {
     double t0 = begin();
     inner->matmul_forward(y, x, w, N, in, out);
-    const double s0 = stats[FAM_GEMM_FWD].seconds, f0 = stats[FAM_GEMM_FWD].flops, b0 = stats[FAM_GEMM_FWD].bytes;
+    const fam_mark m0 = mark(FAM_GEMM_FWD);
     end(FAM_GEMM_FWD, t0);
     cost_matmul_forward(y, x, w, N, in, out);
-    gemm_shape(SHAPE_GEMM_FWD, 0, 0, N, in, out, stats[FAM_GEMM_FWD].seconds - s0, stats[FAM_GEMM_FWD].flops - f0,
-               stats[FAM_GEMM_FWD].bytes - b0);
+    shape_since(FAM_GEMM_FWD, m0, SHAPE_GEMM_FWD, 0, 0, N, in, out);
 }
 
 static void t_matmul_backward(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out)
 {
     double t0 = begin();
     inner->matmul_backward(dx, dw, dy, x, w, N, in, out);
-    const double s0 = stats[FAM_GEMM_BWD].seconds, f0 = stats[FAM_GEMM_BWD].flops, b0 = stats[FAM_GEMM_BWD].bytes;
+    const fam_mark m0 = mark(FAM_GEMM_BWD);
     end(FAM_GEMM_BWD, t0);
     cost_matmul_backward(dx, dw, dy, x, w, N, in, out);
-    gemm_shape(SHAPE_GEMM_BWD, dx != NULL, dw != NULL, N, in, out, stats[FAM_GEMM_BWD].seconds - s0,
-               stats[FAM_GEMM_BWD].flops - f0, stats[FAM_GEMM_BWD].bytes - b0);
+    shape_since(FAM_GEMM_BWD, m0, SHAPE_GEMM_BWD, dx != NULL, dw != NULL, N, in, out);
 }
 
 static void t_matmul_backward_set(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out)
 {
     double t0 = begin();
     inner->matmul_backward_set(dx, dw, dy, x, w, N, in, out);
-    const double s0 = stats[FAM_GEMM_BWD].seconds, f0 = stats[FAM_GEMM_BWD].flops, b0 = stats[FAM_GEMM_BWD].bytes;
+    const fam_mark m0 = mark(FAM_GEMM_BWD);
     end(FAM_GEMM_BWD, t0);
     cost_matmul_backward_set(dx, dw, dy, x, w, N, in, out);
-    gemm_shape(SHAPE_GEMM_BWD, dx != NULL, dw != NULL, N, in, out, stats[FAM_GEMM_BWD].seconds - s0,
-               stats[FAM_GEMM_BWD].flops - f0, stats[FAM_GEMM_BWD].bytes - b0);
+    shape_since(FAM_GEMM_BWD, m0, SHAPE_GEMM_BWD, dx != NULL, dw != NULL, N, in, out);
 }
 
 static void t_rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, int N, int C)
@@ -502,11 +513,10 @@ static void t_adamw_update(float *p, const float *g, float *m, float *v, size_t 
 {
     double t0 = begin();
     inner->adamw_update(p, g, m, v, n, lr, beta1, beta2, eps, wd, step);
-    const double s0 = stats[FAM_OPTIMIZER].seconds, f0 = stats[FAM_OPTIMIZER].flops, b0 = stats[FAM_OPTIMIZER].bytes;
+    const fam_mark m0 = mark(FAM_OPTIMIZER);
     end(FAM_OPTIMIZER, t0);
     cost_adamw_update(p, g, m, v, n, lr, beta1, beta2, eps, wd, step);
-    gemm_shape(SHAPE_ADAMW, 0, 0, 1, 1, 1, stats[FAM_OPTIMIZER].seconds - s0, stats[FAM_OPTIMIZER].flops - f0,
-               stats[FAM_OPTIMIZER].bytes - b0);
+    shape_since(FAM_OPTIMIZER, m0, SHAPE_ADAMW, 0, 0, 1, 1, 1);
 }
 
 static void t_muon_update(float *p, const float *g, float *buf, float *work, int rows, int cols, float lr, float mu, float wd)
@@ -521,11 +531,10 @@ static void t_muon_update_batch(float *const *p, const float *const *g, float *c
 {
     double t0 = begin();
     inner->muon_update_batch(p, g, buf, work, count, rows, cols, lr, mu, wd);
-    const double s0 = stats[FAM_OPTIMIZER].seconds, f0 = stats[FAM_OPTIMIZER].flops, b0 = stats[FAM_OPTIMIZER].bytes;
+    const fam_mark m0 = mark(FAM_OPTIMIZER);
     end(FAM_OPTIMIZER, t0);
     cost_muon_update_batch(p, g, buf, work, count, rows, cols, lr, mu, wd);
-    gemm_shape(SHAPE_MUON, 0, 0, count, rows, cols, stats[FAM_OPTIMIZER].seconds - s0,
-               stats[FAM_OPTIMIZER].flops - f0, stats[FAM_OPTIMIZER].bytes - b0);
+    shape_since(FAM_OPTIMIZER, m0, SHAPE_MUON, 0, 0, count, rows, cols);
 }
 
 const backend *timed_backend(const backend *in)
