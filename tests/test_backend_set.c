@@ -1,0 +1,85 @@
+/* test_backend_set.c: the "_set" ops of the op table (src/backend.h) on the CPU backend:
+ * matmul_backward_set and swiglu_backward_set write the input gradient instead of adding
+ * to it, so whatever the buffer held before (NaN here) must not matter, and the result
+ * must be the accumulating op's on a zeroed buffer, bit for bit; matmul_backward_set's
+ * weight gradient still accumulates. The model (src/model_gdn.c, src/model_mla.c) uses
+ * them where it used to zero a buffer first; the CUDA twins are checked against these on
+ * the GPU (tests/gpu/test_gpu_dense.c, test_gpu_basic.c).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "rng.h"
+#include "util.h"
+
+#include "check.h"
+
+static float *random_buf(uint64_t key, size_t n)
+{
+    float *x = xmalloc(n * sizeof *x);
+    for (size_t i = 0; i < n; i++) x[i] = (float)(2.0 * rng_uniform(key, i) - 1.0);
+    return x;
+}
+
+static float *filled(size_t n, float v)
+{
+    float *x = xmalloc(n * sizeof *x);
+    for (size_t i = 0; i < n; i++) x[i] = v;
+    return x;
+}
+
+static void test_matmul(const backend *be, int N, int in, int out, int want_dx, int want_dw)
+{
+    const size_t nx = (size_t)N * in, nw = (size_t)out * in, ny = (size_t)N * out;
+    const uint64_t key = rng_key(7, "matmul_set") + (uint64_t)N * 1000003 + (uint64_t)in * 1009 + out;
+    float *x = random_buf(key, nx), *w = random_buf(key + 1, nw), *dy = random_buf(key + 2, ny);
+    float *dw0 = random_buf(key + 3, nw); /* the weight gradient held before: added to by both */
+    float *ref_dx = want_dx ? filled(nx, 0.0f) : NULL, *ref_dw = want_dw ? xmalloc(nw * sizeof(float)) : NULL;
+    float *set_dx = want_dx ? filled(nx, NAN) : NULL, *set_dw = want_dw ? xmalloc(nw * sizeof(float)) : NULL;
+    if (want_dw) memcpy(ref_dw, dw0, nw * sizeof(float)), memcpy(set_dw, dw0, nw * sizeof(float));
+    be->matmul_backward(ref_dx, ref_dw, dy, x, w, N, in, out);
+    be->matmul_backward_set(set_dx, set_dw, dy, x, w, N, in, out);
+    const char *mode = want_dx && want_dw ? "dx+dw" : want_dx ? "dx" : "dw";
+    if (want_dx)
+        check(!memcmp(ref_dx, set_dx, nx * sizeof(float)),
+              "matmul_backward_set N=%d in=%d out=%d [%s]: dx over NaN = matmul_backward on zeros, bitwise", N, in,
+              out, mode);
+    if (want_dw)
+        check(!memcmp(ref_dw, set_dw, nw * sizeof(float)),
+              "matmul_backward_set N=%d in=%d out=%d [%s]: dw still accumulates, bitwise", N, in, out, mode);
+    free(x), free(w), free(dy), free(dw0), free(ref_dx), free(ref_dw), free(set_dx), free(set_dw);
+}
+
+static void test_swiglu(const backend *be, int N, int h, int silu_first)
+{
+    const size_t ni = (size_t)N * 2 * h, no = (size_t)N * h;
+    const uint64_t key = rng_key(7, "swiglu_set") + (uint64_t)N * 131 + (uint64_t)h * 7 + silu_first;
+    float *in = random_buf(key, ni), *dout = random_buf(key + 1, no);
+    float *ref = filled(ni, 0.0f), *set = filled(ni, NAN);
+    be->swiglu_backward(ref, dout, in, N, h, silu_first);
+    be->swiglu_backward_set(set, dout, in, N, h, silu_first);
+    check(!memcmp(ref, set, ni * sizeof(float)),
+          "swiglu_backward_set N=%d h=%d silu_first=%d: din over NaN = swiglu_backward on zeros, bitwise", N, h,
+          silu_first);
+    free(in), free(dout), free(ref), free(set);
+}
+
+int main(void)
+{
+    const backend *be = backend_cpu();
+    static const int mm[][3] = {{7, 13, 5}, {64, 48, 96}, {33, 100, 1}};
+    for (size_t i = 0; i < sizeof mm / sizeof mm[0]; i++) {
+        test_matmul(be, mm[i][0], mm[i][1], mm[i][2], 1, 0);
+        test_matmul(be, mm[i][0], mm[i][1], mm[i][2], 0, 1);
+        test_matmul(be, mm[i][0], mm[i][1], mm[i][2], 1, 1);
+    }
+    for (int sf = 0; sf < 2; sf++) {
+        test_swiglu(be, 5, 7, sf);
+        test_swiglu(be, 40, 64, sf);
+    }
+    printf("# %d failure(s)\n", failures);
+    return failures != 0;
+}
