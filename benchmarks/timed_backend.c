@@ -249,24 +249,28 @@ static void t_matmul_forward(float *y, const float *x, const float *w, int N, in
     shape_since(FAM_GEMM_FWD, m0, SHAPE_GEMM_FWD, 0, 0, N, in, out);
 }
 
-static void t_matmul_backward(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out)
+typedef void (*matmul_bwd_fn)(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out);
+
+/* matmul_backward or its _set form (op), charged by cost, into its shape's row */
+static void time_matmul_backward(matmul_bwd_fn op, matmul_bwd_fn cost, float *dx, float *dw, const float *dy,
+                                 const float *x, const float *w, int N, int in, int out)
 {
     double t0 = begin();
-    inner->matmul_backward(dx, dw, dy, x, w, N, in, out);
+    op(dx, dw, dy, x, w, N, in, out);
     const fam_mark m0 = mark(FAM_GEMM_BWD);
     end(FAM_GEMM_BWD, t0);
-    cost_matmul_backward(dx, dw, dy, x, w, N, in, out);
+    cost(dx, dw, dy, x, w, N, in, out);
     shape_since(FAM_GEMM_BWD, m0, SHAPE_GEMM_BWD, dx != NULL, dw != NULL, N, in, out);
+}
+
+static void t_matmul_backward(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out)
+{
+    time_matmul_backward(inner->matmul_backward, cost_matmul_backward, dx, dw, dy, x, w, N, in, out);
 }
 
 static void t_matmul_backward_set(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out)
 {
-    double t0 = begin();
-    inner->matmul_backward_set(dx, dw, dy, x, w, N, in, out);
-    const fam_mark m0 = mark(FAM_GEMM_BWD);
-    end(FAM_GEMM_BWD, t0);
-    cost_matmul_backward_set(dx, dw, dy, x, w, N, in, out);
-    shape_since(FAM_GEMM_BWD, m0, SHAPE_GEMM_BWD, dx != NULL, dw != NULL, N, in, out);
+    time_matmul_backward(inner->matmul_backward_set, cost_matmul_backward_set, dx, dw, dy, x, w, N, in, out);
 }
 
 static void t_rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, int N, int C)

@@ -50,12 +50,12 @@ static __global__ void to_bf16_kernel(__nv_bfloat16 *__restrict__ dst, const flo
     if (vec) {
         size_t n4 = n / 4;
         for (size_t j = i; j < n4; j += stride) {
-            float4 v = reinterpret_cast<const float4 *>(src)[j];
+            float4 v = ((const float4 *)src)[j];
             __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
             uint2 packed;
-            packed.x = *reinterpret_cast<uint32_t *>(&a);
-            packed.y = *reinterpret_cast<uint32_t *>(&b);
-            reinterpret_cast<uint2 *>(dst)[j] = packed;
+            packed.x = *(uint32_t *)&a;
+            packed.y = *(uint32_t *)&b;
+            ((uint2 *)dst)[j] = packed;
         }
         for (size_t j = n4 * 4 + i; j < n; j += stride) dst[j] = __float2bfloat16_rn(src[j]);
     } else {
@@ -91,8 +91,7 @@ extern "C" void cuda_gemm_bf16(cublasOperation_t ta, cublasOperation_t tb, int m
 /* C [m, n] = op(A) op(B) + beta C on fp32 column-major buffers; compute: cuBLAS's bf16
  * fast mode (CUBLAS_COMPUTE_32F_FAST_16BF) or TF32 (CUBLAS_COMPUTE_32F_FAST_TF32) */
 static void gemm_f32(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const float *a, int lda,
-                     const float *b, int ldb, float beta, float *c, int ldc,
-                     cublasComputeType_t compute = CUBLAS_COMPUTE_32F_FAST_16BF)
+                     const float *b, int ldb, float beta, float *c, int ldc, cublasComputeType_t compute)
 {
     const float alpha = 1.0f;
     CUBLAS_CHECK(cublasGemmEx(cuda_cublas(), ta, tb, m, n, k, &alpha, a, CUDA_R_32F, lda, b, CUDA_R_32F, ldb, &beta,
@@ -110,109 +109,6 @@ static int small_product(int N, int in, int out) { return cuda_matmul_small((siz
  * each operand, and TF32 rounds less than bf16. */
 static int skinny_product(int in, int out) { return in <= MATMUL_SKINNY_WIDTH || out <= MATMUL_SKINNY_WIDTH; }
 
-/* A forward with at most NARROW_OUT outputs (the GDN gate projections' 12) is a few dot
- * products per row of x, done here in fp32 on the CUDA cores: exact to fp32 rounding
- * (TF32 rounded x and w to 10 bits) and a little faster than cuBLAS's TF32 GEMM (68
- * against 73 us a call at 16384 x 1024 -> 12 on an H100; reading x alone takes 22 us,
- * so there is room left). One warp per row: w sits in shared memory, each lane takes every 32nd column
- * (four at a time, float4 from x and from shared memory, where the rows allow it) and
- * keeps one running sum per output, which a fixed
- * butterfly adds up; lane o writes y[row, o]. Fixed order, so the same bits every run. */
-#define NARROW_OUT 16
-#define NARROW_WARPS 8
-#define NARROW_MAX_SMEM (96 * 1024)
-
-static int narrow_forward(int in, int out)
-{
-    return out <= NARROW_OUT && (size_t)out * in * sizeof(float) <= NARROW_MAX_SMEM;
-}
-
-template <int OUT>
-static __global__ void __launch_bounds__(32 * NARROW_WARPS)
-narrow_forward_kernel(float *__restrict__ y, const float *__restrict__ x, const float *__restrict__ w, int N, int in,
-                      int vec)
-{
-    extern __shared__ float4 ws4[]; /* w [OUT, in], 16-byte aligned */
-    float *ws = (float *)ws4;
-    for (int i = threadIdx.x; i < OUT * in; i += blockDim.x) ws[i] = w[i];
-    __syncthreads();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int row = blockIdx.x * NARROW_WARPS + warp; row < N; row += gridDim.x * NARROW_WARPS) {
-        const float *xr = x + (size_t)row * in;
-        float acc[OUT];
-#pragma unroll
-        for (int o = 0; o < OUT; o++) acc[o] = 0.f;
-        if (vec) {
-            for (int c = 4 * lane; c < in; c += 128) {
-                const float4 v = *(const float4 *)(xr + c);
-#pragma unroll
-                for (int o = 0; o < OUT; o++) {
-                    const float4 wv = *(const float4 *)(ws + o * in + c);
-                    acc[o] = fmaf(v.x, wv.x, acc[o]);
-                    acc[o] = fmaf(v.y, wv.y, acc[o]);
-                    acc[o] = fmaf(v.z, wv.z, acc[o]);
-                    acc[o] = fmaf(v.w, wv.w, acc[o]);
-                }
-            }
-        } else {
-            for (int c = lane; c < in; c += 32) {
-                const float v = xr[c];
-#pragma unroll
-                for (int o = 0; o < OUT; o++) acc[o] = fmaf(v, ws[o * in + c], acc[o]);
-            }
-        }
-        float mine = 0.f;
-#pragma unroll
-        for (int o = 0; o < OUT; o++) {
-            float a = acc[o];
-            for (int off = 16; off > 0; off >>= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
-            if (lane == o) mine = a;
-        }
-        if (lane < OUT) y[(size_t)row * OUT + lane] = mine;
-    }
-}
-
-template <int OUT>
-static void narrow_forward_launch(float *y, const float *x, const float *w, int N, int in)
-{
-    static size_t smem_set;
-    const size_t smem = (size_t)OUT * in * sizeof(float);
-    if (smem > 48 * 1024 && smem > smem_set) {
-        CUDA_CHECK(cudaFuncSetAttribute((const void *)narrow_forward_kernel<OUT>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-        smem_set = smem;
-    }
-    const int vec = in % 4 == 0 && cuda_aligned16(x);
-    size_t blocks = ((size_t)N + NARROW_WARPS - 1) / NARROW_WARPS, cap = 4 * (size_t)cuda_num_sms();
-    narrow_forward_kernel<OUT><<<(unsigned)(blocks < cap ? blocks : cap), 32 * NARROW_WARPS, smem, cuda_stream()>>>(
-        y, x, w, N, in, vec);
-    LAUNCH_CHECK();
-}
-
-/* y [N, out] = x [N, in] w [out, in]^T for out <= NARROW_OUT: one instantiation per width,
- * so that the sums live in registers */
-static void narrow_forward_run(float *y, const float *x, const float *w, int N, int in, int out)
-{
-    switch (out) {
-    case 1: narrow_forward_launch<1>(y, x, w, N, in); break;
-    case 2: narrow_forward_launch<2>(y, x, w, N, in); break;
-    case 3: narrow_forward_launch<3>(y, x, w, N, in); break;
-    case 4: narrow_forward_launch<4>(y, x, w, N, in); break;
-    case 5: narrow_forward_launch<5>(y, x, w, N, in); break;
-    case 6: narrow_forward_launch<6>(y, x, w, N, in); break;
-    case 7: narrow_forward_launch<7>(y, x, w, N, in); break;
-    case 8: narrow_forward_launch<8>(y, x, w, N, in); break;
-    case 9: narrow_forward_launch<9>(y, x, w, N, in); break;
-    case 10: narrow_forward_launch<10>(y, x, w, N, in); break;
-    case 11: narrow_forward_launch<11>(y, x, w, N, in); break;
-    case 12: narrow_forward_launch<12>(y, x, w, N, in); break;
-    case 13: narrow_forward_launch<13>(y, x, w, N, in); break;
-    case 14: narrow_forward_launch<14>(y, x, w, N, in); break;
-    case 15: narrow_forward_launch<15>(y, x, w, N, in); break;
-    default: narrow_forward_launch<16>(y, x, w, N, in); break;
-    }
-}
-
 /* y [N, out] = x [N, in] w [out, in]^T; overwrites y. Device pointers. */
 extern "C" void cuda_matmul_forward(float *y, const float *x, const float *w, int N, int in, int out)
 {
@@ -222,11 +118,7 @@ extern "C" void cuda_matmul_forward(float *y, const float *x, const float *w, in
         return;
     }
     if (small_product(N, in, out)) {
-        gemm_f32(CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, w, in, x, in, 0.0f, y, out);
-        return;
-    }
-    if (narrow_forward(in, out)) {
-        narrow_forward_run(y, x, w, N, in, out);
+        gemm_f32(CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, w, in, x, in, 0.0f, y, out, CUBLAS_COMPUTE_32F_FAST_16BF);
         return;
     }
     if (skinny_product(in, out)) {
@@ -250,8 +142,9 @@ static void matmul_backward(float *dx, float *dw, const float *dy, const float *
     if (N <= 0 || in <= 0 || out <= 0) return; /* every sum is empty: nothing to add */
     if (!dx && !dw) return;
     if (small_product(N, in, out)) {
-        if (dx) gemm_f32(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, w, in, dy, out, dx_beta, dx, in);
-        if (dw) gemm_f32(CUBLAS_OP_N, CUBLAS_OP_T, in, out, N, x, in, dy, out, 1.0f, dw, in);
+        const cublasComputeType_t bf = CUBLAS_COMPUTE_32F_FAST_16BF;
+        if (dx) gemm_f32(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, w, in, dy, out, dx_beta, dx, in, bf);
+        if (dw) gemm_f32(CUBLAS_OP_N, CUBLAS_OP_T, in, out, N, x, in, dy, out, 1.0f, dw, in, bf);
         return;
     }
     if (skinny_product(in, out)) {

@@ -137,11 +137,11 @@ static __global__ void adamw_kernel(float *p, const float *g, float *m, float *v
 }
 
 /* the matrices of one Muon batch (blockIdx.y picks one) */
-struct muon_ptrs {
+typedef struct muon_ptrs {
     float *p[MUON_BATCH_MAX];
     const float *g[MUON_BATCH_MAX];
     float *buf[MUON_BATCH_MAX];
-};
+} muon_ptrs;
 
 /* matrix y = blockIdx.y of the batch: buf <- mu buf + (1-mu) g; x = (1-mu) g + mu buf;
  * partial[y * gridDim.x + block] = sum of x^2 over the block's elements. Explicit _rn
@@ -234,14 +234,14 @@ static void ns_gemm(int half, int count, cublasOperation_t ta, cublasOperation_t
 
 /* One cuBLASLt plan of ns_gemm_into: descriptors and the heuristic's algorithm, kept per
  * shape (the optimizer repeats the same few every step). */
-struct lt_plan {
+typedef struct lt_plan {
     int ta, tb, mm, nn, kk, lda, ldb, ldc, count;
     size_t sa, sb, sc;
     cublasLtMatmulDesc_t op;
     cublasLtMatrixLayout_t la, lb, lc;
     cublasLtMatmulAlgo_t algo;
     int found; /* 0: no algorithm; the caller copies C into D and uses ns_gemm */
-};
+} lt_plan;
 #define LT_PLANS 32
 #define LT_WORKSPACE ((size_t)32 << 20)
 static cublasLtHandle_t lt_handle;

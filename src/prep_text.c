@@ -92,17 +92,26 @@ static int64_t doc_spans(const unsigned char *s, uint64_t n, int by_blank_line, 
 /* ---- tokenizing and counting ---- */
 
 /* Tokenize one text file's documents onto the stream, each followed by end-of-text. */
+/* The bytes of a text file (*n of them), or NULL after prep_fail when it cannot be read
+ * or (check_utf8) is not valid UTF-8. */
+static unsigned char *read_text(const char *path, uint64_t *n, int check_utf8)
+{
+    unsigned char *s = prep_read_file(path, n);
+    if (!s) return NULL;
+    int64_t bad = check_utf8 ? utf8_invalid_at(s, *n) : -1;
+    if (bad >= 0) {
+        prep_fail("%s is not valid UTF-8 at byte offset %" PRId64, path, bad);
+        free(s);
+        return NULL;
+    }
+    return s;
+}
+
 void prep_encode_text_file(const input_file *f, const tokenizer *tok, int by_blank_line, int check_utf8, token_buf *out)
 {
     uint64_t n;
-    unsigned char *s = prep_read_file(f->path, &n);
+    unsigned char *s = read_text(f->path, &n, check_utf8);
     if (!s) return;
-    int64_t bad = check_utf8 ? utf8_invalid_at(s, n) : -1;
-    if (bad >= 0) {
-        prep_fail("%s is not valid UTF-8 at byte offset %" PRId64, f->path, bad);
-        free(s);
-        return;
-    }
     uint64_t *spans;
     int64_t nd = doc_spans(s, n, by_blank_line, &spans);
     uint32_t eot = (uint32_t)tokenizer_eot(tok);
@@ -128,14 +137,8 @@ void prep_encode_text_file(const input_file *f, const tokenizer *tok, int by_bla
 void prep_count_text_file(const input_file *f, bpe_trainer *trainer, uint64_t share, int by_blank_line)
 {
     uint64_t n;
-    unsigned char *s = prep_read_file(f->path, &n);
+    unsigned char *s = read_text(f->path, &n, 1);
     if (!s) return;
-    int64_t bad = utf8_invalid_at(s, n);
-    if (bad >= 0) {
-        prep_fail("%s is not valid UTF-8 at byte offset %" PRId64, f->path, bad);
-        free(s);
-        return;
-    }
     uint64_t *spans;
     int64_t nd = doc_spans(s, n, by_blank_line, &spans);
     for (int64_t d = 0; d < nd && spans[2 * d] < share; d++) {

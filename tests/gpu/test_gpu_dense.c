@@ -504,9 +504,8 @@ int main(void)
     gt_ctx g;
     gt_init(&g, 20250611);
 
-    /* small (fp32 operands, bf16 fast mode), bf16 copies, skinny (TF32 on fp32 operands),
-     * narrow forwards (at most 16 outputs: fp32 dot products; rows of float4 or not, w
-     * needing more than 48 KiB of shared memory) */
+    /* small (fp32 operands, bf16 fast mode), bf16 copies, skinny (TF32 on fp32 operands;
+     * among them very few outputs, rows of a width not a multiple of 4, and 16 outputs) */
     static const int mm[][3] = {{7, 13, 5},        {4096, 1024, 3072}, {1000, 85, 257},  {16384, 1024, 256},
                                 {16385, 1024, 12}, {12000, 100, 2048}, {40000, 1023, 5}, {9000, 1536, 16}};
     for (size_t i = 0; i < sizeof mm / sizeof mm[0]; i++) {
