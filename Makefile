@@ -154,10 +154,14 @@ build/gpu_tests/%: tests/gpu/%.c tests/gpu/gpu_test.c build/libdeltamla.a
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) -Isrc -Itests/gpu -o $@ $(filter %.c %.o %.a,$^) $(LDLIBS)
 
-gpu-tests-build: bin/deltamla $(GPU_TESTS) build/bench/bench_step build/bench/bench_alltoall
+gpu-tests-build: bin/deltamla $(GPU_TESTS) build/bench/bench_step build/bench/bench_alltoall build/bench/bench_mixers
 
 # benchmarks
 build/bench/bench_step: benchmarks/bench_step.c benchmarks/timed_backend.c build/libdeltamla.a
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -Isrc -Ibenchmarks -o $@ $(filter %.c %.o %.a,$^) $(LDLIBS)
+
+build/bench/bench_mixers: benchmarks/bench_mixers.c benchmarks/timed_backend.c build/libdeltamla.a
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) -Isrc -Ibenchmarks -o $@ $(filter %.c %.o %.a,$^) $(LDLIBS)
 
@@ -165,7 +169,7 @@ build/bench/bench_alltoall: benchmarks/bench_alltoall.c build/libdeltamla.a
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) -Isrc -o $@ $(filter %.c %.o %.a,$^) $(LDLIBS)
 
-bench: build/bench/bench_step build/bench/bench_alltoall
+bench: build/bench/bench_step build/bench/bench_alltoall build/bench/bench_mixers
 
 gpu-test: found gpu-tests-build
 	bash tests/gpu/run_gpu_tests.sh

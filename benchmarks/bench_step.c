@@ -28,45 +28,6 @@
 
 #define H100_BF16_DENSE_PEAK 989e12 /* NVIDIA's datasheet figure, H100 SXM, dense bf16 */
 
-static double measure_gemm(const backend *be)
-{
-    int n = 8192;
-    float *a = be->alloc((size_t)n * n * sizeof(float)), *b = be->alloc((size_t)n * n * sizeof(float));
-    float *c = be->alloc((size_t)n * n * sizeof(float));
-    float *h = xmalloc((size_t)n * n * sizeof(float));
-    for (size_t i = 0; i < (size_t)n * n; i++) h[i] = (float)(rng_uniform(7, i) - 0.5);
-    be->from_host(a, h, (size_t)n * n * sizeof(float));
-    be->from_host(b, h, (size_t)n * n * sizeof(float));
-    free(h);
-    be->matmul_forward(c, a, b, n, n, n);
-    be->sync();
-    int reps = 10;
-    double t0 = wall_time();
-    for (int i = 0; i < reps; i++) be->matmul_forward(c, a, b, n, n, n);
-    be->sync();
-    double dt = (wall_time() - t0) / reps;
-    be->free(a);
-    be->free(b);
-    be->free(c);
-    return 2.0 * n * (double)n * n / dt;
-}
-
-static double measure_bandwidth(const backend *be)
-{
-    size_t bytes = (size_t)1 << 30;
-    void *a = be->alloc(bytes), *b = be->alloc(bytes);
-    be->copy(b, a, bytes);
-    be->sync();
-    int reps = 10;
-    double t0 = wall_time();
-    for (int i = 0; i < reps; i++) be->copy(b, a, bytes);
-    be->sync();
-    double dt = (wall_time() - t0) / reps;
-    be->free(a);
-    be->free(b);
-    return 2.0 * bytes / dt;
-}
-
 static double flops_per_token(const model *m)
 {
     const config *c = &m->cfg;
@@ -103,7 +64,7 @@ int main(int argc, char **argv)
     const backend *be = train_backend(&c);
     printf("# bench_step: device %s, size %s, B %d, T %d, optimizer %s, checkpointing %d\n", be->name, c.size,
            c.batch_size, c.block_size, c.optimizer_type, c.gradient_checkpointing);
-    double gemm = measure_gemm(be), bw = measure_bandwidth(be);
+    double gemm = bench_gemm_rate(be), bw = bench_copy_rate(be);
     printf("# measured ceilings: GEMM %.1f TFLOP/s (8192^3 through matmul_forward), copy %.1f GB/s\n", gemm / 1e12,
            bw / 1e9);
     fflush(stdout);
@@ -140,6 +101,22 @@ int main(int argc, char **argv)
            gemm / fpt);
     fflush(stdout);
 
+    /* the update phase alone (clipping, optimizer, router bias) in wall time, synchronised
+     * before and after but not between its ops: next to its profiled sum below, the
+     * difference is what the per-op synchronisation adds, and next to the GPU's own work
+     * it bounds what launching the phase as one graph could save */
+    double upd = 0;
+    for (int s = 0; s < 2; s++) {
+        trainer_grads(&tr, in, tg, &st);
+        be->sync();
+        double u0 = wall_time();
+        trainer_apply(&tr, &st);
+        be->sync();
+        upd += wall_time() - u0;
+    }
+    printf("update phase (clip + optimizer + router bias), unprofiled: %.2f ms a step\n", 1e3 * upd / 2);
+    fflush(stdout);
+
     /* profiled pass */
     const backend *tb = timed_backend(be);
     tr.model.be = tb;
@@ -164,8 +141,9 @@ int main(int argc, char **argv)
     printf("%-22s %10.3f %10.3f %8.1f   (profiled: synchronised after every op)\n", "total", sum, sum_floor,
            sum / sum_floor);
 
-    /* the dense GEMMs by shape, slowest first (y [N, out] = x [N, in] W^T; the backward
-     * makes dx, dW or both), and the optimizer's Muon batches and AdamW runs */
+    /* the dense GEMMs by shape, slowest first (y [N, out] = x [N, in] W^T, "fwd+r" with a
+     * residual added; the backward makes dx, dW or both), and the optimizer's Muon batches
+     * and AdamW runs */
     int ns = 0;
     const gemm_shape_stats *gs = timed_gemm_shapes(&ns);
     int *order = xmalloc((size_t)(ns ? ns : 1) * sizeof *order);
@@ -186,7 +164,11 @@ int main(int argc, char **argv)
             snprintf(what, sizeof what, "adamw (all runs)");
         else
             snprintf(what, sizeof what, "%s %d x %d -> %d",
-                     g->kind == SHAPE_GEMM_FWD ? "fwd" : g->dx && g->dw ? "bwd dx+dw" : g->dx ? "bwd dx" : "bwd dw",
+                     g->kind == SHAPE_GEMM_FWD       ? "fwd"
+                     : g->kind == SHAPE_GEMM_FWD_ADD ? "fwd+r"
+                     : g->dx && g->dw                ? "bwd dx+dw"
+                     : g->dx                         ? "bwd dx"
+                                                     : "bwd dw",
                      g->N, g->in, g->out);
         const double ms = 1e3 * g->seconds / prof, fl = g->flops / prof, by = g->bytes / prof;
         const double floor_ms = 1e3 * (fl / gemm > by / bw ? fl / gemm : by / bw);

@@ -4,8 +4,10 @@
  * from. */
 #include "timed_backend.h"
 
+#include <stdlib.h>
 #include <string.h>
 
+#include "rng.h"
 #include "util.h"
 
 static const backend *inner;
@@ -85,6 +87,12 @@ static void cost_embedding_backward(float *dw, const float *d, const int32_t *t,
 static void cost_matmul_forward(float *y, const float *x, const float *w, int N, int in, int out)
 {
     charge(2.0 * N * in * out, F4 * ((double)N * in + (double)in * out + (double)N * out));
+}
+/* the forward's bytes plus one read of the residual r (C of the GEMM) */
+static void cost_matmul_forward_add(float *y, const float *x, const float *w, const float *r, int N, int in, int out)
+{
+    cost_matmul_forward(y, x, w, N, in, out);
+    charge(0, F4 * (double)N * out);
 }
 static void cost_matmul_backward(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out)
 {
@@ -247,6 +255,16 @@ static void t_matmul_forward(float *y, const float *x, const float *w, int N, in
     end(FAM_GEMM_FWD, t0);
     cost_matmul_forward(y, x, w, N, in, out);
     shape_since(FAM_GEMM_FWD, m0, SHAPE_GEMM_FWD, 0, 0, N, in, out);
+}
+
+static void t_matmul_forward_add(float *y, const float *x, const float *w, const float *r, int N, int in, int out)
+{
+    double t0 = begin();
+    inner->matmul_forward_add(y, x, w, r, N, in, out);
+    const fam_mark m0 = mark(FAM_GEMM_FWD);
+    end(FAM_GEMM_FWD, t0);
+    cost_matmul_forward_add(y, x, w, r, N, in, out);
+    shape_since(FAM_GEMM_FWD, m0, SHAPE_GEMM_FWD_ADD, 0, 0, N, in, out);
 }
 
 typedef void (*matmul_bwd_fn)(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out);
@@ -553,6 +571,7 @@ const backend *timed_backend(const backend *in)
     timed.embedding_forward = t_embedding_forward;
     timed.embedding_backward = t_embedding_backward;
     timed.matmul_forward = t_matmul_forward;
+    timed.matmul_forward_add = t_matmul_forward_add;
     timed.matmul_backward = t_matmul_backward;
     timed.matmul_backward_set = t_matmul_backward_set;
     timed.rmsnorm_forward = t_rmsnorm_forward;
@@ -605,4 +624,45 @@ void timed_reset(void)
     memset(stats, 0, sizeof stats);
     n_shapes = 0;
     for (int f = 0; f < FAM_COUNT; f++) stats[f].name = family_names[f];
+}
+
+/* ---- the two ceilings the floors are computed from ---- */
+
+double bench_gemm_rate(const backend *be)
+{
+    int n = 8192;
+    float *a = be->alloc((size_t)n * n * sizeof(float)), *b = be->alloc((size_t)n * n * sizeof(float));
+    float *c = be->alloc((size_t)n * n * sizeof(float));
+    float *h = xmalloc((size_t)n * n * sizeof(float));
+    for (size_t i = 0; i < (size_t)n * n; i++) h[i] = (float)(rng_uniform(7, i) - 0.5);
+    be->from_host(a, h, (size_t)n * n * sizeof(float));
+    be->from_host(b, h, (size_t)n * n * sizeof(float));
+    free(h);
+    be->matmul_forward(c, a, b, n, n, n);
+    be->sync();
+    int reps = 10;
+    double t0 = wall_time();
+    for (int i = 0; i < reps; i++) be->matmul_forward(c, a, b, n, n, n);
+    be->sync();
+    double dt = (wall_time() - t0) / reps;
+    be->free(a);
+    be->free(b);
+    be->free(c);
+    return 2.0 * n * (double)n * n / dt;
+}
+
+double bench_copy_rate(const backend *be)
+{
+    size_t bytes = (size_t)1 << 30;
+    void *a = be->alloc(bytes), *b = be->alloc(bytes);
+    be->copy(b, a, bytes);
+    be->sync();
+    int reps = 10;
+    double t0 = wall_time();
+    for (int i = 0; i < reps; i++) be->copy(b, a, bytes);
+    be->sync();
+    double dt = (wall_time() - t0) / reps;
+    be->free(a);
+    be->free(b);
+    return 2.0 * bytes / dt;
 }

@@ -20,9 +20,10 @@ typedef struct family_stats {
     long calls;
 } family_stats;
 
-/* the dense GEMMs (matmul_forward / matmul_backward) by shape, and the optimizer's calls:
- * Muon batches by count and shape, AdamW runs all in one row */
-enum { SHAPE_GEMM_FWD, SHAPE_GEMM_BWD, SHAPE_MUON, SHAPE_ADAMW };
+/* the dense GEMMs (matmul_forward, matmul_forward_add: the forward with a residual, its
+ * own rows; matmul_backward) by shape, and the optimizer's calls: Muon batches by count
+ * and shape, AdamW runs all in one row */
+enum { SHAPE_GEMM_FWD, SHAPE_GEMM_BWD, SHAPE_MUON, SHAPE_ADAMW, SHAPE_GEMM_FWD_ADD };
 typedef struct gemm_shape_stats {
     int kind, dx, dw; /* SHAPE_*; for the backward, which gradients it made */
     int N, in, out;   /* Muon: N matrices of in x out */
@@ -36,5 +37,11 @@ family_stats *timed_stats(void);
 /* the GEMM shapes seen since the last reset, *count of them */
 const gemm_shape_stats *timed_gemm_shapes(int *count);
 void timed_reset(void);
+
+/* The ceilings of the device, measured through the bare backend be (not the wrapper):
+ * FLOP/s of an 8192^3 matmul_forward, and bytes read + written per second by a 1 GiB
+ * device copy; ten runs each after one warm-up. */
+double bench_gemm_rate(const backend *be);
+double bench_copy_rate(const backend *be);
 
 #endif

@@ -147,6 +147,7 @@ extern "C" const backend *backend_cuda(int device)
     b.embedding_forward = cuda_embedding_forward;
     b.embedding_backward = cuda_embedding_backward;
     b.matmul_forward = cuda_matmul_forward;
+    b.matmul_forward_add = cuda_matmul_forward_add;
     b.matmul_backward = cuda_matmul_backward;
     b.matmul_backward_set = cuda_matmul_backward_set;
     b.rmsnorm_forward = cuda_rmsnorm_forward;

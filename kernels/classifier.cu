@@ -8,10 +8,10 @@
  * once per call into a buffer of this file and each chunk's h rows once (heads below
  * 2^27 multiply-adds in all go chunk by chunk through cuda_matmul_* instead). Per chunk:
  *   forward : logits = h_c wte^T, then one block per row finds lse and the loss;
- *   backward: the same GEMM recomputes the logits, one block per row turns them in
- *             place into dlogits = scale (softmax - onehot) (all zero for ignored rows),
- *             which are rounded to bf16 for the GEMMs that add dlogits wte to dh and
- *             dlogits^T h_c to dwte.
+ *   backward: the same GEMM recomputes the logits, one block per row turns them into
+ *             dlogits = scale (softmax - onehot) (all zero for ignored rows), written
+ *             rounded to bf16 straight into the operand of the GEMMs that add dlogits
+ *             wte to dh and dlogits^T h_c to dwte.
  * Recomputing the logits costs one GEMM out of four and saves N*V floats of memory.
  *
  * The row statistics use the online softmax: each thread keeps a running (max, sum of
@@ -118,27 +118,39 @@ static __global__ void ce_forward_kernel(float *loss, float *lse, const float *l
     }
 }
 
-/* One block per row r of the chunk: the logits row becomes dlogits in place,
- * scale * exp(z - lse) - scale * [v == target], or zeros for an ignored target. The
- * two roundings (product, then the onehot subtraction) are those of the CPU oracle. */
-static __global__ void ce_backward_kernel(float *logits, const int32_t *targets, const float *lse,
-                                          float scale, int row0, int V)
+/* dlogits element v of row r: fp32 in place over the logits, or rounded to bf16 (to
+ * nearest even, as cuda_to_bf16 rounds) into its own row when out_bf is given */
+static __device__ __forceinline__ void ce_put(float *z, __nv_bfloat16 *zb, int v, float d)
+{
+    if (zb) zb[v] = __float2bfloat16_rn(d);
+    else z[v] = d;
+}
+
+/* One block per row r of the chunk: dlogits = scale * exp(z - lse) - scale * [v ==
+ * target], or zeros for an ignored target. The two roundings (product, then the onehot
+ * subtraction) are those of the CPU oracle. Without out_bf the logits row becomes dlogits
+ * in place (fp32, for the small-head path's fp32 GEMMs); with it, dlogits go straight to
+ * the bf16 copy the GEMMs read, so the fp32 dlogits are never written and read back (two
+ * passes over 512 MiB per chunk, about 2.5 ms a step at moe-1b). */
+static __global__ void ce_backward_kernel(float *logits, __nv_bfloat16 *out_bf, const int32_t *targets,
+                                          const float *lse, float scale, int row0, int V)
 {
     const int r = blockIdx.x, i = row0 + r;
     float *z = logits + (size_t)r * V;
+    __nv_bfloat16 *zb = out_bf ? out_bf + (size_t)r * V : NULL;
     const int t = targets[i];
     if (t == IGNORE_INDEX) {
-        for (int v = threadIdx.x; v < V; v += ROW_THREADS) z[v] = 0.0f;
+        for (int v = threadIdx.x; v < V; v += ROW_THREADS) ce_put(z, zb, v, 0.0f);
         return;
     }
     if (t < 0 || t >= V) {
-        for (int v = threadIdx.x; v < V; v += ROW_THREADS) z[v] = __int_as_float(0x7fc00000); /* NaN */
+        for (int v = threadIdx.x; v < V; v += ROW_THREADS) ce_put(z, zb, v, __int_as_float(0x7fc00000)); /* NaN */
         return;
     }
     const float l = lse[i];
     for (int v = threadIdx.x; v < V; v += ROW_THREADS) {
         const float d = __fmul_rn(scale, expf(z[v] - l));
-        z[v] = v == t ? __fsub_rn(d, scale) : d;
+        ce_put(z, zb, v, v == t ? __fsub_rn(d, scale) : d);
     }
 }
 
@@ -186,7 +198,8 @@ extern "C" void cuda_classifier_backward(float *dh, float *dwte, const float *h,
             const int nr = N - i0 < rows ? N - i0 : rows;
             const float *hc = h + (size_t)i0 * C;
             cuda_matmul_forward(dlogits, hc, wte, nr, C, V);
-            ce_backward_kernel<<<nr, ROW_THREADS, 0, cuda_stream()>>>(dlogits, targets, lse, dloss_scale, i0, V);
+            ce_backward_kernel<<<nr, ROW_THREADS, 0, cuda_stream()>>>(dlogits, NULL, targets, lse, dloss_scale, i0,
+                                                                      V);
             LAUNCH_CHECK();
             cuda_matmul_backward(dh + (size_t)i0 * C, dwte, dlogits, hc, wte, nr, C, V);
         }
@@ -199,9 +212,8 @@ extern "C" void cuda_classifier_backward(float *dh, float *dwte, const float *h,
         const int nr = N - i0 < rows ? N - i0 : rows;
         cuda_to_bf16(hb, h + (size_t)i0 * C, (size_t)nr * C);
         cuda_gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, V, nr, C, wb, C, hb, C, 0.0f, dlogits, V);
-        ce_backward_kernel<<<nr, ROW_THREADS, 0, cuda_stream()>>>(dlogits, targets, lse, dloss_scale, i0, V);
+        ce_backward_kernel<<<nr, ROW_THREADS, 0, cuda_stream()>>>(dlogits, db, targets, lse, dloss_scale, i0, V);
         LAUNCH_CHECK();
-        cuda_to_bf16(db, dlogits, (size_t)nr * V);
         /* dh_c [nr, C] += dlogits wte; dwte [V, C] += dlogits^T h_c (matmul.cu's transposes) */
         cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, C, nr, V, wb, C, db, V, 1.0f, dh + (size_t)i0 * C, C);
         cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, C, V, nr, hb, C, db, V, 1.0f, dwte, C);

@@ -28,6 +28,7 @@ void cuda_embedding_backward(float *dwte, const float *dout, const int32_t *toke
 
 /* matmul */
 void cuda_matmul_forward(float *y, const float *x, const float *w, int N, int in, int out);
+void cuda_matmul_forward_add(float *y, const float *x, const float *w, const float *r, int N, int in, int out);
 void cuda_matmul_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
                           int N, int in, int out);
 void cuda_matmul_backward_set(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in,
@@ -57,6 +58,8 @@ void cuda_gates_backward(float *dgraw, float *dbraw, const float *dg, const floa
                          const float *graw, const float *braw, size_t n);
 void cuda_l2norm_forward(float *y, float *rnorm, const float *x, int n, int D);
 void cuda_l2norm_backward(float *dx, const float *dy, const float *x, const float *rnorm, int n, int D);
+/* 1 when some GDN product runs in plain TF32 (the default build), 0 when all run in 3xTF32 */
+int cuda_gdn_tf32_plain(void);
 void cuda_gdn_forward(float *o, float *state_save, const float *q, const float *k, const float *v,
                       const float *g, const float *beta, const int32_t *doc_start,
                       int B, int T, int H, int D, float scale);

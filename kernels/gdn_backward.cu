@@ -14,13 +14,24 @@
  */
 #include "gdn_internal.cuh"
 
+/* row pitch of the prep kernel's Qs region, which later holds the [64, GDN_PP] tile P2 */
+static __host__ __device__ __forceinline__ int gdn_bwd_qpitch(int D)
+{
+    return gdn_kpitch(D) > GDN_PP ? gdn_kpitch(D) : GDN_PP;
+}
+
 /* Per (chunk, b*h), from the saved S0: e0 to e0buf; Xk = T^T diag(eL) K; Hc =
  * Qs^T diag(e0) dO [D, D]; Xo = T^T M^T dO; W = T diag(beta) (V - diag(e0) K S0).
- * Shared: header, K and Qs [64, dp] (pad columns zero); four [64, GDN_PP] tiles: R1 (A,
- * then T^T's factor diag(eL) T, then panels of dO or S0), T, M, P2 (M^T dO, then the
- * right-hand side). Warp w computes the warp tile (16 (w % 4), 32 (w / 4)) of each
- * [64, 64] result; T and M are lower triangular, so products with them or their
- * transposes contract only over the rows or columns that the tile's rows reach. */
+ * Shared: header, K [64, dp] and Qs [64, dp] (pad columns zero), three [64, GDN_PP]
+ * tiles: R1 (A, then T^T's factor diag(eL) T, then panels of dO or S0), T and M. P2 (M^T
+ * dO, then the right-hand side) lies over Qs once Hc is done with it, which keeps the
+ * block at 101 KB for D = 85, so two blocks share an SM (with a fourth tile of its own,
+ * 118 KB, one block did: 1.17 ms for this kernel at B 8, T 2048, H 12 on an H100). The Hc
+ * passes run first over the dO panels; the Xo passes then take them in reverse order, so
+ * the last panel is used twice without a reload. Warp w computes the warp tile
+ * (16 (w % 4), 32 (w / 4)) of each [64, 64] result; T and M are lower triangular, so
+ * products with them or their transposes contract only over the rows or columns that
+ * the tile's rows reach. */
 static __global__ void __launch_bounds__(GDN_NT, 2)
 gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float *e0buf,
                     const float *dout, const float *q, const float *k, const float *v,
@@ -31,8 +42,8 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
     const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_kpitch(D), D8 = gdn_r8(D);
     const size_t ci = (size_t)bh * nchunk + c, rs = (size_t)H * D, tok = gdn_row(b, t0, h, T, H, D);
     const gdn_hdr s = gdn_hdr_at(gdn_smem);
-    float *Ks = gdn_smem + GDN_HDR, *Qs = Ks + GDN_C * dp, *R1 = Qs + GDN_C * dp;
-    float *Ts = R1 + GDN_C * GDN_PP, *Ms = Ts + GDN_C * GDN_PP, *P2 = Ms + GDN_C * GDN_PP;
+    float *Ks = gdn_smem + GDN_HDR, *Qs = Ks + GDN_C * dp, *R1 = Qs + GDN_C * gdn_bwd_qpitch(D);
+    float *Ts = R1 + GDN_C * GDN_PP, *Ms = Ts + GDN_C * GDN_PP, *P2 = Qs;
     const int warp = tid >> 5, m0 = 16 * (warp & 3), n0 = 32 * (warp >> 2);
     const float *S0 = state_save + ci * D * D;
     float *Wc = Wbuf + ci * GDN_C * D, *Xc = Xbuf + ci * GDN_C * D, *Xkc = Xkbuf + ci * GDN_C * D;
@@ -95,9 +106,10 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
     }
     __syncthreads();
 
-    /* per 64 value columns of dO: Hc, then Xo = T^T (M^T dO) */
-    for (int jp = 0; jp < D; jp += 64) {
-        const int jw = gdn_imin(64, D - jp), act = n0 < jw;
+    /* per 64 value columns of dO: Hc = (e0 Qs)^T dO */
+    const int njp = (D + 63) / 64;
+    for (int pi = 0; pi < njp; pi++) {
+        const int jp = 64 * pi, jw = gdn_imin(64, D - jp), act = n0 < jw;
         gdn_load(R1, GDN_PP, GDN_C, 64, dout + tok, rs, L, jp, D, 1.0f);
         __syncthreads();
         for (int ip = 0; ip < D; ip += 64) {
@@ -112,6 +124,17 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
                     const int m = ip + gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
                     if (m < D && n < jw) Hc[(size_t)m * D + jp + n] = acc[j][r];
                 }
+        }
+        __syncthreads();
+    }
+
+    /* Qs is done with: P2 lies over it from here on. Per 64 value columns of dO, last
+     * panel first (it is still in R1): Xo = T^T (M^T dO) */
+    for (int pi = njp - 1; pi >= 0; pi--) {
+        const int jp = 64 * pi, jw = gdn_imin(64, D - jp), act = n0 < jw;
+        if (pi != njp - 1) {
+            gdn_load(R1, GDN_PP, GDN_C, 64, dout + tok, rs, L, jp, D, 1.0f);
+            __syncthreads();
         }
         {
             float acc[4][4];
@@ -607,7 +630,10 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
 /* =================================================================================== */
 
 /* dynamic shared memory of each kernel, in bytes (the state kernel's: gdn_internal.cuh) */
-static size_t gdn_smem_bwd_prep(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_kpitch(D) + 4 * GDN_C * GDN_PP); }
+static size_t gdn_smem_bwd_prep(int D)
+{
+    return sizeof(float) * (GDN_HDR + GDN_C * gdn_kpitch(D) + GDN_C * gdn_bwd_qpitch(D) + 3 * GDN_C * GDN_PP);
+}
 static size_t gdn_smem_bwd_grads(void)
 {
     return sizeof(float) * (GDN_HDR + 2 * GDN_C * GDN_PP + GDN_B3_PART + GDN_B3_DOTS + 8 * GDN_C + GDN_NT + GDN_B3_REGION);

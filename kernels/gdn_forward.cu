@@ -262,6 +262,14 @@ gdn_fwd_out_kernel(float *o, const float *q, const float *k, const float *g, con
 /* launcher                                                                            */
 /* =================================================================================== */
 
+/* 1 when some product family runs in plain TF32 (the default), 0 when every one runs in
+ * 3xTF32 (a build with all GDN_SPLIT_* at 3): the GPU test picks its tolerance by it */
+extern "C" int cuda_gdn_tf32_plain(void)
+{
+    return GDN_SPLIT_PAIR == 1 || GDN_SPLIT_SOLVE == 1 || GDN_SPLIT_STATE == 1 || GDN_SPLIT_S0 == 1 ||
+           GDN_SPLIT_GRAD == 1;
+}
+
 /* dynamic shared memory of each kernel, in bytes (the state kernel's: gdn_internal.cuh) */
 static size_t gdn_smem_fwd_prep(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_kpitch(D) + 2 * GDN_C * GDN_PP); }
 static size_t gdn_smem_fwd_out(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_kpitch(D) + 3 * GDN_C * GDN_PP); }

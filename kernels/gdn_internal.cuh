@@ -27,13 +27,17 @@
  * sequence end are zero): forward Wv/W and Uk; backward W, Xo/X, Xk ([64, D] each), Hc and
  * dS ([D, D] each), and the per-token decays e0, eL.
  *
- * Every product runs on the tensor cores: mma.sync m16n8k8 with TF32 operands and fp32
- * accumulation, in 3xTF32 form (x = hi + lo, both TF32; hi*hi + hi*lo + lo*hi), which is
- * accurate to about 2^-22 relative per product, i.e. fp32-like. Plain TF32 (split 1,
- * selectable per product family by the GDN_SPLIT_* macros below) was measured on an
- * H100 at 4e-4 to 5e-4 relative error against the CPU op, through the solve and the
- * state recurrence; 3xTF32 keeps every test within the fp32 tolerance (1e-5), and it
- * costs little, since these kernels are bound by latency, not by the tensor cores.
+ * Every product runs on the tensor cores: mma.sync m16n8k8 with TF32 operands (10-bit
+ * mantissa) and fp32 accumulation; scalars, decays and the forward substitution stay
+ * fp32 (G in double). Measured on an H100 against the fp32 CPU op, through the solve and
+ * the state recurrence, the outputs and gradients stay within 5.3e-4 (relative,
+ * norm-wise) on every case of tests/gpu/test_gpu_gdn.c, which holds them to 2e-3: far
+ * finer than the bf16 rounding of the GEMMs that produce q, k, v and consume o (1e-2).
+ * Each product family can instead run in 3xTF32 (x = hi + lo, both TF32; hi*hi + hi*lo +
+ * lo*hi, about 2^-22 relative per product, fp32-like) by building with its GDN_SPLIT_*
+ * macro below set to 3; with all five at 3 every test case met the fp32 tolerance (1e-5),
+ * and the op cost 5.66 ms forward + backward at B 8, T 2048, H 12, D 85 instead of
+ * 4.69 (the same kernels in TF32), which is why TF32 is the default.
  * A warp computes a tile of 16 rows x 32 columns (gdn_mma and its two-product forms); the
  * per-chunk kernels' 8 warps cover a [64, 64] block as 4 x 2 tiles, the state kernels'
  * 4 warps a [64, 32] block or the 16-row tiles of a [D, 32] one. Operands are read from
@@ -53,21 +57,26 @@
  * owner; row and column sums over a warp tile are reduced by shuffles in a fixed order,
  * so two runs give the same bits.
  *
- * Cost at B = 8, T = 2048, H = 12, D = 85 (3072 chunks), measured on an H100 (wall time
- * of the GPU test's timing line; Nsight Compute per kernel in brackets): forward
- * 1.72 ms (prep 0.58, state 0.86, out 0.65), backward 3.96 ms (prep 1.82, state 0.88,
- * grads 1.96), against 2.30 + 6.11 ms for the fp32 FMA version these kernels replace.
- * The tensor-core work itself (about 40 G multiply-adds counted three times for 3xTF32)
- * is a small part of that: the kernels are bound by latency. Per-chunk blocks (256
- * threads, 2 per SM at D = 85) wait at barriers while one thread scans G and two warps
- * run the column-wise forward substitution of T, and on global loads; the backward
- * writes and rereads Hc and dS ([D, D] per chunk). The state kernels (288 blocks of 4
- * warps) are a serial chain of 32 chunk steps, each a few dependent mma products and a
- * cp.async refill. Reaching 1.5 ms would take: T by blocked inversion on the tensor
- * cores, the G scan by a warp scan, fusing prep and out (and prep and grads) so that
- * K, Q and the pair matrices are loaded and built once, dropping the Hc buffer (the
- * state kernel can form Qs^T diag(e0) dO itself), and more value columns per state
- * block with fewer, larger cp.async copies.
+ * Cost at B = 8, T = 2048, H = 12, D = 85 (3072 chunks), measured on an H100 by
+ * benchmarks/bench_mixers.c: forward 1.40 ms, backward 2.97 ms (5.66 ms in all with
+ * 3xTF32 products and a backward prep block of 118 KB, one per SM; 2.30 + 6.11 ms for
+ * the fp32 FMA version these kernels replaced). Nsight Compute per kernel (an H200, the
+ * same SM): forward prep 0.39, state 0.53, out 0.45 ms; backward prep 0.84, state 0.58,
+ * grads 1.40 ms. The tensor-core work itself (about 40 G multiply-adds) is a small part
+ * of that: the kernels are bound by latency. Per-chunk blocks (256 threads, 2 per SM at
+ * D = 85, 23-25% occupancy) wait at barriers while one thread scans G and two warps run
+ * the column-wise forward substitution of T, and on global loads (the grads kernel's
+ * panels: 39% of its stalls); the backward writes and rereads Hc and dS ([D, D] per
+ * chunk). The state kernels (288 blocks of 4 warps, 3 per SM, so one partial wave) are a
+ * serial chain of 32 chunk steps, each a few dependent mma products and a cp.async
+ * refill; loading each step's Wv, Xo and Hc tiles a chunk ahead into registers was
+ * tried and made them 3-9% slower. Reaching 1.5 ms would take: T by blocked inversion
+ * on the tensor cores, the G scan by a warp scan, fusing prep and out (and prep and
+ * grads) so that K, Q and the pair matrices are loaded and built once, dropping the Hc
+ * buffer (the state kernel can form Qs^T diag(e0) dO itself), the grads kernel's panels
+ * double-buffered by cp.async within two blocks per SM, and more value columns per
+ * state block with fewer, larger cp.async copies (16-byte copies need rows padded to a
+ * multiple of 4 floats in the scratch arrays).
  */
 #ifndef DELTAMLA_GDN_INTERNAL_CUH
 #define DELTAMLA_GDN_INTERNAL_CUH
@@ -192,21 +201,21 @@ static __device__ __forceinline__ float gdn_decay(gdn_hdr s, int t, int u, int L
  * n0 + 8 j + 2 q + (r & 1), g = lane / 4, q = lane % 4 (gdn_frow, gdn_fcol).
  * split 3 is 3xTF32: each operand x = hi + lo with hi = tf32(x), lo = tf32(x - hi), and
  * the product is lo*hi + hi*lo + hi*hi, which loses only lo*lo and the rounding of lo
- * (about 2^-22 relative, fp32-like); split 1 is plain TF32 (2^-11). */
+ * (about 2^-22 relative, fp32-like); split 1 is plain TF32 (2^-11), the default. */
 #ifndef GDN_SPLIT_PAIR
-#define GDN_SPLIT_PAIR 3  /* K K^T, Qs K^T, and the grads kernel's X W^T, dO W^T */
+#define GDN_SPLIT_PAIR 1  /* K K^T, Qs K^T, and the grads kernel's X W^T, dO W^T */
 #endif
 #ifndef GDN_SPLIT_SOLVE
-#define GDN_SPLIT_SOLVE 3 /* products with T and M: Wv, Uk, Xk, Xo, W, M W, M^T dO */
+#define GDN_SPLIT_SOLVE 1 /* products with T and M: Wv, Uk, Xk, Xo, W, M W, M^T dO */
 #endif
 #ifndef GDN_SPLIT_STATE
-#define GDN_SPLIT_STATE 3 /* the state kernels' chunk-to-chunk recurrences */
+#define GDN_SPLIT_STATE 1 /* the state kernels' chunk-to-chunk recurrences */
 #endif
 #ifndef GDN_SPLIT_S0
-#define GDN_SPLIT_S0 3    /* per-chunk products with S0 or dS: Qs S0, K S0, Hc, dO S0^T, ... */
+#define GDN_SPLIT_S0 1    /* per-chunk products with S0 or dS: Qs S0, K S0, Hc, dO S0^T, ... */
 #endif
 #ifndef GDN_SPLIT_GRAD
-#define GDN_SPLIT_GRAD 3  /* the grads kernel's dq, dk from dKK and dQK */
+#define GDN_SPLIT_GRAD 1  /* the grads kernel's dq, dk from dKK and dQK */
 #endif
 
 static __device__ __forceinline__ int gdn_frow(int m0, int r) { return m0 + (int)((threadIdx.x & 31) >> 2) + ((r >> 1) << 3); }

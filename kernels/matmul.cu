@@ -23,8 +23,25 @@
  * contract accumulates). With beta = 0 the forward never reads y, so an uninitialised
  * (even NaN) output is fine. One handle on one stream with its default workspace gives
  * the same algorithm and the same bits run after run.
+ *
+ * The forward with a residual, y = r + x W^T (cuda_matmul_forward_add: a block's output
+ * projection and MLP down projection, whose results the model adds to the residual
+ * stream), adds r in the GEMM's epilogue: beta = 1 with r as C. An add_inplace afterwards
+ * reads y back with r and writes y again (192 MiB at N = 16384, d = 1024, twice per
+ * block) on top of the GEMM's traffic; reading r as C costs 64 MiB instead. cublasGemmEx
+ * has C = D, so on the bf16-copy path the forward goes through cuBLASLt, which reads C and
+ * writes D as separate buffers: r is read once, y written once, and y's old contents
+ * (even NaN) never read; r = y is cuBLASLt's in-place form. Its descriptors and the
+ * heuristic's algorithm are kept per shape and pointer alignment (fwd_plan) and every
+ * call gets the same fixed workspace, so a shape runs the same algorithm, with the same
+ * bits, every time. A shape cuBLASLt has no algorithm for (or one past the plan table),
+ * and the small and skinny products that stay on cublasGemmEx's fp32 operands, copy r
+ * into y (skipped when r = y) and accumulate with beta = 1: no saving over the add there
+ * (the small ones are launch-bound, the skinny ones narrow), but the same contract.
  */
+#include <cublasLt.h>
 #include <cuda_bf16.h>
+#include <string.h>
 
 #include "cuda_common.cuh"
 
@@ -109,27 +126,141 @@ static int small_product(int N, int in, int out) { return cuda_matmul_small((siz
  * each operand, and TF32 rounds less than bf16. */
 static int skinny_product(int in, int out) { return in <= MATMUL_SKINNY_WIDTH || out <= MATMUL_SKINNY_WIDTH; }
 
-/* y [N, out] = x [N, in] w [out, in]^T; overwrites y. Device pointers. */
-extern "C" void cuda_matmul_forward(float *y, const float *x, const float *w, int N, int in, int out)
+/* One cuBLASLt plan of the forward with a residual (see the top): y^T [out, N] =
+ * op(W^T buffer) x^T + r^T on bf16 W and x, fp32 r and y. Keyed by the shape and the
+ * alignment of the four pointers, because the heuristic may only pick an algorithm whose
+ * alignment needs the buffers meet (the weight's bf16 copy follows x's at a multiple of
+ * 16 bytes, and a residual may start anywhere in its buffer). */
+typedef struct fwd_plan {
+    int N, in, out;
+    unsigned align[4]; /* bytes, at most 256: W copy, x copy, r, y */
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t lw, lx, ly;
+    cublasLtMatmulAlgo_t algo;
+    int found; /* 0: no algorithm; the caller copies r into y and uses cuda_gemm_bf16 */
+} fwd_plan;
+/* shapes are few (two or three fused projections per block type); past the table's end a
+ * shape takes the copy + cuda_gemm_bf16 form, which is as deterministic */
+#define FWD_PLANS 64
+/* cuBLAS's recommended workspace for Hopper; fixed, so the heuristic's choice and the
+ * bits do not depend on what else ran */
+#define FWD_WORKSPACE ((size_t)32 << 20)
+static cublasLtHandle_t fwd_lt;
+static fwd_plan fwd_plans[FWD_PLANS];
+static int n_fwd_plans;
+static void *fwd_ws;
+static size_t fwd_ws_bytes;
+
+/* the largest power of two dividing p's address, at most 256 (cuBLASLt's default) */
+static unsigned ptr_alignment(const void *p)
+{
+    unsigned a = 256;
+    while (a > 1 && (uintptr_t)p % a) a /= 2;
+    return a;
+}
+
+/* The plan for y [N, out] = r + x [N, in] w^T with these operand pointers, made on first
+ * use; NULL when the table is full. Dies (CUBLAS_CHECK) if cuBLASLt fails outright. */
+static const fwd_plan *fwd_plan_get(int N, int in, int out, const void *wb, const void *xb, const void *r, const void *y)
+{
+    const unsigned align[4] = {ptr_alignment(wb), ptr_alignment(xb), ptr_alignment(r), ptr_alignment(y)};
+    for (int i = 0; i < n_fwd_plans; i++) {
+        const fwd_plan *p = &fwd_plans[i];
+        if (p->N == N && p->in == in && p->out == out && !memcmp(p->align, align, sizeof align)) return p;
+    }
+    if (n_fwd_plans == FWD_PLANS) return NULL;
+    if (!fwd_lt) CUBLAS_CHECK(cublasLtCreate(&fwd_lt));
+    fwd_plan p;
+    memset(&p, 0, sizeof p);
+    p.N = N, p.in = in, p.out = out;
+    memcpy(p.align, align, sizeof align);
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+    /* the buffers as stored, read column-major: W^T [in, out], x^T [in, N], r^T and y^T
+     * [out, N] (one layout for C and D) */
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lw, CUDA_R_16BF, in, out, in));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lx, CUDA_R_16BF, in, N, in));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.ly, CUDA_R_32F, out, N, out));
+    cublasLtMatmulPreference_t pref;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const uint64_t ws = FWD_WORKSPACE;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4; i++) {
+        const uint32_t a = align[i];
+        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &a, sizeof a));
+    }
+    cublasLtMatmulHeuristicResult_t res;
+    int got = 0;
+    /* a shape or alignment cuBLASLt has nothing for is reported through the status: the
+     * fallback covers it, so it is not a CUBLAS_CHECK failure */
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(fwd_lt, p.op, p.lw, p.lx, p.ly, p.ly, pref, 1, &res,
+                                                             &got);
+    CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
+    p.found = st == CUBLAS_STATUS_SUCCESS && got > 0;
+    if (p.found) p.algo = res.algo;
+    fwd_plans[n_fwd_plans] = p;
+    return &fwd_plans[n_fwd_plans++];
+}
+
+/* r into y, the C that a beta = 1 GEMM then adds to; nothing when r is y */
+static void residual_into(float *y, const float *r, size_t n)
+{
+    if (r != y) CUDA_CHECK(cudaMemcpyAsync(y, r, n * sizeof *y, cudaMemcpyDeviceToDevice, cuda_stream()));
+}
+
+/* y [N, out] = x [N, in] w [out, in]^T, plus r [N, out] when r is non-NULL (r = y allowed,
+ * otherwise no overlap); overwrites y. Device pointers. With r NULL this is the plain
+ * forward (beta 0: y is never read). */
+static void matmul_forward(float *y, const float *x, const float *w, const float *r, int N, int in, int out)
 {
     if (N <= 0 || out <= 0) return;
-    if (in <= 0) { /* an empty sum: y is all zeros */
-        CUDA_CHECK(cudaMemsetAsync(y, 0, (size_t)N * out * sizeof *y, cuda_stream()));
+    const size_t ny = (size_t)N * out;
+    const float beta = r ? 1.0f : 0.0f;
+    if (in <= 0) { /* an empty sum: y is r, or all zeros */
+        if (r) residual_into(y, r, ny);
+        else CUDA_CHECK(cudaMemsetAsync(y, 0, ny * sizeof *y, cuda_stream()));
         return;
     }
-    if (small_product(N, in, out)) {
-        gemm_f32(CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, w, in, x, in, 0.0f, y, out, CUBLAS_COMPUTE_32F_FAST_16BF);
-        return;
-    }
-    if (skinny_product(in, out)) {
-        gemm_f32(CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, w, in, x, in, 0.0f, y, out, CUBLAS_COMPUTE_32F_FAST_TF32);
+    if (small_product(N, in, out) || skinny_product(in, out)) {
+        const cublasComputeType_t compute =
+            small_product(N, in, out) ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F_FAST_TF32;
+        if (r) residual_into(y, r, ny);
+        gemm_f32(CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, w, in, x, in, beta, y, out, compute);
         return;
     }
     size_t nx = cuda_round8((size_t)N * in), nw = cuda_round8((size_t)out * in);
     __nv_bfloat16 *xb = bf_reserve(nx + nw), *wb = xb + nx;
     cuda_to_bf16(xb, x, (size_t)N * in);
     cuda_to_bf16(wb, w, (size_t)out * in);
-    cuda_gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, wb, in, xb, in, 0.0f, y, out);
+    const fwd_plan *p = r ? fwd_plan_get(N, in, out, wb, xb, r, y) : NULL;
+    if (p && p->found) {
+        const float one = 1.0f;
+        void *ws = cuda_grow(&fwd_ws, &fwd_ws_bytes, FWD_WORKSPACE);
+        CUBLAS_CHECK(cublasLtMatmul(fwd_lt, p->op, &one, wb, p->lw, xb, p->lx, &one, r, p->ly, y, p->ly, &p->algo,
+                                    ws, FWD_WORKSPACE, cuda_stream()));
+        return;
+    }
+    if (r) residual_into(y, r, ny);
+    cuda_gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, wb, in, xb, in, beta, y, out);
+}
+
+/* y [N, out] = x [N, in] w [out, in]^T; overwrites y. Device pointers. */
+extern "C" void cuda_matmul_forward(float *y, const float *x, const float *w, int N, int in, int out)
+{
+    matmul_forward(y, x, w, NULL, N, in, out);
+}
+
+/* y [N, out] = r [N, out] + x [N, in] w [out, in]^T; overwrites y; r may be y (then an
+ * accumulate), otherwise it must not overlap y. Device pointers. */
+extern "C" void cuda_matmul_forward_add(float *y, const float *x, const float *w, const float *r, int N, int in,
+                                        int out)
+{
+    matmul_forward(y, x, w, r, N, in, out);
 }
 
 /* dx [N, in] = dx_beta dx + dy [N, out] w [out, in] (skipped when dx is NULL);

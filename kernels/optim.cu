@@ -15,7 +15,8 @@
  *   3. X /= norm, reading the norm from device memory (no round trip to the host);
  *   4. five Newton-Schulz steps A = X X^T, Bm = b A + c A A, X <- a X + Bm X as cuBLAS
  *      GEMMs; beta carries b A and a X, so they are added in fp32 outside the tensor
- *      cores (Bm and the next X start as copies of A and X);
+ *      cores (read from A and X as cuBLASLt's C while Bm and the next X are written as
+ *      its D, see below);
  *   5. p <- p (1 - lr wd) - lr sqrt(max(1, rows/cols)) O, in double like the oracle.
  *
  * No transposes are copied. X is kept in the parameter's own row-major [rows, cols]
@@ -58,11 +59,14 @@
  * at most 12,000 after scaling (fp16 ends at 65,504), while entries down to 2^-26
  * (below any that matters next to a norm-1 matrix) keep all ten mantissa bits. So the
  * operands carry the same rounding as TF32's, at half the GEMM time; the three
- * rounding passes cost a few percent of that. These GEMMs go through cuBLASLt, whose
- * separate C (read) and D (written) take b A and a X from the fp32 A and X while
- * writing Bm and the next X, so the two copies per step of the TF32 path (Bm and the
- * next X start as copies of A and X there) are gone. Small batches keep TF32: they are
- * launch-bound, and the passes would only add launches.
+ * rounding passes cost a few percent of that. Small batches keep TF32 on the fp32
+ * buffers: they are launch-bound, and the passes would only add launches.
+ *
+ * The two GEMMs of each step with a beta term go through cuBLASLt in both precisions
+ * (ns_gemm_into): its separate C (read) and D (written) take b A and a X from the fp32 A
+ * and X while writing Bm and the next X, so neither needs a copy of A or X first (with
+ * cublasGemmEx, whose C is both read and written, each step began with two device
+ * copies: twenty launches per small batch that did no arithmetic).
  */
 #include <cublasLt.h>
 #include <cuda_fp16.h>
@@ -235,6 +239,7 @@ static void ns_gemm(int half, int count, cublasOperation_t ta, cublasOperation_t
 /* One cuBLASLt plan of ns_gemm_into: descriptors and the heuristic's algorithm, kept per
  * shape (the optimizer repeats the same few every step). */
 typedef struct lt_plan {
+    int half; /* 1: scaled fp16 A, B (CUBLAS_COMPUTE_32F); 0: fp32 A, B in NS_COMPUTE (TF32) */
     int ta, tb, mm, nn, kk, lda, ldb, ldc, count;
     size_t sa, sb, sc;
     cublasLtMatmulDesc_t op;
@@ -242,7 +247,7 @@ typedef struct lt_plan {
     cublasLtMatmulAlgo_t algo;
     int found; /* 0: no algorithm; the caller copies C into D and uses ns_gemm */
 } lt_plan;
-#define LT_PLANS 32
+#define LT_PLANS 128
 #define LT_WORKSPACE ((size_t)32 << 20)
 static cublasLtHandle_t lt_handle;
 static lt_plan lt_plans[LT_PLANS];
@@ -261,25 +266,24 @@ static cublasLtMatrixLayout_t lt_layout(cudaDataType_t type, int rows, int cols,
     return l;
 }
 
-static const lt_plan *lt_get(cublasOperation_t ta, cublasOperation_t tb, int mm, int nn, int kk, int lda, size_t sa,
-                             int ldb, size_t sb, int ldc, size_t sc, int count)
+static const lt_plan *lt_get(int half, cublasOperation_t ta, cublasOperation_t tb, int mm, int nn, int kk, int lda,
+                             size_t sa, int ldb, size_t sb, int ldc, size_t sc, int count)
 {
     for (int i = 0; i < n_lt_plans; i++) {
         const lt_plan *p = &lt_plans[i];
-        if (p->ta == ta && p->tb == tb && p->mm == mm && p->nn == nn && p->kk == kk && p->lda == lda &&
+        if (p->half == half && p->ta == ta && p->tb == tb && p->mm == mm && p->nn == nn && p->kk == kk && p->lda == lda &&
             p->ldb == ldb && p->ldc == ldc && p->count == count && p->sa == sa && p->sb == sb && p->sc == sc)
             return p;
     }
     if (!lt_handle) CUBLAS_CHECK(cublasLtCreate(&lt_handle));
-    lt_plan p = {ta, tb, mm, nn, kk, lda, ldb, ldc, count, sa, sb, sc};
-    CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    lt_plan p = {half, ta, tb, mm, nn, kk, lda, ldb, ldc, count, sa, sb, sc};
+    const cudaDataType_t ab = half ? CUDA_R_16F : CUDA_R_32F;
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.op, half ? CUBLAS_COMPUTE_32F : NS_COMPUTE, CUDA_R_32F));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
     /* A and B as stored: op(A) [mm, kk], op(B) [kk, nn] */
-    p.la = ta == CUBLAS_OP_N ? lt_layout(CUDA_R_16F, mm, kk, lda, count, sa)
-                             : lt_layout(CUDA_R_16F, kk, mm, lda, count, sa);
-    p.lb = tb == CUBLAS_OP_N ? lt_layout(CUDA_R_16F, kk, nn, ldb, count, sb)
-                             : lt_layout(CUDA_R_16F, nn, kk, ldb, count, sb);
+    p.la = ta == CUBLAS_OP_N ? lt_layout(ab, mm, kk, lda, count, sa) : lt_layout(ab, kk, mm, lda, count, sa);
+    p.lb = tb == CUBLAS_OP_N ? lt_layout(ab, kk, nn, ldb, count, sb) : lt_layout(ab, nn, kk, ldb, count, sb);
     p.lc = lt_layout(CUDA_R_32F, mm, nn, ldc, count, sc);
     cublasLtMatmulPreference_t pref;
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
@@ -297,21 +301,22 @@ static const lt_plan *lt_get(cublasOperation_t ta, cublasOperation_t tb, int mm,
     return &lt_plans[n_lt_plans++];
 }
 
-/* D_i = alpha op(A_i) op(B_i) + beta C_i on scaled fp16 A, B (alpha unscaled here), with
- * fp32 C and D of one layout (ldc, sc) in different buffers: cuBLASLt reads C and writes
- * D, so the next X and Bm need no copy of X and A first. Without a cuBLASLt algorithm for
- * the shape it copies C into D and runs ns_gemm. */
-static void ns_gemm_into(int count, cublasOperation_t ta, cublasOperation_t tb, int mm, int nn, int kk, float alpha,
-                         const __half *a, int lda, size_t sa, const __half *b, int ldb, size_t sb, float beta,
-                         const float *c, float *d, int ldc, size_t sc, cudaStream_t s)
+/* D_i = alpha op(A_i) op(B_i) + beta C_i with fp32 C and D of one layout (ldc, sc) in
+ * different buffers: cuBLASLt reads C and writes D, so the next X and Bm need no copy of
+ * X and A first. A, B: scaled fp16 copies (half 1, alpha unscaled here) or the fp32
+ * buffers themselves in TF32 (half 0). Without a cuBLASLt algorithm for the shape it
+ * copies C into D and runs ns_gemm. */
+static void ns_gemm_into(int half, int count, cublasOperation_t ta, cublasOperation_t tb, int mm, int nn, int kk,
+                         float alpha, const void *a, int lda, size_t sa, const void *b, int ldb, size_t sb,
+                         float beta, const float *c, float *d, int ldc, size_t sc, cudaStream_t s)
 {
-    const lt_plan *p = lt_get(ta, tb, mm, nn, kk, lda, sa, ldb, sb, ldc, sc, count);
+    const lt_plan *p = lt_get(half, ta, tb, mm, nn, kk, lda, sa, ldb, sb, ldc, sc, count);
     if (!p->found) {
         CUDA_CHECK(cudaMemcpyAsync(d, c, (size_t)count * sc * sizeof(float), cudaMemcpyDeviceToDevice, s));
-        ns_gemm(1, count, ta, tb, mm, nn, kk, alpha, a, lda, sa, b, ldb, sb, beta, d, ldc, sc);
+        ns_gemm(half, count, ta, tb, mm, nn, kk, alpha, a, lda, sa, b, ldb, sb, beta, d, ldc, sc);
         return;
     }
-    alpha *= NS_HALF_UNSCALE;
+    if (half) alpha *= NS_HALF_UNSCALE;
     void *ws = cuda_grow(&lt_ws, &lt_ws_bytes, LT_WORKSPACE);
     CUBLAS_CHECK(cublasLtMatmul(lt_handle, p->op, &alpha, a, p->la, b, p->lb, &beta, c, p->lc, d, p->lc, &p->algo, ws,
                                 LT_WORKSPACE, s));
@@ -359,10 +364,7 @@ static void muon_run(const muon_ptrs *ptr, int count, float *work, size_t sx, si
     muon_scale_kernel<<<dim3(grid_for(total), count), THREADS, 0, s>>>(x, sx, norm, total);
     LAUNCH_CHECK();
 
-    /* the buffers' leading dimension is cols in both orientations (see the top); the
-     * copies of A into Bm and of X into next X cover the whole batch (unused padding
-     * included), one copy each */
-    const size_t xbytes = (size_t)count * sx * sizeof(float), abytes = (size_t)count * sa * sizeof(float);
+    /* the buffers' leading dimension is cols in both orientations (see the top) */
     const int half = total >= MUON_HALF_MIN_ELEMS;
     __half *xh = NULL, *ah = NULL, *bh = NULL;
     if (half) {
@@ -378,22 +380,26 @@ static void muon_run(const muon_ptrs *ptr, int count, float *work, size_t sx, si
             if (tall) ns_gemm(1, count, CUBLAS_OP_N, CUBLAS_OP_T, m, m, n, 1.0f, xh, m, sx, xh, m, sx, 0.0f, a, m, sa);
             else ns_gemm(1, count, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, 1.0f, xh, n, sx, xh, n, sx, 0.0f, a, m, sa);
             to_half_scaled(ah, a, (size_t)count * sa, s);
-            ns_gemm_into(count, CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, NS_C, ah, m, sa, ah, m, sa, NS_B, a, bm, m, sa, s);
+            ns_gemm_into(1, count, CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, NS_C, ah, m, sa, ah, m, sa, NS_B, a, bm, m, sa,
+                         s);
             to_half_scaled(bh, bm, (size_t)count * sa, s);
             if (tall)
-                ns_gemm_into(count, CUBLAS_OP_N, CUBLAS_OP_N, m, n, m, 1.0f, bh, m, sa, xh, m, sx, NS_A, x, xn, m, sx,
-                             s);
+                ns_gemm_into(1, count, CUBLAS_OP_N, CUBLAS_OP_N, m, n, m, 1.0f, bh, m, sa, xh, m, sx, NS_A, x, xn, m,
+                             sx, s);
             else
-                ns_gemm_into(count, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, 1.0f, xh, n, sx, bh, m, sa, NS_A, x, xn, n, sx,
-                             s);
+                ns_gemm_into(1, count, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, 1.0f, xh, n, sx, bh, m, sa, NS_A, x, xn, n,
+                             sx, s);
         } else {
+            /* TF32 on the fp32 buffers, C and D apart as above (no copies of A and X) */
             if (tall) ns_gemm(0, count, CUBLAS_OP_N, CUBLAS_OP_T, m, m, n, 1.0f, x, m, sx, x, m, sx, 0.0f, a, m, sa);
             else ns_gemm(0, count, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, 1.0f, x, n, sx, x, n, sx, 0.0f, a, m, sa);
-            CUDA_CHECK(cudaMemcpyAsync(bm, a, abytes, cudaMemcpyDeviceToDevice, s));
-            ns_gemm(0, count, CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, NS_C, a, m, sa, a, m, sa, NS_B, bm, m, sa);
-            CUDA_CHECK(cudaMemcpyAsync(xn, x, xbytes, cudaMemcpyDeviceToDevice, s));
-            if (tall) ns_gemm(0, count, CUBLAS_OP_N, CUBLAS_OP_N, m, n, m, 1.0f, bm, m, sa, x, m, sx, NS_A, xn, m, sx);
-            else ns_gemm(0, count, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, 1.0f, x, n, sx, bm, m, sa, NS_A, xn, n, sx);
+            ns_gemm_into(0, count, CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, NS_C, a, m, sa, a, m, sa, NS_B, a, bm, m, sa, s);
+            if (tall)
+                ns_gemm_into(0, count, CUBLAS_OP_N, CUBLAS_OP_N, m, n, m, 1.0f, bm, m, sa, x, m, sx, NS_A, x, xn, m, sx,
+                             s);
+            else
+                ns_gemm_into(0, count, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, 1.0f, x, n, sx, bm, m, sa, NS_A, x, xn, n, sx,
+                             s);
         }
         float *t = x;
         x = xn;

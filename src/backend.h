@@ -56,6 +56,12 @@ typedef struct backend {
     /* ---- dense matmul ---- */
     /* y[N,out] = x[N,in] W[out,in]^T */
     void (*matmul_forward)(float *y, const float *x, const float *w, int N, int in, int out);
+    /* y[N,out] = r[N,out] + x[N,in] W[out,in]^T: matmul_forward with a residual added by
+     * the GEMM itself (the CUDA backend reads r as the GEMM's C), so the sum costs no extra
+     * pass over [N,out]. Overwrites y. r may be y itself (then y += x W^T); otherwise r
+     * must not overlap y. On the CPU the bits equal matmul_forward(y) followed by
+     * add_inplace(y, r). */
+    void (*matmul_forward_add)(float *y, const float *x, const float *w, const float *r, int N, int in, int out);
     /* dx[N,in] += dy W (skipped if dx NULL); dw[out,in] += dy^T x (skipped if dw NULL) */
     void (*matmul_backward)(float *dx, float *dw, const float *dy, const float *x, const float *w,
                             int N, int in, int out);

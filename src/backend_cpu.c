@@ -74,6 +74,7 @@ static const backend cpu_backend = {
     .embedding_forward = cpu_embedding_forward,
     .embedding_backward = cpu_embedding_backward,
     .matmul_forward = cpu_matmul_forward,
+    .matmul_forward_add = cpu_matmul_forward_add,
     .matmul_backward = cpu_matmul_backward,
     .matmul_backward_set = cpu_matmul_backward_set,
     .rmsnorm_forward = cpu_rmsnorm_forward,

@@ -110,20 +110,19 @@ void gdn_forward(model *m, int l, const float *x, float *out)
     be->gates_forward(A->g, A->beta, A->graw, A->braw, (size_t)N * H);
     be->gdn_forward(A->o, A->state, A->conv[0], A->kn, A->conv[2], A->g, A->beta, m->doc_start, B, T, H, hk,
                     1.0f / sqrtf((float)hk));
-    /* the mixer's output lands in xmid, then the residual is added */
+    /* xmid = x + the mixer's output: the residual is added by the last projection's GEMM
+     * (matmul_forward_add), not by a pass of its own */
     if (r == 0) {
-        be->matmul_forward(A->xmid, A->o, PW(gi->o_proj), N, P, d);
+        be->matmul_forward_add(A->xmid, A->o, PW(gi->o_proj), x, N, P, d);
     } else {
         be->matmul_forward(A->olat, A->o, PW(gi->o_down), N, P, r);
-        be->matmul_forward(A->xmid, A->olat, PW(gi->o_up), N, r, d);
+        be->matmul_forward_add(A->xmid, A->olat, PW(gi->o_up), x, N, r, d);
     }
-    be->add_inplace(A->xmid, x, (size_t)N * d);
 
     be->rmsnorm_forward(A->ln2, A->rstd2, A->xmid, PW(gi->norm2), N, d);
     be->matmul_forward(A->gu, A->ln2, PW(gi->mlp_gate_up), N, d, 8 * d);
     be->swiglu_forward(A->act, A->gu, N, 4 * d, 0);
-    be->matmul_forward(out, A->act, PW(gi->mlp_down), N, 4 * d, d);
-    be->add_inplace(out, A->xmid, (size_t)N * d);
+    be->matmul_forward_add(out, A->act, PW(gi->mlp_down), A->xmid, N, 4 * d, d); /* out = xmid + MLP */
 }
 
 /* dx: on entry the gradient w.r.t. the block output, on exit w.r.t. its input x. */

@@ -98,10 +98,15 @@ void mla_plan(model *m, int l, arena *a)
     A->lat = lat ? ARENA_F(a, (size_t)N * in) : NULL;
     A->ey = ARENA_F(a, (size_t)N * in);
     A->esave = m->ep > 1 ? NULL : ARENA_F(a, (size_t)N * k * 3 * h); /* with --ep: per exchange (model_ep.c) */
-    A->ffn_tmp = ARENA_F(a, (size_t)N * d);
 }
 
-static void ffn_forward(model *m, int l, float *out)
+/* out [N, d] = resid + FFN(ln2), the FFN's terms summed in order and resid added last
+ * (the CPU's bits are those of separate adds). So the residual rides on a GEMM
+ * (matmul_forward_add) only where that GEMM writes out last: the dense MLP's down
+ * projection, LatentMoE's up projection when no shared expert follows; after routed
+ * experts or shared experts it is an add_inplace. Shared experts accumulate into out
+ * through matmul_forward_add with r = out. */
+static void ffn_forward(model *m, int l, const float *resid, float *out)
 {
     const backend *be = m->be;
     const config *c = &m->cfg;
@@ -114,7 +119,7 @@ static void ffn_forward(model *m, int l, float *out)
     if (!c->use_moe) {
         be->matmul_forward(A->gu, A->ln2, PW(mi->mlp_gate_up), N, d, 8 * d);
         be->swiglu_forward(A->act, A->gu, N, 4 * d, 0);
-        be->matmul_forward(out, A->act, PW(mi->mlp_down), N, 4 * d, d);
+        be->matmul_forward_add(out, A->act, PW(mi->mlp_down), resid, N, 4 * d, d);
         return;
     }
     int E = c->moe_E, k = c->moe_k, h = c->moe_hidden, in = c->moe_in, ed = c->expert_dim;
@@ -130,13 +135,19 @@ static void ffn_forward(model *m, int l, float *out)
     else
         be->moe_experts_forward(ex_out, A->esave, ex_in, A->idx, A->gate, PW(mi->experts_w1), PW(mi->experts_w2), N, E,
                                 k, in, h, in);
-    if (c->use_latent_moe) be->matmul_forward(out, A->ey, PW(mi->lat_up), N, in, d);
+    int resid_added = 0;
+    if (c->use_latent_moe && c->n_shared_experts == 0) {
+        be->matmul_forward_add(out, A->ey, PW(mi->lat_up), resid, N, in, d);
+        resid_added = 1;
+    } else if (c->use_latent_moe) {
+        be->matmul_forward(out, A->ey, PW(mi->lat_up), N, in, d);
+    }
     for (int j = 0; j < c->n_shared_experts; j++) {
         be->matmul_forward(A->sh_gu[j], A->ln2, PW(mi->shared_gate_up[j]), N, d, 2 * ed);
         be->swiglu_forward(A->sh_act[j], A->sh_gu[j], N, ed, 1);
-        be->matmul_forward(A->ffn_tmp, A->sh_act[j], PW(mi->shared_down[j]), N, ed, d);
-        be->add_inplace(out, A->ffn_tmp, Nd);
+        be->matmul_forward_add(out, A->sh_act[j], PW(mi->shared_down[j]), out, N, ed, d); /* out += */
     }
+    if (!resid_added) be->add_inplace(out, resid, Nd);
 }
 
 void mla_forward(model *m, int l, const float *x, float *out)
@@ -165,12 +176,10 @@ void mla_forward(model *m, int l, const float *x, float *out)
     be->mla_prep_forward(A->qh, A->kh, A->vh, A->q, A->kv, A->kpe, dr, m->pos, B, T, H, dn, dr, dv, c->rope_theta);
     be->attention_forward(A->att, A->lse, A->qh, A->kh, A->vh, m->doc_id, B, T, H, dn + dr, dv,
                           1.0f / sqrtf((float)(dn + dr)));
-    be->matmul_forward(A->xmid, A->att, PW(mi->wo), N, H * dv, d);
-    be->add_inplace(A->xmid, x, (size_t)N * d);
+    be->matmul_forward_add(A->xmid, A->att, PW(mi->wo), x, N, H * dv, d); /* xmid = x + attention */
 
     be->rmsnorm_forward(A->ln2, A->rstd2, A->xmid, PW(mi->ffn_norm), N, d);
-    ffn_forward(m, l, out);
-    be->add_inplace(out, A->xmid, (size_t)N * d);
+    ffn_forward(m, l, A->xmid, out);
 }
 
 /* accumulates d(ffn input) into dln given dy = d(ffn output) */

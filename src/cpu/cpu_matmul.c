@@ -15,6 +15,11 @@
  * tile of the task uses them. The backward's slices cut the reduction index and run in
  * increasing order, each tile storing its running sums between slices, which performs
  * exactly the additions of the unsliced loop.
+ *
+ * The forward with a residual (cpu_matmul_forward_add) adds r to each finished sum as the
+ * tile stores it: one rounding of s + r, the same as add_inplace's y += r on the stored
+ * s (addition commutes exactly), so it equals the two-op form bit for bit. Each element
+ * of r is read just before the same thread writes that element of y, so r may be y.
  */
 #include "cpu_ops.h"
 
@@ -41,9 +46,11 @@
 static int min_int(int a, int b) { return a < b ? a : b; }
 
 /* Dot products of a FWD_TILE x FWD_TILE tile: y[r, o] = sum_k x_r[k] w_o[k] for the
- * rows x0.. (stride ldx) and w0.. (stride ldw); 16 independent sums in registers. */
+ * rows x0.. (stride ldx) and w0.. (stride ldw); 16 independent sums in registers. res:
+ * NULL, or the residual tile (stride ldy, as y; may be y) added to the sums as they are
+ * stored. */
 static void fwd_tile(real *y, size_t ldy, const real *x, size_t ldx, const real *w, size_t ldw,
-                     int K)
+                     int K, const real *res)
 {
     const real *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
     const real *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw;
@@ -56,6 +63,13 @@ static void fwd_tile(real *y, size_t ldy, const real *x, size_t ldx, const real 
         s10 += a1 * b0; s11 += a1 * b1; s12 += a1 * b2; s13 += a1 * b3;
         s20 += a2 * b0; s21 += a2 * b1; s22 += a2 * b2; s23 += a2 * b3;
         s30 += a3 * b0; s31 += a3 * b1; s32 += a3 * b2; s33 += a3 * b3;
+    }
+    if (res) { /* read before y is written: res may be y */
+        const real *r0 = res, *r1 = res + ldy, *r2 = res + 2 * ldy, *r3 = res + 3 * ldy;
+        s00 += r0[0]; s01 += r0[1]; s02 += r0[2]; s03 += r0[3];
+        s10 += r1[0]; s11 += r1[1]; s12 += r1[2]; s13 += r1[3];
+        s20 += r2[0]; s21 += r2[1]; s22 += r2[2]; s23 += r2[3];
+        s30 += r3[0]; s31 += r3[1]; s32 += r3[2]; s33 += r3[3];
     }
     real *y0 = y, *y1 = y + ldy, *y2 = y + 2 * ldy, *y3 = y + 3 * ldy;
     y0[0] = s00; y0[1] = s01; y0[2] = s02; y0[3] = s03;
@@ -72,8 +86,9 @@ static real dot(const real *a, const real *b, int K)
     return s;
 }
 
-/* y [N, out] = x [N, in] W [out, in]^T; overwrites y. */
-void cpu_matmul_forward(real *y, const real *x, const real *w, int N, int in, int out)
+/* y [N, out] = x [N, in] W [out, in]^T, plus r [N, out] when r is non-NULL (r may be y);
+ * overwrites y. */
+static void matmul_forward(real *y, const real *x, const real *w, const real *r, int N, int in, int out)
 {
     int slice = in > 0 ? FWD_SLICE_REALS / in / FWD_TILE * FWD_TILE : out;
     if (slice < FWD_TILE) slice = FWD_TILE;
@@ -88,16 +103,33 @@ void cpu_matmul_forward(real *y, const real *x, const real *w, int N, int in, in
             int nr = min_int(FWD_TILE, r_hi - i0);
             const real *xt = x + (size_t)i0 * in;
             real *yt = y + (size_t)i0 * out;
+            const real *rt = r ? r + (size_t)i0 * out : NULL;
             int o0 = o_lo;
             if (nr == FWD_TILE)
                 for (; o0 + FWD_TILE <= o_hi; o0 += FWD_TILE)
                     fwd_tile(yt + o0, (size_t)out, xt, (size_t)in, w + (size_t)o0 * in, (size_t)in,
-                             in);
-            for (int r = 0; r < nr; r++)
-                for (int o = o0; o < o_hi; o++)
-                    yt[(size_t)r * out + o] = dot(xt + (size_t)r * in, w + (size_t)o * in, in);
+                             in, rt ? rt + o0 : NULL);
+            for (int i = 0; i < nr; i++)
+                for (int o = o0; o < o_hi; o++) {
+                    size_t at = (size_t)i * out + o;
+                    real s = dot(xt + (size_t)i * in, w + (size_t)o * in, in);
+                    yt[at] = rt ? s + rt[at] : s;
+                }
         }
     }
+}
+
+/* y [N, out] = x [N, in] W [out, in]^T; overwrites y. */
+void cpu_matmul_forward(real *y, const real *x, const real *w, int N, int in, int out)
+{
+    matmul_forward(y, x, w, NULL, N, in, out);
+}
+
+/* y [N, out] = r [N, out] + x [N, in] W [out, in]^T; overwrites y; r may be y, otherwise
+ * it must not overlap y. Bit for bit cpu_matmul_forward then cpu_add_inplace(y, r). */
+void cpu_matmul_forward_add(real *y, const real *x, const real *w, const real *r, int N, int in, int out)
+{
+    matmul_forward(y, x, w, r, N, in, out);
 }
 
 /* One register tile of axpy_gemm: c[i0 + r, j0 + j] += sum_{k0 <= k < k1} a[i0 + r, k]

@@ -34,6 +34,7 @@ void cpu_embedding_backward(real *dwte, const real *dout, const int32_t *tokens,
 
 /* matmul */
 void cpu_matmul_forward(real *y, const real *x, const real *w, int N, int in, int out);
+void cpu_matmul_forward_add(real *y, const real *x, const real *w, const real *r, int N, int in, int out);
 void cpu_matmul_backward(real *dx, real *dw, const real *dy, const real *x, const real *w,
                          int N, int in, int out);
 

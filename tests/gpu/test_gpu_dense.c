@@ -1,6 +1,7 @@
 /* test_gpu_dense.c: the dense ops of the CUDA backend against the CPU oracle: the
- * Linear layer (matmul forward/backward), the chunked tied head + cross-entropy
- * (classifier forward/backward) and the optimizers (AdamW, Muon, Muon batches).
+ * Linear layer (matmul forward, forward with a residual, backward), the chunked tied
+ * head + cross-entropy (classifier forward/backward) and the optimizers (AdamW, Muon,
+ * Muon batches).
  *
  * Every op runs on the GPU and on the CPU with the same random inputs. Forward outputs
  * are NaN-poisoned on the GPU first, so an element the kernel forgets to write fails.
@@ -98,6 +99,68 @@ static void test_matmul_forward(gt_ctx *g, int N, int in, int out)
     g->gpu->free(dw);
     g->gpu->free(dy);
     free(x), free(w), free(y), free(res[0]), free(res[1]);
+}
+
+/* matmul_forward_add, y = r + x W^T, against the CPU op (itself bitwise the CPU's
+ * matmul_forward + add_inplace, tests/test_matmul_add.c) on the same inputs:
+ *   - r apart from y, y NaN-poisoned (the op must not read y), r left as it was;
+ *   - r = y, an accumulate into r.
+ * Each is compared whole (y) and as y - r, the product alone, which the residual's
+ * share of the norm would otherwise hide; and run twice for the same bits. y and r lie
+ * `offset` floats into their buffers, so that offset 1 gives 4-byte alignment, which the
+ * bf16 path's cuBLASLt plan (kernels/matmul.cu) must honour or fall back from. */
+static void test_matmul_forward_add(gt_ctx *g, int N, int in, int out, int offset)
+{
+    char name[256];
+    const size_t nx = (size_t)N * in, nw = (size_t)out * in, ny = (size_t)N * out;
+    const float a = (float)sqrt(3.0 / in);
+    float *x = gt_rand(g, nx, -1, 1), *w = gt_rand(g, nw, -a, a), *r = gt_rand(g, ny, -1, 1);
+    float *y = xmalloc(fbytes(ny));
+    g->cpu->matmul_forward_add(y, x, w, r, N, in, out);
+    float *y_minus_r = diff(y, r, ny);
+
+    float *dx = gt_up(g, x, nx), *dw = gt_up(g, w, nw);
+    float *rbuf = g->gpu->alloc(fbytes(ny + offset)), *ybuf = g->gpu->alloc(fbytes(ny + offset));
+    float *dr = rbuf + offset, *dy = ybuf + offset;
+    g->gpu->from_host(dr, r, fbytes(ny));
+    for (int same = 0; same < 2; same++) {
+        const char *mode = same ? "r = y" : "r != y";
+        float *res[2];
+        for (int run = 0; run < 2; run++) {
+            if (same) {
+                g->gpu->from_host(dy, r, fbytes(ny));
+                g->gpu->matmul_forward_add(dy, dx, dw, dy, N, in, out);
+            } else {
+                gt_poison(g, dy, ny);
+                g->gpu->matmul_forward_add(dy, dx, dw, dr, N, in, out);
+            }
+            res[run] = gt_down(g, dy, ny);
+        }
+        snprintf(name, sizeof name, "matmul_forward_add N=%d in=%d out=%d offset %d [%s]: y", N, in, out, offset,
+                 mode);
+        gt_compare(name, res[0], y, ny, GT_TOL_BF16);
+        float *prod = diff(res[0], r, ny);
+        snprintf(name, sizeof name, "matmul_forward_add N=%d in=%d out=%d offset %d [%s]: y - r", N, in, out, offset,
+                 mode);
+        gt_compare(name, prod, y_minus_r, ny, GT_TOL_BF16);
+        snprintf(name, sizeof name, "matmul_forward_add N=%d in=%d out=%d offset %d [%s]: y deterministic", N, in,
+                 out, offset, mode);
+        gt_same_bits(name, res[0], res[1], fbytes(ny));
+        if (!same) {
+            float *r_after = gt_down(g, dr, ny);
+            snprintf(name, sizeof name, "matmul_forward_add N=%d in=%d out=%d offset %d [r != y]: r unchanged", N, in,
+                     out, offset);
+            gt_same_bits(name, r_after, r, fbytes(ny));
+            free(r_after);
+        }
+        free(prod), free(res[0]), free(res[1]);
+    }
+
+    g->gpu->free(dx);
+    g->gpu->free(dw);
+    g->gpu->free(rbuf);
+    g->gpu->free(ybuf);
+    free(x), free(w), free(r), free(y), free(y_minus_r);
 }
 
 /* want_dx / want_dw: which gradients to ask for (the other pointer is NULL) */
@@ -511,10 +574,17 @@ int main(void)
     for (size_t i = 0; i < sizeof mm / sizeof mm[0]; i++) {
         const int N = mm[i][0], in = mm[i][1], out = mm[i][2];
         test_matmul_forward(&g, N, in, out);
+        test_matmul_forward_add(&g, N, in, out, 0);
         test_matmul_backward(&g, N, in, out, 1, 0);
         test_matmul_backward(&g, N, in, out, 0, 1);
         test_matmul_backward(&g, N, in, out, 1, 1);
     }
+    /* the forward with a residual on the bf16 path at the model's shapes (N = 16384, d =
+     * 1024: attention / GDN output projection and MLP down projection), and with y and r
+     * only 4-byte aligned, in a shape whose bf16 weight copy is only 64-byte aligned */
+    test_matmul_forward_add(&g, 16384, 1024, 1024, 0);
+    test_matmul_forward_add(&g, 16384, 4096, 1024, 0);
+    test_matmul_forward_add(&g, 2053, 1030, 1001, 1);
 
     test_classifier(&g, 7, 37, 13, 0);
     test_classifier(&g, 2700, 50304, 1024, 5);  /* 2 chunks, the last of 32 rows */

@@ -20,14 +20,16 @@
  *   - "deterministic": a second GPU run from the same values gives the same bits;
  * and once more from the same initial values on the GPU's own state_save (the way
  * training chains the two), against the CPU.
- * The kernels run their products on the tensor cores as 3xTF32 (split-precision TF32,
- * about 2^-22 relative per product, fp32-like), the rest in fp32, so the tolerance stays
- * GT_TOL_FP32 (1e-5); on an H100 every case passed it. Plain TF32 (2^-11 per operand)
- * measured 4e-4 to 5e-4 through the solve and the state recurrence and fails it, so
- * this bound also catches a product that loses its low half.
+ * The kernels run their products on the tensor cores in TF32 (10-bit mantissa operands,
+ * fp32 accumulation), the rest in fp32 (kernels/gdn_internal.cuh). Measured on an H100,
+ * every case here stays within 5.3e-4 of the CPU, through the solve and the state
+ * recurrence; the tolerance is TOL_TF32 = 2e-3, four times that and five times tighter
+ * than the bf16 GEMMs' 1e-2, so a lost term or a wrong decay (errors of order one) still
+ * fails. A build with every product in 3xTF32 (split-precision TF32, about 2^-22 per
+ * product: -DGDN_SPLIT_*=3, reported by cuda_gdn_tf32_plain() == 0) is held to the fp32
+ * tolerance, 1e-5, which it met on every case.
  *
- * Timing (B=8 T=2048 H=12 D=85, the target is forward + backward under 1.5 ms on an
- * H100) prints "# " lines: wall time around a few runs, after the backend's sync.
+ * The kernels' speed is measured by benchmarks/bench_mixers.c, not here.
  */
 #include <math.h>
 #include <stdio.h>
@@ -36,6 +38,12 @@
 
 #include "gpu_test.h"
 #include "util.h"
+
+/* kernels/gdn_forward.cu: 1 when some GDN product runs in plain TF32 (the default) */
+int cuda_gdn_tf32_plain(void);
+
+#define TOL_TF32 2e-3
+static double tol; /* TOL_TF32, or GT_TOL_FP32 for a 3xTF32 build */
 
 typedef enum { DOCS_NONE, DOCS_MIXED, DOCS_EARLY, DOCS_RANDOM } doc_mode;
 typedef enum { GATES_UNIFORM, GATES_LOGSIG } gate_mode;
@@ -202,9 +210,9 @@ static float *test_forward(const gdn_in *in, float **ss_gpu)
         ss_g[run] = gt_down(&G, ss_d, in->nst);
     }
     snprintf(what, sizeof what, "%s: forward o", in->name);
-    gt_compare(what, o_g[0], o, in->nv, GT_TOL_FP32);
+    gt_compare(what, o_g[0], o, in->nv, tol);
     snprintf(what, sizeof what, "%s: forward state_save", in->name);
-    gt_compare(what, ss_g[0], ss, in->nst, GT_TOL_FP32);
+    gt_compare(what, ss_g[0], ss, in->nst, tol);
     snprintf(what, sizeof what, "%s: forward o deterministic", in->name);
     gt_same_bits(what, o_g[0], o_g[1], fbytes(in->nv));
     snprintf(what, sizeof what, "%s: forward state_save deterministic", in->name);
@@ -261,13 +269,13 @@ static void test_backward(const gdn_in *in, const float *ss_cpu, const float *ss
     for (int x = 0; x < NGRAD; x++) {
         float *inc_cpu = diff(cpu[x], init[x], n[x]);
         snprintf(what, sizeof what, "%s: backward %s from zero", in->name, grad_names[x]);
-        gt_compare(what, inc_gpu[x], inc_cpu, n[x], GT_TOL_FP32);
+        gt_compare(what, inc_gpu[x], inc_cpu, n[x], tol);
         snprintf(what, sizeof what, "%s: backward %s accumulated", in->name, grad_names[x]);
-        gt_compare(what, gpu1[x], cpu[x], n[x], GT_TOL_FP32);
+        gt_compare(what, gpu1[x], cpu[x], n[x], tol);
         snprintf(what, sizeof what, "%s: backward %s deterministic", in->name, grad_names[x]);
         gt_same_bits(what, gpu1[x], gpu2[x], fbytes(n[x]));
         snprintf(what, sizeof what, "%s: backward %s on the GPU's state_save", in->name, grad_names[x]);
-        gt_compare(what, own[x], cpu[x], n[x], GT_TOL_FP32);
+        gt_compare(what, own[x], cpu[x], n[x], tol);
         free(inc_cpu);
     }
 
@@ -292,46 +300,11 @@ static void run_case(const gdn_case *c)
     in_free(&in);
 }
 
-/* Wall time per call of forward and of backward at shape c (the model's and the issue's
- * comparison shapes), averaged over a few calls after a warm-up, the backend synced
- * before and after. */
-static void time_shape(gdn_case c)
-{
-    const int iters = 5;
-    gdn_in in;
-    in_make(&in, &c);
-    float *o_d = G.gpu->alloc(fbytes(in.nv)), *ss_d = G.gpu->alloc(fbytes(in.nst));
-    float *d[NGRAD];
-    const size_t n[NGRAD] = {in.nv, in.nv, in.nv, in.ns, in.ns};
-    for (int x = 0; x < NGRAD; x++) d[x] = G.gpu->alloc(fbytes(n[x]));
-
-    G.gpu->gdn_forward(o_d, ss_d, in.q_d, in.k_d, in.v_d, in.g_d, in.beta_d, NULL, c.B, c.T, c.H, c.D, in.scale);
-    gpu_backward(&in, d, ss_d);
-    G.gpu->sync();
-    double t0 = wall_time();
-    for (int i = 0; i < iters; i++)
-        G.gpu->gdn_forward(o_d, ss_d, in.q_d, in.k_d, in.v_d, in.g_d, in.beta_d, NULL, c.B, c.T, c.H, c.D,
-                           in.scale);
-    G.gpu->sync();
-    double t1 = wall_time();
-    for (int i = 0; i < iters; i++) gpu_backward(&in, d, ss_d);
-    G.gpu->sync();
-    double t2 = wall_time();
-    const double fwd = (t1 - t0) / iters * 1e3, bwd = (t2 - t1) / iters * 1e3;
-    printf("# gdn timing B=%d T=%d H=%d D=%d: forward %.3f ms, backward %.3f ms, total %.3f ms "
-           "(wall time of %d calls each after the backend's sync)\n",
-           c.B, c.T, c.H, c.D, fwd, bwd, fwd + bwd, iters);
-    fflush(stdout);
-
-    G.gpu->free(o_d);
-    G.gpu->free(ss_d);
-    for (int x = 0; x < NGRAD; x++) G.gpu->free(d[x]);
-    in_free(&in);
-}
-
 int main(void)
 {
     gt_init(&G, 0x6d6c6167646eULL);
+    tol = cuda_gdn_tf32_plain() ? TOL_TF32 : GT_TOL_FP32;
+    printf("# GDN products in %s: tolerance %g\n", tol == TOL_TF32 ? "TF32" : "3xTF32", tol);
     static const gdn_case cases[] = {
         {1, 64, 1, 85, DOCS_NONE, GATES_UNIFORM},     /* one full chunk */
         {2, 2048, 12, 85, DOCS_MIXED, GATES_LOGSIG},  /* the model's head dim and heads */
@@ -347,9 +320,6 @@ int main(void)
         {1, 2048, 1, 64, DOCS_RANDOM, GATES_LOGSIG},  /* random starts along a long row */
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
-    time_shape((gdn_case){8, 2048, 12, 85, DOCS_NONE, GATES_LOGSIG}); /* the model's */
-    time_shape((gdn_case){2, 8192, 12, 85, DOCS_NONE, GATES_LOGSIG}); /* long rows */
-    time_shape((gdn_case){8, 2048, 16, 64, DOCS_NONE, GATES_LOGSIG}); /* FLA's figure: D 64, 16 heads */
     printf("# %d failures\n", gt_failures());
     return gt_failures() != 0;
 }
