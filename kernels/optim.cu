@@ -16,7 +16,7 @@
  *   4. five Newton-Schulz steps A = X X^T, Bm = b A + c A A, X <- a X + Bm X as cuBLAS
  *      GEMMs; beta carries b A and a X, so they are added in fp32 outside the tensor
  *      cores (read from A and X as cuBLASLt's C while Bm and the next X are written as
- *      its D, see below);
+ *      its D, see below); large batches keep X, A and Bm in scaled fp16 (see below);
  *   5. p <- p (1 - lr wd) - lr sqrt(max(1, rows/cols)) O, in double like the oracle.
  *
  * No transposes are copied. X is kept in the parameter's own row-major [rows, cols]
@@ -48,23 +48,26 @@
  * which runs at half the bf16 tensor-core rate. NS_COMPUTE switches it.
  *
  * Large batches (matrices of MUON_HALF_MIN_ELEMS elements or more: moe-1b's MLP, shared
- * expert and attention output matrices, with about 95% of the Newton-Schulz FLOPs) feed
- * the same GEMMs fp16 operands instead: fp16 has TF32's 10-bit mantissa and runs at
- * twice its rate on the tensor cores. Each operand (X, A, Bm) is rounded once, to
- * nearest, into an fp16 copy scaled by NS_HALF_SCALE = 2^12, and alpha carries 2^-24
- * back; accumulation, outputs and the beta terms (b A, a X) stay fp32 as before. The
- * scale is exact and keeps every value in fp16's normal range: X starts with Frobenius
- * norm 1 and NS5 keeps its singular values below about 1.2, so |X_ij| <= 1.2,
- * |A_ij| <= 1.44 and |Bm_ij| <= 2.9 (the largest |b s + c s^2| for s = sigma^2 <= 1.44),
- * at most 12,000 after scaling (fp16 ends at 65,504), while entries down to 2^-26
- * (below any that matters next to a norm-1 matrix) keep all ten mantissa bits. So the
- * operands carry the same rounding as TF32's, at half the GEMM time; the three
- * rounding passes cost a few percent of that. Small batches keep TF32 on the fp32
- * buffers: they are launch-bound, and the passes would only add launches.
+ * expert and attention output matrices, with about 95% of the Newton-Schulz FLOPs) run
+ * the iteration in fp16 instead: fp16 has TF32's 10-bit mantissa and runs at twice its
+ * rate on the tensor cores. X, A and Bm are held as fp16 scaled by NS_HALF_SCALE = 2^12:
+ * the normalisation writes the scaled fp16 X, every GEMM accumulates in fp32 and writes
+ * its result scaled the same way (alpha carries the 2^-12 that a product of two scaled
+ * operands needs; the beta terms b A and a X are read from the scaled fp16 buffers and
+ * added in fp32), and the final update is unscaled as it is applied. The scale is exact
+ * and keeps every value in fp16's normal range: X starts with Frobenius norm 1 and NS5
+ * keeps its singular values below about 1.2, so |X_ij| <= 1.2, |A_ij| <= 1.44 and
+ * |Bm_ij| <= 2.9 (the largest |b s + c s^2| for s = sigma^2 <= 1.44), at most 12,000
+ * after scaling (fp16 ends at 65,504), while entries down to 2^-26 (below any that
+ * matters next to a norm-1 matrix) keep all ten mantissa bits. Each operand so carries
+ * the rounding TF32 would give it, and the GEMMs run at twice the rate. Keeping the
+ * results in fp16 (rather than writing fp32 and rounding a copy for the next GEMM, as an
+ * earlier version did) removes three rounding passes per step and halves the bytes the
+ * GEMMs write and read as C; the cost is that a X is added from the rounded X.
  *
  * The two GEMMs of each step with a beta term go through cuBLASLt in both precisions
- * (ns_gemm_into): its separate C (read) and D (written) take b A and a X from the fp32 A
- * and X while writing Bm and the next X, so neither needs a copy of A or X first (with
+ * (ns_gemm_into): its separate C (read) and D (written) take b A and a X from A and X
+ * while writing Bm and the next X, so neither needs a copy of A or X first (with
  * cublasGemmEx, whose C is both read and written, each step began with two device
  * copies: twenty launches per small batch that did no arithmetic).
  */
@@ -89,9 +92,10 @@ extern "C" {
 /* matrices of at least this many elements take the scaled fp16 operands (see the top) */
 #define MUON_HALF_MIN_ELEMS ((size_t)1 << 20)
 #define NS_HALF_SCALE 4096.0f                  /* 2^12 */
-#define NS_HALF_UNSCALE (1.0f / (4096.0f * 4096.0f)) /* alpha for a product of two scaled operands */
+#define NS_HALF_RESCALE (1.0f / 4096.0f) /* alpha factor: a product of two scaled operands, stored scaled once */
 
-/* the fp16 copies of the large batches' X, A and Bm; grows to the largest and stays */
+/* the large batches' X (two, ping-pong), A and Bm in scaled fp16; grows to the largest
+ * and stays */
 static void *half_buf;
 static size_t half_bytes;
 
@@ -179,67 +183,62 @@ static __global__ void muon_norm_kernel(float *norm, const double *partial, int 
     if (threadIdx.x == 0) norm[blockIdx.x] = (float)fmax(sqrt(s), NS_EPS);
 }
 
-/* x of matrix blockIdx.y /= its norm */
-static __global__ void muon_scale_kernel(float *x0, size_t sx, const float *norm, size_t n)
+/* x of matrix blockIdx.y /= its norm, in place; or, with h0, written to h0 + y * sx as
+ * fp16 scaled by NS_HALF_SCALE (rounded to nearest) and x left as it was */
+static __global__ void muon_scale_kernel(float *x0, __half *h0, size_t sx, const float *norm, size_t n)
 {
     const int y = blockIdx.y;
     float *x = x0 + y * sx;
+    __half *h = h0 ? h0 + y * sx : NULL;
     const float d = norm[y];
-    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x)
-        x[e] = x[e] / d;
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+        const float v = x[e] / d;
+        if (h) h[e] = __float2half_rn(v * NS_HALF_SCALE);
+        else x[e] = v;
+    }
 }
 
-/* p <- (float)(decay p) - step o for matrix blockIdx.y (o at o0 + y * so), in double
- * as the oracle computes it */
-static __global__ void muon_apply_kernel(muon_ptrs ptr, const float *o0, size_t so, size_t n, double decay,
+/* p <- (float)(decay p) - step o for matrix blockIdx.y (o at o0 + y * so: fp32, or with
+ * half set fp16 scaled by NS_HALF_SCALE), in double as the oracle computes it */
+static __global__ void muon_apply_kernel(muon_ptrs ptr, const void *o0, int half, size_t so, size_t n, double decay,
                                          double step)
 {
     const int y = blockIdx.y;
     float *p = ptr.p[y];
-    const float *o = o0 + y * so;
+    const float *o = half ? NULL : (const float *)o0 + y * so;
+    const __half *oh = half ? (const __half *)o0 + y * so : NULL;
     for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+        const double oe = half ? (double)__half2float(oh[e]) * (1.0 / NS_HALF_SCALE) : (double)o[e];
         const float decayed = (float)(decay * (double)p[e]);
-        p[e] = (float)((double)decayed - step * (double)o[e]);
+        p[e] = (float)((double)decayed - step * oe);
     }
 }
 
-/* dst = NS_HALF_SCALE src rounded to fp16 (to nearest), n elements */
-static __global__ void to_half_scaled_kernel(__half *__restrict__ dst, const float *__restrict__ src, size_t n)
-{
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        dst[i] = __float2half_rn(src[i] * NS_HALF_SCALE);
-}
-
-static void to_half_scaled(__half *dst, const float *src, size_t n, cudaStream_t s)
-{
-    to_half_scaled_kernel<<<grid_for(n), THREADS, 0, s>>>(dst, src, n);
-    LAUNCH_CHECK();
-}
-
-/* C_i [mm, nn] = alpha op(A_i) op(B_i) + beta C_i for i < count, column-major, C fp32 at
- * stride sc; A, B at strides sa, sb: fp32 with NS_COMPUTE (half 0), or fp16 copies scaled
- * by NS_HALF_SCALE with fp32 accumulation (half 1, alpha unscaled here). One matrix is a
- * plain GEMM (the path muon_update always took), more a strided batched GEMM. */
+/* C_i [mm, nn] = alpha op(A_i) op(B_i) + beta C_i for i < count, column-major, A, B, C at
+ * strides sa, sb, sc: all fp32 with NS_COMPUTE (half 0), or all fp16 scaled by
+ * NS_HALF_SCALE with fp32 accumulation (half 1; alpha is given unscaled and rescaled
+ * here, so C comes out scaled as its operands are). One matrix is a plain GEMM (the path
+ * muon_update always took), more a strided batched GEMM. */
 static void ns_gemm(int half, int count, cublasOperation_t ta, cublasOperation_t tb, int mm, int nn, int kk,
                     float alpha, const void *a, int lda, size_t sa, const void *b, int ldb, size_t sb, float beta,
-                    float *c, int ldc, size_t sc)
+                    void *c, int ldc, size_t sc)
 {
-    const cudaDataType_t ab = half ? CUDA_R_16F : CUDA_R_32F;
+    const cudaDataType_t t = half ? CUDA_R_16F : CUDA_R_32F;
     const cublasComputeType_t compute = half ? CUBLAS_COMPUTE_32F : NS_COMPUTE;
-    if (half) alpha *= NS_HALF_UNSCALE;
+    if (half) alpha *= NS_HALF_RESCALE;
     if (count == 1)
-        CUBLAS_CHECK(cublasGemmEx(cuda_cublas(), ta, tb, mm, nn, kk, &alpha, a, ab, lda, b, ab, ldb, &beta, c,
-                                  CUDA_R_32F, ldc, compute, CUBLAS_GEMM_DEFAULT));
+        CUBLAS_CHECK(cublasGemmEx(cuda_cublas(), ta, tb, mm, nn, kk, &alpha, a, t, lda, b, t, ldb, &beta, c, t, ldc,
+                                  compute, CUBLAS_GEMM_DEFAULT));
     else
-        CUBLAS_CHECK(cublasGemmStridedBatchedEx(cuda_cublas(), ta, tb, mm, nn, kk, &alpha, a, ab, lda, (long long)sa,
-                                                b, ab, ldb, (long long)sb, &beta, c, CUDA_R_32F, ldc,
-                                                (long long)sc, count, compute, CUBLAS_GEMM_DEFAULT));
+        CUBLAS_CHECK(cublasGemmStridedBatchedEx(cuda_cublas(), ta, tb, mm, nn, kk, &alpha, a, t, lda, (long long)sa,
+                                                b, t, ldb, (long long)sb, &beta, c, t, ldc, (long long)sc, count,
+                                                compute, CUBLAS_GEMM_DEFAULT));
 }
 
 /* One cuBLASLt plan of ns_gemm_into: descriptors and the heuristic's algorithm, kept per
  * shape (the optimizer repeats the same few every step). */
 typedef struct lt_plan {
-    int half; /* 1: scaled fp16 A, B (CUBLAS_COMPUTE_32F); 0: fp32 A, B in NS_COMPUTE (TF32) */
+    int half; /* 1: scaled fp16 A, B, C, D (CUBLAS_COMPUTE_32F); 0: fp32 in NS_COMPUTE (TF32) */
     int ta, tb, mm, nn, kk, lda, ldb, ldc, count;
     size_t sa, sb, sc;
     cublasLtMatmulDesc_t op;
@@ -284,7 +283,7 @@ static const lt_plan *lt_get(int half, cublasOperation_t ta, cublasOperation_t t
     /* A and B as stored: op(A) [mm, kk], op(B) [kk, nn] */
     p.la = ta == CUBLAS_OP_N ? lt_layout(ab, mm, kk, lda, count, sa) : lt_layout(ab, kk, mm, lda, count, sa);
     p.lb = tb == CUBLAS_OP_N ? lt_layout(ab, kk, nn, ldb, count, sb) : lt_layout(ab, nn, kk, ldb, count, sb);
-    p.lc = lt_layout(CUDA_R_32F, mm, nn, ldc, count, sc);
+    p.lc = lt_layout(ab, mm, nn, ldc, count, sc);
     cublasLtMatmulPreference_t pref;
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     const size_t ws = LT_WORKSPACE;
@@ -301,22 +300,23 @@ static const lt_plan *lt_get(int half, cublasOperation_t ta, cublasOperation_t t
     return &lt_plans[n_lt_plans++];
 }
 
-/* D_i = alpha op(A_i) op(B_i) + beta C_i with fp32 C and D of one layout (ldc, sc) in
+/* D_i = alpha op(A_i) op(B_i) + beta C_i with C and D of one layout (ldc, sc) in
  * different buffers: cuBLASLt reads C and writes D, so the next X and Bm need no copy of
- * X and A first. A, B: scaled fp16 copies (half 1, alpha unscaled here) or the fp32
- * buffers themselves in TF32 (half 0). Without a cuBLASLt algorithm for the shape it
- * copies C into D and runs ns_gemm. */
+ * X and A first. All four fp32 in TF32 (half 0), or all scaled fp16 (half 1, alpha
+ * unscaled here). Without a cuBLASLt algorithm for the shape it copies C into D and runs
+ * ns_gemm. */
 static void ns_gemm_into(int half, int count, cublasOperation_t ta, cublasOperation_t tb, int mm, int nn, int kk,
                          float alpha, const void *a, int lda, size_t sa, const void *b, int ldb, size_t sb,
-                         float beta, const float *c, float *d, int ldc, size_t sc, cudaStream_t s)
+                         float beta, const void *c, void *d, int ldc, size_t sc, cudaStream_t s)
 {
     const lt_plan *p = lt_get(half, ta, tb, mm, nn, kk, lda, sa, ldb, sb, ldc, sc, count);
     if (!p->found) {
-        CUDA_CHECK(cudaMemcpyAsync(d, c, (size_t)count * sc * sizeof(float), cudaMemcpyDeviceToDevice, s));
+        const size_t bytes = (size_t)count * sc * (half ? sizeof(__half) : sizeof(float));
+        CUDA_CHECK(cudaMemcpyAsync(d, c, bytes, cudaMemcpyDeviceToDevice, s));
         ns_gemm(half, count, ta, tb, mm, nn, kk, alpha, a, lda, sa, b, ldb, sb, beta, d, ldc, sc);
         return;
     }
-    if (half) alpha *= NS_HALF_UNSCALE;
+    if (half) alpha *= NS_HALF_RESCALE;
     void *ws = cuda_grow(&lt_ws, &lt_ws_bytes, LT_WORKSPACE);
     CUBLAS_CHECK(cublasLtMatmul(lt_handle, p->op, &alpha, a, p->la, b, p->lb, &beta, c, p->lc, d, p->lc, &p->algo, ws,
                                 LT_WORKSPACE, s));
@@ -361,36 +361,14 @@ static void muon_run(const muon_ptrs *ptr, int count, float *work, size_t sx, si
     LAUNCH_CHECK();
     muon_norm_kernel<<<count, THREADS, 0, s>>>(norm, partial, (int)nparts);
     LAUNCH_CHECK();
-    muon_scale_kernel<<<dim3(grid_for(total), count), THREADS, 0, s>>>(x, sx, norm, total);
-    LAUNCH_CHECK();
-
     /* the buffers' leading dimension is cols in both orientations (see the top) */
     const int half = total >= MUON_HALF_MIN_ELEMS;
-    __half *xh = NULL, *ah = NULL, *bh = NULL;
-    if (half) {
-        xh = (__half *)cuda_grow(&half_buf, &half_bytes, (size_t)count * (sx + 2 * sa) * sizeof(__half));
-        ah = xh + (size_t)count * sx;
-        bh = ah + (size_t)count * sa;
-    }
-    for (int it = 0; it < NS_STEPS; it++) {
-        if (half) {
-            /* scaled fp16 copies of each operand, made just before it is needed; the
-             * b A and a X terms come from the fp32 A and X as cuBLASLt's C */
-            to_half_scaled(xh, x, (size_t)count * sx, s);
-            if (tall) ns_gemm(1, count, CUBLAS_OP_N, CUBLAS_OP_T, m, m, n, 1.0f, xh, m, sx, xh, m, sx, 0.0f, a, m, sa);
-            else ns_gemm(1, count, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, 1.0f, xh, n, sx, xh, n, sx, 0.0f, a, m, sa);
-            to_half_scaled(ah, a, (size_t)count * sa, s);
-            ns_gemm_into(1, count, CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, NS_C, ah, m, sa, ah, m, sa, NS_B, a, bm, m, sa,
-                         s);
-            to_half_scaled(bh, bm, (size_t)count * sa, s);
-            if (tall)
-                ns_gemm_into(1, count, CUBLAS_OP_N, CUBLAS_OP_N, m, n, m, 1.0f, bh, m, sa, xh, m, sx, NS_A, x, xn, m,
-                             sx, s);
-            else
-                ns_gemm_into(1, count, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, 1.0f, xh, n, sx, bh, m, sa, NS_A, x, xn, n,
-                             sx, s);
-        } else {
-            /* TF32 on the fp32 buffers, C and D apart as above (no copies of A and X) */
+    const void *o; /* the orthogonalised update: fp32, or scaled fp16 with half */
+    if (!half) {
+        muon_scale_kernel<<<dim3(grid_for(total), count), THREADS, 0, s>>>(x, NULL, sx, norm, total);
+        LAUNCH_CHECK();
+        /* TF32 on the fp32 buffers, C and D apart (no copies of A and X) */
+        for (int it = 0; it < NS_STEPS; it++) {
             if (tall) ns_gemm(0, count, CUBLAS_OP_N, CUBLAS_OP_T, m, m, n, 1.0f, x, m, sx, x, m, sx, 0.0f, a, m, sa);
             else ns_gemm(0, count, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, 1.0f, x, n, sx, x, n, sx, 0.0f, a, m, sa);
             ns_gemm_into(0, count, CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, NS_C, a, m, sa, a, m, sa, NS_B, a, bm, m, sa, s);
@@ -400,15 +378,39 @@ static void muon_run(const muon_ptrs *ptr, int count, float *work, size_t sx, si
             else
                 ns_gemm_into(0, count, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, 1.0f, x, n, sx, bm, m, sa, NS_A, x, xn, n, sx,
                              s);
+            float *t = x;
+            x = xn;
+            xn = t;
         }
-        float *t = x;
-        x = xn;
-        xn = t;
+        o = x;
+    } else {
+        /* X, A and Bm live as fp16 scaled by NS_HALF_SCALE from the normalisation on; each
+         * GEMM writes its result in that form (fp32 accumulation, one rounding) */
+        __half *xh = (__half *)cuda_grow(&half_buf, &half_bytes, (size_t)count * 2 * (sx + sa) * sizeof(__half));
+        __half *xnh = xh + (size_t)count * sx, *ah = xnh + (size_t)count * sx, *bh = ah + (size_t)count * sa;
+        muon_scale_kernel<<<dim3(grid_for(total), count), THREADS, 0, s>>>(x, xh, sx, norm, total);
+        LAUNCH_CHECK();
+        for (int it = 0; it < NS_STEPS; it++) {
+            if (tall) ns_gemm(1, count, CUBLAS_OP_N, CUBLAS_OP_T, m, m, n, 1.0f, xh, m, sx, xh, m, sx, 0.0f, ah, m, sa);
+            else ns_gemm(1, count, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, 1.0f, xh, n, sx, xh, n, sx, 0.0f, ah, m, sa);
+            ns_gemm_into(1, count, CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, NS_C, ah, m, sa, ah, m, sa, NS_B, ah, bh, m, sa,
+                         s);
+            if (tall)
+                ns_gemm_into(1, count, CUBLAS_OP_N, CUBLAS_OP_N, m, n, m, 1.0f, bh, m, sa, xh, m, sx, NS_A, xh, xnh, m,
+                             sx, s);
+            else
+                ns_gemm_into(1, count, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, 1.0f, xh, n, sx, bh, m, sa, NS_A, xh, xnh, n,
+                             sx, s);
+            __half *t = xh;
+            xh = xnh;
+            xnh = t;
+        }
+        o = xh;
     }
 
     const double decay = 1.0 - (double)lr * (double)wd;
     const double step = (double)lr * sqrt(fmax(1.0, (double)rows / cols));
-    muon_apply_kernel<<<dim3(grid_for(total), count), THREADS, 0, s>>>(*ptr, x, sx, total, decay, step);
+    muon_apply_kernel<<<dim3(grid_for(total), count), THREADS, 0, s>>>(*ptr, o, half, sx, total, decay, step);
     LAUNCH_CHECK();
 }
 
