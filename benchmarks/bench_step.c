@@ -142,8 +142,9 @@ int main(int argc, char **argv)
            sum / sum_floor);
 
     /* the dense GEMMs by shape, slowest first (y [N, out] = x [N, in] W^T, "fwd+r" with a
-     * residual added; the backward makes dx, dW or both), and the optimizer's Muon batches
-     * and AdamW runs */
+     * residual added; the backward makes dx, dW or both; "mlp": a fused SwiGLU MLP,
+     * N rows of x [N, d], hidden width h, both GEMMs together), and the optimizer's Muon batches and
+     * AdamW runs */
     int ns = 0;
     const gemm_shape_stats *gs = timed_gemm_shapes(&ns);
     int *order = xmalloc((size_t)(ns ? ns : 1) * sizeof *order);
@@ -162,6 +163,9 @@ int main(int argc, char **argv)
             snprintf(what, sizeof what, "muon %d x [%d, %d]", g->N, g->in, g->out);
         else if (g->kind == SHAPE_ADAMW)
             snprintf(what, sizeof what, "adamw (all runs)");
+        else if (g->kind == SHAPE_MLP_FWD || g->kind == SHAPE_MLP_BWD)
+            snprintf(what, sizeof what, "mlp %s %d x %d, h %d",
+                     g->kind == SHAPE_MLP_FWD ? "fwd" : g->dx == 2 ? "bwd set" : "bwd", g->N, g->in, g->out);
         else
             snprintf(what, sizeof what, "%s %d x %d -> %d",
                      g->kind == SHAPE_GEMM_FWD       ? "fwd"

@@ -106,6 +106,25 @@ static void cost_matmul_backward_set(float *dx, float *dw, const float *dy, cons
     cost_matmul_backward(dx, dw, dy, x, w, N, in, out);
     if (dx) charge(0, -F4 * (double)N * in); /* dx written, not read */
 }
+/* The fused SwiGLU MLP: its two GEMMs' FLOPs, and the bytes of its inputs and outputs
+ * (x, both weights, resid; gu, act, out). The SwiGLU between the GEMMs (no FLOPs counted,
+ * bytes only through gu and act) is charged to the GEMM family with them rather than
+ * split off to elementwise: the op is timed as one, and the split would be a guess. */
+static double mlp_gemm_flops(int N, int d, int h) { return 2.0 * N * d * 2.0 * h + 2.0 * N * (double)h * d; }
+static void cost_mlp_forward(int N, int d, int h)
+{
+    charge(mlp_gemm_flops(N, d, h),
+           F4 * (2.0 * N * d + 3.0 * h * (double)d + 3.0 * N * (double)h + (double)N * d));
+}
+/* backward: twice the forward's FLOPs (dx and dW of each GEMM); reads dout, x, gu, act
+ * and both weights, adds into both weight gradients (read and written) and dx (written
+ * only by the _set form) */
+static void cost_mlp_backward(int N, int d, int h, int dx_set)
+{
+    charge(2.0 * mlp_gemm_flops(N, d, h),
+           F4 * (2.0 * N * d + 3.0 * N * (double)h + 3.0 * h * (double)d + 6.0 * h * (double)d +
+                 (dx_set ? 1.0 : 2.0) * N * d));
+}
 static void cost_rmsnorm_forward(float *o, float *r, const float *x, const float *w, int N, int C) { charge(0, F4 * (2.0 * N * C + N)); }
 static void cost_rmsnorm_backward(float *dx, float *dw, const float *d, const float *x, const float *w, const float *r, int N, int C) { charge(0, F4 * 4.0 * N * C); }
 static void cost_layernorm_forward(float *o, float *m, float *r, const float *x, const float *w, const float *b, int N, int C) { charge(0, F4 * (2.0 * N * C + 2 * N)); }
@@ -291,6 +310,50 @@ static void t_matmul_backward_set(float *dx, float *dw, const float *dy, const f
     time_matmul_backward(inner->matmul_backward_set, cost_matmul_backward_set, dx, dw, dy, x, w, N, in, out);
 }
 
+static void t_mlp_forward(float *out, float *gu, float *act, const float *x, const float *w_gu, const float *w_down,
+                          const float *resid, int N, int d, int h, int silu_first)
+{
+    double t0 = begin();
+    inner->mlp_forward(out, gu, act, x, w_gu, w_down, resid, N, d, h, silu_first);
+    const fam_mark m0 = mark(FAM_GEMM_FWD);
+    end(FAM_GEMM_FWD, t0);
+    cost_mlp_forward(N, d, h);
+    shape_since(FAM_GEMM_FWD, m0, SHAPE_MLP_FWD, 0, 0, N, d, h);
+}
+
+typedef void (*mlp_bwd_fn)(float *dx, float *dw_gu, float *dw_down, const float *dout, const float *x,
+                           const float *gu, const float *act, const float *w_gu, const float *w_down, float *scratch,
+                           int N, int d, int h, int silu_first);
+
+/* mlp_backward or its _set form (op) into its shape's row (dx: 1 accumulated, 2 set) */
+static void time_mlp_backward(mlp_bwd_fn op, int dx_set, float *dx, float *dw_gu, float *dw_down, const float *dout,
+                              const float *x, const float *gu, const float *act, const float *w_gu,
+                              const float *w_down, float *scratch, int N, int d, int h, int silu_first)
+{
+    double t0 = begin();
+    op(dx, dw_gu, dw_down, dout, x, gu, act, w_gu, w_down, scratch, N, d, h, silu_first);
+    const fam_mark m0 = mark(FAM_GEMM_BWD);
+    end(FAM_GEMM_BWD, t0);
+    cost_mlp_backward(N, d, h, dx_set);
+    shape_since(FAM_GEMM_BWD, m0, SHAPE_MLP_BWD, 1 + dx_set, 1, N, d, h);
+}
+
+static void t_mlp_backward(float *dx, float *dw_gu, float *dw_down, const float *dout, const float *x,
+                           const float *gu, const float *act, const float *w_gu, const float *w_down, float *scratch,
+                           int N, int d, int h, int silu_first)
+{
+    time_mlp_backward(inner->mlp_backward, 0, dx, dw_gu, dw_down, dout, x, gu, act, w_gu, w_down, scratch, N, d, h,
+                      silu_first);
+}
+
+static void t_mlp_backward_set(float *dx, float *dw_gu, float *dw_down, const float *dout, const float *x,
+                               const float *gu, const float *act, const float *w_gu, const float *w_down,
+                               float *scratch, int N, int d, int h, int silu_first)
+{
+    time_mlp_backward(inner->mlp_backward_set, 1, dx, dw_gu, dw_down, dout, x, gu, act, w_gu, w_down, scratch, N, d,
+                      h, silu_first);
+}
+
 static void t_rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, int N, int C)
 {
     double t0 = begin();
@@ -443,6 +506,14 @@ static void t_attention_backward(float *dq, float *dk, float *dv, const float *d
     cost_attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc_id, B, T, H, Dk, Dv, scale);
 }
 
+static void t_attention_backward_set(float *dq, float *dk, float *dv, const float *dout, const float *out, const float *lse, const float *q, const float *k, const float *v, const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale)
+{
+    double t0 = begin();
+    inner->attention_backward_set(dq, dk, dv, dout, out, lse, q, k, v, doc_id, B, T, H, Dk, Dv, scale);
+    end(FAM_ATTN_BWD, t0);
+    cost_attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc_id, B, T, H, Dk, Dv, scale);
+}
+
 static void t_moe_route_forward(int32_t *idx, float *gate, int32_t *counts, float *zloss_out, const float *z, const float *bias, int N, int E, int k, float zcoef)
 {
     double t0 = begin();
@@ -581,6 +652,9 @@ const backend *timed_backend(const backend *in)
     timed.swiglu_forward = t_swiglu_forward;
     timed.swiglu_backward = t_swiglu_backward;
     timed.swiglu_backward_set = t_swiglu_backward_set;
+    timed.mlp_forward = t_mlp_forward;
+    timed.mlp_backward = t_mlp_backward;
+    timed.mlp_backward_set = t_mlp_backward_set;
     timed.conv_forward = t_conv_forward;
     timed.conv_backward = t_conv_backward;
     timed.gates_forward = t_gates_forward;
@@ -593,6 +667,7 @@ const backend *timed_backend(const backend *in)
     timed.mla_prep_backward = t_mla_prep_backward;
     timed.attention_forward = t_attention_forward;
     timed.attention_backward = t_attention_backward;
+    timed.attention_backward_set = t_attention_backward_set;
     timed.moe_route_forward = t_moe_route_forward;
     timed.moe_route_backward = t_moe_route_backward;
     timed.add_i32 = t_add_i32;

@@ -130,7 +130,7 @@ static size_t dkdv_smem_bytes(int dkp, int dvp, int nt)
 static __global__ void __launch_bounds__(BWD_THREADS, 1)
     attn_bwd_dkdv_kernel(float *dk, float *dv, const bf16 *qb, const bf16 *kb, const bf16 *vb, const bf16 *dob,
                          const float *lse, const float *Dvec, const int32_t *doc_id, int T, int H, int Dk,
-                         int Dv, int dkp, int dvp, int nt, float scale, float sl2)
+                         int Dv, int dkp, int dvp, int nt, float scale, float sl2, int set)
 {
     extern __shared__ __align__(16) unsigned char smem[];
     const int pk = dkp + 8, pv = dvp + 8;
@@ -229,7 +229,8 @@ static __global__ void __launch_bounds__(BWD_THREADS, 1)
         __syncthreads(); /* sP, sdS and buffer `buf` are rewritten next */
     }
 
-    /* dK += scale * acc (rounded product, then sum: no fma), dV += acc */
+    /* dK += scale * acc (rounded product, then sum: no fma), dV += acc; with set the old
+     * values are taken as 0 (not read), as if the buffers had been zeroed first */
 #pragma unroll
     for (int half = 0; half < 2; half++) {
         const int s = s0 + rk + g + 8 * half;
@@ -242,9 +243,11 @@ static __global__ void __launch_bounds__(BWD_THREADS, 1)
 #pragma unroll
                 for (int nn = 0; nn < 2; nn++) {
                     const int col = (kp0 + p) * 16 + nn * 8 + 2 * c;
-                    if (col < Dk) dkr[col] = __fadd_rn(dkr[col], __fmul_rn(scale, dka[2 * p + nn][2 * half]));
+                    if (col < Dk)
+                        dkr[col] = __fadd_rn(set ? 0.0f : dkr[col], __fmul_rn(scale, dka[2 * p + nn][2 * half]));
                     if (col + 1 < Dk)
-                        dkr[col + 1] = __fadd_rn(dkr[col + 1], __fmul_rn(scale, dka[2 * p + nn][2 * half + 1]));
+                        dkr[col + 1] =
+                            __fadd_rn(set ? 0.0f : dkr[col + 1], __fmul_rn(scale, dka[2 * p + nn][2 * half + 1]));
                 }
             }
         }
@@ -254,8 +257,8 @@ static __global__ void __launch_bounds__(BWD_THREADS, 1)
 #pragma unroll
                 for (int nn = 0; nn < 2; nn++) {
                     const int col = (vp0 + p) * 16 + nn * 8 + 2 * c;
-                    if (col < Dv) dvr[col] += dva[2 * p + nn][2 * half];
-                    if (col + 1 < Dv) dvr[col + 1] += dva[2 * p + nn][2 * half + 1];
+                    if (col < Dv) dvr[col] = (set ? 0.0f : dvr[col]) + dva[2 * p + nn][2 * half];
+                    if (col + 1 < Dv) dvr[col + 1] = (set ? 0.0f : dvr[col + 1]) + dva[2 * p + nn][2 * half + 1];
                 }
             }
         }
@@ -273,7 +276,7 @@ static size_t dq_smem_bytes(int dkp, int dvp, int nt)
 static __global__ void __launch_bounds__(BWD_THREADS, 1)
     attn_bwd_dq_kernel(float *dq, const bf16 *qb, const bf16 *kb, const bf16 *vb, const bf16 *dob,
                        const float *lse, const float *Dvec, const int32_t *doc_id, int T, int H, int Dk, int dkp,
-                       int dvp, int nt, float scale, float sl2)
+                       int dvp, int nt, float scale, float sl2, int set)
 {
     extern __shared__ __align__(16) unsigned char smem[];
     const int pk = dkp + 8, pv = dvp + 8;
@@ -364,9 +367,11 @@ static __global__ void __launch_bounds__(BWD_THREADS, 1)
 #pragma unroll
                 for (int nn = 0; nn < 2; nn++) {
                     const int col = (kp0 + p) * 16 + nn * 8 + 2 * c;
-                    if (col < Dk) dqr[col] = __fadd_rn(dqr[col], __fmul_rn(scale, dqa[2 * p + nn][2 * half]));
+                    if (col < Dk)
+                        dqr[col] = __fadd_rn(set ? 0.0f : dqr[col], __fmul_rn(scale, dqa[2 * p + nn][2 * half]));
                     if (col + 1 < Dk)
-                        dqr[col + 1] = __fadd_rn(dqr[col + 1], __fmul_rn(scale, dqa[2 * p + nn][2 * half + 1]));
+                        dqr[col + 1] =
+                            __fadd_rn(set ? 0.0f : dqr[col + 1], __fmul_rn(scale, dqa[2 * p + nn][2 * half + 1]));
                 }
             }
         }
@@ -375,14 +380,15 @@ static __global__ void __launch_bounds__(BWD_THREADS, 1)
 
 /* ------------------------------------------------------------------ launcher ---- */
 
-extern "C" void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
-                                        const float *lse, const float *q, const float *k, const float *v,
-                                        const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale)
+/* the backward into dq, dk, dv: added (set 0) or written (set 1, old contents unread) */
+static void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out, const float *lse,
+                               const float *q, const float *k, const float *v, const int32_t *doc_id, int B, int T,
+                               int H, int Dk, int Dv, float scale, int set)
 {
     static size_t dkdv_set, dq_set;
     attn_check("cuda_attention_backward", B, T, H, Dk, Dv);
 #ifdef DELTAMLA_HAVE_CUDNN
-    if (!doc_id && attn_cudnn_backward(dq, dk, dv, dout, out, lse, q, k, v, B, T, H, Dk, Dv, scale)) return;
+    if (!doc_id && attn_cudnn_backward(dq, dk, dv, dout, out, lse, q, k, v, B, T, H, Dk, Dv, scale, set)) return;
 #endif
     const int dkp = round16(Dk), dvp = round16(Dv), nt = (T + ATT_TILE - 1) / ATT_TILE;
     const size_t nrow = (size_t)B * H * T;
@@ -402,11 +408,26 @@ extern "C" void cuda_attention_backward(float *dq, float *dk, float *dv, const f
     const size_t smem_kv = dkdv_smem_bytes(dkp, dvp, nt);
     attn_smem_limit((const void *)attn_bwd_dkdv_kernel, smem_kv, &dkdv_set, "cuda_attention_backward");
     attn_bwd_dkdv_kernel<<<dim3(B * H, nt), BWD_THREADS, smem_kv, cuda_stream()>>>(
-        dk, dv, qb, kb, vb, dob, lse, Dvec, doc_id, T, H, Dk, Dv, dkp, dvp, nt, scale, sl2);
+        dk, dv, qb, kb, vb, dob, lse, Dvec, doc_id, T, H, Dk, Dv, dkp, dvp, nt, scale, sl2, set);
     LAUNCH_CHECK();
     const size_t smem_q = dq_smem_bytes(dkp, dvp, nt);
     attn_smem_limit((const void *)attn_bwd_dq_kernel, smem_q, &dq_set, "cuda_attention_backward");
     attn_bwd_dq_kernel<<<dim3(B * H, nt), BWD_THREADS, smem_q, cuda_stream()>>>(
-        dq, qb, kb, vb, dob, lse, Dvec, doc_id, T, H, Dk, dkp, dvp, nt, scale, sl2);
+        dq, qb, kb, vb, dob, lse, Dvec, doc_id, T, H, Dk, dkp, dvp, nt, scale, sl2, set);
     LAUNCH_CHECK();
+}
+
+extern "C" void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                        const float *lse, const float *q, const float *k, const float *v,
+                                        const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale)
+{
+    attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc_id, B, T, H, Dk, Dv, scale, 0);
+}
+
+/* as cuda_attention_backward, but dq, dk, dv are written, not added to */
+extern "C" void cuda_attention_backward_set(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                            const float *lse, const float *q, const float *k, const float *v,
+                                            const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale)
+{
+    attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc_id, B, T, H, Dk, Dv, scale, 1);
 }

@@ -205,7 +205,7 @@ extern "C" int attn_cudnn_forward(float *out, float *lse, const float *q, const 
 
 extern "C" int attn_cudnn_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
                                    const float *lse, const float *q, const float *k, const float *v, int B, int T,
-                                   int H, int Dk, int Dv, float scale)
+                                   int H, int Dk, int Dv, float scale, int set)
 {
     if (!cudnn_wanted()) return 0;
     const sdpa_plan *p = get_plan(1, B, T, H, Dk, Dv, scale);
@@ -225,9 +225,9 @@ extern "C" int attn_cudnn_backward(float *dq, float *dk, float *dv, const float 
                                                 {UID_O, ob},   {UID_DO, dob}, {UID_STATS, (void *)lse},
                                                 {UID_DQ, dqb}, {UID_DK, dkb}, {UID_DV, dvb}};
     run_plan(p, pack, base + 4 * sk + 5 * sv, "cuda_attention_backward");
-    attn_from_bf16(dq, dqb, nk, 1);
-    attn_from_bf16(dk, dkb, nk, 1);
-    attn_from_bf16(dv, dvb, nv, 1);
+    attn_from_bf16(dq, dqb, nk, !set);
+    attn_from_bf16(dk, dkb, nk, !set);
+    attn_from_bf16(dv, dvb, nv, !set);
     calls++;
     return 1;
 }

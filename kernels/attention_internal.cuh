@@ -204,12 +204,13 @@ void attn_to_heads_bf16(bf16 *dst, const float *src, int B, int T, int H, int D,
 
 /* attention_cudnn.cpp (cuDNN builds): the op through cuDNN's fused attention, without
  * document masking; 1 when done, 0 when declined (cuDNN refused the shape, or
- * DELTAMLA_ATTENTION=own), and the caller runs its own kernel. */
+ * DELTAMLA_ATTENTION=own), and the caller runs its own kernel. The backward adds into
+ * dq, dk, dv, or with set writes them (their old contents unread). */
 extern "C" int attn_cudnn_forward(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T,
                                   int H, int Dk, int Dv, float scale);
 extern "C" int attn_cudnn_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
                                    const float *lse, const float *q, const float *k, const float *v, int B, int T,
-                                   int H, int Dk, int Dv, float scale);
+                                   int H, int Dk, int Dv, float scale, int set);
 /* dst = src (acc 0) or dst += src (acc 1): bf16 -> fp32, n elements, on the backend stream */
 extern "C" void attn_from_bf16(float *dst, const bf16 *src, size_t n, int acc);
 

@@ -157,6 +157,9 @@ extern "C" const backend *backend_cuda(int device)
     b.swiglu_forward = cuda_swiglu_forward;
     b.swiglu_backward = cuda_swiglu_backward;
     b.swiglu_backward_set = cuda_swiglu_backward_set;
+    b.mlp_forward = cuda_mlp_forward;
+    b.mlp_backward = cuda_mlp_backward;
+    b.mlp_backward_set = cuda_mlp_backward_set;
     b.conv_forward = cuda_conv_forward;
     b.conv_backward = cuda_conv_backward;
     b.gates_forward = cuda_gates_forward;
@@ -169,6 +172,7 @@ extern "C" const backend *backend_cuda(int device)
     b.mla_prep_backward = cuda_mla_prep_backward;
     b.attention_forward = cuda_attention_forward;
     b.attention_backward = cuda_attention_backward;
+    b.attention_backward_set = cuda_attention_backward_set;
     b.moe_route_forward = cuda_moe_route_forward;
     b.moe_route_backward = cuda_moe_route_backward;
     b.add_i32 = cuda_add_i32;

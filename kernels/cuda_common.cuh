@@ -54,6 +54,25 @@ extern "C" void cuda_to_bf16(__nv_bfloat16 *dst, const float *src, size_t n);
 extern "C" int cuda_matmul_small(size_t macs);
 extern "C" void cuda_gemm_bf16(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const __nv_bfloat16 *a,
                                int lda, const __nv_bfloat16 *b, int ldb, float beta, float *c, int ldc);
+/* 1 when a product of N rows, in -> out runs on bf16 copies of its operands (neither small
+ * nor skinny, matmul.cu's comment); the bf16x entry points below take only such shapes */
+extern "C" int cuda_matmul_bf16_path(int N, int in, int out);
+/* y [N, out] = r + xb [N, in] w [out, in]^T with x given in bf16 (r NULL: no residual; r may
+ * be y); w is rounded here. Dies (fatal_check) off the bf16 path. */
+extern "C" void cuda_matmul_forward_bf16x(float *y, const __nv_bfloat16 *xb, const float *w, const float *r, int N,
+                                          int in, int out);
+/* dx [N, in] = dx_beta dx + dy w (dx NULL: skipped); dw [out, in] += dy^T x (dw NULL:
+ * skipped); dy given as dyb in bf16 or, when dyb is NULL, as fp32 dy rounded here, and x
+ * likewise (xb or x). Dies (fatal_check) off the bf16 path. */
+extern "C" void cuda_matmul_backward_bf16x(float *dx, float *dw, const float *dy, const __nv_bfloat16 *dyb,
+                                           const float *x, const __nv_bfloat16 *xb, const float *w, int N, int in,
+                                           int out, float dx_beta);
+/* elementwise.cu's SwiGLU with bf16 outputs, each value rounded as cuda_to_bf16 would
+ * round the fp32 op's: out [N, h] = swiglu(in [N, 2h]); din [N, 2h] = its gradient for
+ * dout [N, h] (written, as cuda_swiglu_backward_set) */
+extern "C" void cuda_swiglu_forward_bf16(__nv_bfloat16 *out, const float *in, int N, int h, int silu_first);
+extern "C" void cuda_swiglu_backward_set_bf16(__nv_bfloat16 *din, const float *dout, const float *in, int N, int h,
+                                              int silu_first);
 
 static inline unsigned ceil_div_u(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
 

@@ -48,6 +48,16 @@ void cuda_swiglu_forward(float *out, const float *in, int N, int h, int silu_fir
 void cuda_swiglu_backward(float *din, const float *dout, const float *in, int N, int h, int silu_first);
 void cuda_swiglu_backward_set(float *din, const float *dout, const float *in, int N, int h, int silu_first);
 
+/* the fused SwiGLU MLP (mlp.cu) */
+void cuda_mlp_forward(float *out, float *gu, float *act, const float *x, const float *w_gu, const float *w_down,
+                      const float *resid, int N, int d, int h, int silu_first);
+void cuda_mlp_backward(float *dx, float *dw_gu, float *dw_down, const float *dout, const float *x, const float *gu,
+                       const float *act, const float *w_gu, const float *w_down, float *scratch, int N, int d, int h,
+                       int silu_first);
+void cuda_mlp_backward_set(float *dx, float *dw_gu, float *dw_down, const float *dout, const float *x,
+                           const float *gu, const float *act, const float *w_gu, const float *w_down, float *scratch,
+                           int N, int d, int h, int silu_first);
+
 /* gated deltanet pieces */
 void cuda_conv_forward(float *y, const float *x, const float *w, const float *bias,
                        const int32_t *doc_start, int B, int T, int C);
@@ -80,6 +90,9 @@ void cuda_attention_forward(float *out, float *lse, const float *q, const float 
 void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
                              const float *lse, const float *q, const float *k, const float *v,
                              const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale);
+void cuda_attention_backward_set(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                 const float *lse, const float *q, const float *k, const float *v,
+                                 const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale);
 /* 1: attention without document masking through cuDNN's fused kernels where the build has
  * them (the default unless DELTAMLA_ATTENTION=own); 0: deltamla's own kernels always */
 void cuda_attention_use_cudnn(int on);

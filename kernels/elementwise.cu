@@ -1,6 +1,7 @@
 /* elementwise.cu: the CUDA twins of src/cpu/cpu_elementwise.c: vector add/scale/sum of
  * squares, the embedding lookup and its gradient, the Gated DeltaNet gates, the per-row
- * L2 normalisation and SwiGLU (both conventions).
+ * L2 normalisation and SwiGLU (both conventions; with bf16 outputs too, for the fused MLP
+ * of mlp.cu, which hands SwiGLU's output and gradient to bf16 GEMMs without an fp32 pass).
  *
  * All of these are memory-bound, so each kernel makes one pass over its data. Flat ops
  * use grid-stride loops capped at one full wave of the GPU, move 16 bytes per thread
@@ -445,7 +446,21 @@ static __device__ __forceinline__ void swiglu_grad1(float *da, float *db, float 
     }
 }
 
-static __global__ void swiglu_forward_kernel(float *out, const float *in, int N, int h, int silu_first, int vec)
+/* Four bf16 values from four floats, rounded to nearest even (cuda_to_bf16's rounding),
+ * as one 8-byte store */
+static __device__ __forceinline__ void store_bf16x4(__nv_bfloat16 *dst, float4 v)
+{
+    __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
+    uint2 packed;
+    packed.x = *(uint32_t *)&a;
+    packed.y = *(uint32_t *)&b;
+    *(uint2 *)dst = packed;
+}
+
+/* out [N, h] in fp32, or in bf16 when outb is non-NULL (then out is unused): the
+ * rounding cuda_to_bf16 would give the fp32 value, without the fp32 pass in between */
+static __global__ void swiglu_forward_kernel(float *out, __nv_bfloat16 *outb, const float *in, int N, int h,
+                                             int silu_first, int vec)
 {
     if (vec) {
         int h4 = h / 4;
@@ -454,31 +469,50 @@ static __global__ void swiglu_forward_kernel(float *out, const float *in, int N,
             size_t i = u / h4, j = u % h4;
             const float4 *row = (const float4 *)in + i * 2 * h4;
             float4 a = __ldg(row + j), b = __ldg(row + h4 + j);
-            ((float4 *)out)[u] = make_float4(swiglu1(a.x, b.x, silu_first), swiglu1(a.y, b.y, silu_first),
-                                             swiglu1(a.z, b.z, silu_first), swiglu1(a.w, b.w, silu_first));
+            float4 r = make_float4(swiglu1(a.x, b.x, silu_first), swiglu1(a.y, b.y, silu_first),
+                                   swiglu1(a.z, b.z, silu_first), swiglu1(a.w, b.w, silu_first));
+            if (outb) store_bf16x4(outb + 4 * u, r);
+            else ((float4 *)out)[u] = r;
         }
     } else {
         size_t total = (size_t)N * h;
         for (size_t u = gtid(); u < total; u += gstride()) {
             size_t i = u / h, j = u % h;
             const float *row = in + i * 2 * h;
-            out[u] = swiglu1(row[j], row[h + j], silu_first);
+            float r = swiglu1(row[j], row[h + j], silu_first);
+            if (outb) outb[u] = __float2bfloat16_rn(r);
+            else out[u] = r;
         }
     }
 }
 
-extern "C" void cuda_swiglu_forward(float *out, const float *in, int N, int h, int silu_first)
+/* one of out (fp32) and outb (bf16) non-NULL */
+static void swiglu_forward(float *out, __nv_bfloat16 *outb, const float *in, int N, int h, int silu_first)
 {
     if (N <= 0 || h <= 0) return;
-    int vec = h % 4 == 0 && cuda_aligned16(out) && cuda_aligned16(in);
+    /* the bf16 rows go wide with 8-byte stores */
+    int out_ok = outb ? (uintptr_t)outb % 8 == 0 : cuda_aligned16(out);
+    int vec = h % 4 == 0 && out_ok && cuda_aligned16(in);
     size_t units = (size_t)N * (vec ? h / 4 : h);
-    swiglu_forward_kernel<<<ew_grid(units), EW_THREADS, 0, cuda_stream()>>>(out, in, N, h, silu_first, vec);
+    swiglu_forward_kernel<<<ew_grid(units), EW_THREADS, 0, cuda_stream()>>>(out, outb, in, N, h, silu_first, vec);
     LAUNCH_CHECK();
 }
 
-/* acc 1: din += the gradient; acc 0: din = it (din not read) */
-static __global__ void swiglu_backward_kernel(float *din, const float *dout, const float *in, int N, int h,
-                                              int silu_first, int vec, int acc)
+extern "C" void cuda_swiglu_forward(float *out, const float *in, int N, int h, int silu_first)
+{
+    swiglu_forward(out, NULL, in, N, h, silu_first);
+}
+
+extern "C" void cuda_swiglu_forward_bf16(__nv_bfloat16 *out, const float *in, int N, int h, int silu_first)
+{
+    swiglu_forward(NULL, out, in, N, h, silu_first);
+}
+
+/* acc 1: din += the gradient; acc 0: din = it (din not read); dinb non-NULL (with acc 0):
+ * the gradient written in bf16 there instead (din unused), rounded as cuda_to_bf16 would
+ * round the fp32 value */
+static __global__ void swiglu_backward_kernel(float *din, __nv_bfloat16 *dinb, const float *dout, const float *in,
+                                              int N, int h, int silu_first, int vec, int acc)
 {
     if (vec) {
         int h4 = h / 4;
@@ -486,50 +520,70 @@ static __global__ void swiglu_backward_kernel(float *din, const float *dout, con
         for (size_t u = gtid(); u < total; u += gstride()) {
             size_t i = u / h4, j = u % h4;
             const float4 *row = (const float4 *)in + i * 2 * h4;
-            float4 *drow = (float4 *)din + i * 2 * h4;
             float4 a = __ldg(row + j), b = __ldg(row + h4 + j);
             float4 d = __ldg((const float4 *)dout + u);
             float4 da = make_float4(0.f, 0.f, 0.f, 0.f), db = da;
+            float4 *drow = dinb ? NULL : (float4 *)din + i * 2 * h4;
             if (acc) da = drow[j], db = drow[h4 + j];
             swiglu_grad1(&da.x, &db.x, d.x, a.x, b.x, silu_first);
             swiglu_grad1(&da.y, &db.y, d.y, a.y, b.y, silu_first);
             swiglu_grad1(&da.z, &db.z, d.z, a.z, b.z, silu_first);
             swiglu_grad1(&da.w, &db.w, d.w, a.w, b.w, silu_first);
-            drow[j] = da;
-            drow[h4 + j] = db;
+            if (dinb) {
+                __nv_bfloat16 *brow = dinb + i * 2 * h;
+                store_bf16x4(brow + 4 * j, da);
+                store_bf16x4(brow + h + 4 * j, db);
+            } else {
+                drow[j] = da;
+                drow[h4 + j] = db;
+            }
         }
     } else {
         size_t total = (size_t)N * h;
         for (size_t u = gtid(); u < total; u += gstride()) {
             size_t i = u / h, j = u % h;
             const float *row = in + i * 2 * h;
-            float *drow = din + i * 2 * h;
+            float *drow = dinb ? NULL : din + i * 2 * h;
             float da = acc ? drow[j] : 0.f, db = acc ? drow[h + j] : 0.f;
             swiglu_grad1(&da, &db, dout[u], row[j], row[h + j], silu_first);
-            drow[j] = da;
-            drow[h + j] = db;
+            if (dinb) {
+                dinb[i * 2 * h + j] = __float2bfloat16_rn(da);
+                dinb[i * 2 * h + h + j] = __float2bfloat16_rn(db);
+            } else {
+                drow[j] = da;
+                drow[h + j] = db;
+            }
         }
     }
 }
 
-static void swiglu_backward(float *din, const float *dout, const float *in, int N, int h, int silu_first, int acc)
+static void swiglu_backward(float *din, __nv_bfloat16 *dinb, const float *dout, const float *in, int N, int h,
+                            int silu_first, int acc)
 {
     if (N <= 0 || h <= 0) return;
-    int vec = h % 4 == 0 && cuda_aligned16(din) && cuda_aligned16(dout) && cuda_aligned16(in);
+    int din_ok = dinb ? (uintptr_t)dinb % 8 == 0 : cuda_aligned16(din);
+    int vec = h % 4 == 0 && din_ok && cuda_aligned16(dout) && cuda_aligned16(in);
     size_t units = (size_t)N * (vec ? h / 4 : h);
-    swiglu_backward_kernel<<<ew_grid(units), EW_THREADS, 0, cuda_stream()>>>(din, dout, in, N, h, silu_first, vec,
-                                                                             acc);
+    swiglu_backward_kernel<<<ew_grid(units), EW_THREADS, 0, cuda_stream()>>>(din, dinb, dout, in, N, h, silu_first,
+                                                                             vec, acc);
     LAUNCH_CHECK();
 }
 
 extern "C" void cuda_swiglu_backward(float *din, const float *dout, const float *in, int N, int h, int silu_first)
 {
-    swiglu_backward(din, dout, in, N, h, silu_first, 1);
+    swiglu_backward(din, NULL, dout, in, N, h, silu_first, 1);
 }
 
 /* as cuda_swiglu_backward, but din is written, not added to */
 extern "C" void cuda_swiglu_backward_set(float *din, const float *dout, const float *in, int N, int h,
                                          int silu_first)
 {
-    swiglu_backward(din, dout, in, N, h, silu_first, 0);
+    swiglu_backward(din, NULL, dout, in, N, h, silu_first, 0);
+}
+
+/* as cuda_swiglu_backward_set, with din [N, 2h] written in bf16 */
+extern "C" void cuda_swiglu_backward_set_bf16(__nv_bfloat16 *din, const float *dout, const float *in, int N, int h,
+                                              int silu_first)
+{
+    swiglu_backward(NULL, din, dout, in, N, h, silu_first, 0);
 }

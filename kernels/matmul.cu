@@ -38,6 +38,13 @@
  * and the small and skinny products that stay on cublasGemmEx's fp32 operands, copy r
  * into y (skipped when r = y) and accumulate with beta = 1: no saving over the add there
  * (the small ones are launch-bound, the skinny ones narrow), but the same contract.
+ *
+ * The fused SwiGLU MLP (mlp.cu) keeps its activation and SwiGLU gradient in bf16 between
+ * GEMMs, so it enters the bf16 path past the rounding of those operands:
+ * cuda_matmul_forward_bf16x (x in bf16, with or without a residual, through the same
+ * plans) and cuda_matmul_backward_bf16x (dy and/or x in bf16), for the shapes that
+ * cuda_matmul_bf16_path says take that path. The operands they get are the ones the
+ * fp32 entry points would have rounded, so only cuBLAS's algorithm choice can differ.
  */
 #include <cublasLt.h>
 #include <cuda_bf16.h>
@@ -126,6 +133,11 @@ static int small_product(int N, int in, int out) { return cuda_matmul_small((siz
  * each operand, and TF32 rounds less than bf16. */
 static int skinny_product(int in, int out) { return in <= MATMUL_SKINNY_WIDTH || out <= MATMUL_SKINNY_WIDTH; }
 
+extern "C" int cuda_matmul_bf16_path(int N, int in, int out)
+{
+    return N > 0 && in > 0 && out > 0 && !small_product(N, in, out) && !skinny_product(in, out);
+}
+
 /* One cuBLASLt plan of the forward with a residual (see the top): y^T [out, N] =
  * op(W^T buffer) x^T + r^T on bf16 W and x, fp32 r and y. Keyed by the shape and the
  * alignment of the four pointers, because the heuristic may only pick an algorithm whose
@@ -213,6 +225,24 @@ static void residual_into(float *y, const float *r, size_t n)
     if (r != y) CUDA_CHECK(cudaMemcpyAsync(y, r, n * sizeof *y, cudaMemcpyDeviceToDevice, cuda_stream()));
 }
 
+/* The bf16 path's product: y [N, out] = xb [N, in] wb [out, in]^T (+ r [N, out] when r is
+ * non-NULL: cuBLASLt with C = r where a plan has an algorithm, else r copied into y and
+ * accumulated). xb, wb: the bf16 operands, already rounded. */
+static void forward_bf16(float *y, const __nv_bfloat16 *xb, const __nv_bfloat16 *wb, const float *r, int N, int in,
+                         int out)
+{
+    const fwd_plan *p = r ? fwd_plan_get(N, in, out, wb, xb, r, y) : NULL;
+    if (p && p->found) {
+        const float one = 1.0f;
+        void *ws = cuda_grow(&fwd_ws, &fwd_ws_bytes, FWD_WORKSPACE);
+        CUBLAS_CHECK(cublasLtMatmul(fwd_lt, p->op, &one, wb, p->lw, xb, p->lx, &one, r, p->ly, y, p->ly, &p->algo,
+                                    ws, FWD_WORKSPACE, cuda_stream()));
+        return;
+    }
+    if (r) residual_into(y, r, (size_t)N * out);
+    cuda_gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, wb, in, xb, in, r ? 1.0f : 0.0f, y, out);
+}
+
 /* y [N, out] = x [N, in] w [out, in]^T, plus r [N, out] when r is non-NULL (r = y allowed,
  * otherwise no overlap); overwrites y. Device pointers. With r NULL this is the plain
  * forward (beta 0: y is never read). */
@@ -237,16 +267,7 @@ static void matmul_forward(float *y, const float *x, const float *w, const float
     __nv_bfloat16 *xb = bf_reserve(nx + nw), *wb = xb + nx;
     cuda_to_bf16(xb, x, (size_t)N * in);
     cuda_to_bf16(wb, w, (size_t)out * in);
-    const fwd_plan *p = r ? fwd_plan_get(N, in, out, wb, xb, r, y) : NULL;
-    if (p && p->found) {
-        const float one = 1.0f;
-        void *ws = cuda_grow(&fwd_ws, &fwd_ws_bytes, FWD_WORKSPACE);
-        CUBLAS_CHECK(cublasLtMatmul(fwd_lt, p->op, &one, wb, p->lw, xb, p->lx, &one, r, p->ly, y, p->ly, &p->algo,
-                                    ws, FWD_WORKSPACE, cuda_stream()));
-        return;
-    }
-    if (r) residual_into(y, r, ny);
-    cuda_gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, wb, in, xb, in, beta, y, out);
+    forward_bf16(y, xb, wb, r, N, in, out);
 }
 
 /* y [N, out] = x [N, in] w [out, in]^T; overwrites y. Device pointers. */
@@ -261,6 +282,62 @@ extern "C" void cuda_matmul_forward_add(float *y, const float *x, const float *w
                                         int out)
 {
     matmul_forward(y, x, w, r, N, in, out);
+}
+
+/* matmul_forward(_add) on an x the caller already holds in bf16 (the fused MLP's saved
+ * activation, kernels/mlp.cu): y [N, out] = r + xb [N, in] w [out, in]^T, or without r
+ * when r is NULL; r may be y. Only for shapes on the bf16 path (cuda_matmul_bf16_path):
+ * those are the ones whose operand matmul_forward would round, and the bits are those of
+ * matmul_forward on the fp32 x that rounds to xb, up to cuBLAS's choice of algorithm
+ * (the plan is keyed by the pointers' alignment). Device pointers. */
+extern "C" void cuda_matmul_forward_bf16x(float *y, const __nv_bfloat16 *xb, const float *w, const float *r, int N,
+                                          int in, int out)
+{
+    fatal_check(cuda_matmul_bf16_path(N, in, out));
+    __nv_bfloat16 *wb = bf_reserve(cuda_round8((size_t)out * in));
+    cuda_to_bf16(wb, w, (size_t)out * in);
+    forward_bf16(y, xb, wb, r, N, in, out);
+}
+
+/* The bf16 path of the backward: dx [N, in] = dx_beta dx + dy w (skipped when dx is
+ * NULL), dw [out, in] += dy^T x (skipped when dw is NULL). dy and x each come either as
+ * fp32 (dy, x: rounded here into bf_buf) or already rounded (dyb, xb non-NULL: used as
+ * they are, the fp32 pointer ignored). Copies are packed dy, w, x as they always were. */
+static void backward_bf16(float *dx, float *dw, const float *dy, const __nv_bfloat16 *dyb, const float *x,
+                          const __nv_bfloat16 *xb, const float *w, int N, int in, int out, float dx_beta)
+{
+    size_t ny = dyb ? 0 : cuda_round8((size_t)N * out), nx = dw && !xb ? cuda_round8((size_t)N * in) : 0;
+    size_t nw = dx ? cuda_round8((size_t)out * in) : 0;
+    __nv_bfloat16 *buf = bf_reserve(ny + nx + nw), *rest = buf + ny;
+    if (!dyb) {
+        cuda_to_bf16(buf, dy, (size_t)N * out);
+        dyb = buf;
+    }
+    if (dx) {
+        cuda_to_bf16(rest, w, (size_t)out * in);
+        cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, rest, in, dyb, out, dx_beta, dx, in);
+        rest += nw;
+    }
+    if (dw) {
+        if (!xb) {
+            cuda_to_bf16(rest, x, (size_t)N * in);
+            xb = rest;
+        }
+        cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, in, out, N, xb, in, dyb, out, 1.0f, dw, in);
+    }
+}
+
+/* matmul_backward (dx_beta 1) or matmul_backward_set (dx_beta 0) with dy and/or x given
+ * in bf16 (see backward_bf16; the fused MLP's saved activation and SwiGLU gradient).
+ * Only for shapes on the bf16 path (cuda_matmul_bf16_path); the bits are those of the
+ * fp32 op on the values that round to the bf16 operands. Device pointers. */
+extern "C" void cuda_matmul_backward_bf16x(float *dx, float *dw, const float *dy, const __nv_bfloat16 *dyb,
+                                           const float *x, const __nv_bfloat16 *xb, const float *w, int N, int in,
+                                           int out, float dx_beta)
+{
+    fatal_check(cuda_matmul_bf16_path(N, in, out));
+    if (!dx && !dw) return;
+    backward_bf16(dx, dw, dy, dyb, x, xb, w, N, in, out, dx_beta);
 }
 
 /* dx [N, in] = dx_beta dx + dy [N, out] w [out, in] (skipped when dx is NULL);
@@ -284,18 +361,7 @@ static void matmul_backward(float *dx, float *dw, const float *dy, const float *
         if (dw) gemm_f32(CUBLAS_OP_N, CUBLAS_OP_T, in, out, N, x, in, dy, out, 1.0f, dw, in, tf32);
         return;
     }
-    size_t ny = cuda_round8((size_t)N * out), nx = cuda_round8((size_t)N * in), nw = cuda_round8((size_t)out * in);
-    __nv_bfloat16 *dyb = bf_reserve(ny + (dw ? nx : 0) + (dx ? nw : 0)), *rest = dyb + ny;
-    cuda_to_bf16(dyb, dy, (size_t)N * out);
-    if (dx) {
-        cuda_to_bf16(rest, w, (size_t)out * in);
-        cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, rest, in, dyb, out, dx_beta, dx, in);
-        rest += nw;
-    }
-    if (dw) {
-        cuda_to_bf16(rest, x, (size_t)N * in);
-        cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, in, out, N, rest, in, dyb, out, 1.0f, dw, in);
-    }
+    backward_bf16(dx, dw, dy, NULL, x, NULL, w, N, in, out, dx_beta);
 }
 
 /* dx [N, in] += dy [N, out] w [out, in] (skipped when dx is NULL);

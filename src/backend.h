@@ -90,6 +90,34 @@ typedef struct backend {
     /* swiglu_backward, except that din is written, not added to */
     void (*swiglu_backward_set)(float *din, const float *dout, const float *in, int N, int h, int silu_first);
 
+    /* ---- SwiGLU MLP, fused: the two projections around SwiGLU as one op ----
+     * x [N, d]; w_gu [2h, d] (the gate/up projection: gu = x w_gu^T); w_down [d, h].
+     * Forward: gu [N, 2h] = x w_gu^T (saved, fp32); out [N, d] = resid + swiglu(gu) w_down^T
+     * (overwritten; resid [N, d] required, and may be out itself, then out accumulates;
+     * otherwise it must not overlap out). act: N*h floats of storage for the saved
+     * activation, in the backend's own format, which only mlp_backward reads: the CPU
+     * keeps swiglu(gu) in fp32; CUDA keeps its bf16 rounding (the operand its GEMMs use)
+     * in the first half of the storage wherever the down projection runs on bf16 copies,
+     * fp32 elsewhere; the choice depends on N, d, h alone, so a backward always reads
+     * what the forward of the same shape wrote.
+     * Backward (dout [N, d], the gradient of out): dact = dout w_down,
+     * dgu = swiglu_backward(dact, gu); dw_down [d, h] += dout^T act; dw_gu [2h, d] +=
+     * dgu^T x; dx [N, d] += dgu w_gu. scratch: mlp_scratch_floats(N, h) floats, whose
+     * contents on entry do not matter (dact and dgu live there). Every pointer is
+     * required. On the CPU the bits equal the op sequence the model used before: forward
+     * matmul_forward, swiglu_forward, matmul_forward_add; backward matmul_backward_set
+     * (dact), swiglu_backward_set (dgu), matmul_backward (dx). */
+    void (*mlp_forward)(float *out, float *gu, float *act, const float *x, const float *w_gu, const float *w_down,
+                        const float *resid, int N, int d, int h, int silu_first);
+    void (*mlp_backward)(float *dx, float *dw_gu, float *dw_down, const float *dout, const float *x,
+                         const float *gu, const float *act, const float *w_gu, const float *w_down, float *scratch,
+                         int N, int d, int h, int silu_first);
+    /* mlp_backward, except that dx is written (dx = dgu w_gu), not added to, as
+     * matmul_backward_set: dx's old contents (even NaN) are not read */
+    void (*mlp_backward_set)(float *dx, float *dw_gu, float *dw_down, const float *dout, const float *x,
+                             const float *gu, const float *act, const float *w_gu, const float *w_down,
+                             float *scratch, int N, int d, int h, int silu_first);
+
     /* ---- Gated DeltaNet pieces ---- */
     /* Short causal depthwise conv, kernel 4, with bias: x,y [B,T,C], w [C,4] oldest tap
      * first, bias [C]: y[b,t,c] = bias[c] + sum_s w[c,s] * x[b,t-3+s,c] (zero before t=0).
@@ -141,6 +169,11 @@ typedef struct backend {
     void (*attention_backward)(float *dq, float *dk, float *dv, const float *dout, const float *out,
                                const float *lse, const float *q, const float *k, const float *v,
                                const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale);
+    /* attention_backward, except that dq, dk, dv are written, not added to (their old
+     * contents, even NaN, are not read): the caller skips zeroing them first */
+    void (*attention_backward_set)(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                   const float *lse, const float *q, const float *k, const float *v,
+                                   const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale);
 
     /* ---- mixture of experts (MODEL.md section 5) ---- */
     /* Router: z [N,E] logits. aff = sigmoid(z); select top-k of aff + bias (ties: lower
@@ -227,6 +260,10 @@ typedef struct backend {
 
 /* floats of state_save for gdn_forward: one D x D state per (b, h, chunk start) */
 size_t gdn_state_floats(int B, int T, int H, int D);
+/* scratch floats mlp_backward needs for N rows of hidden width h: dact [N, h] in fp32,
+ * then, from the next multiple of 64 floats (256 bytes), dgu [N, 2h] in fp32 (the CPU)
+ * or bf16 (CUDA's bf16 path) */
+size_t mlp_scratch_floats(int N, int h);
 /* scratch floats muon_update needs for a rows x cols matrix */
 size_t muon_work_floats(int rows, int cols);
 /* the most matrices one muon_update_batch call takes */

@@ -56,6 +56,16 @@ static void cpu_swiglu_backward_set(float *din, const float *dout, const float *
     cpu_swiglu_backward(din, dout, in, N, h, silu_first);
 }
 
+static void cpu_attention_backward_set(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                                       const float *lse, const float *q, const float *k, const float *v,
+                                       const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale)
+{
+    memset(dq, 0, (size_t)B * T * H * Dk * sizeof *dq);
+    memset(dk, 0, (size_t)B * T * H * Dk * sizeof *dk);
+    memset(dv, 0, (size_t)B * T * H * Dv * sizeof *dv);
+    cpu_attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc_id, B, T, H, Dk, Dv, scale);
+}
+
 static const backend cpu_backend = {
     .name = "cpu",
     .alloc = cpu_alloc,
@@ -84,6 +94,9 @@ static const backend cpu_backend = {
     .swiglu_forward = cpu_swiglu_forward,
     .swiglu_backward = cpu_swiglu_backward,
     .swiglu_backward_set = cpu_swiglu_backward_set,
+    .mlp_forward = cpu_mlp_forward,
+    .mlp_backward = cpu_mlp_backward,
+    .mlp_backward_set = cpu_mlp_backward_set,
     .conv_forward = cpu_conv_forward,
     .conv_backward = cpu_conv_backward,
     .gates_forward = cpu_gates_forward,
@@ -96,6 +109,7 @@ static const backend cpu_backend = {
     .mla_prep_backward = cpu_mla_prep_backward,
     .attention_forward = cpu_attention_forward,
     .attention_backward = cpu_attention_backward,
+    .attention_backward_set = cpu_attention_backward_set,
     .moe_route_forward = cpu_moe_route_forward,
     .moe_route_backward = cpu_moe_route_backward,
     .add_i32 = cpu_add_i32,

@@ -120,9 +120,8 @@ void gdn_forward(model *m, int l, const float *x, float *out)
     }
 
     be->rmsnorm_forward(A->ln2, A->rstd2, A->xmid, PW(gi->norm2), N, d);
-    be->matmul_forward(A->gu, A->ln2, PW(gi->mlp_gate_up), N, d, 8 * d);
-    be->swiglu_forward(A->act, A->gu, N, 4 * d, 0);
-    be->matmul_forward_add(out, A->act, PW(gi->mlp_down), A->xmid, N, 4 * d, d); /* out = xmid + MLP */
+    /* out = xmid + MLP; gu and act (in the backend's format) saved */
+    be->mlp_forward(out, A->gu, A->act, A->ln2, PW(gi->mlp_gate_up), PW(gi->mlp_down), A->xmid, N, d, 4 * d, 0);
 }
 
 /* dx: on entry the gradient w.r.t. the block output, on exit w.r.t. its input x. */
@@ -139,12 +138,10 @@ void gdn_backward(model *m, int l, const float *x, float *dx, arena *s)
 
     s->used = 0;
     /* ---- MLP branch: out = xmid + down(a * silu(b)) ---- */
-    float *dact = ARENA_F(s, (size_t)N * 4 * d);
-    float *dgu = ARENA_F(s, (size_t)N * 8 * d);
+    float *mlp_scratch = ARENA_F(s, mlp_scratch_floats(N, 4 * d)); /* dact, dgu */
     float *dln = ARENA_F(s, Nd);
-    be->matmul_backward_set(dact, GW(gi->mlp_down), dx, A->act, PW(gi->mlp_down), N, 4 * d, d);
-    be->swiglu_backward_set(dgu, dact, A->gu, N, 4 * d, 0);
-    be->matmul_backward_set(dln, GW(gi->mlp_gate_up), dgu, A->ln2, PW(gi->mlp_gate_up), N, d, 8 * d);
+    be->mlp_backward_set(dln, GW(gi->mlp_gate_up), GW(gi->mlp_down), dx, A->ln2, A->gu, A->act, PW(gi->mlp_gate_up),
+                         PW(gi->mlp_down), mlp_scratch, N, d, 4 * d, 0);
     be->rmsnorm_backward(dx, GW(gi->norm2), dln, A->xmid, PW(gi->norm2), A->rstd2, N, d);
 
     /* ---- mixer branch: a fresh scratch layout (dln is taken again, first) ---- */

@@ -102,10 +102,10 @@ void mla_plan(model *m, int l, arena *a)
 
 /* out [N, d] = resid + FFN(ln2), the FFN's terms summed in order and resid added last
  * (the CPU's bits are those of separate adds). So the residual rides on a GEMM
- * (matmul_forward_add) only where that GEMM writes out last: the dense MLP's down
- * projection, LatentMoE's up projection when no shared expert follows; after routed
- * experts or shared experts it is an add_inplace. Shared experts accumulate into out
- * through matmul_forward_add with r = out. */
+ * (matmul_forward_add, or the down projection inside mlp_forward) only where that GEMM
+ * writes out last: the dense MLP's down projection, LatentMoE's up projection when no
+ * shared expert follows; after routed experts or shared experts it is an add_inplace.
+ * Shared experts accumulate into out through mlp_forward with resid = out. */
 static void ffn_forward(model *m, int l, const float *resid, float *out)
 {
     const backend *be = m->be;
@@ -117,9 +117,7 @@ static void ffn_forward(model *m, int l, const float *resid, float *out)
     size_t Nd = (size_t)N * d;
 
     if (!c->use_moe) {
-        be->matmul_forward(A->gu, A->ln2, PW(mi->mlp_gate_up), N, d, 8 * d);
-        be->swiglu_forward(A->act, A->gu, N, 4 * d, 0);
-        be->matmul_forward_add(out, A->act, PW(mi->mlp_down), resid, N, 4 * d, d);
+        be->mlp_forward(out, A->gu, A->act, A->ln2, PW(mi->mlp_gate_up), PW(mi->mlp_down), resid, N, d, 4 * d, 0);
         return;
     }
     int E = c->moe_E, k = c->moe_k, h = c->moe_hidden, in = c->moe_in, ed = c->expert_dim;
@@ -143,9 +141,8 @@ static void ffn_forward(model *m, int l, const float *resid, float *out)
         be->matmul_forward(out, A->ey, PW(mi->lat_up), N, in, d);
     }
     for (int j = 0; j < c->n_shared_experts; j++) {
-        be->matmul_forward(A->sh_gu[j], A->ln2, PW(mi->shared_gate_up[j]), N, d, 2 * ed);
-        be->swiglu_forward(A->sh_act[j], A->sh_gu[j], N, ed, 1);
-        be->matmul_forward_add(out, A->sh_act[j], PW(mi->shared_down[j]), out, N, ed, d); /* out += */
+        be->mlp_forward(out, A->sh_gu[j], A->sh_act[j], A->ln2, PW(mi->shared_gate_up[j]), PW(mi->shared_down[j]),
+                        out, N, d, ed, 1); /* out += */
     }
     if (!resid_added) be->add_inplace(out, resid, Nd);
 }
@@ -193,19 +190,18 @@ static void ffn_backward(model *m, int l, const float *dy, float *dln, arena *s)
     int N = m->B * m->T, d = c->n_embd;
 
     if (!c->use_moe) {
-        float *dact = ARENA_F(s, (size_t)N * 4 * d), *dgu = ARENA_F(s, (size_t)N * 8 * d);
-        be->matmul_backward_set(dact, GW(mi->mlp_down), dy, A->act, PW(mi->mlp_down), N, 4 * d, d);
-        be->swiglu_backward_set(dgu, dact, A->gu, N, 4 * d, 0);
-        be->matmul_backward(dln, GW(mi->mlp_gate_up), dgu, A->ln2, PW(mi->mlp_gate_up), N, d, 8 * d);
+        float *mlp_scratch = ARENA_F(s, mlp_scratch_floats(N, 4 * d)); /* dact, dgu */
+        be->mlp_backward(dln, GW(mi->mlp_gate_up), GW(mi->mlp_down), dy, A->ln2, A->gu, A->act, PW(mi->mlp_gate_up),
+                         PW(mi->mlp_down), mlp_scratch, N, d, 4 * d, 0);
         return;
     }
     int E = c->moe_E, k = c->moe_k, h = c->moe_hidden, in = c->moe_in, ed = c->expert_dim;
-    for (int j = 0; j < c->n_shared_experts; j++) {
-        float *dact = ARENA_F(s, (size_t)N * ed), *dgu = ARENA_F(s, (size_t)N * 2 * ed);
-        be->matmul_backward_set(dact, GW(mi->shared_down[j]), dy, A->sh_act[j], PW(mi->shared_down[j]), N, ed, d);
-        be->swiglu_backward_set(dgu, dact, A->sh_gu[j], N, ed, 1);
-        be->matmul_backward(dln, GW(mi->shared_gate_up[j]), dgu, A->ln2, PW(mi->shared_gate_up[j]), N, d, 2 * ed);
-    }
+    /* one dact/dgu scratch for every shared expert: each backward is done with it before
+     * the next starts (the ops run in order on one stream) */
+    float *sh_scratch = c->n_shared_experts ? ARENA_F(s, mlp_scratch_floats(N, ed)) : NULL;
+    for (int j = 0; j < c->n_shared_experts; j++)
+        be->mlp_backward(dln, GW(mi->shared_gate_up[j]), GW(mi->shared_down[j]), dy, A->ln2, A->sh_gu[j],
+                         A->sh_act[j], PW(mi->shared_gate_up[j]), PW(mi->shared_down[j]), sh_scratch, N, d, ed, 1);
     float *dgate = ARENA_F(s, (size_t)N * k);
     be->zero(dgate, (size_t)N * k * sizeof(float));
     const float *ex_in = A->ln2, *dex_out = dy;
@@ -256,10 +252,7 @@ void mla_backward(model *m, int l, const float *x, float *dx, arena *s)
     float *dq = ARENA_F(s, (size_t)N * Dq), *dkv = ARENA_F(s, (size_t)N * H * (dn + dv));
     float *dkpe = ARENA_F(s, (size_t)N * dr), *dckv_n = ARENA_F(s, (size_t)N * rkv), *dckv = ARENA_F(s, (size_t)N * rkv);
     be->matmul_backward_set(datt, GW(mi->wo), dx, A->att, PW(mi->wo), N, H * dv, d);
-    be->zero(dqh, (size_t)N * Dq * sizeof(float));
-    be->zero(dkh, (size_t)N * Dq * sizeof(float));
-    be->zero(dvh, (size_t)N * H * dv * sizeof(float));
-    be->attention_backward(dqh, dkh, dvh, datt, A->att, A->lse, A->qh, A->kh, A->vh, m->doc_id, B, T, H, dn + dr, dv,
+    be->attention_backward_set(dqh, dkh, dvh, datt, A->att, A->lse, A->qh, A->kh, A->vh, m->doc_id, B, T, H, dn + dr, dv,
                            1.0f / sqrtf((float)(dn + dr)));
     be->zero(dq, (size_t)N * Dq * sizeof(float));
     be->zero(dkv, (size_t)N * H * (dn + dv) * sizeof(float));

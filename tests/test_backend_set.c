@@ -1,10 +1,11 @@
 /* test_backend_set.c: the "_set" ops of the op table (src/backend.h) on the CPU backend:
- * matmul_backward_set and swiglu_backward_set write the input gradient instead of adding
- * to it, so whatever the buffer held before (NaN here) must not matter, and the result
- * must be the accumulating op's on a zeroed buffer, bit for bit; matmul_backward_set's
- * weight gradient still accumulates. The model (src/model_gdn.c, src/model_mla.c) uses
- * them where it used to zero a buffer first; the CUDA twins are checked against these on
- * the GPU (tests/gpu/test_gpu_dense.c, test_gpu_basic.c).
+ * matmul_backward_set, swiglu_backward_set and attention_backward_set write the input
+ * gradients instead of adding to them, so whatever the buffers held before (NaN here)
+ * must not matter, and the result must be the accumulating op's on zeroed buffers, bit
+ * for bit; matmul_backward_set's weight gradient still accumulates. The model
+ * (src/model_gdn.c, src/model_mla.c) uses them where it used to zero a buffer first; the
+ * CUDA twins are checked against the CPU on the GPU (tests/gpu/test_gpu_dense.c,
+ * test_gpu_basic.c, test_gpu_attention.c).
  */
 #include <math.h>
 #include <stdio.h>
@@ -67,6 +68,30 @@ static void test_swiglu(const backend *be, int N, int h, int silu_first)
     free(in), free(dout), free(ref), free(set);
 }
 
+/* attention_backward_set over NaN = attention_backward on zeroed dq, dk, dv, bitwise */
+static void test_attention(const backend *be, int B, int T, int H, int Dk, int Dv)
+{
+    const size_t nq = (size_t)B * T * H * Dk, nv = (size_t)B * T * H * Dv, nl = (size_t)B * T * H;
+    const uint64_t key = rng_key(7, "attention_set") + (uint64_t)T * 131 + Dk;
+    float *q = random_buf(key, nq), *k = random_buf(key + 1, nq), *v = random_buf(key + 2, nv);
+    float *dout = random_buf(key + 3, nv), *out = xmalloc(nv * sizeof *out), *lse = xmalloc(nl * sizeof *lse);
+    const float scale = 1.0f / sqrtf((float)Dk);
+    be->attention_forward(out, lse, q, k, v, NULL, B, T, H, Dk, Dv, scale);
+    float *ref[3] = {filled(nq, 0.0f), filled(nq, 0.0f), filled(nv, 0.0f)};
+    float *set[3] = {filled(nq, NAN), filled(nq, NAN), filled(nv, NAN)};
+    be->attention_backward(ref[0], ref[1], ref[2], dout, out, lse, q, k, v, NULL, B, T, H, Dk, Dv, scale);
+    be->attention_backward_set(set[0], set[1], set[2], dout, out, lse, q, k, v, NULL, B, T, H, Dk, Dv, scale);
+    static const char *names[3] = {"dq", "dk", "dv"};
+    const size_t n[3] = {nq, nq, nv};
+    for (int i = 0; i < 3; i++) {
+        check(!memcmp(ref[i], set[i], n[i] * sizeof(float)),
+              "attention_backward_set B=%d T=%d H=%d Dk=%d Dv=%d: %s over NaN = attention_backward on zeros, bitwise",
+              B, T, H, Dk, Dv, names[i]);
+        free(ref[i]), free(set[i]);
+    }
+    free(q), free(k), free(v), free(dout), free(out), free(lse);
+}
+
 int main(void)
 {
     const backend *be = backend_cpu();
@@ -80,6 +105,8 @@ int main(void)
         test_swiglu(be, 5, 7, sf);
         test_swiglu(be, 40, 64, sf);
     }
+    test_attention(be, 2, 19, 3, 24, 16);
+    test_attention(be, 1, 70, 2, 40, 8);
     printf("# %d failure(s)\n", failures);
     return failures != 0;
 }

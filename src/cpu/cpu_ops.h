@@ -51,6 +51,16 @@ void cpu_layernorm_backward(real *dx, real *dw, real *db, const real *dout, cons
 void cpu_swiglu_forward(real *out, const real *in, int N, int h, int silu_first);
 void cpu_swiglu_backward(real *din, const real *dout, const real *in, int N, int h, int silu_first);
 
+/* SwiGLU MLP: the matmul and swiglu ops above in the model's order (cpu_mlp.c) */
+void cpu_mlp_forward(real *out, real *gu, real *act, const real *x, const real *w_gu, const real *w_down,
+                     const real *resid, int N, int d, int h, int silu_first);
+void cpu_mlp_backward(real *dx, real *dw_gu, real *dw_down, const real *dout, const real *x, const real *gu,
+                      const real *act, const real *w_gu, const real *w_down, real *scratch, int N, int d, int h,
+                      int silu_first);
+void cpu_mlp_backward_set(real *dx, real *dw_gu, real *dw_down, const real *dout, const real *x, const real *gu,
+                          const real *act, const real *w_gu, const real *w_down, real *scratch, int N, int d, int h,
+                          int silu_first);
+
 /* gated deltanet pieces */
 void cpu_conv_forward(real *y, const real *x, const real *w, const real *bias,
                       const int32_t *doc_start, int B, int T, int C);

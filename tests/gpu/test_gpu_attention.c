@@ -311,6 +311,28 @@ static void test_attention(gt_ctx *g, int B, int T, int H, int Dk, int Dv, int d
     for (int r = 0; r < 2; r++)
         for (int i = 0; i < 3; i++) free(br[r][i]);
 
+    /* attention_backward_set writes the gradients: over NaN it must give the CPU's
+     * increment (what the accumulating op adds to PREFILL) */
+    {
+        float *d_dq = g->gpu->alloc(nq * sizeof(float)), *d_dk = g->gpu->alloc(nq * sizeof(float));
+        float *d_dv = g->gpu->alloc(nv * sizeof(float));
+        gt_poison(g, d_dq, nq), gt_poison(g, d_dk, nq), gt_poison(g, d_dv, nv);
+        g->gpu->attention_backward_set(d_dq, d_dk, d_dv, d_dout, d_out, d_lse, d_q, d_k, d_v, d_doc, B, T, H, Dk,
+                                       Dv, scale);
+        nodoc_calls += !docs;
+        float *sq = gt_down(g, d_dq, nq), *sk = gt_down(g, d_dk, nq), *sv = gt_down(g, d_dv, nv);
+        for (size_t i = 0; i < nq; i++) dq[i] -= PREFILL, dk[i] -= PREFILL;
+        for (size_t i = 0; i < nv; i++) dv[i] -= PREFILL;
+        snprintf(what, sizeof what, "attention_backward_set %s: dq over NaN", name);
+        compare(what, sq, dq, nq, ATT_TOL, &Lk);
+        snprintf(what, sizeof what, "attention_backward_set %s: dk over NaN", name);
+        compare(what, sk, dk, nq, ATT_TOL, &Lk);
+        snprintf(what, sizeof what, "attention_backward_set %s: dv over NaN", name);
+        compare(what, sv, dv, nv, ATT_TOL, &Lv);
+        free(sq), free(sk), free(sv);
+        g->gpu->free(d_dq), g->gpu->free(d_dk), g->gpu->free(d_dv);
+    }
+
     g->gpu->free(d_q), g->gpu->free(d_k), g->gpu->free(d_v), g->gpu->free(d_dout), g->gpu->free(d_doc);
     g->gpu->free(d_out), g->gpu->free(d_lse);
     free(q), free(k), free(v), free(dout), free(doc), free(out), free(lse), free(dq), free(dk), free(dv);

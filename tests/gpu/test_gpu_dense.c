@@ -1,6 +1,6 @@
 /* test_gpu_dense.c: the dense ops of the CUDA backend against the CPU oracle: the
- * Linear layer (matmul forward, forward with a residual, backward), the chunked tied
- * head + cross-entropy (classifier forward/backward) and the optimizers (AdamW, Muon,
+ * Linear layer (matmul forward, forward with a residual, backward), the fused SwiGLU MLP
+ * (forward, backward), the chunked tied head + cross-entropy (classifier forward/backward) and the optimizers (AdamW, Muon,
  * Muon batches).
  *
  * Every op runs on the GPU and on the CPU with the same random inputs. Forward outputs
@@ -26,6 +26,15 @@
 
 /* kernels/classifier.cu (C linkage): rows per chunk of the head */
 int cuda_classifier_chunk_rows(int N, int V);
+/* kernels/matmul.cu (C linkage): 1 when the product N x in -> out runs on bf16 copies
+ * (the fused MLP keeps act and dgu in bf16 exactly when its down projection does) */
+int cuda_matmul_bf16_path(int N, int in, int out);
+/* kernels/matmul.cu and elementwise.cu (C linkage): the bf16 rounding pass and the SwiGLU
+ * kernels with bf16 outputs, whose __nv_bfloat16 buffers are declared here as the 16-bit
+ * words they are (C has no bf16 type); the fp32 SwiGLU ops of the op table */
+void cuda_to_bf16(uint16_t *dst, const float *src, size_t n);
+void cuda_swiglu_forward_bf16(uint16_t *out, const float *in, int N, int h, int silu_first);
+void cuda_swiglu_backward_set_bf16(uint16_t *din, const float *dout, const float *in, int N, int h, int silu_first);
 
 static size_t fbytes(size_t n) { return n * sizeof(float); }
 
@@ -236,6 +245,176 @@ static void test_matmul_backward(gt_ctx *g, int N, int in, int out, int want_dx,
     g->gpu->free(dw_d);
     free(x), free(w), free(dy), free(inc_dx), free(inc_dw), free(init_dx), free(init_dw);
     free(cpu_dx), free(cpu_dw), free(gdx[0]), free(gdx[1]), free(gdw[0]), free(gdw[1]);
+}
+
+/* ---- fused SwiGLU MLP ---- */
+
+/* The SwiGLU kernels' bf16 outputs (the fused MLP's act and dgu) against the fp32 ops
+ * followed by cuda_to_bf16: the same bits, which is what makes the fused MLP's GEMM
+ * operands those of the op-by-op sequence. h a multiple of 4 takes the wide path, an odd
+ * h the scalar one. */
+static void test_swiglu_bf16(gt_ctx *g, int N, int h, int sf)
+{
+    char name[256];
+    const size_t nin = (size_t)N * 2 * h, nout = (size_t)N * h;
+    float *in = gt_rand(g, nin, -4, 4), *dout = gt_rand(g, nout, -1, 1);
+    float *in_d = gt_up(g, in, nin), *dout_d = gt_up(g, dout, nout);
+    float *f32_d = g->gpu->alloc(fbytes(nin));
+    uint16_t *ref_d = g->gpu->alloc(nin * sizeof(uint16_t)), *got_d = g->gpu->alloc(nin * sizeof(uint16_t));
+    uint16_t *ref = xmalloc(nin * sizeof(uint16_t)), *got = xmalloc(nin * sizeof(uint16_t));
+
+    g->gpu->swiglu_forward(f32_d, in_d, N, h, sf);
+    cuda_to_bf16(ref_d, f32_d, nout);
+    g->gpu->zero(got_d, nin * sizeof(uint16_t));
+    cuda_swiglu_forward_bf16(got_d, in_d, N, h, sf);
+    g->gpu->to_host(ref, ref_d, nout * sizeof(uint16_t));
+    g->gpu->to_host(got, got_d, nout * sizeof(uint16_t));
+    snprintf(name, sizeof name, "swiglu_forward N=%d h=%d silu_first=%d: bf16 output = cuda_to_bf16 of the fp32 op", N,
+             h, sf);
+    gt_same_bits(name, got, ref, nout * sizeof(uint16_t));
+
+    gt_poison(g, f32_d, nin);
+    g->gpu->swiglu_backward_set(f32_d, dout_d, in_d, N, h, sf);
+    cuda_to_bf16(ref_d, f32_d, nin);
+    g->gpu->zero(got_d, nin * sizeof(uint16_t));
+    cuda_swiglu_backward_set_bf16(got_d, dout_d, in_d, N, h, sf);
+    g->gpu->to_host(ref, ref_d, nin * sizeof(uint16_t));
+    g->gpu->to_host(got, got_d, nin * sizeof(uint16_t));
+    snprintf(name, sizeof name,
+             "swiglu_backward_set N=%d h=%d silu_first=%d: bf16 output = cuda_to_bf16 of the fp32 op", N, h, sf);
+    gt_same_bits(name, got, ref, nin * sizeof(uint16_t));
+
+    g->gpu->free(in_d), g->gpu->free(dout_d), g->gpu->free(f32_d), g->gpu->free(ref_d), g->gpu->free(got_d);
+    free(in), free(dout), free(ref), free(got);
+}
+
+/* mlp_forward and mlp_backward(_set) against the CPU ops (themselves bitwise the CPU's
+ * op sequence, tests/test_mlp.c) on the same inputs. The GPU keeps act in its own format
+ * (bf16 on the fused path), so each backend's backward reads its own forward's act and
+ * gu. Forward: out, gu and out - resid (the MLP alone) with resid apart from out (out,
+ * gu, act NaN-poisoned) and resid = out, each twice for the same bits (act's storage
+ * too). Backward: each gradient from zero, accumulated and deterministic (check_grad),
+ * with the scratch NaN-poisoned before every run; the _set form with dx NaN-poisoned. */
+static void test_mlp(gt_ctx *g, int N, int d, int h, int sf)
+{
+    char name[256], what[256];
+    const size_t nd = (size_t)N * d, ngu = (size_t)N * 2 * h, nact = (size_t)N * h;
+    const size_t nwgu = (size_t)2 * h * d, nwd = (size_t)d * h, ns = mlp_scratch_floats(N, h);
+    const float a_gu = (float)sqrt(3.0 / d), a_down = (float)sqrt(3.0 / h);
+    float *x = gt_rand(g, nd, -1, 1), *w_gu = gt_rand(g, nwgu, -a_gu, a_gu);
+    float *w_down = gt_rand(g, nwd, -a_down, a_down), *resid = gt_rand(g, nd, -1, 1), *dout = gt_rand(g, nd, -1, 1);
+    printf("# mlp N=%d d=%d h=%d silu_first=%d: %s\n", N, d, h, sf,
+           cuda_matmul_bf16_path(N, h, d) ? "fused (bf16 act and dgu)" : "separate fp32 ops");
+    fflush(stdout);
+
+    /* the CPU */
+    float *out = xmalloc(fbytes(nd)), *gu = xmalloc(fbytes(ngu)), *act = xmalloc(fbytes(nact));
+    float *scratch = xmalloc(fbytes(ns));
+    g->cpu->mlp_forward(out, gu, act, x, w_gu, w_down, resid, N, d, h, sf);
+    float *mlp_only = diff(out, resid, nd);
+
+    /* the GPU forward */
+    float *x_d = gt_up(g, x, nd), *wgu_d = gt_up(g, w_gu, nwgu), *wd_d = gt_up(g, w_down, nwd);
+    float *r_d = gt_up(g, resid, nd), *dout_d = gt_up(g, dout, nd);
+    float *out_d = g->gpu->alloc(fbytes(nd)), *gu_d = g->gpu->alloc(fbytes(ngu)), *act_d = g->gpu->alloc(fbytes(nact));
+    float *s_d = g->gpu->alloc(fbytes(ns));
+    for (int same = 0; same < 2; same++) {
+        const char *mode = same ? "resid = out" : "resid != out";
+        float *rout[2], *rgu[2], *ract[2];
+        for (int run = 0; run < 2; run++) {
+            gt_poison(g, gu_d, ngu);
+            gt_poison(g, act_d, nact);
+            if (same) {
+                g->gpu->from_host(out_d, resid, fbytes(nd));
+                g->gpu->mlp_forward(out_d, gu_d, act_d, x_d, wgu_d, wd_d, out_d, N, d, h, sf);
+            } else {
+                gt_poison(g, out_d, nd);
+                g->gpu->mlp_forward(out_d, gu_d, act_d, x_d, wgu_d, wd_d, r_d, N, d, h, sf);
+            }
+            rout[run] = gt_down(g, out_d, nd);
+            rgu[run] = gt_down(g, gu_d, ngu);
+            ract[run] = gt_down(g, act_d, nact);
+        }
+        snprintf(name, sizeof name, "mlp_forward N=%d d=%d h=%d silu_first=%d [%s]: out", N, d, h, sf, mode);
+        gt_compare(name, rout[0], out, nd, GT_TOL_BF16);
+        float *prod = diff(rout[0], resid, nd);
+        snprintf(name, sizeof name, "mlp_forward N=%d d=%d h=%d silu_first=%d [%s]: out - resid", N, d, h, sf, mode);
+        gt_compare(name, prod, mlp_only, nd, GT_TOL_BF16);
+        snprintf(name, sizeof name, "mlp_forward N=%d d=%d h=%d silu_first=%d [%s]: gu", N, d, h, sf, mode);
+        gt_compare(name, rgu[0], gu, ngu, GT_TOL_BF16);
+        snprintf(name, sizeof name, "mlp_forward N=%d d=%d h=%d silu_first=%d [%s]: out, gu, act deterministic", N,
+                 d, h, sf, mode);
+        gt_report(name,
+                  !memcmp(rout[0], rout[1], fbytes(nd)) && !memcmp(rgu[0], rgu[1], fbytes(ngu)) &&
+                      !memcmp(ract[0], ract[1], fbytes(nact)),
+                  "bitwise");
+        if (!same) {
+            float *r_after = gt_down(g, r_d, nd);
+            snprintf(name, sizeof name, "mlp_forward N=%d d=%d h=%d silu_first=%d [resid != out]: resid unchanged", N,
+                     d, h, sf);
+            gt_same_bits(name, r_after, resid, fbytes(nd));
+            free(r_after);
+        }
+        free(prod);
+        for (int run = 0; run < 2; run++) free(rout[run]), free(rgu[run]), free(ract[run]);
+    }
+    /* gu_d, act_d now hold the GPU forward's saved activations */
+
+    /* the GPU backward's increments from zero */
+    float *dx_d = g->gpu->alloc(fbytes(nd)), *dwgu_d = g->gpu->alloc(fbytes(nwgu)), *dwd_d = g->gpu->alloc(fbytes(nwd));
+    gt_poison(g, s_d, ns);
+    g->gpu->mlp_backward(dx_d, dwgu_d, dwd_d, dout_d, x_d, gu_d, act_d, wgu_d, wd_d, s_d, N, d, h, sf);
+    float *inc_dx = gt_down(g, dx_d, nd), *inc_dwgu = gt_down(g, dwgu_d, nwgu), *inc_dwd = gt_down(g, dwd_d, nwd);
+    float *init_dx = grad_init(g, inc_dx, nd), *init_dwgu = grad_init(g, inc_dwgu, nwgu);
+    float *init_dwd = grad_init(g, inc_dwd, nwd);
+
+    for (int set = 0; set < 2; set++) {
+        const char *form = set ? "mlp_backward_set" : "mlp_backward";
+        /* the CPU from the initial values (dx: written by the _set form) */
+        float *cdx = set ? xmalloc(fbytes(nd)) : gt_host_copy(init_dx, nd);
+        float *cdwgu = gt_host_copy(init_dwgu, nwgu), *cdwd = gt_host_copy(init_dwd, nwd);
+        for (size_t i = 0; i < ns; i++) scratch[i] = NAN;
+        if (set) {
+            for (size_t i = 0; i < nd; i++) cdx[i] = NAN;
+            g->cpu->mlp_backward_set(cdx, cdwgu, cdwd, dout, x, gu, act, w_gu, w_down, scratch, N, d, h, sf);
+        } else {
+            g->cpu->mlp_backward(cdx, cdwgu, cdwd, dout, x, gu, act, w_gu, w_down, scratch, N, d, h, sf);
+        }
+        /* the GPU twice from the same initial values */
+        float *gdx[2], *gdwgu[2], *gdwd[2];
+        for (int run = 0; run < 2; run++) {
+            if (set) gt_poison(g, dx_d, nd);
+            else g->gpu->from_host(dx_d, init_dx, fbytes(nd));
+            g->gpu->from_host(dwgu_d, init_dwgu, fbytes(nwgu));
+            g->gpu->from_host(dwd_d, init_dwd, fbytes(nwd));
+            gt_poison(g, s_d, ns);
+            if (set) g->gpu->mlp_backward_set(dx_d, dwgu_d, dwd_d, dout_d, x_d, gu_d, act_d, wgu_d, wd_d, s_d, N, d, h, sf);
+            else g->gpu->mlp_backward(dx_d, dwgu_d, dwd_d, dout_d, x_d, gu_d, act_d, wgu_d, wd_d, s_d, N, d, h, sf);
+            gdx[run] = gt_down(g, dx_d, nd);
+            gdwgu[run] = gt_down(g, dwgu_d, nwgu);
+            gdwd[run] = gt_down(g, dwd_d, nwd);
+        }
+        if (set) {
+            snprintf(what, sizeof what, "%s N=%d d=%d h=%d silu_first=%d: dx", form, N, d, h, sf);
+            gt_compare(what, gdx[0], cdx, nd, GT_TOL_BF16);
+            snprintf(what, sizeof what, "%s N=%d d=%d h=%d silu_first=%d: dx deterministic", form, N, d, h, sf);
+            gt_same_bits(what, gdx[0], gdx[1], fbytes(nd));
+        } else {
+            snprintf(what, sizeof what, "%s N=%d d=%d h=%d silu_first=%d: dx", form, N, d, h, sf);
+            check_grad(what, inc_dx, init_dx, cdx, gdx[0], gdx[1], nd, GT_TOL_BF16);
+        }
+        snprintf(what, sizeof what, "%s N=%d d=%d h=%d silu_first=%d: dw_gu", form, N, d, h, sf);
+        check_grad(what, inc_dwgu, init_dwgu, cdwgu, gdwgu[0], gdwgu[1], nwgu, GT_TOL_BF16);
+        snprintf(what, sizeof what, "%s N=%d d=%d h=%d silu_first=%d: dw_down", form, N, d, h, sf);
+        check_grad(what, inc_dwd, init_dwd, cdwd, gdwd[0], gdwd[1], nwd, GT_TOL_BF16);
+        for (int run = 0; run < 2; run++) free(gdx[run]), free(gdwgu[run]), free(gdwd[run]);
+        free(cdx), free(cdwgu), free(cdwd);
+    }
+
+    float *dev[] = {x_d, wgu_d, wd_d, r_d, dout_d, out_d, gu_d, act_d, s_d, dx_d, dwgu_d, dwd_d};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) g->gpu->free(dev[i]);
+    free(x), free(w_gu), free(w_down), free(resid), free(dout), free(out), free(gu), free(act), free(scratch);
+    free(mlp_only), free(inc_dx), free(inc_dwgu), free(inc_dwd), free(init_dx), free(init_dwgu), free(init_dwd);
 }
 
 /* ---- classifier ---- */
@@ -585,6 +764,17 @@ int main(void)
     test_matmul_forward_add(&g, 16384, 1024, 1024, 0);
     test_matmul_forward_add(&g, 16384, 4096, 1024, 0);
     test_matmul_forward_add(&g, 2053, 1030, 1001, 1);
+
+    /* the fused MLP: on the bf16 path (the model's proportions, and a ragged one whose odd
+     * h takes the SwiGLU kernels' scalar path and odd bf16 leading dimensions), on the
+     * separate fp32 ops (small; skinny h), in both SwiGLU conventions */
+    for (int sf = 0; sf < 2; sf++) {
+        test_swiglu_bf16(&g, 64, 2048, sf);
+        test_swiglu_bf16(&g, 37, 1001, sf);
+    }
+    static const int mlp[][3] = {{4096, 1024, 2048}, {2053, 1030, 1001}, {7, 13, 5}, {300, 96, 200}, {4096, 1024, 64}};
+    for (size_t i = 0; i < sizeof mlp / sizeof mlp[0]; i++)
+        for (int sf = 0; sf < 2; sf++) test_mlp(&g, mlp[i][0], mlp[i][1], mlp[i][2], sf);
 
     test_classifier(&g, 7, 37, 13, 0);
     test_classifier(&g, 2700, 50304, 1024, 5);  /* 2 chunks, the last of 32 rows */

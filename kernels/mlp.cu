@@ -1,0 +1,95 @@
+/* mlp.cu: the SwiGLU MLP as one op on the GPU (contract: mlp_forward / mlp_backward in
+ * src/backend.h): gu = x W_gu^T, act = swiglu(gu), out = resid + act W_down^T, and its
+ * backward.
+ *
+ * Why one op: the dense GEMMs (matmul.cu) multiply bf16 copies of fp32 operands. Run as
+ * separate ops, the MLP writes act in fp32 and rounds it to bf16 twice (down projection,
+ * dW_down), and writes dgu [N, 2h] in fp32 only to round it to bf16 for the two gate/up
+ * gradients: at N = 16384, h = 4096 about 1.5 GB of traffic per MLP per step that carries
+ * nothing the GEMMs use. Here the SwiGLU kernels write those operands in bf16 directly
+ * (elementwise.cu, the rounding cuda_to_bf16 would give), and the GEMMs take them as they
+ * are (matmul.cu's bf16x entry points):
+ *   forward   gu (fp32, saved) = x W_gu^T            cuda_matmul_forward, as before
+ *             act (bf16, saved) = swiglu(gu)
+ *             out = resid + act W_down^T             cuBLASLt, C = resid, D = out
+ *   backward  dact (fp32, scratch) = dout W_down     dout, W_down rounded once
+ *             dW_down += dout^T act                  the saved bf16 act as it is
+ *             dgu (bf16, scratch) = swiglu'(dact, gu)
+ *             dx (+)= dgu W_gu; dW_gu += dgu^T x     W_gu, x rounded once
+ * Every GEMM operand is the bf16 value the op-by-op sequence would have used, so the
+ * results are that sequence's up to cuBLAS's choice of algorithm (tests/gpu/
+ * test_gpu_dense.c holds both to the CPU oracle).
+ *
+ * Shapes whose down projection is not on the bf16 path (small or skinny: cuda_matmul_
+ * bf16_path(N, h, d) false; the gate/up projection, twice as wide, is then on it too or
+ * not at all worth the bother) run the separate ops on fp32 buffers, and act holds fp32.
+ * The choice depends on N, d and h alone, so a backward reads act in the format the
+ * forward of the same shape wrote; nothing but mlp_backward reads act.
+ */
+#include "cuda_common.cuh"
+
+extern "C" {
+#include "cuda_ops.h"
+}
+
+/* backend.h's scratch layout: dact [N, h] fp32 first, dgu from the next multiple of 64
+ * floats (256 bytes: aligned for the SwiGLU kernel's wide stores and for cuBLAS) */
+static size_t dgu_offset(int N, int h) { return ((size_t)N * h + 63) & ~(size_t)63; }
+
+/* act and dgu in bf16 (1) or the separate fp32 ops (0) */
+static int mlp_fused(int N, int d, int h) { return cuda_matmul_bf16_path(N, h, d); }
+
+/* out [N, d] = resid [N, d] + swiglu(x [N, d] w_gu [2h, d]^T) w_down [d, h]^T; gu [N, 2h]
+ * and act (N*h floats of storage) saved for the backward; resid may be out. Device
+ * pointers. */
+extern "C" void cuda_mlp_forward(float *out, float *gu, float *act, const float *x, const float *w_gu,
+                                 const float *w_down, const float *resid, int N, int d, int h, int silu_first)
+{
+    cuda_matmul_forward(gu, x, w_gu, N, d, 2 * h);
+    if (!mlp_fused(N, d, h)) {
+        cuda_swiglu_forward(act, gu, N, h, silu_first);
+        cuda_matmul_forward_add(out, act, w_down, resid, N, h, d);
+        return;
+    }
+    __nv_bfloat16 *act_b = (__nv_bfloat16 *)act; /* [N, h] in the first half of the storage */
+    cuda_swiglu_forward_bf16(act_b, gu, N, h, silu_first);
+    cuda_matmul_forward_bf16x(out, act_b, w_down, resid, N, h, d);
+}
+
+/* dx_beta 1: dx accumulates; 0: dx is written */
+static void mlp_backward(float *dx, float *dw_gu, float *dw_down, const float *dout, const float *x, const float *gu,
+                         const float *act, const float *w_gu, const float *w_down, float *scratch, int N, int d,
+                         int h, int silu_first, float dx_beta)
+{
+    float *dact = scratch;
+    if (!mlp_fused(N, d, h)) {
+        float *dgu = scratch + dgu_offset(N, h);
+        cuda_matmul_backward_set(dact, dw_down, dout, act, w_down, N, h, d);
+        cuda_swiglu_backward_set(dgu, dact, gu, N, h, silu_first);
+        if (dx_beta == 0.0f) cuda_matmul_backward_set(dx, dw_gu, dgu, x, w_gu, N, d, 2 * h);
+        else cuda_matmul_backward(dx, dw_gu, dgu, x, w_gu, N, d, 2 * h);
+        return;
+    }
+    __nv_bfloat16 *dgu_b = (__nv_bfloat16 *)(scratch + dgu_offset(N, h));
+    cuda_matmul_backward_bf16x(dact, dw_down, dout, NULL, NULL, (const __nv_bfloat16 *)act, w_down, N, h, d, 0.0f);
+    cuda_swiglu_backward_set_bf16(dgu_b, dact, gu, N, h, silu_first);
+    cuda_matmul_backward_bf16x(dx, dw_gu, NULL, dgu_b, x, NULL, w_gu, N, d, 2 * h, dx_beta);
+}
+
+/* dx [N, d] += dgu w_gu; dw_gu [2h, d] += dgu^T x; dw_down [d, h] += dout^T act, dgu the
+ * SwiGLU gradient of dact = dout w_down; scratch: mlp_scratch_floats(N, h) floats (its
+ * contents do not matter). Device pointers. */
+extern "C" void cuda_mlp_backward(float *dx, float *dw_gu, float *dw_down, const float *dout, const float *x,
+                                  const float *gu, const float *act, const float *w_gu, const float *w_down,
+                                  float *scratch, int N, int d, int h, int silu_first)
+{
+    mlp_backward(dx, dw_gu, dw_down, dout, x, gu, act, w_gu, w_down, scratch, N, d, h, silu_first, 1.0f);
+}
+
+/* as cuda_mlp_backward, but dx = dgu w_gu (dx not read) */
+extern "C" void cuda_mlp_backward_set(float *dx, float *dw_gu, float *dw_down, const float *dout, const float *x,
+                                      const float *gu, const float *act, const float *w_gu, const float *w_down,
+                                      float *scratch, int N, int d, int h, int silu_first)
+{
+    mlp_backward(dx, dw_gu, dw_down, dout, x, gu, act, w_gu, w_down, scratch, N, d, h, silu_first, 0.0f);
+}
