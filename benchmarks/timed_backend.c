@@ -506,6 +506,14 @@ static void t_attention_backward(float *dq, float *dk, float *dv, const float *d
     cost_attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc_id, B, T, H, Dk, Dv, scale);
 }
 
+static void t_gdn_backward_set(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout, const float *q, const float *k, const float *v, const float *g, const float *beta, const float *state_save, const int32_t *doc_start, int B, int T, int H, int D, float scale)
+{
+    double t0 = begin();
+    inner->gdn_backward_set(dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, doc_start, B, T, H, D, scale);
+    end(FAM_GDN_BWD, t0);
+    cost_gdn_backward(dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, doc_start, B, T, H, D, scale);
+}
+
 static void t_attention_backward_set(float *dq, float *dk, float *dv, const float *dout, const float *out, const float *lse, const float *q, const float *k, const float *v, const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale)
 {
     double t0 = begin();
@@ -663,6 +671,7 @@ const backend *timed_backend(const backend *in)
     timed.l2norm_backward = t_l2norm_backward;
     timed.gdn_forward = t_gdn_forward;
     timed.gdn_backward = t_gdn_backward;
+    timed.gdn_backward_set = t_gdn_backward_set;
     timed.mla_prep_forward = t_mla_prep_forward;
     timed.mla_prep_backward = t_mla_prep_backward;
     timed.attention_forward = t_attention_forward;

@@ -168,6 +168,7 @@ extern "C" const backend *backend_cuda(int device)
     b.l2norm_backward = cuda_l2norm_backward;
     b.gdn_forward = cuda_gdn_forward;
     b.gdn_backward = cuda_gdn_backward;
+    b.gdn_backward_set = cuda_gdn_backward_set;
     b.mla_prep_forward = cuda_mla_prep_forward;
     b.mla_prep_backward = cuda_mla_prep_backward;
     b.attention_forward = cuda_attention_forward;

@@ -77,6 +77,10 @@ void cuda_gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbeta,
                        const float *q, const float *k, const float *v, const float *g,
                        const float *beta, const float *state_save, const int32_t *doc_start,
                        int B, int T, int H, int D, float scale);
+void cuda_gdn_backward_set(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout,
+                           const float *q, const float *k, const float *v, const float *g,
+                           const float *beta, const float *state_save, const int32_t *doc_start,
+                           int B, int T, int H, int D, float scale);
 
 /* mla pieces */
 void cuda_mla_prep_forward(float *qh, float *kh, float *vh, const float *q, const float *kv,

@@ -338,7 +338,7 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
                      const float *q, const float *k, const float *v, const float *g,
                      const float *beta, const float *state_save, const float *dSbuf,
                      const float *Wbuf, const float *Xbuf, const int32_t *doc_start, int T, int H,
-                     int D, int nchunk, float scale)
+                     int D, int nchunk, float scale, int set)
 {
     const int c = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
     const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0);
@@ -405,13 +405,14 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
                 gdn_mma_2a(GDN_SPLIT_PAIR, c1, c2, Xp, Op, GDN_VP, 1, m0, GDN_C - 1, Wp, 1, GDN_VP, n0, GDN_C - 1, 0, pw);
             if (tid < GDN_C)
                 for (int col = 0; col < pw; col++) vx = fmaf(Vp[tid * GDN_VP + col], Xp[tid * GDN_VP + col], vx);
-            /* dv += beta X: all loads of a thread first (L * pw <= 8 * GDN_NT) */
+            /* dv += beta X (dv = beta X with set: old values not read): all loads of a thread
+             * first (L * pw <= 8 * GDN_NT) */
             {
                 float old[8];
 #pragma unroll
                 for (int u = 0; u < 8; u++) {
                     const int e = tid + u * GDN_NT, r = e / pw, col = e - r * pw;
-                    old[u] = e < L * pw ? dv[tok + (size_t)r * rs + p + col] : 0.0f;
+                    old[u] = !set && e < L * pw ? dv[tok + (size_t)r * rs + p + col] : 0.0f;
                 }
 #pragma unroll
                 for (int u = 0; u < 8; u++) {
@@ -498,14 +499,15 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
                 gdn_mma(GDN_SPLIT_GRAD, a2, dQK, 1, GDN_PP, m0, GDN_C - 1, Qq, GDN_PP, 1, n0, 63, m0, GDN_C);
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
-                    /* read-add-write, the loads of four elements first */
+                    /* read-add-write, the loads of four elements first; the first write of
+                     * each element, so with set the old values are taken as 0, unread */
                     float oq[4], ok[4];
 #pragma unroll
                     for (int r = 0; r < 4; r++) {
                         const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
                         const size_t x = tok + (size_t)t * rs + ip + n;
-                        oq[r] = t < L && n < iw ? dq[x] : 0.0f;
-                        ok[r] = t < L && n < iw ? dk[x] : 0.0f;
+                        oq[r] = !set && t < L && n < iw ? dq[x] : 0.0f;
+                        ok[r] = !set && t < L && n < iw ? dk[x] : 0.0f;
                     }
 #pragma unroll
                     for (int r = 0; r < 4; r++) {
@@ -602,7 +604,10 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
         const float ky = dots[4 * GDN_C + r * 2] + dots[4 * GDN_C + r * 2 + 1];
         kY[r] = ky;
         dG[r] = rE[r] - cE[r] + s.e0[r] * (qz - s.bt[r] * kz) - s.eL[r] * ky;
-        if (r < L) dbeta[((size_t)b * T + t0 + r) * H + h] += vX[r] - s.e0[r] * kz - rB[r];
+        if (r < L) {
+            float *db = dbeta + ((size_t)b * T + t0 + r) * H + h;
+            *db = (set ? 0.0f : *db) + (vX[r] - s.e0[r] * kz - rB[r]);
+        }
     } else if (tid == GDN_C) {
         float a = 0.0f;
         for (int x = 0; x < GDN_NT; x++) a += sdsp[x];
@@ -622,7 +627,11 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
         }
     }
     __syncthreads();
-    if (tid < L && !s.reset[tid]) dg[((size_t)b * T + t0 + tid) * H + h] += dG[tid];
+    if (tid < L) { /* a document's first token has no gate gradient (its g is not used) */
+        float *dgt = dg + ((size_t)b * T + t0 + tid) * H + h;
+        if (!s.reset[tid]) *dgt = (set ? 0.0f : *dgt) + dG[tid];
+        else if (set) *dgt = 0.0f;
+    }
 }
 
 /* =================================================================================== */
@@ -639,12 +648,11 @@ static size_t gdn_smem_bwd_grads(void)
     return sizeof(float) * (GDN_HDR + 2 * GDN_C * GDN_PP + GDN_B3_PART + GDN_B3_DOTS + 8 * GDN_C + GDN_NT + GDN_B3_REGION);
 }
 
-/* Backward: accumulates into dq, dk, dv, dg, dbeta. Scratch: 3 [64, D] arrays, 2 [D, D]
- * arrays and a [64] vector per (b, h, chunk). */
-extern "C" void cuda_gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbeta,
-                                  const float *dout, const float *q, const float *k, const float *v,
-                                  const float *g, const float *beta, const float *state_save,
-                                  const int32_t *doc_start, int B, int T, int H, int D, float scale)
+/* Backward: accumulates into dq, dk, dv, dg, dbeta, or (set) writes them. Scratch: 3
+ * [64, D] arrays, 2 [D, D] arrays and a [64] vector per (b, h, chunk). */
+static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout, const float *q,
+                         const float *k, const float *v, const float *g, const float *beta, const float *state_save,
+                         const int32_t *doc_start, int B, int T, int H, int D, float scale, int set)
 {
     gdn_check_shape("gdn_backward", B, T, H, D);
     const int nchunk = (T + GDN_C - 1) / GDN_C, BH = B * H;
@@ -667,6 +675,23 @@ extern "C" void cuda_gdn_backward(float *dq, float *dk, float *dv, float *dg, fl
     LAUNCH_CHECK();
     gdn_bwd_grads_kernel<<<dim3(nchunk, BH), GDN_NT, sm3, st>>>(dq, dk, dv, dg, dbeta, dout, q, k, v, g,
                                                                 beta, state_save, dSbuf, Wbuf, Xbuf,
-                                                                doc_start, T, H, D, nchunk, scale);
+                                                                doc_start, T, H, D, nchunk, scale, set);
     LAUNCH_CHECK();
+}
+
+extern "C" void cuda_gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout,
+                                  const float *q, const float *k, const float *v, const float *g, const float *beta,
+                                  const float *state_save, const int32_t *doc_start, int B, int T, int H, int D,
+                                  float scale)
+{
+    gdn_backward(dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, doc_start, B, T, H, D, scale, 0);
+}
+
+/* as cuda_gdn_backward, but dq, dk, dv, dg, dbeta are written (old contents unread) */
+extern "C" void cuda_gdn_backward_set(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout,
+                                      const float *q, const float *k, const float *v, const float *g,
+                                      const float *beta, const float *state_save, const int32_t *doc_start, int B,
+                                      int T, int H, int D, float scale)
+{
+    gdn_backward(dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, doc_start, B, T, H, D, scale, 1);
 }

@@ -146,6 +146,12 @@ typedef struct backend {
                          const float *q, const float *k, const float *v, const float *g,
                          const float *beta, const float *state_save, const int32_t *doc_start,
                          int B, int T, int H, int D, float scale);
+    /* gdn_backward, except that dq, dk, dv, dg, dbeta are written, not added to (their old
+     * contents, even NaN, are not read): the caller skips zeroing them first */
+    void (*gdn_backward_set)(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout,
+                             const float *q, const float *k, const float *v, const float *g,
+                             const float *beta, const float *state_save, const int32_t *doc_start,
+                             int B, int T, int H, int D, float scale);
 
     /* ---- MLA pieces ---- */
     /* Assemble per-head attention inputs from the projections (MODEL.md section 4):

@@ -56,6 +56,20 @@ static void cpu_swiglu_backward_set(float *din, const float *dout, const float *
     cpu_swiglu_backward(din, dout, in, N, h, silu_first);
 }
 
+static void cpu_gdn_backward_set(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout,
+                                 const float *q, const float *k, const float *v, const float *g, const float *beta,
+                                 const float *state_save, const int32_t *doc_start, int B, int T, int H, int D,
+                                 float scale)
+{
+    const size_t nv = (size_t)B * T * H * D, ns = (size_t)B * T * H;
+    memset(dq, 0, nv * sizeof *dq);
+    memset(dk, 0, nv * sizeof *dk);
+    memset(dv, 0, nv * sizeof *dv);
+    memset(dg, 0, ns * sizeof *dg);
+    memset(dbeta, 0, ns * sizeof *dbeta);
+    cpu_gdn_backward(dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, doc_start, B, T, H, D, scale);
+}
+
 static void cpu_attention_backward_set(float *dq, float *dk, float *dv, const float *dout, const float *out,
                                        const float *lse, const float *q, const float *k, const float *v,
                                        const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale)
@@ -105,6 +119,7 @@ static const backend cpu_backend = {
     .l2norm_backward = cpu_l2norm_backward,
     .gdn_forward = cpu_gdn_forward,
     .gdn_backward = cpu_gdn_backward,
+    .gdn_backward_set = cpu_gdn_backward_set,
     .mla_prep_forward = cpu_mla_prep_forward,
     .mla_prep_backward = cpu_mla_prep_backward,
     .attention_forward = cpu_attention_forward,

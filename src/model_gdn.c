@@ -156,16 +156,12 @@ void gdn_backward(model *m, int l, const float *x, float *dx, arena *s)
         be->matmul_backward_set(do_, GW(gi->o_down), dolat, A->o, PW(gi->o_down), N, P, r);
     }
     float *dconv[3], *dpre[3], *dkn = ARENA_F(s, NP);
-    for (int i = 0; i < 3; i++) {
-        dconv[i] = ARENA_F(s, NP);
-        be->zero(dconv[i], NP * sizeof(float));
-    }
+    for (int i = 0; i < 3; i++) dconv[i] = ARENA_F(s, NP);
+    be->zero(dconv[1], NP * sizeof(float)); /* l2norm_backward adds into it */
     float *dg = ARENA_F(s, NH), *dbeta = ARENA_F(s, NH), *dgraw = ARENA_F(s, NH), *dbraw = ARENA_F(s, NH);
-    be->zero(dkn, NP * sizeof(float));
-    be->zero(dg, NH * sizeof(float));
-    be->zero(dbeta, NH * sizeof(float));
-    be->gdn_backward(dconv[0], dkn, dconv[2], dg, dbeta, do_, A->conv[0], A->kn, A->conv[2], A->g, A->beta,
-                     A->state, m->doc_start, B, T, H, hk, 1.0f / sqrtf((float)hk));
+    /* dq, dk, dv, dg, dbeta written by the op, not zeroed first */
+    be->gdn_backward_set(dconv[0], dkn, dconv[2], dg, dbeta, do_, A->conv[0], A->kn, A->conv[2], A->g, A->beta,
+                         A->state, m->doc_start, B, T, H, hk, 1.0f / sqrtf((float)hk));
     be->l2norm_backward(dconv[1], dkn, A->conv[1], A->rnorm, N * H, hk);
     be->zero(dgraw, NH * sizeof(float));
     be->zero(dbraw, NH * sizeof(float));

@@ -1,11 +1,11 @@
 /* test_backend_set.c: the "_set" ops of the op table (src/backend.h) on the CPU backend:
- * matmul_backward_set, swiglu_backward_set and attention_backward_set write the input
- * gradients instead of adding to them, so whatever the buffers held before (NaN here)
- * must not matter, and the result must be the accumulating op's on zeroed buffers, bit
- * for bit; matmul_backward_set's weight gradient still accumulates. The model
+ * matmul_backward_set, swiglu_backward_set, attention_backward_set and gdn_backward_set
+ * write the input gradients instead of adding to them, so whatever the buffers held
+ * before (NaN here) must not matter, and the result must be the accumulating op's on
+ * zeroed buffers, bit for bit; matmul_backward_set's weight gradient still accumulates. The model
  * (src/model_gdn.c, src/model_mla.c) uses them where it used to zero a buffer first; the
  * CUDA twins are checked against the CPU on the GPU (tests/gpu/test_gpu_dense.c,
- * test_gpu_basic.c, test_gpu_attention.c).
+ * test_gpu_basic.c, test_gpu_attention.c, test_gpu_gdn.c).
  */
 #include <math.h>
 #include <stdio.h>
@@ -92,6 +92,37 @@ static void test_attention(const backend *be, int B, int T, int H, int Dk, int D
     free(q), free(k), free(v), free(dout), free(out), free(lse);
 }
 
+/* gdn_backward_set over NaN = gdn_backward on zeroed gradients, bitwise (documents on) */
+static void test_gdn(const backend *be, int B, int T, int H, int D)
+{
+    const size_t nv = (size_t)B * T * H * D, ns = (size_t)B * T * H;
+    const uint64_t key = rng_key(7, "gdn_set") + (uint64_t)T * 131 + D;
+    float *q = random_buf(key, nv), *k = random_buf(key + 1, nv), *v = random_buf(key + 2, nv);
+    float *dout = random_buf(key + 3, nv), *g = random_buf(key + 4, ns), *beta = random_buf(key + 5, ns);
+    for (size_t i = 0; i < ns; i++) {
+        g[i] = -0.5f - 0.5f * fabsf(g[i]); /* log decays in (-1, -0.5] */
+        beta[i] = 0.5f + 0.4f * beta[i];   /* in (0.1, 0.9) */
+    }
+    int32_t *doc = xmalloc((size_t)B * T * sizeof *doc);
+    for (int i = 0; i < B * T; i++) doc[i] = i % T == 0 || i % 23 == 5;
+    float *o = xmalloc(nv * sizeof *o), *st = xmalloc(gdn_state_floats(B, T, H, D) * sizeof *st);
+    const float scale = 1.0f / sqrtf((float)D);
+    be->gdn_forward(o, st, q, k, v, g, beta, doc, B, T, H, D, scale);
+    const size_t n[5] = {nv, nv, nv, ns, ns};
+    float *ref[5], *set[5];
+    for (int i = 0; i < 5; i++) ref[i] = filled(n[i], 0.0f), set[i] = filled(n[i], NAN);
+    be->gdn_backward(ref[0], ref[1], ref[2], ref[3], ref[4], dout, q, k, v, g, beta, st, doc, B, T, H, D, scale);
+    be->gdn_backward_set(set[0], set[1], set[2], set[3], set[4], dout, q, k, v, g, beta, st, doc, B, T, H, D, scale);
+    static const char *names[5] = {"dq", "dk", "dv", "dg", "dbeta"};
+    for (int i = 0; i < 5; i++) {
+        check(!memcmp(ref[i], set[i], n[i] * sizeof(float)),
+              "gdn_backward_set B=%d T=%d H=%d D=%d: %s over NaN = gdn_backward on zeros, bitwise", B, T, H, D,
+              names[i]);
+        free(ref[i]), free(set[i]);
+    }
+    free(q), free(k), free(v), free(dout), free(g), free(beta), free(doc), free(o), free(st);
+}
+
 int main(void)
 {
     const backend *be = backend_cpu();
@@ -105,6 +136,7 @@ int main(void)
         test_swiglu(be, 5, 7, sf);
         test_swiglu(be, 40, 64, sf);
     }
+    test_gdn(be, 2, 70, 2, 9);
     test_attention(be, 2, 19, 3, 24, 16);
     test_attention(be, 1, 70, 2, 40, 8);
     printf("# %d failure(s)\n", failures);

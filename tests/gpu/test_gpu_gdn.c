@@ -254,6 +254,14 @@ static void test_backward(const gdn_in *in, const float *ss_cpu, const float *ss
     G.cpu->gdn_backward(cpu[0], cpu[1], cpu[2], cpu[3], cpu[4], in->dout, in->q, in->k, in->v, in->g, in->beta,
                         ss_cpu, in->doc, in->B, in->T, in->H, in->D, in->scale);
 
+    /* gdn_backward_set over NaN: writes every gradient, the same bits as the increment
+     * from zero above */
+    float *setv[NGRAD];
+    for (int x = 0; x < NGRAD; x++) gt_poison(&G, d[x], n[x]);
+    G.gpu->gdn_backward_set(d[0], d[1], d[2], d[3], d[4], in->dout_d, in->q_d, in->k_d, in->v_d, in->g_d,
+                            in->beta_d, ss_d, in->doc_d, in->B, in->T, in->H, in->D, in->scale);
+    for (int x = 0; x < NGRAD; x++) setv[x] = gt_down(&G, d[x], n[x]);
+
     /* two GPU runs from the initial values, then one on the GPU's own saved states */
     for (int run = 0; run < 3; run++) {
         for (int x = 0; x < NGRAD; x++) G.gpu->from_host(d[x], init[x], fbytes(n[x]));
@@ -276,7 +284,10 @@ static void test_backward(const gdn_in *in, const float *ss_cpu, const float *ss
         gt_same_bits(what, gpu1[x], gpu2[x], fbytes(n[x]));
         snprintf(what, sizeof what, "%s: backward %s on the GPU's state_save", in->name, grad_names[x]);
         gt_compare(what, own[x], cpu[x], n[x], tol);
-        free(inc_cpu);
+        snprintf(what, sizeof what, "%s: backward_set %s over NaN = the increment from zero, bitwise", in->name,
+                 grad_names[x]);
+        gt_same_bits(what, setv[x], inc_gpu[x], fbytes(n[x]));
+        free(inc_cpu), free(setv[x]);
     }
 
     for (int x = 0; x < NGRAD; x++) {
