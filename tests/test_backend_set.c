@@ -17,20 +17,7 @@
 #include "util.h"
 
 #include "check.h"
-
-static float *random_buf(uint64_t key, size_t n)
-{
-    float *x = xmalloc(n * sizeof *x);
-    for (size_t i = 0; i < n; i++) x[i] = (float)(2.0 * rng_uniform(key, i) - 1.0);
-    return x;
-}
-
-static float *filled(size_t n, float v)
-{
-    float *x = xmalloc(n * sizeof *x);
-    for (size_t i = 0; i < n; i++) x[i] = v;
-    return x;
-}
+#include "test_bufs.h"
 
 static void test_matmul(const backend *be, int N, int in, int out, int want_dx, int want_dw)
 {

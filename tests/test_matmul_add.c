@@ -18,14 +18,7 @@
 #include "util.h"
 
 #include "check.h"
-
-/* n uniform values in [-1, 1) from key; malloc'd */
-static float *random_buf(uint64_t key, size_t n)
-{
-    float *x = xmalloc(n * sizeof *x);
-    for (size_t i = 0; i < n; i++) x[i] = (float)(2.0 * rng_uniform(key, i) - 1.0);
-    return x;
-}
+#include "test_bufs.h"
 
 static void test_shape(const backend *be, int N, int in, int out)
 {

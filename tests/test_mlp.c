@@ -23,23 +23,9 @@
 #include "util.h"
 
 #include "check.h"
+#include "test_bufs.h"
 
 #define GUARD 64
-
-/* n uniform values in [-1, 1) from key; malloc'd */
-static float *random_buf(uint64_t key, size_t n)
-{
-    float *x = xmalloc(n * sizeof *x);
-    for (size_t i = 0; i < n; i++) x[i] = (float)(2.0 * rng_uniform(key, i) - 1.0);
-    return x;
-}
-
-static float *filled(size_t n, float v)
-{
-    float *x = xmalloc(n * sizeof *x);
-    for (size_t i = 0; i < n; i++) x[i] = v;
-    return x;
-}
 
 static float *copy_of(const float *src, size_t n)
 {
