@@ -426,6 +426,14 @@ static void t_conv_backward(float *dx, float *dw, float *dbias, const float *dy,
     cost_conv_backward(dx, dw, dbias, dy, x, w, doc_start, B, T, C);
 }
 
+static void t_conv_backward_set(float *dx, float *dw, float *dbias, const float *dy, const float *x, const float *w, const int32_t *doc_start, int B, int T, int C)
+{
+    double t0 = begin();
+    inner->conv_backward_set(dx, dw, dbias, dy, x, w, doc_start, B, T, C);
+    end(FAM_CONV, t0);
+    cost_conv_backward(dx, dw, dbias, dy, x, w, doc_start, B, T, C);
+}
+
 static void t_gates_forward(float *g, float *beta, const float *graw, const float *braw, size_t n)
 {
     double t0 = begin();
@@ -480,6 +488,22 @@ static void t_mla_prep_forward(float *qh, float *kh, float *vh, const float *q, 
     inner->mla_prep_forward(qh, kh, vh, q, kv, kpe, kpe_stride, pos, B, T, H, dn, dr, dv, theta);
     end(FAM_MLA_PREP, t0);
     cost_mla_prep_forward(qh, kh, vh, q, kv, kpe, kpe_stride, pos, B, T, H, dn, dr, dv, theta);
+}
+
+static void t_l2norm_backward_set(float *dx, const float *dy, const float *x, const float *rnorm, int n, int D)
+{
+    double t0 = begin();
+    inner->l2norm_backward_set(dx, dy, x, rnorm, n, D);
+    end(FAM_ELEMENTWISE, t0);
+    cost_l2norm_backward(dx, dy, x, rnorm, n, D);
+}
+
+static void t_mla_prep_backward_set(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dqh, const float *dkh, const float *dvh, const int32_t *pos, int B, int T, int H, int dn, int dr, int dv, float theta)
+{
+    double t0 = begin();
+    inner->mla_prep_backward_set(dq, dkv, dkpe, kpe_stride, dqh, dkh, dvh, pos, B, T, H, dn, dr, dv, theta);
+    end(FAM_MLA_PREP, t0);
+    cost_mla_prep_backward(dq, dkv, dkpe, kpe_stride, dqh, dkh, dvh, pos, B, T, H, dn, dr, dv, theta);
 }
 
 static void t_mla_prep_backward(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dqh, const float *dkh, const float *dvh, const int32_t *pos, int B, int T, int H, int dn, int dr, int dv, float theta)
@@ -665,15 +689,18 @@ const backend *timed_backend(const backend *in)
     timed.mlp_backward_set = t_mlp_backward_set;
     timed.conv_forward = t_conv_forward;
     timed.conv_backward = t_conv_backward;
+    timed.conv_backward_set = t_conv_backward_set;
     timed.gates_forward = t_gates_forward;
     timed.gates_backward = t_gates_backward;
     timed.l2norm_forward = t_l2norm_forward;
     timed.l2norm_backward = t_l2norm_backward;
+    timed.l2norm_backward_set = t_l2norm_backward_set;
     timed.gdn_forward = t_gdn_forward;
     timed.gdn_backward = t_gdn_backward;
     timed.gdn_backward_set = t_gdn_backward_set;
     timed.mla_prep_forward = t_mla_prep_forward;
     timed.mla_prep_backward = t_mla_prep_backward;
+    timed.mla_prep_backward_set = t_mla_prep_backward_set;
     timed.attention_forward = t_attention_forward;
     timed.attention_backward = t_attention_backward;
     timed.attention_backward_set = t_attention_backward_set;

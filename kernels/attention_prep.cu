@@ -75,8 +75,9 @@ static __global__ void prep_fwd_kernel(float *qh, float *kh, float *vh, const fl
  * heads in order 0..H-1 in double, one thread per pair. */
 static __global__ void prep_bwd_kernel(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dqh,
                                        const float *dkh, const float *dvh, const int32_t *pos, int T, int H,
-                                       int dn, int dr, int dv, double theta)
+                                       int dn, int dr, int dv, double theta, int set)
 {
+    /* each output element is touched once: added to, or with set written (old unread) */
     extern __shared__ double rot[];
     const int i = blockIdx.x, half = dr / 2, dk = dn + dr, dkvw = dn + dv;
     rope_table(rot, pos, i, T, dr, theta);
@@ -86,18 +87,18 @@ static __global__ void prep_bwd_kernel(float *dq, float *dkv, float *dkpe, int k
     for (int e = threadIdx.x; e < H * dk; e += blockDim.x) {
         const int h = e / dk, col = e - h * dk;
         if (col < dn) {
-            dqi[e] += gq[e];
-            dkvi[h * dkvw + col] += gk[e];
+            dqi[e] = (set ? 0.0f : dqi[e]) + gq[e];
+            dkvi[h * dkvw + col] = (set ? 0.0f : dkvi[h * dkvw + col]) + gk[e];
         } else {
             const int j = (col - dn) >> 1, odd = (col - dn) & 1;
             const double cs = rot[j], sn = rot[half + j];
             const double y0 = gq[h * dk + dn + 2 * j], y1 = gq[h * dk + dn + 2 * j + 1];
-            dqi[e] += (float)(odd ? y1 * cs - y0 * sn : y0 * cs + y1 * sn);
+            dqi[e] = (set ? 0.0f : dqi[e]) + (float)(odd ? y1 * cs - y0 * sn : y0 * cs + y1 * sn);
         }
     }
     for (int e = threadIdx.x; e < H * dv; e += blockDim.x) {
         const int h = e / dv, col = e - h * dv;
-        dkvi[h * dkvw + dn + col] += gv[e];
+        dkvi[h * dkvw + dn + col] = (set ? 0.0f : dkvi[h * dkvw + dn + col]) + gv[e];
     }
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
         double s0 = 0, s1 = 0;
@@ -106,8 +107,8 @@ static __global__ void prep_bwd_kernel(float *dq, float *dkv, float *dkpe, int k
             s1 += gk[h * dk + dn + 2 * j + 1];
         }
         const double cs = rot[j], sn = rot[half + j];
-        dkpi[2 * j] += (float)(s0 * cs + s1 * sn);
-        dkpi[2 * j + 1] += (float)(s1 * cs - s0 * sn);
+        dkpi[2 * j] = (set ? 0.0f : dkpi[2 * j]) + (float)(s0 * cs + s1 * sn);
+        dkpi[2 * j + 1] = (set ? 0.0f : dkpi[2 * j + 1]) + (float)(s1 * cs - s0 * sn);
     }
 }
 
@@ -127,13 +128,28 @@ extern "C" void cuda_mla_prep_forward(float *qh, float *kh, float *vh, const flo
     LAUNCH_CHECK();
 }
 
+static void mla_prep_backward(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dqh, const float *dkh,
+                              const float *dvh, const int32_t *pos, int B, int T, int H, int dn, int dr, int dv,
+                              float theta, int set)
+{
+    prep_check("cuda_mla_prep_backward", B, T, H, dn, dr, dv);
+    prep_bwd_kernel<<<B * T, PREP_THREADS, dr * sizeof(double), cuda_stream()>>>(
+        dq, dkv, dkpe, kpe_stride, dqh, dkh, dvh, pos, T, H, dn, dr, dv, (double)theta, set);
+    LAUNCH_CHECK();
+}
+
 extern "C" void cuda_mla_prep_backward(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dqh,
                                        const float *dkh, const float *dvh, const int32_t *pos,
                                        int B, int T, int H, int dn, int dr, int dv, float theta)
 {
-    prep_check("cuda_mla_prep_backward", B, T, H, dn, dr, dv);
-    prep_bwd_kernel<<<B * T, PREP_THREADS, dr * sizeof(double), cuda_stream()>>>(
-        dq, dkv, dkpe, kpe_stride, dqh, dkh, dvh, pos, T, H, dn, dr, dv, (double)theta);
-    LAUNCH_CHECK();
+    mla_prep_backward(dq, dkv, dkpe, kpe_stride, dqh, dkh, dvh, pos, B, T, H, dn, dr, dv, theta, 0);
+}
+
+/* as cuda_mla_prep_backward, but dq, dkv and dkpe's dr columns are written, not added to */
+extern "C" void cuda_mla_prep_backward_set(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dqh,
+                                           const float *dkh, const float *dvh, const int32_t *pos,
+                                           int B, int T, int H, int dn, int dr, int dv, float theta)
+{
+    mla_prep_backward(dq, dkv, dkpe, kpe_stride, dqh, dkh, dvh, pos, B, T, H, dn, dr, dv, theta, 1);
 }
 

@@ -134,7 +134,7 @@ static __global__ void conv_forward_kernel(float *y, const float *x, const float
 
 /* Same grid as the forward. part: [B * runs][5][C]: the run's sums of dy x[t-3+s] for
  * taps s = 0..3, then of dy (bias). */
-static __global__ void conv_backward_kernel(float *dx, float *part, const float *dy, const float *x,
+static __global__ void conv_backward_kernel(int set, float *dx, float *part, const float *dy, const float *x,
                                             const float *w, const int32_t *doc_start, int T, int C, int run,
                                             int vec)
 {
@@ -172,7 +172,7 @@ static __global__ void conv_backward_kernel(float *dx, float *part, const float 
         /* x[t] feeds outputs t + k through tap 3 - k, while no document starts in
          * (t, t + k] */
         int f1 = t + 1 < T && !dp1, f2 = t + 2 < T && f1 && !dp2, f3 = t + 3 < T && f2 && !dp3;
-        float4 g = ld_unit_rw(dxb + (size_t)t * C, c, vec);
+        float4 g = set ? zero : ld_unit_rw(dxb + (size_t)t * C, c, vec); /* set: dx written, not read */
         fma4(&g, w3, dy0);
         if (f1) fma4(&g, w2, dy1);
         if (f2) fma4(&g, w1, dy2);
@@ -267,16 +267,31 @@ extern "C" void cuda_conv_forward(float *y, const float *x, const float *w, cons
     LAUNCH_CHECK();
 }
 
-extern "C" void cuda_conv_backward(float *dx, float *dw, float *dbias, const float *dy, const float *x,
-                                   const float *w, const int32_t *doc_start, int B, int T, int C)
+/* dx added to (set 0) or written (set 1, old contents unread); dw, dbias added to */
+static void conv_backward(float *dx, float *dw, float *dbias, const float *dy, const float *x, const float *w,
+                          const int32_t *doc_start, int B, int T, int C, int set)
 {
     if (B <= 0 || T <= 0 || C <= 0) return;
     conv_shape s = conv_plan(B, T, C, C % 4 == 0 && cuda_aligned16(dx) && cuda_aligned16(dy) && cuda_aligned16(x));
     int nparts = B * s.nruns;
     float *part = (float *)cuda_scratch((size_t)nparts * 5 * C * sizeof(float));
-    conv_backward_kernel<<<s.grid, s.block, 0, cuda_stream()>>>(dx, part, dy, x, w, doc_start, T, C, s.run, s.vec);
+    conv_backward_kernel<<<s.grid, s.block, 0, cuda_stream()>>>(set, dx, part, dy, x, w, doc_start, T, C, s.run,
+                                                                s.vec);
     LAUNCH_CHECK();
     conv_reduce_kernel<<<ceil_div_u((size_t)5 * C, REDUCE_X), dim3(REDUCE_X, REDUCE_Y), 0, cuda_stream()>>>(
         dw, dbias, part, nparts, C);
     LAUNCH_CHECK();
+}
+
+extern "C" void cuda_conv_backward(float *dx, float *dw, float *dbias, const float *dy, const float *x,
+                                   const float *w, const int32_t *doc_start, int B, int T, int C)
+{
+    conv_backward(dx, dw, dbias, dy, x, w, doc_start, B, T, C, 0);
+}
+
+/* as cuda_conv_backward, but dx is written, not added to */
+extern "C" void cuda_conv_backward_set(float *dx, float *dw, float *dbias, const float *dy, const float *x,
+                                       const float *w, const int32_t *doc_start, int B, int T, int C)
+{
+    conv_backward(dx, dw, dbias, dy, x, w, doc_start, B, T, C, 1);
 }

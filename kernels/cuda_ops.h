@@ -63,11 +63,14 @@ void cuda_conv_forward(float *y, const float *x, const float *w, const float *bi
                        const int32_t *doc_start, int B, int T, int C);
 void cuda_conv_backward(float *dx, float *dw, float *dbias, const float *dy, const float *x,
                         const float *w, const int32_t *doc_start, int B, int T, int C);
+void cuda_conv_backward_set(float *dx, float *dw, float *dbias, const float *dy, const float *x,
+                            const float *w, const int32_t *doc_start, int B, int T, int C);
 void cuda_gates_forward(float *g, float *beta, const float *graw, const float *braw, size_t n);
 void cuda_gates_backward(float *dgraw, float *dbraw, const float *dg, const float *dbeta,
                          const float *graw, const float *braw, size_t n);
 void cuda_l2norm_forward(float *y, float *rnorm, const float *x, int n, int D);
 void cuda_l2norm_backward(float *dx, const float *dy, const float *x, const float *rnorm, int n, int D);
+void cuda_l2norm_backward_set(float *dx, const float *dy, const float *x, const float *rnorm, int n, int D);
 /* 1 when some GDN product runs in plain TF32 (the default build), 0 when all run in 3xTF32 */
 int cuda_gdn_tf32_plain(void);
 void cuda_gdn_forward(float *o, float *state_save, const float *q, const float *k, const float *v,
@@ -89,6 +92,9 @@ void cuda_mla_prep_forward(float *qh, float *kh, float *vh, const float *q, cons
 void cuda_mla_prep_backward(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dqh,
                             const float *dkh, const float *dvh, const int32_t *pos,
                             int B, int T, int H, int dn, int dr, int dv, float theta);
+void cuda_mla_prep_backward_set(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dqh,
+                                const float *dkh, const float *dvh, const int32_t *pos,
+                                int B, int T, int H, int dn, int dr, int dv, float theta);
 void cuda_attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
                             const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale);
 void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,

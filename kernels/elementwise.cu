@@ -389,9 +389,10 @@ extern "C" void cuda_l2norm_forward(float *y, float *rnorm, const float *x, int 
 }
 
 /* dx += r (dy - c x) with c = r^2 (x . dy), or c = 0 where the forward clamped the norm
- * (then the scale was a constant), tested exactly as the CPU does. */
+ * (then the scale was a constant), tested exactly as the CPU does; with set, dx = 0 + the
+ * same (its old contents unread). */
 static __global__ void l2norm_backward_kernel(float *dx, const float *dy, const float *x, const float *rnorm,
-                                              int n, int D)
+                                              int n, int D, int set)
 {
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * L2_WARPS + (threadIdx.x >> 5);
@@ -409,15 +410,26 @@ static __global__ void l2norm_backward_kernel(float *dx, const float *dy, const 
     float r = rnorm[row];
     float c = sqrtf(ss) < 1e-12f ? 0.f : r * r * xdy;
     float *dxi = dx + (size_t)row * D;
-    for (int d = lane; d < D; d += 32) dxi[d] += r * (dyi[d] - c * xi[d]);
+    for (int d = lane; d < D; d += 32) dxi[d] = (set ? 0.f : dxi[d]) + r * (dyi[d] - c * xi[d]);
+}
+
+static void l2norm_backward(float *dx, const float *dy, const float *x, const float *rnorm, int n, int D, int set)
+{
+    if (n <= 0 || D <= 0) return;
+    l2norm_backward_kernel<<<ceil_div_u((size_t)n, L2_WARPS), 32 * L2_WARPS, 0, cuda_stream()>>>(dx, dy, x, rnorm,
+                                                                                                n, D, set);
+    LAUNCH_CHECK();
 }
 
 extern "C" void cuda_l2norm_backward(float *dx, const float *dy, const float *x, const float *rnorm, int n, int D)
 {
-    if (n <= 0 || D <= 0) return;
-    l2norm_backward_kernel<<<ceil_div_u((size_t)n, L2_WARPS), 32 * L2_WARPS, 0, cuda_stream()>>>(dx, dy, x, rnorm,
-                                                                                                n, D);
-    LAUNCH_CHECK();
+    l2norm_backward(dx, dy, x, rnorm, n, D, 0);
+}
+
+/* as cuda_l2norm_backward, but dx is written (old contents unread) */
+extern "C" void cuda_l2norm_backward_set(float *dx, const float *dy, const float *x, const float *rnorm, int n, int D)
+{
+    l2norm_backward(dx, dy, x, rnorm, n, D, 1);
 }
 
 /* ---------------------------------------------------------------- swiglu */

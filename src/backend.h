@@ -126,6 +126,9 @@ typedef struct backend {
                          const int32_t *doc_start, int B, int T, int C);
     void (*conv_backward)(float *dx, float *dw, float *dbias, const float *dy, const float *x,
                           const float *w, const int32_t *doc_start, int B, int T, int C);
+    /* conv_backward with dx written, not added to (dw, dbias still added to) */
+    void (*conv_backward_set)(float *dx, float *dw, float *dbias, const float *dy, const float *x,
+                              const float *w, const int32_t *doc_start, int B, int T, int C);
     /* g = logsigmoid(graw), beta = sigmoid(braw), all [n] */
     void (*gates_forward)(float *g, float *beta, const float *graw, const float *braw, size_t n);
     void (*gates_backward)(float *dgraw, float *dbraw, const float *dg, const float *dbeta,
@@ -133,6 +136,8 @@ typedef struct backend {
     /* per row of length D (n rows): y = x / max(||x||_2, 1e-12); rnorm[n] = 1/max(..) saved */
     void (*l2norm_forward)(float *y, float *rnorm, const float *x, int n, int D);
     void (*l2norm_backward)(float *dx, const float *dy, const float *x, const float *rnorm, int n, int D);
+    /* l2norm_backward with dx written, not added to */
+    void (*l2norm_backward_set)(float *dx, const float *dy, const float *x, const float *rnorm, int n, int D);
     /* The gated delta rule (MODEL.md section 3), chunked, per (b, h):
      * q,k,v,o [B,T,H,D]; g,beta [B,T,H]; q is multiplied by `scale` inside.
      * S <- exp(g_t) S; w = beta_t (v_t - S^T k_t); S <- S + k_t w^T; o_t = S^T (scale q_t).
@@ -167,6 +172,11 @@ typedef struct backend {
     void (*mla_prep_backward)(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dqh,
                               const float *dkh, const float *dvh, const int32_t *pos,
                               int B, int T, int H, int dn, int dr, int dv, float theta);
+    /* mla_prep_backward with dq, dkv and dkpe's dr columns per row written, not added to
+     * (the rest of each kpe_stride row untouched) */
+    void (*mla_prep_backward_set)(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dqh,
+                                  const float *dkh, const float *dvh, const int32_t *pos,
+                                  int B, int T, int H, int dn, int dr, int dv, float theta);
     /* Causal softmax attention per (b, h): q,k [B,T,H,Dk], v [B,T,H,Dv], out [B,T,H,Dv],
      * lse [B,H,T] saved (log-sum-exp of the scaled scores of each query row).
      * doc_id: NULL or int32 [B,T]: query t sees key s only if s <= t and doc_id equal. */

@@ -56,6 +56,30 @@ static void cpu_swiglu_backward_set(float *din, const float *dout, const float *
     cpu_swiglu_backward(din, dout, in, N, h, silu_first);
 }
 
+static void cpu_conv_backward_set(float *dx, float *dw, float *dbias, const float *dy, const float *x, const float *w,
+                                  const int32_t *doc_start, int B, int T, int C)
+{
+    memset(dx, 0, (size_t)B * T * C * sizeof *dx);
+    cpu_conv_backward(dx, dw, dbias, dy, x, w, doc_start, B, T, C);
+}
+
+static void cpu_l2norm_backward_set(float *dx, const float *dy, const float *x, const float *rnorm, int n, int D)
+{
+    memset(dx, 0, (size_t)n * D * sizeof *dx);
+    cpu_l2norm_backward(dx, dy, x, rnorm, n, D);
+}
+
+static void cpu_mla_prep_backward_set(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dqh,
+                                      const float *dkh, const float *dvh, const int32_t *pos, int B, int T, int H,
+                                      int dn, int dr, int dv, float theta)
+{
+    const size_t rows = (size_t)B * T;
+    memset(dq, 0, rows * H * (dn + dr) * sizeof *dq);
+    memset(dkv, 0, rows * H * (dn + dv) * sizeof *dkv);
+    for (size_t i = 0; i < rows; i++) memset(dkpe + i * kpe_stride, 0, (size_t)dr * sizeof *dkpe);
+    cpu_mla_prep_backward(dq, dkv, dkpe, kpe_stride, dqh, dkh, dvh, pos, B, T, H, dn, dr, dv, theta);
+}
+
 static void cpu_gdn_backward_set(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout,
                                  const float *q, const float *k, const float *v, const float *g, const float *beta,
                                  const float *state_save, const int32_t *doc_start, int B, int T, int H, int D,
@@ -113,15 +137,18 @@ static const backend cpu_backend = {
     .mlp_backward_set = cpu_mlp_backward_set,
     .conv_forward = cpu_conv_forward,
     .conv_backward = cpu_conv_backward,
+    .conv_backward_set = cpu_conv_backward_set,
     .gates_forward = cpu_gates_forward,
     .gates_backward = cpu_gates_backward,
     .l2norm_forward = cpu_l2norm_forward,
     .l2norm_backward = cpu_l2norm_backward,
+    .l2norm_backward_set = cpu_l2norm_backward_set,
     .gdn_forward = cpu_gdn_forward,
     .gdn_backward = cpu_gdn_backward,
     .gdn_backward_set = cpu_gdn_backward_set,
     .mla_prep_forward = cpu_mla_prep_forward,
     .mla_prep_backward = cpu_mla_prep_backward,
+    .mla_prep_backward_set = cpu_mla_prep_backward_set,
     .attention_forward = cpu_attention_forward,
     .attention_backward = cpu_attention_backward,
     .attention_backward_set = cpu_attention_backward_set,

@@ -157,12 +157,11 @@ void gdn_backward(model *m, int l, const float *x, float *dx, arena *s)
     }
     float *dconv[3], *dpre[3], *dkn = ARENA_F(s, NP);
     for (int i = 0; i < 3; i++) dconv[i] = ARENA_F(s, NP);
-    be->zero(dconv[1], NP * sizeof(float)); /* l2norm_backward adds into it */
     float *dg = ARENA_F(s, NH), *dbeta = ARENA_F(s, NH), *dgraw = ARENA_F(s, NH), *dbraw = ARENA_F(s, NH);
     /* dq, dk, dv, dg, dbeta written by the op, not zeroed first */
     be->gdn_backward_set(dconv[0], dkn, dconv[2], dg, dbeta, do_, A->conv[0], A->kn, A->conv[2], A->g, A->beta,
                          A->state, m->doc_start, B, T, H, hk, 1.0f / sqrtf((float)hk));
-    be->l2norm_backward(dconv[1], dkn, A->conv[1], A->rnorm, N * H, hk);
+    be->l2norm_backward_set(dconv[1], dkn, A->conv[1], A->rnorm, N * H, hk);
     be->zero(dgraw, NH * sizeof(float));
     be->zero(dbraw, NH * sizeof(float));
     be->gates_backward(dgraw, dbraw, dg, dbeta, A->graw, A->braw, NH);
@@ -170,14 +169,15 @@ void gdn_backward(model *m, int l, const float *x, float *dx, arena *s)
     be->matmul_backward_set(dln, GW(gi->g_proj), dgraw, A->ln1, PW(gi->g_proj), N, d, H);
     be->matmul_backward(dln, GW(gi->beta_proj), dbraw, A->ln1, PW(gi->beta_proj), N, d, H);
     for (int i = 0; i < 3; i++) {
-        if (shared && i == 1) {
-            dpre[1] = dpre[0]; /* both convs feed the one shared projection */
+        if (shared && i == 1) { /* both convs feed the one shared projection: the second adds */
+            dpre[1] = dpre[0];
+            be->conv_backward(dpre[i], GW(gi->conv_w[i]), GW(gi->conv_b[i]), dconv[i], A->pre[i],
+                              PW(gi->conv_w[i]), m->doc_start, B, T, P);
         } else {
             dpre[i] = ARENA_F(s, NP);
-            be->zero(dpre[i], NP * sizeof(float));
+            be->conv_backward_set(dpre[i], GW(gi->conv_w[i]), GW(gi->conv_b[i]), dconv[i], A->pre[i],
+                                  PW(gi->conv_w[i]), m->doc_start, B, T, P);
         }
-        be->conv_backward(dpre[i], GW(gi->conv_w[i]), GW(gi->conv_b[i]), dconv[i], A->pre[i],
-                          PW(gi->conv_w[i]), m->doc_start, B, T, P);
     }
     float *dlat = r ? ARENA_F(s, (size_t)N * r) : NULL;
     for (int i = 0; i < 3; i++) {

@@ -254,10 +254,7 @@ void mla_backward(model *m, int l, const float *x, float *dx, arena *s)
     be->matmul_backward_set(datt, GW(mi->wo), dx, A->att, PW(mi->wo), N, H * dv, d);
     be->attention_backward_set(dqh, dkh, dvh, datt, A->att, A->lse, A->qh, A->kh, A->vh, m->doc_id, B, T, H, dn + dr, dv,
                            1.0f / sqrtf((float)(dn + dr)));
-    be->zero(dq, (size_t)N * Dq * sizeof(float));
-    be->zero(dkv, (size_t)N * H * (dn + dv) * sizeof(float));
-    be->zero(dkpe, (size_t)N * dr * sizeof(float));
-    be->mla_prep_backward(dq, dkv, dkpe, dr, dqh, dkh, dvh, m->pos, B, T, H, dn, dr, dv, c->rope_theta);
+    be->mla_prep_backward_set(dq, dkv, dkpe, dr, dqh, dkh, dvh, m->pos, B, T, H, dn, dr, dv, c->rope_theta);
     be->matmul_backward_set(dckv_n, GW(mi->wkv_b), dkv, A->ckv_n, PW(mi->wkv_b), N, rkv, H * (dn + dv));
     be->zero(dckv, (size_t)N * rkv * sizeof(float));
     be->layernorm_backward(dckv, GW(mi->kv_norm_w), GW(mi->kv_norm_b), dckv_n, A->ckv, PW(mi->kv_norm_w),

@@ -1,9 +1,11 @@
 /* test_backend_set.c: the "_set" ops of the op table (src/backend.h) on the CPU backend:
- * matmul_backward_set, swiglu_backward_set, attention_backward_set and gdn_backward_set
- * write the input gradients instead of adding to them, so whatever the buffers held
- * before (NaN here) must not matter, and the result must be the accumulating op's on
- * zeroed buffers, bit for bit; matmul_backward_set's weight gradient still accumulates. The model
- * (src/model_gdn.c, src/model_mla.c) uses them where it used to zero a buffer first; the
+ * matmul_backward_set, swiglu_backward_set, attention_backward_set, gdn_backward_set,
+ * conv_backward_set, l2norm_backward_set and mla_prep_backward_set write the input
+ * gradients instead of adding to them, so whatever the buffers held before (NaN here)
+ * must not matter, and the result must be the accumulating op's on zeroed buffers, bit
+ * for bit; the weight gradients of matmul_backward_set and conv_backward_set still
+ * accumulate. The model (src/model_gdn.c, src/model_mla.c) uses them where it used to
+ * zero a buffer first; the
  * CUDA twins are checked against the CPU on the GPU (tests/gpu/test_gpu_dense.c,
  * test_gpu_basic.c, test_gpu_attention.c, test_gpu_gdn.c).
  */
@@ -110,6 +112,53 @@ static void test_gdn(const backend *be, int B, int T, int H, int D)
     free(q), free(k), free(v), free(dout), free(g), free(beta), free(doc), free(o), free(st);
 }
 
+/* conv_backward_set, l2norm_backward_set, mla_prep_backward_set over NaN = the
+ * accumulating ops on zeros, bitwise (conv's dw and dbias still added to; the rest of
+ * each kpe_stride row of dkpe untouched) */
+static void test_small_ops(const backend *be)
+{
+    const int B = 2, T = 37, C = 12, H = 3, dn = 8, dr = 4, dv = 6, stride = dr + 5;
+    const size_t nx = (size_t)B * T * C;
+    const uint64_t key = rng_key(7, "small_set");
+    float *x = random_buf(key, nx), *dy = random_buf(key + 1, nx), *w = random_buf(key + 2, (size_t)C * 4);
+    int32_t ds[B * T];
+    for (int i = 0; i < B * T; i++) ds[i] = i % T == 0 || i % 11 == 3;
+    float *ref = filled(nx, 0.0f), *set = filled(nx, NAN);
+    float *dw0 = random_buf(key + 3, (size_t)C * 5), *dw1 = xmalloc((size_t)C * 5 * sizeof(float));
+    memcpy(dw1, dw0, (size_t)C * 5 * sizeof(float));
+    be->conv_backward(ref, dw0, dw0 + 4 * C, dy, x, w, ds, B, T, C);
+    be->conv_backward_set(set, dw1, dw1 + 4 * C, dy, x, w, ds, B, T, C);
+    check(!memcmp(ref, set, nx * sizeof(float)) && !memcmp(dw0, dw1, (size_t)C * 5 * sizeof(float)),
+          "conv_backward_set: dx over NaN = conv_backward on zeros, dw and dbias added to alike, bitwise");
+
+    const int n = B * T, D = C;
+    float *rn = xmalloc((size_t)n * sizeof(float)), *y = xmalloc(nx * sizeof(float));
+    be->l2norm_forward(y, rn, x, n, D);
+    memset(ref, 0, nx * sizeof(float));
+    for (size_t i = 0; i < nx; i++) set[i] = NAN;
+    be->l2norm_backward(ref, dy, x, rn, n, D);
+    be->l2norm_backward_set(set, dy, x, rn, n, D);
+    check(!memcmp(ref, set, nx * sizeof(float)), "l2norm_backward_set: dx over NaN = l2norm_backward on zeros, bitwise");
+
+    const size_t rows = (size_t)B * T, nq = rows * H * (dn + dr), nkv = rows * H * (dn + dv), nc = rows * stride;
+    float *gq = random_buf(key + 4, nq), *gk = random_buf(key + 5, nq), *gv = random_buf(key + 6, rows * H * dv);
+    int32_t *pos = xmalloc(rows * sizeof *pos);
+    for (size_t i = 0; i < rows; i++) pos[i] = (int32_t)(i % T);
+    float *rq = filled(nq, 0.0f), *rkv = filled(nkv, 0.0f), *rc = random_buf(key + 7, nc);
+    float *sq = filled(nq, NAN), *skv = filled(nkv, NAN), *sc = xmalloc(nc * sizeof(float));
+    memcpy(sc, rc, nc * sizeof(float));
+    for (size_t i = 0; i < rows; i++)
+        for (int j = 0; j < dr; j++) rc[i * stride + j] = 0.0f, sc[i * stride + j] = NAN;
+    be->mla_prep_backward(rq, rkv, rc, stride, gq, gk, gv, pos, B, T, H, dn, dr, dv, 10000.0f);
+    be->mla_prep_backward_set(sq, skv, sc, stride, gq, gk, gv, pos, B, T, H, dn, dr, dv, 10000.0f);
+    check(!memcmp(rq, sq, nq * sizeof(float)) && !memcmp(rkv, skv, nkv * sizeof(float)) &&
+              !memcmp(rc, sc, nc * sizeof(float)),
+          "mla_prep_backward_set: dq, dkv, dkpe over NaN = mla_prep_backward on zeros, the rest of each row untouched, "
+          "bitwise");
+    free(x), free(dy), free(w), free(ref), free(set), free(dw0), free(dw1), free(rn), free(y);
+    free(gq), free(gk), free(gv), free(pos), free(rq), free(rkv), free(rc), free(sq), free(skv), free(sc);
+}
+
 int main(void)
 {
     const backend *be = backend_cpu();
@@ -124,6 +173,7 @@ int main(void)
         test_swiglu(be, 40, 64, sf);
     }
     test_gdn(be, 2, 70, 2, 9);
+    test_small_ops(be);
     test_attention(be, 2, 19, 3, 24, 16);
     test_attention(be, 1, 70, 2, 40, 8);
     printf("# %d failure(s)\n", failures);

@@ -237,6 +237,35 @@ static void test_prep(gt_ctx *g, int B, int T, int H, int dn, int dr, int dv, in
     for (int r = 0; r < 2; r++)
         for (int i = 0; i < 3; i++) free(brun[r][i]);
 
+    /* the _set form writes dq, dkv and dkpe's columns: over NaN it must give the CPU's
+     * increments, and leave c's c_kv columns as they were (PREFILL) */
+    {
+        float *sq_d = g->gpu->alloc(nq * sizeof(float)), *skv_d = g->gpu->alloc(nkv * sizeof(float));
+        float *c0 = filled(nc, PREFILL);
+        for (int i = 0; i < B * T; i++)
+            for (int j = 0; j < dr; j++) c0[(size_t)i * stride + rkv + j] = NAN;
+        float *sc_d = gt_up(g, c0, nc);
+        gt_poison(g, sq_d, nq), gt_poison(g, skv_d, nkv);
+        g->gpu->mla_prep_backward_set(sq_d, skv_d, sc_d + rkv, stride, d_gq, d_gk, d_gv, d_pos, B, T, H, dn, dr, dv,
+                                      THETA);
+        float *sq = gt_down(g, sq_d, nq), *skv = gt_down(g, skv_d, nkv), *sc = gt_down(g, sc_d, nc);
+        float *iq = filled(nq, 0.0f), *ikv = filled(nkv, 0.0f);
+        for (size_t i = 0; i < nq; i++) iq[i] = dq[i] - PREFILL;
+        for (size_t i = 0; i < nkv; i++) ikv[i] = dkv[i] - PREFILL;
+        snprintf(what, sizeof what, "mla_prep_backward_set %s: dq over NaN", name);
+        compare(what, sq, iq, nq, PREP_TOL, &Lq);
+        snprintf(what, sizeof what, "mla_prep_backward_set %s: dkv over NaN", name);
+        compare(what, skv, ikv, nkv, PREP_TOL, &Lkv);
+        /* as an increment over PREFILL, like the accumulating op's: the dkpe columns carry
+         * it, the c_kv columns none */
+        for (int i = 0; i < B * T; i++)
+            for (int j = 0; j < dr; j++) sc[(size_t)i * stride + rkv + j] += PREFILL;
+        snprintf(what, sizeof what, "mla_prep_backward_set %s: dkpe written in c, c_kv columns untouched", name);
+        compare_delta(what, sc, dc, nc, PREP_TOL, &Lc);
+        free(sq), free(skv), free(sc), free(iq), free(ikv), free(c0);
+        g->gpu->free(sq_d), g->gpu->free(skv_d), g->gpu->free(sc_d);
+    }
+
     g->gpu->free(d_q), g->gpu->free(d_kv), g->gpu->free(d_c), g->gpu->free(d_pos);
     g->gpu->free(d_qh), g->gpu->free(d_kh), g->gpu->free(d_vh);
     g->gpu->free(d_gq), g->gpu->free(d_gk), g->gpu->free(d_gv);

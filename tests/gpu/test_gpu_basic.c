@@ -466,6 +466,19 @@ static void test_l2norm(int n, int D, int zero_row, int off)
     }
     grad_check_free(&dx, ctx, off);
 
+    /* the _set form writes dx: over NaN it must give the CPU's result on zeros */
+    snprintf(ctx, sizeof ctx, "l2norm_backward_set n=%d D=%d%s%s", n, D, zero_row >= 0 ? " zero row" : "",
+             off_tag(off));
+    fwd_out dxs;
+    out_init(&dxs, "dx over NaN", nx, off);
+    G.cpu->l2norm_backward_set(dxs.cpu, dy, x, rnorm, n, D);
+    for (int run = 0; run < 2; run++) {
+        out_poison(&dxs);
+        G.gpu->l2norm_backward_set(dxs.dev, dy_d, x_d, rnorm_d, n, D);
+        out_take(&dxs, run);
+    }
+    out_check_free(&dxs, ctx, off);
+
     dev_free(x_d, off), dev_free(dy_d, off), dev_free(rnorm_d, off);
     free(x), free(dy), free(rnorm);
 }
@@ -517,6 +530,23 @@ static void test_conv(int B, int T, int C, int doc, int off)
     grad_check_free(&dx, ctx, off);
     grad_check_free(&dw, ctx, off);
     grad_check_free(&db, ctx, off);
+
+    /* the _set form writes dx (dw, dbias into zeroed scratch here): over NaN it must give
+     * the CPU's dx on zeros */
+    snprintf(ctx, sizeof ctx, "conv_backward_set B=%d T=%d C=%d%s%s", B, T, C, doc ? " doc_start" : "",
+             off_tag(off));
+    fwd_out dxs;
+    out_init(&dxs, "dx over NaN", n, off);
+    float *dwz = xcalloc(nw + (size_t)C, sizeof(float));
+    G.cpu->conv_backward_set(dxs.cpu, dwz, dwz + nw, dy, x, w, ds, B, T, C);
+    float *dwz_d = dev_alloc(nw + (size_t)C, off);
+    for (int run = 0; run < 2; run++) {
+        out_poison(&dxs);
+        G.gpu->conv_backward_set(dxs.dev, dwz_d, dwz_d + nw, dy_d, x_d, w_d, ds_d, B, T, C);
+        out_take(&dxs, run);
+    }
+    out_check_free(&dxs, ctx, off);
+    dev_free(dwz_d, off), free(dwz);
 
     dev_free(x_d, off), dev_free(w_d, off), dev_free(bias_d, off), dev_free(dy_d, off);
     if (ds_d) G.gpu->free(ds_d);
