@@ -12,7 +12,11 @@
  *   - Forward ops overwrite their outputs. Backward ops ACCUMULATE (+=) into every
  *     gradient they produce (input gradients and parameter gradients alike), so a
  *     tensor used twice (shared QK, residual branches, gradient accumulation) simply
- *     receives both contributions; callers zero what must start at zero.
+ *     receives both contributions; callers zero what must start at zero. The "_set"
+ *     forms (matmul_backward_set, gdn_backward_set, ...) instead write their input
+ *     gradients, old contents unread, equal to the accumulating op on zeros; parameter
+ *     gradients still accumulate. The model uses them where a buffer would otherwise
+ *     be zeroed just to be added to once.
  *   - Ops are deterministic: the same inputs give bit-identical outputs run after run.
  *   - "save" buffers are written by the forward op and read by its backward.
  */
