@@ -29,12 +29,13 @@
 #include "cuda_common.cuh"
 
 extern "C" {
+#include "backend.h"
 #include "cuda_ops.h"
 }
 
-/* backend.h's scratch layout: dact [N, h] fp32 first, dgu from the next multiple of 64
- * floats (256 bytes: aligned for the SwiGLU kernel's wide stores and for cuBLAS) */
-static size_t dgu_offset(int N, int h) { return ((size_t)N * h + 63) & ~(size_t)63; }
+/* backend.h's scratch layout (mlp_scratch_dgu_offset): dact [N, h] fp32 first, dgu from
+ * the next multiple of 64 floats (256 bytes: aligned for the SwiGLU kernel's wide stores
+ * and for cuBLAS) */
 
 /* act and dgu in bf16 (1) or the separate fp32 ops (0) */
 static int mlp_fused(int N, int d, int h) { return cuda_matmul_bf16_path(N, h, d); }
@@ -63,14 +64,14 @@ static void mlp_backward(float *dx, float *dw_gu, float *dw_down, const float *d
 {
     float *dact = scratch;
     if (!mlp_fused(N, d, h)) {
-        float *dgu = scratch + dgu_offset(N, h);
+        float *dgu = scratch + mlp_scratch_dgu_offset(N, h);
         cuda_matmul_backward_set(dact, dw_down, dout, act, w_down, N, h, d);
         cuda_swiglu_backward_set(dgu, dact, gu, N, h, silu_first);
         if (dx_beta == 0.0f) cuda_matmul_backward_set(dx, dw_gu, dgu, x, w_gu, N, d, 2 * h);
         else cuda_matmul_backward(dx, dw_gu, dgu, x, w_gu, N, d, 2 * h);
         return;
     }
-    __nv_bfloat16 *dgu_b = (__nv_bfloat16 *)(scratch + dgu_offset(N, h));
+    __nv_bfloat16 *dgu_b = (__nv_bfloat16 *)(scratch + mlp_scratch_dgu_offset(N, h));
     cuda_matmul_backward_bf16x(dact, dw_down, dout, NULL, NULL, (const __nv_bfloat16 *)act, w_down, N, h, d, 0.0f);
     cuda_swiglu_backward_set_bf16(dgu_b, dact, gu, N, h, silu_first);
     cuda_matmul_backward_bf16x(dx, dw_gu, NULL, dgu_b, x, NULL, w_gu, N, d, 2 * h, dx_beta);

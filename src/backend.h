@@ -284,6 +284,8 @@ size_t gdn_state_floats(int B, int T, int H, int D);
  * then, from the next multiple of 64 floats (256 bytes), dgu [N, 2h] in fp32 (the CPU)
  * or bf16 (CUDA's bf16 path) */
 size_t mlp_scratch_floats(int N, int h);
+/* where dgu starts in that scratch, in floats from its start (both backends' layout) */
+size_t mlp_scratch_dgu_offset(int N, int h);
 /* scratch floats muon_update needs for a rows x cols matrix */
 size_t muon_work_floats(int rows, int cols);
 /* the most matrices one muon_update_batch call takes */

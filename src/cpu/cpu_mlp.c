@@ -17,15 +17,16 @@
 #include <string.h>
 
 /* dact at the start of scratch, dgu from the next multiple of 64 floats (256 bytes, so
- * that a backend storing dgu in bf16 finds it aligned for wide loads and for cuBLAS) */
-static size_t dgu_offset(int N, int h) { return ((size_t)N * h + 63) & ~(size_t)63; }
+ * that a backend storing dgu in bf16 finds it aligned for wide loads and for cuBLAS);
+ * declared in backend.h, the one definition of the layout kernels/mlp.cu uses too */
+size_t mlp_scratch_dgu_offset(int N, int h) { return ((size_t)N * h + 63) & ~(size_t)63; }
 
 /* declared in backend.h for every backend: the CPU's fp32 dact and dgu [N, 2h] is the
  * larger of the layouts (CUDA stores dgu in bf16 in the same place) */
 size_t mlp_scratch_floats(int N, int h)
 {
     if (N <= 0 || h <= 0) return 64;
-    return dgu_offset(N, h) + (size_t)N * 2 * h;
+    return mlp_scratch_dgu_offset(N, h) + (size_t)N * 2 * h;
 }
 
 void cpu_mlp_forward(real *out, real *gu, real *act, const real *x, const real *w_gu, const real *w_down,
@@ -42,7 +43,7 @@ static void mlp_backward(real *dx, real *dw_gu, real *dw_down, const real *dout,
                          int silu_first, int dx_set)
 {
     if (N <= 0 || d <= 0) return;
-    real *dact = scratch, *dgu = scratch + dgu_offset(N, h);
+    real *dact = scratch, *dgu = scratch + mlp_scratch_dgu_offset(N, h);
     if (dx_set) memset(dx, 0, (size_t)N * d * sizeof *dx);
     if (h <= 0) return; /* every sum is empty: dx is zero or unchanged, no weight has entries */
     memset(dact, 0, (size_t)N * h * sizeof *dact);

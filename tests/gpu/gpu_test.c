@@ -52,6 +52,13 @@ float *gt_host_copy(const float *src, size_t n)
     return x;
 }
 
+float *gt_diff(const float *a, const float *b, size_t n)
+{
+    float *d = xmalloc(n * sizeof *d);
+    for (size_t i = 0; i < n; i++) d[i] = a[i] - b[i];
+    return d;
+}
+
 float *gt_up(gt_ctx *g, const float *host, size_t n)
 {
     float *d = g->gpu->alloc(n * sizeof *d);

@@ -26,6 +26,7 @@ void gt_init(gt_ctx *g, uint64_t seed);
 float *gt_rand(gt_ctx *g, size_t n, float lo, float hi);
 int32_t *gt_rand_int(gt_ctx *g, size_t n, int32_t lo, int32_t hi_exclusive);
 float *gt_host_copy(const float *src, size_t n);
+float *gt_diff(const float *a, const float *b, size_t n); /* a - b */
 
 /* device buffers (free with g->gpu->free) */
 float *gt_up(gt_ctx *g, const float *host, size_t n);

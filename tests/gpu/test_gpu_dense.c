@@ -1,7 +1,7 @@
 /* test_gpu_dense.c: the dense ops of the CUDA backend against the CPU oracle: the
  * Linear layer (matmul forward, forward with a residual, backward), the fused SwiGLU MLP
- * (forward, backward), the chunked tied head + cross-entropy (classifier forward/backward) and the optimizers (AdamW, Muon,
- * Muon batches).
+ * (forward, backward) and the chunked tied head + cross-entropy (classifier
+ * forward/backward). The optimizers are in test_gpu_optim.c.
  *
  * Every op runs on the GPU and on the CPU with the same random inputs. Forward outputs
  * are NaN-poisoned on the GPU first, so an element the kernel forgets to write fails.
@@ -45,14 +45,6 @@ static double rms(const float *x, size_t n)
     return n ? sqrt(s / n) : 0;
 }
 
-/* host: a - b */
-static float *diff(const float *a, const float *b, size_t n)
-{
-    float *d = xmalloc(fbytes(n));
-    for (size_t i = 0; i < n; i++) d[i] = a[i] - b[i];
-    return d;
-}
-
 /* Initial values of a gradient buffer: uniform with the rms of `inc`, the op's own
  * increment, so that the initial values and the increment weigh alike in the result. */
 static float *grad_init(gt_ctx *g, const float *inc, size_t n)
@@ -71,7 +63,7 @@ static void check_grad(const char *what, const float *inc_gpu, const float *init
                        const float *gpu1, const float *gpu2, size_t n, double tol)
 {
     char name[256];
-    float *inc_cpu = diff(cpu, init, n);
+    float *inc_cpu = gt_diff(cpu, init, n);
     snprintf(name, sizeof name, "%s from zero", what);
     gt_compare(name, inc_gpu, inc_cpu, n, tol);
     snprintf(name, sizeof name, "%s accumulated", what);
@@ -126,7 +118,7 @@ static void test_matmul_forward_add(gt_ctx *g, int N, int in, int out, int offse
     float *x = gt_rand(g, nx, -1, 1), *w = gt_rand(g, nw, -a, a), *r = gt_rand(g, ny, -1, 1);
     float *y = xmalloc(fbytes(ny));
     g->cpu->matmul_forward_add(y, x, w, r, N, in, out);
-    float *y_minus_r = diff(y, r, ny);
+    float *y_minus_r = gt_diff(y, r, ny);
 
     float *dx = gt_up(g, x, nx), *dw = gt_up(g, w, nw);
     float *rbuf = g->gpu->alloc(fbytes(ny + offset)), *ybuf = g->gpu->alloc(fbytes(ny + offset));
@@ -148,7 +140,7 @@ static void test_matmul_forward_add(gt_ctx *g, int N, int in, int out, int offse
         snprintf(name, sizeof name, "matmul_forward_add N=%d in=%d out=%d offset %d [%s]: y", N, in, out, offset,
                  mode);
         gt_compare(name, res[0], y, ny, GT_TOL_BF16);
-        float *prod = diff(res[0], r, ny);
+        float *prod = gt_diff(res[0], r, ny);
         snprintf(name, sizeof name, "matmul_forward_add N=%d in=%d out=%d offset %d [%s]: y - r", N, in, out, offset,
                  mode);
         gt_compare(name, prod, y_minus_r, ny, GT_TOL_BF16);
@@ -311,7 +303,7 @@ static void test_mlp(gt_ctx *g, int N, int d, int h, int sf)
     float *out = xmalloc(fbytes(nd)), *gu = xmalloc(fbytes(ngu)), *act = xmalloc(fbytes(nact));
     float *scratch = xmalloc(fbytes(ns));
     g->cpu->mlp_forward(out, gu, act, x, w_gu, w_down, resid, N, d, h, sf);
-    float *mlp_only = diff(out, resid, nd);
+    float *mlp_only = gt_diff(out, resid, nd);
 
     /* the GPU forward */
     float *x_d = gt_up(g, x, nd), *wgu_d = gt_up(g, w_gu, nwgu), *wd_d = gt_up(g, w_down, nwd);
@@ -337,7 +329,7 @@ static void test_mlp(gt_ctx *g, int N, int d, int h, int sf)
         }
         snprintf(name, sizeof name, "mlp_forward N=%d d=%d h=%d silu_first=%d [%s]: out", N, d, h, sf, mode);
         gt_compare(name, rout[0], out, nd, GT_TOL_BF16);
-        float *prod = diff(rout[0], resid, nd);
+        float *prod = gt_diff(rout[0], resid, nd);
         snprintf(name, sizeof name, "mlp_forward N=%d d=%d h=%d silu_first=%d [%s]: out - resid", N, d, h, sf, mode);
         gt_compare(name, prod, mlp_only, nd, GT_TOL_BF16);
         snprintf(name, sizeof name, "mlp_forward N=%d d=%d h=%d silu_first=%d [%s]: gu", N, d, h, sf, mode);
@@ -505,242 +497,6 @@ static void test_classifier(gt_ctx *g, int N, int V, int C, int ignore_pct)
     free(inc_dh), free(inc_dwte), free(init_dh), free(init_dwte), free(cpu_dh), free(cpu_dwte);
 }
 
-/* ---- optimizers ---- */
-
-/* Three AdamW steps from fresh moments on n elements, new gradients each step. */
-static void test_adamw(gt_ctx *g, size_t n)
-{
-    char name[256];
-    const float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, wd = 0.1f;
-    float *p0 = gt_rand(g, n, -1, 1);
-    float *p = gt_host_copy(p0, n), *m = xcalloc(n, sizeof(float)), *v = xcalloc(n, sizeof(float));
-    /* two GPU copies of the state, stepped alike, for the determinism check */
-    float *gp[2], *gm[2], *gv[2];
-    for (int c = 0; c < 2; c++) {
-        gp[c] = gt_up(g, p0, n);
-        gm[c] = g->gpu->alloc(fbytes(n));
-        gv[c] = g->gpu->alloc(fbytes(n));
-    }
-    float *g_d = g->gpu->alloc(fbytes(n));
-    for (int step = 1; step <= 3; step++) {
-        float *grad = gt_rand(g, n, -1, 1);
-        g->cpu->adamw_update(p, grad, m, v, n, lr, beta1, beta2, eps, wd, step);
-        g->gpu->from_host(g_d, grad, fbytes(n));
-        for (int c = 0; c < 2; c++) g->gpu->adamw_update(gp[c], g_d, gm[c], gv[c], n, lr, beta1, beta2, eps, wd, step);
-        free(grad);
-    }
-    float *hp[2], *hm[2], *hv[2];
-    for (int c = 0; c < 2; c++) {
-        hp[c] = gt_down(g, gp[c], n);
-        hm[c] = gt_down(g, gm[c], n);
-        hv[c] = gt_down(g, gv[c], n);
-    }
-    snprintf(name, sizeof name, "adamw_update n=%zu, 3 steps: p", n);
-    gt_compare(name, hp[0], p, n, GT_TOL_FP32);
-    snprintf(name, sizeof name, "adamw_update n=%zu, 3 steps: m", n);
-    gt_compare(name, hm[0], m, n, GT_TOL_FP32);
-    snprintf(name, sizeof name, "adamw_update n=%zu, 3 steps: v", n);
-    gt_compare(name, hv[0], v, n, GT_TOL_FP32);
-    /* The change p - p0 (about lr per step) isolates the step from the much larger p;
-     * one rounding of p (~6e-8) is ~6e-5 of it, so float arithmetic lands near 1e-4. */
-    float *dg = diff(hp[0], p0, n), *dc = diff(p, p0, n);
-    snprintf(name, sizeof name, "adamw_update n=%zu, 3 steps: p - p0", n);
-    gt_compare(name, dg, dc, n, 1e-3);
-    snprintf(name, sizeof name, "adamw_update n=%zu, 3 steps: p, m, v deterministic", n);
-    gt_report(name,
-              !memcmp(hp[0], hp[1], fbytes(n)) && !memcmp(hm[0], hm[1], fbytes(n)) &&
-                  !memcmp(hv[0], hv[1], fbytes(n)),
-              "bitwise");
-
-    for (int c = 0; c < 2; c++) {
-        g->gpu->free(gp[c]);
-        g->gpu->free(gm[c]);
-        g->gpu->free(gv[c]);
-        free(hp[c]), free(hm[c]), free(hv[c]);
-    }
-    g->gpu->free(g_d);
-    free(p0), free(p), free(m), free(v), free(dg), free(dc);
-}
-
-/* Three Muon steps on a [rows, cols] matrix from a zero momentum buffer. The GPU's
- * Newton-Schulz runs on tensor cores (TF32), the CPU's in fp32, so the update p - p0
- * is compared at 2e-2; the momentum buffer is elementwise and exact. The GPU work
- * buffer is NaN-poisoned before every step: the op must not read what it holds. */
-static void test_muon(gt_ctx *g, int rows, int cols)
-{
-    char name[256];
-    const float lr = 0.02f, mu = 0.95f, wd = 0.1f;
-    const size_t n = (size_t)rows * cols, nwork = muon_work_floats(rows, cols);
-    float *p0 = gt_rand(g, n, -0.1f, 0.1f);
-    float *p = gt_host_copy(p0, n), *buf = xcalloc(n, sizeof(float)), *work = xmalloc(fbytes(nwork));
-    float *gp[2], *gb[2];
-    for (int c = 0; c < 2; c++) {
-        gp[c] = gt_up(g, p0, n);
-        gb[c] = g->gpu->alloc(fbytes(n));
-    }
-    float *g_d = g->gpu->alloc(fbytes(n)), *work_d = g->gpu->alloc(fbytes(nwork));
-    for (int step = 1; step <= 3; step++) {
-        float *grad = gt_rand(g, n, -1, 1);
-        g->cpu->muon_update(p, grad, buf, work, rows, cols, lr, mu, wd);
-        g->gpu->from_host(g_d, grad, fbytes(n));
-        for (int c = 0; c < 2; c++) {
-            gt_poison(g, work_d, nwork);
-            g->gpu->muon_update(gp[c], g_d, gb[c], work_d, rows, cols, lr, mu, wd);
-        }
-        free(grad);
-    }
-    float *hp[2], *hb[2];
-    for (int c = 0; c < 2; c++) {
-        hp[c] = gt_down(g, gp[c], n);
-        hb[c] = gt_down(g, gb[c], n);
-    }
-    float *dg = diff(hp[0], p0, n), *dc = diff(p, p0, n);
-    snprintf(name, sizeof name, "muon_update %dx%d, 3 steps: p - p0", rows, cols);
-    gt_compare(name, dg, dc, n, 2e-2);
-    snprintf(name, sizeof name, "muon_update %dx%d, 3 steps: momentum buffer", rows, cols);
-    gt_compare(name, hb[0], buf, n, 1e-6);
-    snprintf(name, sizeof name, "muon_update %dx%d, 3 steps: p, buf deterministic", rows, cols);
-    gt_report(name, !memcmp(hp[0], hp[1], fbytes(n)) && !memcmp(hb[0], hb[1], fbytes(n)), "bitwise");
-
-    for (int c = 0; c < 2; c++) {
-        g->gpu->free(gp[c]);
-        g->gpu->free(gb[c]);
-        free(hp[c]), free(hb[c]);
-    }
-    g->gpu->free(g_d);
-    g->gpu->free(work_d);
-    free(p0), free(p), free(buf), free(work), free(dg), free(dc);
-}
-
-/* Three Muon steps on `count` [rows, cols] matrices through muon_update_batch, against
- * the CPU's batch (count muon_update calls): the same checks as test_muon on all the
- * matrices at once, so a matrix updated with another's gradient, norm or momentum fails.
- * The work buffer is NaN-poisoned before every step. */
-static void test_muon_batch(gt_ctx *g, int count, int rows, int cols)
-{
-    char name[256];
-    const float lr = 0.02f, mu = 0.95f, wd = 0.1f;
-    const size_t n = (size_t)rows * cols, all = (size_t)count * n;
-    const size_t nwork = muon_batch_work_floats(count, rows, cols);
-    float *p0 = gt_rand(g, all, -0.1f, 0.1f);
-    float *p = gt_host_copy(p0, all), *buf = xcalloc(all, sizeof(float)), *work = xmalloc(fbytes(nwork));
-    /* two GPU copies of every matrix and momentum buffer (one allocation each, matrix i at
-     * i n), stepped alike, for the determinism check */
-    float *gp[2], *gb[2];
-    for (int c = 0; c < 2; c++) {
-        gp[c] = gt_up(g, p0, all);
-        gb[c] = g->gpu->alloc(fbytes(all));
-    }
-    float *g_d = g->gpu->alloc(fbytes(all)), *work_d = g->gpu->alloc(fbytes(nwork));
-    float *hp_[MUON_BATCH_MAX], *hb_[MUON_BATCH_MAX], *dp[MUON_BATCH_MAX], *db[MUON_BATCH_MAX];
-    const float *hg_[MUON_BATCH_MAX], *dg_[MUON_BATCH_MAX];
-    for (int step = 1; step <= 3; step++) {
-        float *grad = gt_rand(g, all, -1, 1);
-        for (int i = 0; i < count; i++) {
-            hp_[i] = p + (size_t)i * n;
-            hb_[i] = buf + (size_t)i * n;
-            hg_[i] = grad + (size_t)i * n;
-        }
-        g->cpu->muon_update_batch(hp_, hg_, hb_, work, count, rows, cols, lr, mu, wd);
-        g->gpu->from_host(g_d, grad, fbytes(all));
-        for (int c = 0; c < 2; c++) {
-            for (int i = 0; i < count; i++) {
-                dp[i] = gp[c] + (size_t)i * n;
-                db[i] = gb[c] + (size_t)i * n;
-                dg_[i] = g_d + (size_t)i * n;
-            }
-            gt_poison(g, work_d, nwork);
-            g->gpu->muon_update_batch(dp, dg_, db, work_d, count, rows, cols, lr, mu, wd);
-        }
-        free(grad);
-    }
-    float *hp[2], *hb[2];
-    for (int c = 0; c < 2; c++) {
-        hp[c] = gt_down(g, gp[c], all);
-        hb[c] = gt_down(g, gb[c], all);
-    }
-    float *dgpu = diff(hp[0], p0, all), *dcpu = diff(p, p0, all);
-    snprintf(name, sizeof name, "muon_update_batch %d x %dx%d, 3 steps: p - p0", count, rows, cols);
-    gt_compare(name, dgpu, dcpu, all, 2e-2);
-    snprintf(name, sizeof name, "muon_update_batch %d x %dx%d, 3 steps: momentum buffers", count, rows, cols);
-    gt_compare(name, hb[0], buf, all, 1e-6);
-    snprintf(name, sizeof name, "muon_update_batch %d x %dx%d, 3 steps: p, buf deterministic", count, rows, cols);
-    gt_report(name, !memcmp(hp[0], hp[1], fbytes(all)) && !memcmp(hb[0], hb[1], fbytes(all)), "bitwise");
-
-    for (int c = 0; c < 2; c++) {
-        g->gpu->free(gp[c]);
-        g->gpu->free(gb[c]);
-        free(hp[c]), free(hb[c]);
-    }
-    g->gpu->free(g_d);
-    g->gpu->free(work_d);
-    free(p0), free(p), free(buf), free(work), free(dgpu), free(dcpu);
-}
-
-/* Several batches of different shapes issued back to back with no sync between them, as
- * optim_step does (one shared work buffer): each matrix must still get its own update,
- * 3 steps against the CPU, and twice on the GPU for the same bits. */
-static void test_muon_overlapped(gt_ctx *g)
-{
-    enum { NB = 7 };
-    static const int shape[NB][3] = {{5, 256, 1024}, {3, 1024, 256}, {2, 1024, 1024}, {7, 12, 1024},
-                                     {2, 300, 300},  {1, 3072, 197}, {4, 576, 1024}};
-    const float lr = 0.02f, mu = 0.95f, wd = 0.1f;
-    size_t off[NB + 1] = {0}, nwork = 1;
-    for (int b = 0; b < NB; b++) {
-        off[b + 1] = off[b] + (size_t)shape[b][0] * shape[b][1] * shape[b][2];
-        const size_t w = muon_batch_work_floats(shape[b][0], shape[b][1], shape[b][2]);
-        if (w > nwork) nwork = w;
-    }
-    const size_t all = off[NB];
-    float *p0 = gt_rand(g, all, -0.1f, 0.1f), *p = gt_host_copy(p0, all), *buf = xcalloc(all, sizeof(float));
-    float *work = xmalloc(fbytes(nwork)), *gp[2], *gb[2];
-    for (int c = 0; c < 2; c++) gp[c] = gt_up(g, p0, all), gb[c] = g->gpu->alloc(fbytes(all));
-    float *g_d = g->gpu->alloc(fbytes(all)), *work_d = g->gpu->alloc(fbytes(nwork));
-    float *hp_[MUON_BATCH_MAX], *hb_[MUON_BATCH_MAX], *dp[MUON_BATCH_MAX], *db[MUON_BATCH_MAX];
-    const float *hg_[MUON_BATCH_MAX], *dg_[MUON_BATCH_MAX];
-    for (int step = 1; step <= 3; step++) {
-        float *grad = gt_rand(g, all, -1, 1);
-        g->gpu->from_host(g_d, grad, fbytes(all));
-        for (int b = 0; b < NB; b++) {
-            const int count = shape[b][0], rows = shape[b][1], cols = shape[b][2];
-            const size_t n = (size_t)rows * cols;
-            for (int i = 0; i < count; i++) {
-                hp_[i] = p + off[b] + i * n, hb_[i] = buf + off[b] + i * n, hg_[i] = grad + off[b] + i * n;
-            }
-            g->cpu->muon_update_batch(hp_, hg_, hb_, work, count, rows, cols, lr, mu, wd);
-        }
-        for (int c = 0; c < 2; c++)
-            for (int b = 0; b < NB; b++) { /* no sync between the calls */
-                const int count = shape[b][0], rows = shape[b][1], cols = shape[b][2];
-                const size_t n = (size_t)rows * cols;
-                for (int i = 0; i < count; i++) {
-                    dp[i] = gp[c] + off[b] + i * n, db[i] = gb[c] + off[b] + i * n, dg_[i] = g_d + off[b] + i * n;
-                }
-                g->gpu->muon_update_batch(dp, dg_, db, work_d, count, rows, cols, lr, mu, wd);
-            }
-        free(grad);
-    }
-    float *hp[2], *hb[2];
-    for (int c = 0; c < 2; c++) hp[c] = gt_down(g, gp[c], all), hb[c] = gt_down(g, gb[c], all);
-    for (int b = 0; b < NB; b++) {
-        char name[160];
-        const size_t n = off[b + 1] - off[b];
-        float *dgpu = diff(hp[0] + off[b], p0 + off[b], n), *dcpu = diff(p + off[b], p0 + off[b], n);
-        snprintf(name, sizeof name, "muon_update_batch overlapped, batch %d (%d x %dx%d), 3 steps: p - p0", b,
-                 shape[b][0], shape[b][1], shape[b][2]);
-        gt_compare(name, dgpu, dcpu, n, 2e-2);
-        snprintf(name, sizeof name, "muon_update_batch overlapped, batch %d: momentum buffers", b);
-        gt_compare(name, hb[0] + off[b], buf + off[b], n, 1e-6);
-        free(dgpu), free(dcpu);
-    }
-    gt_report("muon_update_batch overlapped: p, buf deterministic",
-              !memcmp(hp[0], hp[1], fbytes(all)) && !memcmp(hb[0], hb[1], fbytes(all)), "bitwise");
-    for (int c = 0; c < 2; c++) g->gpu->free(gp[c]), g->gpu->free(gb[c]), free(hp[c]), free(hb[c]);
-    g->gpu->free(g_d), g->gpu->free(work_d);
-    free(p0), free(p), free(buf), free(work);
-}
-
 int main(void)
 {
     gt_ctx g;
@@ -780,22 +536,6 @@ int main(void)
     test_classifier(&g, 2700, 50304, 1024, 5);  /* 2 chunks, the last of 32 rows */
     test_classifier(&g, 5337, 50304, 64, 10);   /* 3 chunks, the last of 1 row */
     test_classifier(&g, 100, 256, 64, 15);
-
-    test_adamw(&g, 1000003);
-
-    test_muon(&g, 1024, 256); /* tall: NS on the transpose */
-    test_muon(&g, 256, 1024); /* wide */
-    test_muon(&g, 300, 300);  /* square, not a multiple of any tile */
-    test_muon(&g, 1024, 1536); /* wide, large: Newton-Schulz on scaled fp16 operands */
-
-    test_muon_batch(&g, 5, 256, 1024); /* wide */
-    test_muon_batch(&g, 3, 1024, 256); /* tall */
-    test_muon_batch(&g, 2, 1024, 1024); /* large: scaled fp16 operands */
-    test_muon_batch(&g, 2, 2048, 1024); /* large and tall */
-    test_muon_overlapped(&g);
-    test_muon_batch(&g, 4, 12, 1024);  /* the gate projections: tiny, launch-bound alone */
-    test_muon_batch(&g, 3, 301, 300);  /* tall, strides padded to 64 floats */
-    test_muon_batch(&g, 1, 300, 300);  /* a batch of one */
 
     printf("# test_gpu_dense: %d failure(s)\n", gt_failures());
     return gt_failures() != 0;

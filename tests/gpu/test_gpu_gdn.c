@@ -80,14 +80,6 @@ static double rms(const float *x, size_t n)
     return n ? sqrt(s / n) : 0;
 }
 
-/* host: a - b */
-static float *diff(const float *a, const float *b, size_t n)
-{
-    float *d = xmalloc(fbytes(n));
-    for (size_t i = 0; i < n; i++) d[i] = a[i] - b[i];
-    return d;
-}
-
 /* Initial values of a gradient buffer: uniform with the rms of `inc`, the op's own
  * increment, so that the initial values and the increment weigh alike in the result. */
 static float *grad_init(const float *inc, size_t n)
@@ -275,7 +267,7 @@ static void test_backward(const gdn_in *in, const float *ss_cpu, const float *ss
     }
 
     for (int x = 0; x < NGRAD; x++) {
-        float *inc_cpu = diff(cpu[x], init[x], n[x]);
+        float *inc_cpu = gt_diff(cpu[x], init[x], n[x]);
         snprintf(what, sizeof what, "%s: backward %s from zero", in->name, grad_names[x]);
         gt_compare(what, inc_gpu[x], inc_cpu, n[x], tol);
         snprintf(what, sizeof what, "%s: backward %s accumulated", in->name, grad_names[x]);

@@ -1,0 +1,280 @@
+/* test_gpu_optim.c: the optimizers of the CUDA backend (kernels/optim.cu) against the CPU
+ * oracle (src/cpu/cpu_optim.c): AdamW, Muon on one matrix, and Muon batches (including
+ * batches whose matrices lie interleaved in one buffer), three steps each from the same
+ * random parameters and gradients. AdamW is elementwise: p, m, v are held to fp32 and
+ * the step p - p0 to 1e-3 (see test_adamw); Muon's
+ * Newton-Schulz runs on tensor cores (TF32, or fp16 scaled by 2^12 for matrices of 2^20
+ * elements and more), so its update p - p0 is held to 2e-2 and its momentum buffer, which
+ * is elementwise, to 1e-6. Every op runs twice and must reproduce its bits. (Split from
+ * test_gpu_dense.c, the dense layers' test.)
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpu_test.h"
+#include "util.h"
+
+static size_t fbytes(size_t n) { return n * sizeof(float); }
+
+/* ---- optimizers ---- */
+
+/* Three AdamW steps from fresh moments on n elements, new gradients each step. */
+static void test_adamw(gt_ctx *g, size_t n)
+{
+    char name[256];
+    const float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, wd = 0.1f;
+    float *p0 = gt_rand(g, n, -1, 1);
+    float *p = gt_host_copy(p0, n), *m = xcalloc(n, sizeof(float)), *v = xcalloc(n, sizeof(float));
+    /* two GPU copies of the state, stepped alike, for the determinism check */
+    float *gp[2], *gm[2], *gv[2];
+    for (int c = 0; c < 2; c++) {
+        gp[c] = gt_up(g, p0, n);
+        gm[c] = g->gpu->alloc(fbytes(n));
+        gv[c] = g->gpu->alloc(fbytes(n));
+    }
+    float *g_d = g->gpu->alloc(fbytes(n));
+    for (int step = 1; step <= 3; step++) {
+        float *grad = gt_rand(g, n, -1, 1);
+        g->cpu->adamw_update(p, grad, m, v, n, lr, beta1, beta2, eps, wd, step);
+        g->gpu->from_host(g_d, grad, fbytes(n));
+        for (int c = 0; c < 2; c++) g->gpu->adamw_update(gp[c], g_d, gm[c], gv[c], n, lr, beta1, beta2, eps, wd, step);
+        free(grad);
+    }
+    float *hp[2], *hm[2], *hv[2];
+    for (int c = 0; c < 2; c++) {
+        hp[c] = gt_down(g, gp[c], n);
+        hm[c] = gt_down(g, gm[c], n);
+        hv[c] = gt_down(g, gv[c], n);
+    }
+    snprintf(name, sizeof name, "adamw_update n=%zu, 3 steps: p", n);
+    gt_compare(name, hp[0], p, n, GT_TOL_FP32);
+    snprintf(name, sizeof name, "adamw_update n=%zu, 3 steps: m", n);
+    gt_compare(name, hm[0], m, n, GT_TOL_FP32);
+    snprintf(name, sizeof name, "adamw_update n=%zu, 3 steps: v", n);
+    gt_compare(name, hv[0], v, n, GT_TOL_FP32);
+    /* The change p - p0 (about lr per step) isolates the step from the much larger p;
+     * one rounding of p (~6e-8) is ~6e-5 of it, so float arithmetic lands near 1e-4. */
+    float *dg = gt_diff(hp[0], p0, n), *dc = gt_diff(p, p0, n);
+    snprintf(name, sizeof name, "adamw_update n=%zu, 3 steps: p - p0", n);
+    gt_compare(name, dg, dc, n, 1e-3);
+    snprintf(name, sizeof name, "adamw_update n=%zu, 3 steps: p, m, v deterministic", n);
+    gt_report(name,
+              !memcmp(hp[0], hp[1], fbytes(n)) && !memcmp(hm[0], hm[1], fbytes(n)) &&
+                  !memcmp(hv[0], hv[1], fbytes(n)),
+              "bitwise");
+
+    for (int c = 0; c < 2; c++) {
+        g->gpu->free(gp[c]);
+        g->gpu->free(gm[c]);
+        g->gpu->free(gv[c]);
+        free(hp[c]), free(hm[c]), free(hv[c]);
+    }
+    g->gpu->free(g_d);
+    free(p0), free(p), free(m), free(v), free(dg), free(dc);
+}
+
+/* Three Muon steps on a [rows, cols] matrix from a zero momentum buffer. The GPU's
+ * Newton-Schulz runs on tensor cores (TF32), the CPU's in fp32, so the update p - p0
+ * is compared at 2e-2; the momentum buffer is elementwise and exact. The GPU work
+ * buffer is NaN-poisoned before every step: the op must not read what it holds. */
+static void test_muon(gt_ctx *g, int rows, int cols)
+{
+    char name[256];
+    const float lr = 0.02f, mu = 0.95f, wd = 0.1f;
+    const size_t n = (size_t)rows * cols, nwork = muon_work_floats(rows, cols);
+    float *p0 = gt_rand(g, n, -0.1f, 0.1f);
+    float *p = gt_host_copy(p0, n), *buf = xcalloc(n, sizeof(float)), *work = xmalloc(fbytes(nwork));
+    float *gp[2], *gb[2];
+    for (int c = 0; c < 2; c++) {
+        gp[c] = gt_up(g, p0, n);
+        gb[c] = g->gpu->alloc(fbytes(n));
+    }
+    float *g_d = g->gpu->alloc(fbytes(n)), *work_d = g->gpu->alloc(fbytes(nwork));
+    for (int step = 1; step <= 3; step++) {
+        float *grad = gt_rand(g, n, -1, 1);
+        g->cpu->muon_update(p, grad, buf, work, rows, cols, lr, mu, wd);
+        g->gpu->from_host(g_d, grad, fbytes(n));
+        for (int c = 0; c < 2; c++) {
+            gt_poison(g, work_d, nwork);
+            g->gpu->muon_update(gp[c], g_d, gb[c], work_d, rows, cols, lr, mu, wd);
+        }
+        free(grad);
+    }
+    float *hp[2], *hb[2];
+    for (int c = 0; c < 2; c++) {
+        hp[c] = gt_down(g, gp[c], n);
+        hb[c] = gt_down(g, gb[c], n);
+    }
+    float *dg = gt_diff(hp[0], p0, n), *dc = gt_diff(p, p0, n);
+    snprintf(name, sizeof name, "muon_update %dx%d, 3 steps: p - p0", rows, cols);
+    gt_compare(name, dg, dc, n, 2e-2);
+    snprintf(name, sizeof name, "muon_update %dx%d, 3 steps: momentum buffer", rows, cols);
+    gt_compare(name, hb[0], buf, n, 1e-6);
+    snprintf(name, sizeof name, "muon_update %dx%d, 3 steps: p, buf deterministic", rows, cols);
+    gt_report(name, !memcmp(hp[0], hp[1], fbytes(n)) && !memcmp(hb[0], hb[1], fbytes(n)), "bitwise");
+
+    for (int c = 0; c < 2; c++) {
+        g->gpu->free(gp[c]);
+        g->gpu->free(gb[c]);
+        free(hp[c]), free(hb[c]);
+    }
+    g->gpu->free(g_d);
+    g->gpu->free(work_d);
+    free(p0), free(p), free(buf), free(work), free(dg), free(dc);
+}
+
+/* Three Muon steps on `count` [rows, cols] matrices through muon_update_batch, against
+ * the CPU's batch (count muon_update calls): the same checks as test_muon on all the
+ * matrices at once, so a matrix updated with another's gradient, norm or momentum fails.
+ * The work buffer is NaN-poisoned before every step. */
+static void test_muon_batch(gt_ctx *g, int count, int rows, int cols)
+{
+    char name[256];
+    const float lr = 0.02f, mu = 0.95f, wd = 0.1f;
+    const size_t n = (size_t)rows * cols, all = (size_t)count * n;
+    const size_t nwork = muon_batch_work_floats(count, rows, cols);
+    float *p0 = gt_rand(g, all, -0.1f, 0.1f);
+    float *p = gt_host_copy(p0, all), *buf = xcalloc(all, sizeof(float)), *work = xmalloc(fbytes(nwork));
+    /* two GPU copies of every matrix and momentum buffer (one allocation each, matrix i at
+     * i n), stepped alike, for the determinism check */
+    float *gp[2], *gb[2];
+    for (int c = 0; c < 2; c++) {
+        gp[c] = gt_up(g, p0, all);
+        gb[c] = g->gpu->alloc(fbytes(all));
+    }
+    float *g_d = g->gpu->alloc(fbytes(all)), *work_d = g->gpu->alloc(fbytes(nwork));
+    float *hp_[MUON_BATCH_MAX], *hb_[MUON_BATCH_MAX], *dp[MUON_BATCH_MAX], *db[MUON_BATCH_MAX];
+    const float *hg_[MUON_BATCH_MAX], *dg_[MUON_BATCH_MAX];
+    for (int step = 1; step <= 3; step++) {
+        float *grad = gt_rand(g, all, -1, 1);
+        for (int i = 0; i < count; i++) {
+            hp_[i] = p + (size_t)i * n;
+            hb_[i] = buf + (size_t)i * n;
+            hg_[i] = grad + (size_t)i * n;
+        }
+        g->cpu->muon_update_batch(hp_, hg_, hb_, work, count, rows, cols, lr, mu, wd);
+        g->gpu->from_host(g_d, grad, fbytes(all));
+        for (int c = 0; c < 2; c++) {
+            for (int i = 0; i < count; i++) {
+                dp[i] = gp[c] + (size_t)i * n;
+                db[i] = gb[c] + (size_t)i * n;
+                dg_[i] = g_d + (size_t)i * n;
+            }
+            gt_poison(g, work_d, nwork);
+            g->gpu->muon_update_batch(dp, dg_, db, work_d, count, rows, cols, lr, mu, wd);
+        }
+        free(grad);
+    }
+    float *hp[2], *hb[2];
+    for (int c = 0; c < 2; c++) {
+        hp[c] = gt_down(g, gp[c], all);
+        hb[c] = gt_down(g, gb[c], all);
+    }
+    float *dgpu = gt_diff(hp[0], p0, all), *dcpu = gt_diff(p, p0, all);
+    snprintf(name, sizeof name, "muon_update_batch %d x %dx%d, 3 steps: p - p0", count, rows, cols);
+    gt_compare(name, dgpu, dcpu, all, 2e-2);
+    snprintf(name, sizeof name, "muon_update_batch %d x %dx%d, 3 steps: momentum buffers", count, rows, cols);
+    gt_compare(name, hb[0], buf, all, 1e-6);
+    snprintf(name, sizeof name, "muon_update_batch %d x %dx%d, 3 steps: p, buf deterministic", count, rows, cols);
+    gt_report(name, !memcmp(hp[0], hp[1], fbytes(all)) && !memcmp(hb[0], hb[1], fbytes(all)), "bitwise");
+
+    for (int c = 0; c < 2; c++) {
+        g->gpu->free(gp[c]);
+        g->gpu->free(gb[c]);
+        free(hp[c]), free(hb[c]);
+    }
+    g->gpu->free(g_d);
+    g->gpu->free(work_d);
+    free(p0), free(p), free(buf), free(work), free(dgpu), free(dcpu);
+}
+
+/* Several batches of different shapes issued back to back with no sync between them, as
+ * optim_step does (one shared work buffer): each matrix must still get its own update,
+ * 3 steps against the CPU, and twice on the GPU for the same bits. */
+static void test_muon_overlapped(gt_ctx *g)
+{
+    enum { NB = 7 };
+    static const int shape[NB][3] = {{5, 256, 1024}, {3, 1024, 256}, {2, 1024, 1024}, {7, 12, 1024},
+                                     {2, 300, 300},  {1, 3072, 197}, {4, 576, 1024}};
+    const float lr = 0.02f, mu = 0.95f, wd = 0.1f;
+    size_t off[NB + 1] = {0}, nwork = 1;
+    for (int b = 0; b < NB; b++) {
+        off[b + 1] = off[b] + (size_t)shape[b][0] * shape[b][1] * shape[b][2];
+        const size_t w = muon_batch_work_floats(shape[b][0], shape[b][1], shape[b][2]);
+        if (w > nwork) nwork = w;
+    }
+    const size_t all = off[NB];
+    float *p0 = gt_rand(g, all, -0.1f, 0.1f), *p = gt_host_copy(p0, all), *buf = xcalloc(all, sizeof(float));
+    float *work = xmalloc(fbytes(nwork)), *gp[2], *gb[2];
+    for (int c = 0; c < 2; c++) gp[c] = gt_up(g, p0, all), gb[c] = g->gpu->alloc(fbytes(all));
+    float *g_d = g->gpu->alloc(fbytes(all)), *work_d = g->gpu->alloc(fbytes(nwork));
+    float *hp_[MUON_BATCH_MAX], *hb_[MUON_BATCH_MAX], *dp[MUON_BATCH_MAX], *db[MUON_BATCH_MAX];
+    const float *hg_[MUON_BATCH_MAX], *dg_[MUON_BATCH_MAX];
+    for (int step = 1; step <= 3; step++) {
+        float *grad = gt_rand(g, all, -1, 1);
+        g->gpu->from_host(g_d, grad, fbytes(all));
+        for (int b = 0; b < NB; b++) {
+            const int count = shape[b][0], rows = shape[b][1], cols = shape[b][2];
+            const size_t n = (size_t)rows * cols;
+            for (int i = 0; i < count; i++) {
+                hp_[i] = p + off[b] + i * n, hb_[i] = buf + off[b] + i * n, hg_[i] = grad + off[b] + i * n;
+            }
+            g->cpu->muon_update_batch(hp_, hg_, hb_, work, count, rows, cols, lr, mu, wd);
+        }
+        for (int c = 0; c < 2; c++)
+            for (int b = 0; b < NB; b++) { /* no sync between the calls */
+                const int count = shape[b][0], rows = shape[b][1], cols = shape[b][2];
+                const size_t n = (size_t)rows * cols;
+                for (int i = 0; i < count; i++) {
+                    dp[i] = gp[c] + off[b] + i * n, db[i] = gb[c] + off[b] + i * n, dg_[i] = g_d + off[b] + i * n;
+                }
+                g->gpu->muon_update_batch(dp, dg_, db, work_d, count, rows, cols, lr, mu, wd);
+            }
+        free(grad);
+    }
+    float *hp[2], *hb[2];
+    for (int c = 0; c < 2; c++) hp[c] = gt_down(g, gp[c], all), hb[c] = gt_down(g, gb[c], all);
+    for (int b = 0; b < NB; b++) {
+        char name[160];
+        const size_t n = off[b + 1] - off[b];
+        float *dgpu = gt_diff(hp[0] + off[b], p0 + off[b], n), *dcpu = gt_diff(p + off[b], p0 + off[b], n);
+        snprintf(name, sizeof name, "muon_update_batch overlapped, batch %d (%d x %dx%d), 3 steps: p - p0", b,
+                 shape[b][0], shape[b][1], shape[b][2]);
+        gt_compare(name, dgpu, dcpu, n, 2e-2);
+        snprintf(name, sizeof name, "muon_update_batch overlapped, batch %d: momentum buffers", b);
+        gt_compare(name, hb[0] + off[b], buf + off[b], n, 1e-6);
+        free(dgpu), free(dcpu);
+    }
+    gt_report("muon_update_batch overlapped: p, buf deterministic",
+              !memcmp(hp[0], hp[1], fbytes(all)) && !memcmp(hb[0], hb[1], fbytes(all)), "bitwise");
+    for (int c = 0; c < 2; c++) g->gpu->free(gp[c]), g->gpu->free(gb[c]), free(hp[c]), free(hb[c]);
+    g->gpu->free(g_d), g->gpu->free(work_d);
+    free(p0), free(p), free(buf), free(work);
+}
+
+int main(void)
+{
+    gt_ctx g;
+    gt_init(&g, 20250611);
+
+    test_adamw(&g, 1000003);
+
+    test_muon(&g, 1024, 256); /* tall: NS on the transpose */
+    test_muon(&g, 256, 1024); /* wide */
+    test_muon(&g, 300, 300);  /* square, not a multiple of any tile */
+    test_muon(&g, 1024, 1536); /* wide, large: Newton-Schulz on scaled fp16 operands */
+
+    test_muon_batch(&g, 5, 256, 1024); /* wide */
+    test_muon_batch(&g, 3, 1024, 256); /* tall */
+    test_muon_batch(&g, 2, 1024, 1024); /* large: scaled fp16 operands */
+    test_muon_batch(&g, 2, 2048, 1024); /* large and tall */
+    test_muon_overlapped(&g);
+    test_muon_batch(&g, 4, 12, 1024);  /* the gate projections: tiny, launch-bound alone */
+    test_muon_batch(&g, 3, 301, 300);  /* tall, strides padded to 64 floats */
+    test_muon_batch(&g, 1, 300, 300);  /* a batch of one */
+
+    printf("# test_gpu_optim: %d failure(s)\n", gt_failures());
+    return gt_failures() != 0;
+}
