@@ -662,11 +662,20 @@ static void t_muon_update_batch(float *const *p, const float *const *g, float *c
     shape_since(FAM_OPTIMIZER, m0, SHAPE_MUON, 0, 0, count, rows, cols);
 }
 
+/* every op on the main lane: timing an op by synchronising the main stream needs it
+ * there (the unprofiled passes keep the lanes) */
+static void t_lanes_fork(int n) {}
+static void t_lane(int i) {}
+static void t_lanes_join(void) {}
+
 const backend *timed_backend(const backend *in)
 {
     inner = in;
     timed = *in;
     timed.zero = t_zero;
+    timed.lanes_fork = t_lanes_fork;
+    timed.lane = t_lane;
+    timed.lanes_join = t_lanes_join;
     timed.copy = t_copy;
     timed.add_inplace = t_add_inplace;
     timed.scale_inplace = t_scale_inplace;

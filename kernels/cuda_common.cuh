@@ -33,14 +33,21 @@ extern "C" {
 /* after every kernel launch */
 #define LAUNCH_CHECK() CUDA_CHECK(cudaGetLastError())
 
-extern "C" cudaStream_t cuda_stream(void);     /* the backend's one stream */
-extern "C" cublasHandle_t cuda_cublas(void);   /* bound to cuda_stream() */
-/* device scratch of at least `bytes`, valid until the next call (grows, never shrinks) */
+extern "C" cudaStream_t cuda_stream(void);     /* the stream of the current lane (backend.h) */
+extern "C" cublasHandle_t cuda_cublas(void);   /* the current lane's, bound to cuda_stream() */
+extern "C" int cuda_lane(void);                /* the current lane, 0 to BACKEND_LANES - 1 */
+/* device scratch of at least `bytes`, valid until the next call (grows, never shrinks);
+ * one per lane */
 extern "C" void *cuda_scratch(size_t bytes);
 
 /* A stream-ordered device buffer of at least `bytes` in *buf (capacity *cap, both 0 at
  * first): reallocated 25% larger when too small, kept otherwise. cuda_scratch is one. */
 extern "C" void *cuda_grow(void **buf, size_t *cap, size_t bytes);
+/* changes whenever device memory is freed or a cuda_grow buffer moves: a CUDA graph
+ * captured under another generation may hold stale pointers */
+extern "C" unsigned long long cuda_memory_generation(void);
+/* whether ops may replay repeated work as CUDA graphs (DELTAMLA_CUDA_GRAPHS=0: never) */
+extern "C" int cuda_graphs(void);
 
 /* n rounded up to a multiple of 8 (bf16 operands packed one after another stay 16-byte aligned) */
 static inline size_t cuda_round8(size_t n) { return (n + 7) & ~(size_t)7; }

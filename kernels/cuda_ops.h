@@ -140,6 +140,10 @@ void cuda_classifier_backward(float *dh, float *dwte, const float *h, const floa
                               const int32_t *targets, const float *lse, float dloss_scale,
                               int N, int V, int C);
 
+/* y = r + x W^T for out <= 16 on CUDA cores (matmul_narrow.cu; matmul.cu dispatches) */
+int cuda_narrow_ok(int in, int out, const float *x, const float *w);
+void cuda_narrow_forward(float *y, const float *x, const float *w, const float *r, int N, int in, int out);
+
 /* optimizers */
 void cuda_adamw_update(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
                        float beta2, float eps, float wd, int step);
@@ -147,6 +151,10 @@ void cuda_muon_update(float *p, const float *g, float *buf, float *work, int row
                       float mu, float wd);
 void cuda_muon_update_batch(float *const *p, const float *const *g, float *const *buf, float *work,
                             int count, int rows, int cols, float lr, float mu, float wd);
+/* Newton-Schulz graphs launched so far (optim.cu), for the tests */
+unsigned long long cuda_muon_graph_launches(void);
+/* CUDA graphs on (1, the default unless DELTAMLA_CUDA_GRAPHS=0) or off (0): for the tests */
+void cuda_set_graphs(int on);
 
 #ifdef __cplusplus
 }

@@ -8,8 +8,10 @@
  * oracle, but cuBLAS then runs its bf16 kernels at full rate: for the model's shapes
  * (N = 16384 rows, widths 256 to 4096) the fp32-operand path ran at about 150 TFLOP/s.
  *
- * Skinny products (in or out at most MATMUL_SKINNY_WIDTH) run on the fp32 operands in TF32
- * (see skinny_product). Small products (fewer than MATMUL_BF16_MIN_MACS multiply-adds, as
+ * Forwards with at most 16 outputs (the GDN gate projections) run on CUDA cores in fp32,
+ * one pass over x (matmul_narrow.cu, where cuda_narrow_ok allows). Other skinny products
+ * and those backwards (in or out at most MATMUL_SKINNY_WIDTH) run on the fp32 operands in
+ * TF32 (see skinny_product). Small products (fewer than MATMUL_BF16_MIN_MACS multiply-adds, as
  * in the test configs) keep the first form: cublasGemmEx on the fp32 operands with CUBLAS_COMPUTE_32F_FAST_16BF,
  * where cuBLAS picks its own kernel (the rounding passes would cost more than they save).
  *
@@ -254,6 +256,10 @@ static void matmul_forward(float *y, const float *x, const float *w, const float
     if (in <= 0) { /* an empty sum: y is r, or all zeros */
         if (r) residual_into(y, r, ny);
         else CUDA_CHECK(cudaMemsetAsync(y, 0, ny * sizeof *y, cuda_stream()));
+        return;
+    }
+    if (cuda_narrow_ok(in, out, x, w)) {
+        cuda_narrow_forward(y, x, w, r, N, in, out);
         return;
     }
     if (small_product(N, in, out) || skinny_product(in, out)) {

@@ -65,6 +65,14 @@
  * earlier version did) removes three rounding passes per step and halves the bytes the
  * GEMMs write and read as C; the cost is that a X is added from the rounded X.
  *
+ * Stages 1-4 do not depend on lr or wd, and the optimizer repeats every batch each step
+ * on the same buffers: from a batch's second call on they run as one CUDA graph
+ * (muon_ns_graphed), one launch where there were about 25, 15 of them cuBLAS calls
+ * whose host time exceeded the GPU time of a small batch. Stage 5 takes lr and wd as
+ * kernel arguments and is launched on its own. A graph holds the batch's buffers and
+ * the lane's scratch, so it is captured again when device memory has moved since
+ * (cuda_memory_generation). The bits are those of the direct launches.
+ *
  * The two GEMMs of each step with a beta term go through cuBLASLt in both precisions
  * (ns_gemm_into): its separate C (read) and D (written) take b A and a X from A and X
  * while writing Bm and the next X, so neither needs a copy of A or X first (with
@@ -74,6 +82,7 @@
 #include <cublasLt.h>
 #include <cuda_fp16.h>
 #include <math.h>
+#include <string.h>
 
 #include "cuda_common.cuh"
 
@@ -94,10 +103,10 @@ extern "C" {
 #define NS_HALF_SCALE 4096.0f                  /* 2^12 */
 #define NS_HALF_RESCALE (1.0f / 4096.0f) /* alpha factor: a product of two scaled operands, stored scaled once */
 
-/* the large batches' X (two, ping-pong), A and Bm in scaled fp16; grows to the largest
- * and stays */
-static void *half_buf;
-static size_t half_bytes;
+/* the large batches' X (two, ping-pong), A and Bm in scaled fp16, one buffer per lane
+ * (backend.h); each grows to the largest batch run on its lane and stays */
+static void *half_buf[BACKEND_LANES];
+static size_t half_bytes[BACKEND_LANES];
 
 #define THREADS 256
 /* the most blocks of an elementwise grid (grid-stride beyond) */
@@ -251,8 +260,8 @@ typedef struct lt_plan {
 static cublasLtHandle_t lt_handle;
 static lt_plan lt_plans[LT_PLANS];
 static int n_lt_plans;
-static void *lt_ws;
-static size_t lt_ws_bytes;
+static void *lt_ws[BACKEND_LANES]; /* one cuBLASLt workspace per lane */
+static size_t lt_ws_bytes[BACKEND_LANES];
 
 static cublasLtMatrixLayout_t lt_layout(cudaDataType_t type, int rows, int cols, int ld, int count, size_t stride)
 {
@@ -317,7 +326,7 @@ static void ns_gemm_into(int half, int count, cublasOperation_t ta, cublasOperat
         return;
     }
     if (half) alpha *= NS_HALF_RESCALE;
-    void *ws = cuda_grow(&lt_ws, &lt_ws_bytes, LT_WORKSPACE);
+    void *ws = cuda_grow(&lt_ws[cuda_lane()], &lt_ws_bytes[cuda_lane()], LT_WORKSPACE);
     CUBLAS_CHECK(cublasLtMatmul(lt_handle, p->op, &alpha, a, p->la, b, p->lb, &beta, c, p->lc, d, p->lc, &p->algo, ws,
                                 LT_WORKSPACE, s));
 }
@@ -339,11 +348,37 @@ extern "C" void cuda_adamw_update(float *p, const float *g, float *m, float *v, 
     LAUNCH_CHECK();
 }
 
-/* The Muon step of count matrices of one shape [rows, cols] (see the top). work holds,
- * for matrix i, X at i sx, next X at count sx + i sx, A at 2 count sx + i sa and Bm at
- * 2 count sx + count sa + i sa (sx >= m n, sa >= m m floats). */
-static void muon_run(const muon_ptrs *ptr, int count, float *work, size_t sx, size_t sa, int rows, int cols,
-                     float lr, float mu, float wd)
+/* The NS_STEPS Newton-Schulz steps on count matrices: X (leading dimension m if tall,
+ * else n) at x, the next X at xn, A and Bm at a and bm (strides sx and sa elements), all
+ * fp32 (half 0) or all scaled fp16 (half 1). Returns where the last X lies (x or xn). */
+static const void *ns_iterations(int half, int count, int tall, int m, int n, void *x, void *xn, void *a, void *bm,
+                                 size_t sx, size_t sa, cudaStream_t s)
+{
+    for (int it = 0; it < NS_STEPS; it++) {
+        if (tall) ns_gemm(half, count, CUBLAS_OP_N, CUBLAS_OP_T, m, m, n, 1.0f, x, m, sx, x, m, sx, 0.0f, a, m, sa);
+        else ns_gemm(half, count, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, 1.0f, x, n, sx, x, n, sx, 0.0f, a, m, sa);
+        ns_gemm_into(half, count, CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, NS_C, a, m, sa, a, m, sa, NS_B, a, bm, m, sa, s);
+        if (tall)
+            ns_gemm_into(half, count, CUBLAS_OP_N, CUBLAS_OP_N, m, n, m, 1.0f, bm, m, sa, x, m, sx, NS_A, x, xn, m, sx,
+                         s);
+        else
+            ns_gemm_into(half, count, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, 1.0f, x, n, sx, bm, m, sa, NS_A, x, xn, n, sx,
+                         s);
+        void *t = x;
+        x = xn;
+        xn = t;
+    }
+    return x;
+}
+
+/* Stages 1-4 of the Muon step of count matrices of one shape [rows, cols] (see the top):
+ * momentum, norm and Newton-Schulz, none of which depends on lr or wd. work holds, for
+ * matrix i, X at i sx, next X at count sx + i sx, A at 2 count sx + i sa and Bm at
+ * 2 count sx + count sa + i sa (sx >= m n, sa >= m m floats). Returns where the
+ * orthogonalised update lies: fp32 in work, or (*half set) scaled fp16 in the lane's
+ * half_buf. */
+static const void *muon_ns(const muon_ptrs *ptr, int count, float *work, size_t sx, size_t sa, int rows, int cols,
+                           float mu, int *half_out)
 {
     const int tall = rows > cols;
     const int m = tall ? cols : rows, n = tall ? rows : cols;
@@ -363,54 +398,117 @@ static void muon_run(const muon_ptrs *ptr, int count, float *work, size_t sx, si
     LAUNCH_CHECK();
     /* the buffers' leading dimension is cols in both orientations (see the top) */
     const int half = total >= MUON_HALF_MIN_ELEMS;
-    const void *o; /* the orthogonalised update: fp32, or scaled fp16 with half */
+    *half_out = half;
     if (!half) {
         muon_scale_kernel<<<dim3(grid_for(total), count), THREADS, 0, s>>>(x, NULL, sx, norm, total);
         LAUNCH_CHECK();
         /* TF32 on the fp32 buffers, C and D apart (no copies of A and X) */
-        for (int it = 0; it < NS_STEPS; it++) {
-            if (tall) ns_gemm(0, count, CUBLAS_OP_N, CUBLAS_OP_T, m, m, n, 1.0f, x, m, sx, x, m, sx, 0.0f, a, m, sa);
-            else ns_gemm(0, count, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, 1.0f, x, n, sx, x, n, sx, 0.0f, a, m, sa);
-            ns_gemm_into(0, count, CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, NS_C, a, m, sa, a, m, sa, NS_B, a, bm, m, sa, s);
-            if (tall)
-                ns_gemm_into(0, count, CUBLAS_OP_N, CUBLAS_OP_N, m, n, m, 1.0f, bm, m, sa, x, m, sx, NS_A, x, xn, m, sx,
-                             s);
-            else
-                ns_gemm_into(0, count, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, 1.0f, x, n, sx, bm, m, sa, NS_A, x, xn, n, sx,
-                             s);
-            float *t = x;
-            x = xn;
-            xn = t;
-        }
-        o = x;
-    } else {
-        /* X, A and Bm live as fp16 scaled by NS_HALF_SCALE from the normalisation on; each
-         * GEMM writes its result in that form (fp32 accumulation, one rounding) */
-        __half *xh = (__half *)cuda_grow(&half_buf, &half_bytes, (size_t)count * 2 * (sx + sa) * sizeof(__half));
-        __half *xnh = xh + (size_t)count * sx, *ah = xnh + (size_t)count * sx, *bh = ah + (size_t)count * sa;
-        muon_scale_kernel<<<dim3(grid_for(total), count), THREADS, 0, s>>>(x, xh, sx, norm, total);
-        LAUNCH_CHECK();
-        for (int it = 0; it < NS_STEPS; it++) {
-            if (tall) ns_gemm(1, count, CUBLAS_OP_N, CUBLAS_OP_T, m, m, n, 1.0f, xh, m, sx, xh, m, sx, 0.0f, ah, m, sa);
-            else ns_gemm(1, count, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, 1.0f, xh, n, sx, xh, n, sx, 0.0f, ah, m, sa);
-            ns_gemm_into(1, count, CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, NS_C, ah, m, sa, ah, m, sa, NS_B, ah, bh, m, sa,
-                         s);
-            if (tall)
-                ns_gemm_into(1, count, CUBLAS_OP_N, CUBLAS_OP_N, m, n, m, 1.0f, bh, m, sa, xh, m, sx, NS_A, xh, xnh, m,
-                             sx, s);
-            else
-                ns_gemm_into(1, count, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, 1.0f, xh, n, sx, bh, m, sa, NS_A, xh, xnh, n,
-                             sx, s);
-            __half *t = xh;
-            xh = xnh;
-            xnh = t;
-        }
-        o = xh;
+        return ns_iterations(0, count, tall, m, n, x, xn, a, bm, sx, sa, s);
     }
+    /* X, A and Bm live as fp16 scaled by NS_HALF_SCALE from the normalisation on; each
+     * GEMM writes its result in that form (fp32 accumulation, one rounding) */
+    const int lane = cuda_lane();
+    const size_t hbytes = (size_t)count * 2 * (sx + sa) * sizeof(__half);
+    __half *xh = (__half *)cuda_grow(&half_buf[lane], &half_bytes[lane], hbytes);
+    __half *xnh = xh + (size_t)count * sx, *ah = xnh + (size_t)count * sx, *bh = ah + (size_t)count * sa;
+    muon_scale_kernel<<<dim3(grid_for(total), count), THREADS, 0, s>>>(x, xh, sx, norm, total);
+    LAUNCH_CHECK();
+    return ns_iterations(1, count, tall, m, n, xh, xnh, ah, bh, sx, sa, s);
+}
 
+/* Stages 1-4 as a CUDA graph per call site (see the top): the optimizer repeats each
+ * batch every step with the same buffers, and the ~25 launches of a small batch, 15 of
+ * them cuBLAS calls, cost the host more time than the GPU needs to run them. An entry is
+ * the batch's pointers, shape and lane; its first call runs directly (the GEMM plans and
+ * the scratch buffers settle), the second is captured and launched, later ones launch
+ * the graph. A graph captured under another cuda_memory_generation() is captured anew. */
+typedef struct ns_graph {
+    muon_ptrs ptr;
+    float *work;
+    size_t sx, sa;
+    int count, rows, cols, lane;
+    float mu;
+    int seen;                   /* ran directly once */
+    cudaGraphExec_t exec;       /* NULL until captured */
+    unsigned long long generation;
+    const void *out;            /* muon_ns's result and its precision */
+    int half;
+} ns_graph;
+#define NS_GRAPHS 256
+static ns_graph ns_graphs[NS_GRAPHS];
+static int n_ns_graphs, ns_graph_next_evict;
+static unsigned long long ns_graph_launches; /* for the tests: graphs launched so far */
+
+extern "C" unsigned long long cuda_muon_graph_launches(void) { return ns_graph_launches; }
+
+static ns_graph *ns_graph_entry(const muon_ptrs *ptr, int count, float *work, size_t sx, size_t sa, int rows,
+                                int cols, float mu)
+{
+    const int lane = cuda_lane();
+    for (int i = 0; i < n_ns_graphs; i++) {
+        ns_graph *e = &ns_graphs[i];
+        if (e->count == count && e->work == work && e->sx == sx && e->sa == sa && e->rows == rows &&
+            e->cols == cols && e->lane == lane && e->mu == mu && !memcmp(e->ptr.p, ptr->p, count * sizeof(void *)) &&
+            !memcmp(e->ptr.g, ptr->g, count * sizeof(void *)) && !memcmp(e->ptr.buf, ptr->buf, count * sizeof(void *)))
+            return e;
+    }
+    ns_graph *e;
+    if (n_ns_graphs < NS_GRAPHS) {
+        e = &ns_graphs[n_ns_graphs++];
+    } else { /* full: reuse the entries in turn */
+        e = &ns_graphs[ns_graph_next_evict];
+        ns_graph_next_evict = (ns_graph_next_evict + 1) % NS_GRAPHS;
+        if (e->exec) CUDA_CHECK(cudaGraphExecDestroy(e->exec));
+    }
+    memset(e, 0, sizeof *e);
+    e->ptr = *ptr;
+    e->work = work;
+    e->sx = sx, e->sa = sa;
+    e->count = count, e->rows = rows, e->cols = cols, e->lane = lane;
+    e->mu = mu;
+    return e;
+}
+
+static const void *muon_ns_graphed(const muon_ptrs *ptr, int count, float *work, size_t sx, size_t sa, int rows,
+                                   int cols, float mu, int *half)
+{
+    if (!cuda_graphs()) return muon_ns(ptr, count, work, sx, sa, rows, cols, mu, half);
+    ns_graph *e = ns_graph_entry(ptr, count, work, sx, sa, rows, cols, mu);
+    cudaStream_t s = cuda_stream();
+    if (e->exec && e->generation != cuda_memory_generation()) {
+        CUDA_CHECK(cudaGraphExecDestroy(e->exec));
+        e->exec = NULL;
+    }
+    if (!e->exec) {
+        if (!e->seen) {
+            e->seen = 1;
+            return muon_ns(ptr, count, work, sx, sa, rows, cols, mu, half);
+        }
+        cudaGraph_t graph;
+        CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+        e->out = muon_ns(ptr, count, work, sx, sa, rows, cols, mu, &e->half);
+        CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+        CUDA_CHECK(cudaGraphInstantiate(&e->exec, graph, 0));
+        CUDA_CHECK(cudaGraphDestroy(graph));
+        e->generation = cuda_memory_generation();
+    }
+    CUDA_CHECK(cudaGraphLaunch(e->exec, s));
+    ns_graph_launches++;
+    *half = e->half;
+    return e->out;
+}
+
+/* The whole Muon step of a batch: stages 1-4 (as a graph where repeated), then stage 5. */
+static void muon_run(const muon_ptrs *ptr, int count, float *work, size_t sx, size_t sa, int rows, int cols,
+                     float lr, float mu, float wd)
+{
+    int half = 0;
+    const void *o = muon_ns_graphed(ptr, count, work, sx, sa, rows, cols, mu, &half);
+    const size_t total = (size_t)rows * cols;
     const double decay = 1.0 - (double)lr * (double)wd;
     const double step = (double)lr * sqrt(fmax(1.0, (double)rows / cols));
-    muon_apply_kernel<<<dim3(grid_for(total), count), THREADS, 0, s>>>(*ptr, o, half, sx, total, decay, step);
+    muon_apply_kernel<<<dim3(grid_for(total), count), THREADS, 0, cuda_stream()>>>(*ptr, o, half, sx, total, decay,
+                                                                                   step);
     LAUNCH_CHECK();
 }
 

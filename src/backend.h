@@ -37,6 +37,17 @@ typedef struct backend {
     void (*from_host)(void *dst, const void *host_src, size_t bytes);
     void (*copy)(void *dst, const void *src, size_t bytes);
     void (*sync)(void);                           /* wait for all queued work */
+    /* Lanes: queues of work that run side by side, for ops on disjoint memory (CUDA
+     * streams; the CPU runs every op at its call, in order). lanes_fork(n), 1 <= n <=
+     * BACKEND_LANES, opens lanes 1..n-1, each starting after all work queued so far;
+     * lane(i) sends the ops called next to lane i (0, the main lane, is where the
+     * backend starts and stays otherwise); lanes_join() makes the main lane wait for
+     * every lane and selects it again. Only the optimizer ops (adamw_update,
+     * muon_update, muon_update_batch) may run on lanes other than 0: each lane has its
+     * own scratch for them. Results do not depend on the lanes an op ran on. */
+    void (*lanes_fork)(int n);
+    void (*lane)(int i);
+    void (*lanes_join)(void);
     size_t (*mem_peak)(void);                     /* most bytes held through alloc at once */
     /* host memory that from_host/to_host move fastest (page-locked on CUDA, plain on the
      * CPU); dies on failure */
@@ -296,6 +307,8 @@ size_t muon_work_floats(int rows, int cols);
 size_t muon_batch_work_floats(int count, int rows, int cols);
 
 #define GDN_CHUNK 64
+/* the most lanes lanes_fork opens */
+#define BACKEND_LANES 4
 
 /* The CPU backend (always present). */
 const backend *backend_cpu(void);

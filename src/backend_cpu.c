@@ -42,6 +42,16 @@ static void cpu_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
 static void cpu_copy(void *dst, const void *src, size_t bytes) { memmove(dst, src, bytes); }
 static void cpu_sync(void) {}
 
+/* one queue: lanes only check that they are used as backend.h says */
+static int cpu_open_lanes = 1;
+static void cpu_lanes_fork(int n)
+{
+    fatal_check(n >= 1 && n <= BACKEND_LANES && cpu_open_lanes == 1);
+    cpu_open_lanes = n;
+}
+static void cpu_lane(int i) { fatal_check(i >= 0 && i < cpu_open_lanes); }
+static void cpu_lanes_join(void) { cpu_open_lanes = 1; }
+
 /* the _set forms: the accumulating op on a zeroed output */
 static void cpu_matmul_backward_set(float *dx, float *dw, const float *dy, const float *x, const float *w, int N,
                                     int in, int out)
@@ -113,6 +123,9 @@ static const backend cpu_backend = {
     .from_host = cpu_copy,
     .copy = cpu_copy,
     .sync = cpu_sync,
+    .lanes_fork = cpu_lanes_fork,
+    .lane = cpu_lane,
+    .lanes_join = cpu_lanes_join,
     .mem_peak = cpu_mem_peak,
     .host_alloc = cpu_host_alloc,
     .host_free = cpu_host_free,

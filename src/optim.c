@@ -113,9 +113,89 @@ static void plan_muon_batches(optimizer *o, const param_table *t)
     free(held);
 }
 
-void optim_init(optimizer *o, const model *m)
+/* estimated microseconds of a Muon batch on an H100: launches and small-GEMM latency, the
+ * Newton-Schulz FLOPs at 300 TFLOP/s and eight passes over the matrices at 2.5 TB/s */
+static double muon_cost(const optim_muon_batch *b)
 {
+    const double m = b->rows < b->cols ? b->rows : b->cols, n = b->rows < b->cols ? b->cols : b->rows;
+    const double flops = b->count * 5.0 * (4.0 * m * m * n + 2.0 * m * m * m);
+    return 150.0 + flops / 3e8 + b->count * m * n * 32.0 / 2.5e6;
+}
+
+/* estimated microseconds of an AdamW run of n floats: 28 bytes a float at 2.5 TB/s */
+static double adamw_cost(size_t n) { return 5.0 + (double)n * 28.0 / 2.5e6; }
+
+static void add_unit(optimizer *o, optim_unit u) { o->units[o->n_units++] = u; }
+
+/* longest first; ties in the order the units were made */
+static int unit_order(const void *pa, const void *pb)
+{
+    const optim_unit *a = pa, *b = pb;
+    if (a->cost != b->cost) return a->cost > b->cost ? -1 : 1;
+    return a->batch != b->batch ? (a->batch < b->batch ? -1 : 1) : (a->lo < b->lo ? -1 : a->lo > b->lo);
+}
+
+/* The units of the update and their lanes (optim_init_lanes), and each lane's share of
+ * the Muon scratch; returns the scratch floats in all. AdamW runs are runs of held
+ * tensors adjacent in one region (0 dense, 1 experts: the table interleaves them) with
+ * one weight decay, a run ending at a gap (a Muon matrix, another rank's tensor). */
+static size_t plan_units(optimizer *o, const model *m, int lanes)
+{
+    const param_table *t = &m->table;
+    const config *c = &m->cfg;
+    /* at most one run per tensor, plus the batches */
+    o->units = xmalloc((size_t)(o->n_muon_batches + t->count + 1) * sizeof *o->units);
+    for (int b = 0; b < o->n_muon_batches; b++)
+        add_unit(o, (optim_unit){.muon = 1, .batch = b, .cost = muon_cost(&o->muon_batches[b])});
+    for (int region = 0; region < 2; region++) {
+        size_t lo = 0, hi = 0;
+        float run_wd = 0;
+        for (int i = 0; i <= t->count; i++) {
+            const param_info *p = i < t->count ? &t->items[i] : NULL;
+            if (p && ((p->kind == PARAM_EXPERTS) != region || (o->muon_mode && params_is_muon(p)))) continue;
+            if (p && !optim_state(o, o->m, p->offset)) continue; /* another rank's shard */
+            float wd = p && (o->muon_mode || params_adamw_decays(p)) ? c->weight_decay : 0.0f;
+            if (p && hi > lo && p->offset == hi && wd == run_wd) {
+                hi += p->numel;
+                continue;
+            }
+            if (hi > lo)
+                add_unit(o, (optim_unit){.batch = o->n_muon_batches, .lo = lo, .hi = hi, .wd = run_wd,
+                                         .cost = adamw_cost(hi - lo)});
+            if (p) lo = p->offset, hi = p->offset + p->numel, run_wd = wd;
+        }
+    }
+    qsort(o->units, (size_t)o->n_units, sizeof *o->units, unit_order);
+    double load[BACKEND_LANES] = {0};
+    size_t lane_work[BACKEND_LANES] = {0};
+    for (int u = 0; u < o->n_units; u++) {
+        optim_unit *x = &o->units[u];
+        size_t w = 0;
+        if (x->muon) {
+            const optim_muon_batch *mb = &o->muon_batches[x->batch];
+            w = muon_batch_work_floats(mb->count, mb->rows, mb->cols);
+        }
+        int lane = 0;
+        if (w <= OPTIM_LANE0_WORK)
+            for (int l = 1; l < lanes; l++)
+                if (load[l] < load[lane]) lane = l;
+        x->lane = lane;
+        load[lane] += x->cost;
+        if (w > lane_work[lane]) lane_work[lane] = w;
+    }
+    size_t at[BACKEND_LANES], total = 0;
+    for (int l = 0; l < lanes; l++) at[l] = total, total += lane_work[l];
+    for (int u = 0; u < o->n_units; u++) o->units[u].work_at = at[o->units[u].lane];
+    return total;
+}
+
+void optim_init(optimizer *o, const model *m) { optim_init_lanes(o, m, OPTIM_LANES); }
+
+void optim_init_lanes(optimizer *o, const model *m, int lanes)
+{
+    fatal_check(lanes >= 1 && lanes <= BACKEND_LANES);
     memset(o, 0, sizeof *o);
+    o->lanes = lanes;
     o->be = m->be;
     o->dist = m->dist;
     o->muon_mode = m->cfg.optimizer_type[0] == 'm';
@@ -141,13 +221,8 @@ void optim_init(optimizer *o, const model *m)
     o->m = m->be->alloc((n + 1) * sizeof(float));
     o->v = m->be->alloc((n + 1) * sizeof(float));
     plan_muon_batches(o, t);
-    size_t work = 1;
-    for (int b = 0; b < o->n_muon_batches; b++) {
-        const optim_muon_batch *mb = &o->muon_batches[b];
-        size_t w = muon_batch_work_floats(mb->count, mb->rows, mb->cols);
-        if (w > work) work = w;
-    }
-    o->work = m->be->alloc(work * sizeof(float));
+    size_t work = plan_units(o, m, lanes);
+    o->work = m->be->alloc((work + 1) * sizeof(float));
     o->step = 0;
 }
 
@@ -162,6 +237,7 @@ void optim_free(optimizer *o)
     }
     free(o->muon_batches);
     free(o->muon_items);
+    free(o->units);
 }
 
 size_t optim_state_floats(const optimizer *o)
@@ -207,54 +283,38 @@ void optim_clip(model *m, double norm)
     m->be->scale_inplace(m->grads, (float)coef, m->table.total);
 }
 
-/* AdamW over [lo, hi) of the flat buffer: tensors adjacent there and held in one region,
- * so their state is adjacent too */
-static void adamw_run(optimizer *o, model *m, size_t lo, size_t hi, double lr, float wd)
+/* one unit of the update on the backend's current lane */
+static void optim_unit_run(optimizer *o, model *m, const optim_unit *x, double lr)
 {
-    if (hi <= lo) return;
-    o->be->adamw_update(m->params + lo, m->grads + lo, optim_state(o, o->m, lo), optim_state(o, o->v, lo), hi - lo,
-                        (float)lr, ADAMW_BETA1, ADAMW_BETA2, ADAMW_EPS, wd, o->step);
+    const backend *be = o->be;
+    if (!x->muon) {
+        be->adamw_update(m->params + x->lo, m->grads + x->lo, optim_state(o, o->m, x->lo), optim_state(o, o->v, x->lo),
+                         x->hi - x->lo, (float)lr, ADAMW_BETA1, ADAMW_BETA2, ADAMW_EPS, x->wd, o->step);
+        return;
+    }
+    const optim_muon_batch *mb = &o->muon_batches[x->batch];
+    float *w[MUON_BATCH_MAX], *buf[MUON_BATCH_MAX];
+    const float *g[MUON_BATCH_MAX];
+    for (int j = 0; j < mb->count; j++) {
+        const int i = o->muon_items[mb->first + j];
+        w[j] = model_param(m, i);
+        g[j] = model_grad(m, i);
+        buf[j] = optim_state(o, o->m, m->table.items[i].offset);
+    }
+    be->muon_update_batch(w, g, buf, o->work + x->work_at, mb->count, mb->rows, mb->cols, (float)(MUON_LR_SCALE * lr),
+                          MUON_MOMENTUM, m->cfg.weight_decay);
 }
 
 void optim_step(optimizer *o, model *m, double lr)
 {
-    const config *c = &m->cfg;
-    const param_table *t = &m->table;
+    const backend *be = o->be;
     o->step++;
-    for (int b = 0; b < o->n_muon_batches; b++) {
-        const optim_muon_batch *mb = &o->muon_batches[b];
-        float *w[MUON_BATCH_MAX], *buf[MUON_BATCH_MAX];
-        const float *g[MUON_BATCH_MAX];
-        for (int j = 0; j < mb->count; j++) {
-            const int i = o->muon_items[mb->first + j];
-            w[j] = model_param(m, i);
-            g[j] = model_grad(m, i);
-            buf[j] = optim_state(o, o->m, t->items[i].offset);
-        }
-        o->be->muon_update_batch(w, g, buf, o->work, mb->count, mb->rows, mb->cols, (float)(MUON_LR_SCALE * lr),
-                                 MUON_MOMENTUM, c->weight_decay);
+    if (o->lanes > 1) be->lanes_fork(o->lanes);
+    for (int u = 0; u < o->n_units; u++) {
+        if (o->lanes > 1) be->lane(o->units[u].lane);
+        optim_unit_run(o, m, &o->units[u], lr);
     }
-    /* AdamW in runs per region (0 dense, 1 experts: the table interleaves them), a run
-     * ending at a gap (a Muon matrix, another rank's tensor) or a change of decay */
-    for (int region = 0; region < 2; region++) {
-        size_t lo = 0, hi = 0;
-        float run_wd = 0;
-        for (int i = 0; i < t->count; i++) {
-            const param_info *p = &t->items[i];
-            if ((p->kind == PARAM_EXPERTS) != region || (o->muon_mode && params_is_muon(p))) continue;
-            if (!optim_state(o, o->m, p->offset)) continue; /* another rank's shard */
-            float wd = (o->muon_mode || params_adamw_decays(p)) ? c->weight_decay : 0.0f;
-            if (hi > lo && p->offset == hi && wd == run_wd) {
-                hi += p->numel;
-                continue;
-            }
-            adamw_run(o, m, lo, hi, lr, run_wd);
-            lo = p->offset;
-            hi = p->offset + p->numel;
-            run_wd = wd;
-        }
-        adamw_run(o, m, lo, hi, lr, run_wd);
-    }
+    if (o->lanes > 1) be->lanes_join();
     if (o->zero) {
         dist_allgather_segments(o->dist, DIST_WORLD, m->params, o->seg_off[0], o->seg_cnt[0]);
         dist_allgather_segments(o->dist, DIST_EDP, m->params, o->seg_off[1], o->seg_cnt[1]);

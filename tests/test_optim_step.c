@@ -7,7 +7,8 @@
  * elementwise), so after three steps with new gradients the parameters and both state
  * buffers must equal the per-tensor loop's bit for bit, in muon and in adamw mode. The
  * batch plan itself is checked too: every held Muon matrix in exactly one batch, each
- * batch of one shape and at most MUON_BATCH_MAX matrices.
+ * batch of one shape and at most MUON_BATCH_MAX matrices, and so is the lane plan
+ * (check_lanes), on one lane and on OPTIM_LANES.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -31,7 +32,50 @@ static void parse_flags(config *c, const char *flags)
     config_parse(c, argc, argv);
 }
 
-static void run_case(const char *name, const char *flags)
+/* need floats of Muon scratch from at for unit x (0 for AdamW) */
+static size_t unit_work(const optimizer *o, const optim_unit *x)
+{
+    if (!x->muon) return 0;
+    const optim_muon_batch *mb = &o->muon_batches[x->batch];
+    return muon_batch_work_floats(mb->count, mb->rows, mb->cols);
+}
+
+/* the lane plan: every unit on an open lane, the big Muon batches on lane 0, units of
+ * different lanes on disjoint scratch, and each held tensor in exactly one unit */
+static void check_lanes(const char *name, const optimizer *o, const model *m, int lanes)
+{
+    const param_table *t = &m->table;
+    int ok = o->lanes == lanes;
+    for (int u = 0; u < o->n_units; u++) {
+        const optim_unit *x = &o->units[u];
+        ok &= x->lane >= 0 && x->lane < lanes;
+        ok &= unit_work(o, x) <= OPTIM_LANE0_WORK || x->lane == 0;
+        for (int v = 0; v < o->n_units; v++) {
+            const optim_unit *y = &o->units[v];
+            if (x->lane == y->lane || !unit_work(o, x) || !unit_work(o, y)) continue;
+            ok &= x->work_at + unit_work(o, x) <= y->work_at || y->work_at + unit_work(o, y) <= x->work_at;
+        }
+    }
+    int *covered = xcalloc((size_t)t->count, sizeof *covered);
+    for (int u = 0; u < o->n_units; u++) {
+        const optim_unit *x = &o->units[u];
+        if (x->muon) {
+            const optim_muon_batch *mb = &o->muon_batches[x->batch];
+            for (int j = 0; j < mb->count; j++) covered[o->muon_items[mb->first + j]]++;
+        } else {
+            for (int i = 0; i < t->count; i++)
+                if (t->items[i].offset >= x->lo && t->items[i].offset + t->items[i].numel <= x->hi &&
+                    !(o->muon_mode && params_is_muon(&t->items[i])))
+                    covered[i]++;
+        }
+    }
+    for (int i = 0; i < t->count; i++) ok &= covered[i] == 1;
+    check(ok, "%s: %d units on %d lanes: big Muon batches on lane 0, disjoint scratch, each tensor once", name,
+          o->n_units, lanes);
+    free(covered);
+}
+
+static void run_case(const char *name, const char *flags, int lanes)
 {
     config c;
     parse_flags(&c, flags);
@@ -41,7 +85,8 @@ static void run_case(const char *name, const char *flags)
     const param_table *t = &m.table;
     const size_t total = t->total;
     optimizer o;
-    optim_init(&o, &m);
+    optim_init_lanes(&o, &m, lanes);
+    check_lanes(name, &o, &m, lanes);
 
     /* the plan: each Muon matrix once, batches of one shape within MUON_BATCH_MAX */
     int *seen = xcalloc((size_t)t->count, sizeof *seen), plan_ok = 1, n_muon = 0;
@@ -104,10 +149,13 @@ int main(void)
 {
     const char *base = "--size tiny --n_layer 3 --n_embd 48 --n_head 5 --block_size 8";
     char flags[512];
-    run_case("muon, tiny LatentMoE", base);
-    snprintf(flags, sizeof flags, "%s --optimizer_type adamw", base);
-    run_case("adamw, tiny LatentMoE", flags);
-    snprintf(flags, sizeof flags, "%s --no_use_latent_moe --n_experts 6 --n_activated 2 --n_shared_experts 2", base);
-    run_case("muon, standard MoE with 2 shared experts", flags);
+    for (int lanes = 1; lanes <= OPTIM_LANES; lanes += OPTIM_LANES - 1) {
+        run_case("muon, tiny LatentMoE", base, lanes);
+        snprintf(flags, sizeof flags, "%s --optimizer_type adamw", base);
+        run_case("adamw, tiny LatentMoE", flags, lanes);
+        snprintf(flags, sizeof flags, "%s --no_use_latent_moe --n_experts 6 --n_activated 2 --n_shared_experts 2",
+                 base);
+        run_case("muon, standard MoE with 2 shared experts", flags, lanes);
+    }
     return failures != 0;
 }

@@ -502,10 +502,14 @@ int main(void)
     gt_ctx g;
     gt_init(&g, 20250611);
 
-    /* small (fp32 operands, bf16 fast mode), bf16 copies, skinny (TF32 on fp32 operands;
-     * among them very few outputs, rows of a width not a multiple of 4, and 16 outputs) */
-    static const int mm[][3] = {{7, 13, 5},        {4096, 1024, 3072}, {1000, 85, 257},  {16384, 1024, 256},
-                                {16385, 1024, 12}, {12000, 100, 2048}, {40000, 1023, 5}, {9000, 1536, 16}};
+    /* small (fp32 operands, bf16 fast mode), bf16 copies, skinny (TF32 on fp32 operands),
+     * and forwards of at most 16 outputs on the CUDA-core kernel of matmul_narrow.cu (the
+     * model's 16384 x 1024 -> 12, a ragged N, a width not a multiple of 128, a tiny one);
+     * the narrow shapes that kernel refuses fall back to TF32 (a width not a multiple of
+     * 4; 16 x 1536 weights, past its shared memory) */
+    static const int mm[][3] = {{7, 13, 5},         {4096, 1024, 3072}, {1000, 85, 257}, {16384, 1024, 256},
+                                {16385, 1024, 12},  {12000, 100, 2048}, {40000, 1023, 5}, {9000, 1536, 16},
+                                {16384, 1024, 12}, {3001, 300, 7},     {50, 8, 16}};
     for (size_t i = 0; i < sizeof mm / sizeof mm[0]; i++) {
         const int N = mm[i][0], in = mm[i][1], out = mm[i][2];
         test_matmul_forward(&g, N, in, out);
@@ -520,6 +524,7 @@ int main(void)
     test_matmul_forward_add(&g, 16384, 1024, 1024, 0);
     test_matmul_forward_add(&g, 16384, 4096, 1024, 0);
     test_matmul_forward_add(&g, 2053, 1030, 1001, 1);
+    test_matmul_forward_add(&g, 2053, 1024, 12, 1); /* narrow, y and r 4-byte aligned */
 
     /* the fused MLP: on the bf16 path (the model's proportions, and a ragged one whose odd
      * h takes the SwiGLU kernels' scalar path and odd bf16 leading dimensions), on the

@@ -5,7 +5,8 @@
  * the step p - p0 to 1e-3 (see test_adamw); Muon's
  * Newton-Schulz runs on tensor cores (TF32, or fp16 scaled by 2^12 for matrices of 2^20
  * elements and more), so its update p - p0 is held to 2e-2 and its momentum buffer, which
- * is elementwise, to 1e-6. Every op runs twice and must reproduce its bits. (Split from
+ * is elementwise, to 1e-6. Every op runs twice and must reproduce its bits, and the
+ * Newton-Schulz CUDA graphs must reproduce the direct launches' bits. (Split from
  * test_gpu_dense.c, the dense layers' test.)
  */
 #include <math.h>
@@ -15,6 +16,10 @@
 
 #include "gpu_test.h"
 #include "util.h"
+
+/* kernels/cuda_ops.h (a C++-built header's C part): the graph switch and counter */
+unsigned long long cuda_muon_graph_launches(void);
+void cuda_set_graphs(int on);
 
 static size_t fbytes(size_t n) { return n * sizeof(float); }
 
@@ -191,8 +196,11 @@ static void test_muon_batch(gt_ctx *g, int count, int rows, int cols)
 }
 
 /* Several batches of different shapes issued back to back with no sync between them, as
- * optim_step does (one shared work buffer): each matrix must still get its own update,
- * 3 steps against the CPU, and twice on the GPU for the same bits. */
+ * optim_step does on one lane (one shared work buffer): each matrix must still get its
+ * own update, 3 steps against the CPU, and twice on the GPU for the same bits. A third
+ * GPU run spreads the batches over BACKEND_LANES lanes (batch b on lane b mod lanes, a
+ * work buffer per lane, the scaled-fp16 1024x1024 batch off lane 0) and must give the
+ * bits of the one-lane run. */
 static void test_muon_overlapped(gt_ctx *g)
 {
     enum { NB = 7 };
@@ -207,9 +215,9 @@ static void test_muon_overlapped(gt_ctx *g)
     }
     const size_t all = off[NB];
     float *p0 = gt_rand(g, all, -0.1f, 0.1f), *p = gt_host_copy(p0, all), *buf = xcalloc(all, sizeof(float));
-    float *work = xmalloc(fbytes(nwork)), *gp[2], *gb[2];
-    for (int c = 0; c < 2; c++) gp[c] = gt_up(g, p0, all), gb[c] = g->gpu->alloc(fbytes(all));
-    float *g_d = g->gpu->alloc(fbytes(all)), *work_d = g->gpu->alloc(fbytes(nwork));
+    float *work = xmalloc(fbytes(nwork)), *gp[3], *gb[3];
+    for (int c = 0; c < 3; c++) gp[c] = gt_up(g, p0, all), gb[c] = g->gpu->alloc(fbytes(all));
+    float *g_d = g->gpu->alloc(fbytes(all)), *work_d = g->gpu->alloc(fbytes(nwork * BACKEND_LANES));
     float *hp_[MUON_BATCH_MAX], *hb_[MUON_BATCH_MAX], *dp[MUON_BATCH_MAX], *db[MUON_BATCH_MAX];
     const float *hg_[MUON_BATCH_MAX], *dg_[MUON_BATCH_MAX];
     for (int step = 1; step <= 3; step++) {
@@ -223,19 +231,24 @@ static void test_muon_overlapped(gt_ctx *g)
             }
             g->cpu->muon_update_batch(hp_, hg_, hb_, work, count, rows, cols, lr, mu, wd);
         }
-        for (int c = 0; c < 2; c++)
+        for (int c = 0; c < 3; c++) {
+            if (c == 2) g->gpu->lanes_fork(BACKEND_LANES);
             for (int b = 0; b < NB; b++) { /* no sync between the calls */
                 const int count = shape[b][0], rows = shape[b][1], cols = shape[b][2];
                 const size_t n = (size_t)rows * cols;
+                const int lane = c == 2 ? b % BACKEND_LANES : 0;
                 for (int i = 0; i < count; i++) {
                     dp[i] = gp[c] + off[b] + i * n, db[i] = gb[c] + off[b] + i * n, dg_[i] = g_d + off[b] + i * n;
                 }
-                g->gpu->muon_update_batch(dp, dg_, db, work_d, count, rows, cols, lr, mu, wd);
+                if (c == 2) g->gpu->lane(lane);
+                g->gpu->muon_update_batch(dp, dg_, db, work_d + lane * nwork, count, rows, cols, lr, mu, wd);
             }
+            if (c == 2) g->gpu->lanes_join();
+        }
         free(grad);
     }
-    float *hp[2], *hb[2];
-    for (int c = 0; c < 2; c++) hp[c] = gt_down(g, gp[c], all), hb[c] = gt_down(g, gb[c], all);
+    float *hp[3], *hb[3];
+    for (int c = 0; c < 3; c++) hp[c] = gt_down(g, gp[c], all), hb[c] = gt_down(g, gb[c], all);
     for (int b = 0; b < NB; b++) {
         char name[160];
         const size_t n = off[b + 1] - off[b];
@@ -249,9 +262,53 @@ static void test_muon_overlapped(gt_ctx *g)
     }
     gt_report("muon_update_batch overlapped: p, buf deterministic",
               !memcmp(hp[0], hp[1], fbytes(all)) && !memcmp(hb[0], hb[1], fbytes(all)), "bitwise");
-    for (int c = 0; c < 2; c++) g->gpu->free(gp[c]), g->gpu->free(gb[c]), free(hp[c]), free(hb[c]);
+    gt_report("muon_update_batch on lanes: p, buf as on one lane",
+              !memcmp(hp[0], hp[2], fbytes(all)) && !memcmp(hb[0], hb[2], fbytes(all)), "bitwise");
+    for (int c = 0; c < 3; c++) g->gpu->free(gp[c]), g->gpu->free(gb[c]), free(hp[c]), free(hb[c]);
     g->gpu->free(g_d), g->gpu->free(work_d);
     free(p0), free(p), free(buf), free(work);
+}
+
+/* Newton-Schulz as a CUDA graph (optim.cu, muon_ns_graphed): four steps of a batch with
+ * graphs off and on, on two copies; with graphs the first call runs directly, the second
+ * is captured and launched, the others launch the graph, so three launches must be
+ * counted, and the bits must equal the direct launches'. The scaled-fp16 path too. */
+static void test_muon_graph(gt_ctx *g, int count, int rows, int cols)
+{
+    char name[256];
+    const float lr = 0.02f, mu = 0.95f, wd = 0.1f;
+    const size_t n = (size_t)rows * cols, all = (size_t)count * n;
+    const size_t nwork = muon_batch_work_floats(count, rows, cols);
+    float *p0 = gt_rand(g, all, -0.1f, 0.1f), *gp[2], *gb[2];
+    for (int c = 0; c < 2; c++) gp[c] = gt_up(g, p0, all), gb[c] = g->gpu->alloc(fbytes(all));
+    float *g_d = g->gpu->alloc(fbytes(all)), *work_d = g->gpu->alloc(fbytes(nwork));
+    float *dp[MUON_BATCH_MAX], *db[MUON_BATCH_MAX];
+    const float *dg_[MUON_BATCH_MAX];
+    unsigned long long launched = 0;
+    for (int step = 1; step <= 4; step++) {
+        float *grad = gt_rand(g, all, -1, 1);
+        g->gpu->from_host(g_d, grad, fbytes(all));
+        for (int c = 0; c < 2; c++) {
+            for (int i = 0; i < count; i++) dp[i] = gp[c] + i * n, db[i] = gb[c] + i * n, dg_[i] = g_d + i * n;
+            cuda_set_graphs(c);
+            const unsigned long long before = cuda_muon_graph_launches();
+            g->gpu->muon_update_batch(dp, dg_, db, work_d, count, rows, cols, lr, mu, wd);
+            launched += cuda_muon_graph_launches() - before;
+        }
+        free(grad);
+    }
+    cuda_set_graphs(1);
+    float *hp[2], *hb[2];
+    for (int c = 0; c < 2; c++) hp[c] = gt_down(g, gp[c], all), hb[c] = gt_down(g, gb[c], all);
+    snprintf(name, sizeof name, "muon_update_batch %d x %dx%d, 4 steps: Newton-Schulz graph launched 3 times", count,
+             rows, cols);
+    gt_report(name, launched == 3, "launches");
+    snprintf(name, sizeof name, "muon_update_batch %d x %dx%d, 4 steps: p, buf with graphs as without", count, rows,
+             cols);
+    gt_report(name, !memcmp(hp[0], hp[1], fbytes(all)) && !memcmp(hb[0], hb[1], fbytes(all)), "bitwise");
+    for (int c = 0; c < 2; c++) g->gpu->free(gp[c]), g->gpu->free(gb[c]), free(hp[c]), free(hb[c]);
+    g->gpu->free(g_d), g->gpu->free(work_d);
+    free(p0);
 }
 
 int main(void)
@@ -274,6 +331,8 @@ int main(void)
     test_muon_batch(&g, 4, 12, 1024);  /* the gate projections: tiny, launch-bound alone */
     test_muon_batch(&g, 3, 301, 300);  /* tall, strides padded to 64 floats */
     test_muon_batch(&g, 1, 300, 300);  /* a batch of one */
+    test_muon_graph(&g, 5, 256, 1024); /* TF32 */
+    test_muon_graph(&g, 2, 1024, 1024); /* scaled fp16 */
 
     printf("# test_gpu_optim: %d failure(s)\n", gt_failures());
     return gt_failures() != 0;

@@ -5,7 +5,9 @@
  * both backends: the loss within 1e-2 relative, the z-loss within 2e-2, and every
  * parameter gradient with cosine similarity above 0.999 to the CPU's; the same with
  * gradient checkpointing and with --doc_mask. Then five steps
- * twice on the GPU from the same seed: the losses must be bit-identical.
+ * twice on the GPU from the same seed: the losses must be bit-identical; and again with
+ * the optimizer's update on one lane instead of OPTIM_LANES: losses and parameters
+ * bit-identical too (the lanes only reorder independent updates).
  */
 #include <math.h>
 #include <stdio.h>
@@ -151,12 +153,19 @@ static void determinism(gt_ctx *g, const char *flags)
 {
     config c;
     parse(&c, flags);
-    double losses[2][5];
+    double losses[3][5];
     int n = c.batch_size * c.block_size;
     int32_t *in = xmalloc(n * sizeof *in), *tgt = xmalloc(n * sizeof *tgt);
-    for (int run = 0; run < 2; run++) {
+    float *params[3];
+    size_t total = 0;
+    /* runs 0 and 1 with the optimizer's default lanes, run 2 with its update on one lane */
+    for (int run = 0; run < 3; run++) {
         trainer t;
         trainer_init(&t, &c, g->gpu);
+        if (run == 2) {
+            optim_free(&t.opt);
+            optim_init_lanes(&t.opt, &t.model, 1);
+        }
         for (int s = 0; s < 5; s++) {
             batch(&c, s, in, tgt);
             step_stats st;
@@ -164,9 +173,15 @@ static void determinism(gt_ctx *g, const char *flags)
             trainer_apply(&t, &st);
             losses[run][s] = st.loss;
         }
+        total = t.model.table.total;
+        params[run] = gt_down(g, t.model.params, total);
         trainer_free(&t);
     }
     gt_same_bits("same seed twice on the GPU: 5 bit-identical losses", losses[0], losses[1], sizeof losses[0]);
+    gt_same_bits("optimizer on 4 lanes and on 1: 5 bit-identical losses", losses[0], losses[2], sizeof losses[0]);
+    gt_same_bits("optimizer on 4 lanes and on 1: bit-identical parameters after 5 steps", params[0], params[2],
+                 total * sizeof(float));
+    for (int run = 0; run < 3; run++) free(params[run]);
     free(in);
     free(tgt);
 }
