@@ -27,25 +27,12 @@ extern "C" {
 #define NARROW_ROWS 4        /* rows a warp of the forward takes at once */
 #define NARROW_FWD_THREADS 256
 
-static int sm_count(void)
-{
-    static int n = 0;
-    if (!n) {
-        int dev = 0;
-        CUDA_CHECK(cudaGetDevice(&dev));
-        CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    }
-    return n;
-}
-
-static int aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
-
 /* 1 when y = x W^T with these operands can run here: out <= NARROW_MAX_OUT, rows of a
  * multiple of 4 floats, x and W 16-byte aligned, W small enough for shared memory */
 extern "C" int cuda_narrow_ok(int in, int out, const float *x, const float *w)
 {
     return out >= 1 && out <= NARROW_MAX_OUT && in >= 4 && in % 4 == 0 && (size_t)out * in <= NARROW_MAX_W &&
-           aligned16(x) && aligned16(w);
+           cuda_aligned16(x) && cuda_aligned16(w);
 }
 
 static __device__ __forceinline__ float dot4(float4 a, float4 b, float acc)
@@ -107,7 +94,7 @@ extern "C" void cuda_narrow_forward(float *y, const float *x, const float *w, co
     if (N <= 0) return;
     const int warps = NARROW_FWD_THREADS / 32, per_block = warps * NARROW_ROWS;
     int blocks = (N + per_block - 1) / per_block;
-    if (blocks > 2 * sm_count()) blocks = 2 * sm_count();
+    if (blocks > 2 * cuda_num_sms()) blocks = 2 * cuda_num_sms();
     const size_t smem = (size_t)out * in * sizeof(float);
     static int smem_set = 0;
     if (!smem_set) { /* above the 48 KiB default */

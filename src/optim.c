@@ -127,12 +127,14 @@ static double adamw_cost(size_t n) { return 5.0 + (double)n * 28.0 / 2.5e6; }
 
 static void add_unit(optimizer *o, optim_unit u) { o->units[o->n_units++] = u; }
 
-/* longest first; ties in the order the units were made */
+/* longest first; ties: Muon batches in batch order, then AdamW runs in buffer order */
 static int unit_order(const void *pa, const void *pb)
 {
     const optim_unit *a = pa, *b = pb;
     if (a->cost != b->cost) return a->cost > b->cost ? -1 : 1;
-    return a->batch != b->batch ? (a->batch < b->batch ? -1 : 1) : (a->lo < b->lo ? -1 : a->lo > b->lo);
+    if (a->muon != b->muon) return a->muon ? -1 : 1;
+    if (a->muon) return a->batch < b->batch ? -1 : a->batch > b->batch;
+    return a->lo < b->lo ? -1 : a->lo > b->lo;
 }
 
 /* The units of the update and their lanes (optim_init_lanes), and each lane's share of
@@ -160,8 +162,7 @@ static size_t plan_units(optimizer *o, const model *m, int lanes)
                 continue;
             }
             if (hi > lo)
-                add_unit(o, (optim_unit){.batch = o->n_muon_batches, .lo = lo, .hi = hi, .wd = run_wd,
-                                         .cost = adamw_cost(hi - lo)});
+                add_unit(o, (optim_unit){.lo = lo, .hi = hi, .wd = run_wd, .cost = adamw_cost(hi - lo)});
             if (p) lo = p->offset, hi = p->offset + p->numel, run_wd = wd;
         }
     }

@@ -80,6 +80,26 @@ static void test_adamw(gt_ctx *g, size_t n)
     free(p0), free(p), free(m), free(v), free(dg), free(dc);
 }
 
+/* A Muon test's checks on n floats after its steps: the GPU's update p - p0 (hp: its
+ * parameters) against the CPU's (p) at 2e-2, its momentum buffers (hb) against the
+ * CPU's (buf) at 1e-6; and, with hp2 and hb2 (a second GPU copy stepped alike), the
+ * same bits twice. */
+static void check_muon(const char *what, const float *hp, const float *hb, const float *hp2, const float *hb2,
+                       const float *p, const float *p0, const float *buf, size_t n)
+{
+    char name[256];
+    float *dgpu = gt_diff(hp, p0, n), *dcpu = gt_diff(p, p0, n);
+    snprintf(name, sizeof name, "%s: p - p0", what);
+    gt_compare(name, dgpu, dcpu, n, 2e-2);
+    snprintf(name, sizeof name, "%s: momentum buffers", what);
+    gt_compare(name, hb, buf, n, 1e-6);
+    if (hp2) {
+        snprintf(name, sizeof name, "%s: p, buf deterministic", what);
+        gt_report(name, !memcmp(hp, hp2, fbytes(n)) && !memcmp(hb, hb2, fbytes(n)), "bitwise");
+    }
+    free(dgpu), free(dcpu);
+}
+
 /* Three Muon steps on a [rows, cols] matrix from a zero momentum buffer. The GPU's
  * Newton-Schulz runs on tensor cores (TF32), the CPU's in fp32, so the update p - p0
  * is compared at 2e-2; the momentum buffer is elementwise and exact. The GPU work
@@ -112,13 +132,8 @@ static void test_muon(gt_ctx *g, int rows, int cols)
         hp[c] = gt_down(g, gp[c], n);
         hb[c] = gt_down(g, gb[c], n);
     }
-    float *dg = gt_diff(hp[0], p0, n), *dc = gt_diff(p, p0, n);
-    snprintf(name, sizeof name, "muon_update %dx%d, 3 steps: p - p0", rows, cols);
-    gt_compare(name, dg, dc, n, 2e-2);
-    snprintf(name, sizeof name, "muon_update %dx%d, 3 steps: momentum buffer", rows, cols);
-    gt_compare(name, hb[0], buf, n, 1e-6);
-    snprintf(name, sizeof name, "muon_update %dx%d, 3 steps: p, buf deterministic", rows, cols);
-    gt_report(name, !memcmp(hp[0], hp[1], fbytes(n)) && !memcmp(hb[0], hb[1], fbytes(n)), "bitwise");
+    snprintf(name, sizeof name, "muon_update %dx%d, 3 steps", rows, cols);
+    check_muon(name, hp[0], hb[0], hp[1], hb[1], p, p0, buf, n);
 
     for (int c = 0; c < 2; c++) {
         g->gpu->free(gp[c]);
@@ -127,7 +142,7 @@ static void test_muon(gt_ctx *g, int rows, int cols)
     }
     g->gpu->free(g_d);
     g->gpu->free(work_d);
-    free(p0), free(p), free(buf), free(work), free(dg), free(dc);
+    free(p0), free(p), free(buf), free(work);
 }
 
 /* Three Muon steps on `count` [rows, cols] matrices through muon_update_batch, against
@@ -177,13 +192,8 @@ static void test_muon_batch(gt_ctx *g, int count, int rows, int cols)
         hp[c] = gt_down(g, gp[c], all);
         hb[c] = gt_down(g, gb[c], all);
     }
-    float *dgpu = gt_diff(hp[0], p0, all), *dcpu = gt_diff(p, p0, all);
-    snprintf(name, sizeof name, "muon_update_batch %d x %dx%d, 3 steps: p - p0", count, rows, cols);
-    gt_compare(name, dgpu, dcpu, all, 2e-2);
-    snprintf(name, sizeof name, "muon_update_batch %d x %dx%d, 3 steps: momentum buffers", count, rows, cols);
-    gt_compare(name, hb[0], buf, all, 1e-6);
-    snprintf(name, sizeof name, "muon_update_batch %d x %dx%d, 3 steps: p, buf deterministic", count, rows, cols);
-    gt_report(name, !memcmp(hp[0], hp[1], fbytes(all)) && !memcmp(hb[0], hb[1], fbytes(all)), "bitwise");
+    snprintf(name, sizeof name, "muon_update_batch %d x %dx%d, 3 steps", count, rows, cols);
+    check_muon(name, hp[0], hb[0], hp[1], hb[1], p, p0, buf, all);
 
     for (int c = 0; c < 2; c++) {
         g->gpu->free(gp[c]);
@@ -192,7 +202,7 @@ static void test_muon_batch(gt_ctx *g, int count, int rows, int cols)
     }
     g->gpu->free(g_d);
     g->gpu->free(work_d);
-    free(p0), free(p), free(buf), free(work), free(dgpu), free(dcpu);
+    free(p0), free(p), free(buf), free(work);
 }
 
 /* Several batches of different shapes issued back to back with no sync between them, as
@@ -251,14 +261,10 @@ static void test_muon_overlapped(gt_ctx *g)
     for (int c = 0; c < 3; c++) hp[c] = gt_down(g, gp[c], all), hb[c] = gt_down(g, gb[c], all);
     for (int b = 0; b < NB; b++) {
         char name[160];
-        const size_t n = off[b + 1] - off[b];
-        float *dgpu = gt_diff(hp[0] + off[b], p0 + off[b], n), *dcpu = gt_diff(p + off[b], p0 + off[b], n);
-        snprintf(name, sizeof name, "muon_update_batch overlapped, batch %d (%d x %dx%d), 3 steps: p - p0", b,
-                 shape[b][0], shape[b][1], shape[b][2]);
-        gt_compare(name, dgpu, dcpu, n, 2e-2);
-        snprintf(name, sizeof name, "muon_update_batch overlapped, batch %d: momentum buffers", b);
-        gt_compare(name, hb[0] + off[b], buf + off[b], n, 1e-6);
-        free(dgpu), free(dcpu);
+        snprintf(name, sizeof name, "muon_update_batch overlapped, batch %d (%d x %dx%d), 3 steps", b, shape[b][0],
+                 shape[b][1], shape[b][2]);
+        check_muon(name, hp[0] + off[b], hb[0] + off[b], NULL, NULL, p + off[b], p0 + off[b], buf + off[b],
+                   off[b + 1] - off[b]);
     }
     gt_report("muon_update_batch overlapped: p, buf deterministic",
               !memcmp(hp[0], hp[1], fbytes(all)) && !memcmp(hb[0], hb[1], fbytes(all)), "bitwise");
