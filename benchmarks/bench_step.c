@@ -156,7 +156,7 @@ int main(int argc, char **argv)
             const int t = order[j];
             order[j] = order[j - 1], order[j - 1] = t;
         }
-    printf("\n%-36s %7s %10s %10s %8s %10s\n", "GEMM shape / optimizer call", "calls", "ms/step", "floor ms",
+    printf("\n%-44s %7s %10s %10s %8s %10s\n", "GEMM shape / optimizer call", "calls", "ms/step", "floor ms",
            "ratio", "TFLOP/s");
     for (int r = 0; r < ns; r++) {
         const gemm_shape_stats *g = &gs[order[r]];
@@ -165,6 +165,10 @@ int main(int argc, char **argv)
             snprintf(what, sizeof what, "muon %d x [%d, %d]", g->N, g->in, g->out);
         else if (g->kind == SHAPE_ADAMW)
             snprintf(what, sizeof what, "adamw (all runs)");
+        else if (g->kind == SHAPE_GEMM_FWD_MULTI || g->kind == SHAPE_GEMM_BWD_MULTI)
+            snprintf(what, sizeof what, "%s %d x %d -> %d (%d parts)",
+                     g->kind == SHAPE_GEMM_FWD_MULTI ? "fwd multi" : g->dx == 2 ? "bwd multi set" : "bwd multi", g->N,
+                     g->in, g->out, g->dw);
         else if (g->kind == SHAPE_MLP_FWD || g->kind == SHAPE_MLP_BWD)
             snprintf(what, sizeof what, "mlp %s %d x %d, h %d",
                      g->kind == SHAPE_MLP_FWD ? "fwd" : g->dx == 2 ? "bwd set" : "bwd", g->N, g->in, g->out);
@@ -178,7 +182,7 @@ int main(int argc, char **argv)
                      g->N, g->in, g->out);
         const double ms = 1e3 * g->seconds / prof, fl = g->flops / prof, by = g->bytes / prof;
         const double floor_ms = 1e3 * (fl / gemm > by / bw ? fl / gemm : by / bw);
-        printf("%-36s %7ld %10.3f %10.3f %8.1f %10.1f\n", what, g->calls / prof, ms, floor_ms,
+        printf("%-44s %7ld %10.3f %10.3f %8.1f %10.1f\n", what, g->calls / prof, ms, floor_ms,
                floor_ms > 0 ? ms / floor_ms : 0, ms > 0 ? fl / (ms * 1e-3) / 1e12 : 0);
     }
     free(order);

@@ -106,6 +106,29 @@ static void cost_matmul_backward_set(float *dx, float *dw, const float *dy, cons
     cost_matmul_backward(dx, dw, dy, x, w, N, in, out);
     if (dx) charge(0, -F4 * (double)N * in); /* dx written, not read */
 }
+/* several Linear layers on one x: x read once, each weight and output once (the
+ * backward: dy's and weights read, dx written or read and written, dw's read and
+ * written, x read once for the dw's) */
+static int multi_outs(const matmul_part *p, int n)
+{
+    int S = 0;
+    for (int i = 0; i < n; i++) S += p[i].out;
+    return S;
+}
+static void cost_matmul_forward_multi(const matmul_part *p, int n, int N, int in)
+{
+    const double S = multi_outs(p, n);
+    charge(2.0 * N * in * S, F4 * ((double)N * in + in * S + N * S));
+}
+static void cost_matmul_backward_multi(const matmul_part *p, int n, int dx_set, int N, int in)
+{
+    double dws = 0;
+    for (int i = 0; i < n; i++)
+        if (p[i].dw) dws += p[i].out;
+    const double S = multi_outs(p, n);
+    charge(2.0 * N * in * (S + dws), F4 * (N * S + in * S + (dx_set ? 1.0 : 2.0) * N * in +
+                                           (dws > 0 ? (double)N * in + 2.0 * in * dws : 0.0)));
+}
 /* The fused SwiGLU MLP: its two GEMMs' FLOPs, and the bytes of its inputs and outputs
  * (x, both weights, resid; gu, act, out). The SwiGLU between the GEMMs (no FLOPs counted,
  * bytes only through gu and act) is charged to the GEMM family with them rather than
@@ -284,6 +307,26 @@ static void t_matmul_forward_add(float *y, const float *x, const float *w, const
     end(FAM_GEMM_FWD, t0);
     cost_matmul_forward_add(y, x, w, r, N, in, out);
     shape_since(FAM_GEMM_FWD, m0, SHAPE_GEMM_FWD_ADD, 0, 0, N, in, out);
+}
+
+static void t_matmul_forward_multi(const matmul_part *p, int n, const float *x, int N, int in)
+{
+    double t0 = begin();
+    inner->matmul_forward_multi(p, n, x, N, in);
+    const fam_mark m0 = mark(FAM_GEMM_FWD);
+    end(FAM_GEMM_FWD, t0);
+    cost_matmul_forward_multi(p, n, N, in);
+    shape_since(FAM_GEMM_FWD, m0, SHAPE_GEMM_FWD_MULTI, 0, n, N, in, multi_outs(p, n));
+}
+
+static void t_matmul_backward_multi(float *dx, int dx_set, const matmul_part *p, int n, const float *x, int N, int in)
+{
+    double t0 = begin();
+    inner->matmul_backward_multi(dx, dx_set, p, n, x, N, in);
+    const fam_mark m0 = mark(FAM_GEMM_BWD);
+    end(FAM_GEMM_BWD, t0);
+    cost_matmul_backward_multi(p, n, dx_set, N, in);
+    shape_since(FAM_GEMM_BWD, m0, SHAPE_GEMM_BWD_MULTI, 1 + dx_set, n, N, in, multi_outs(p, n));
 }
 
 typedef void (*matmul_bwd_fn)(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out);
@@ -634,6 +677,18 @@ static void t_classifier_backward(float *dh, float *dwte, const float *h, const 
     cost_classifier_backward(dh, dwte, h, wte, targets, lse, dloss_scale, N, V, C);
 }
 
+/* charged to the backward's family: the forward's share is one GEMM and a pass that the
+ * unfused pair also pays, and the step's head time stays in one row */
+static void t_classifier_forward_backward(float *loss, float *lse, float *dh, float *dwte, const float *h,
+                                          const float *wte, const int32_t *targets, float dloss_scale, int N, int V,
+                                          int C)
+{
+    double t0 = begin();
+    inner->classifier_forward_backward(loss, lse, dh, dwte, h, wte, targets, dloss_scale, N, V, C);
+    end(FAM_HEAD_LOSS_BWD, t0);
+    charge(6.0 * N * V * C, F4 * (3.0 * N * C + 3.0 * V * C + 3.0 * N));
+}
+
 static void t_adamw_update(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1, float beta2, float eps, float wd, int step)
 {
     double t0 = begin();
@@ -686,6 +741,8 @@ const backend *timed_backend(const backend *in)
     timed.matmul_forward_add = t_matmul_forward_add;
     timed.matmul_backward = t_matmul_backward;
     timed.matmul_backward_set = t_matmul_backward_set;
+    timed.matmul_forward_multi = t_matmul_forward_multi;
+    timed.matmul_backward_multi = t_matmul_backward_multi;
     timed.rmsnorm_forward = t_rmsnorm_forward;
     timed.rmsnorm_backward = t_rmsnorm_backward;
     timed.layernorm_forward = t_layernorm_forward;
@@ -724,6 +781,7 @@ const backend *timed_backend(const backend *in)
     timed.moe_experts_backward = t_moe_experts_backward;
     timed.classifier_forward = t_classifier_forward;
     timed.classifier_backward = t_classifier_backward;
+    timed.classifier_forward_backward = t_classifier_forward_backward;
     timed.adamw_update = t_adamw_update;
     timed.muon_update = t_muon_update;
     timed.muon_update_batch = t_muon_update_batch;

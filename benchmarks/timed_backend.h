@@ -21,13 +21,15 @@ typedef struct family_stats {
 } family_stats;
 
 /* the dense GEMMs (matmul_forward, matmul_forward_add: the forward with a residual, its
- * own rows; matmul_backward) by shape, the fused SwiGLU MLPs (mlp_forward, mlp_backward:
+ * own rows; matmul_backward; the multi ops, by their parts' summed outputs) by shape, the fused SwiGLU MLPs (mlp_forward, mlp_backward:
  * both GEMMs and the SwiGLU of one call) by shape, and the optimizer's calls: Muon batches
  * by count and shape, AdamW runs all in one row */
-enum { SHAPE_GEMM_FWD, SHAPE_GEMM_BWD, SHAPE_MUON, SHAPE_ADAMW, SHAPE_GEMM_FWD_ADD, SHAPE_MLP_FWD, SHAPE_MLP_BWD };
+enum { SHAPE_GEMM_FWD, SHAPE_GEMM_BWD, SHAPE_MUON, SHAPE_ADAMW, SHAPE_GEMM_FWD_ADD, SHAPE_MLP_FWD, SHAPE_MLP_BWD,
+       SHAPE_GEMM_FWD_MULTI, SHAPE_GEMM_BWD_MULTI };
 typedef struct gemm_shape_stats {
-    int kind, dx, dw; /* SHAPE_*; for the backward, which gradients it made (MLP: dx 1 added, 2 set) */
-    int N, in, out;   /* Muon: N matrices of in x out; MLP: N rows, in = d, out = h */
+    int kind, dx, dw; /* SHAPE_*; for the backward, which gradients it made (MLP, multi: dx 1 added, 2 set);
+                       * multi: dw is the number of parts */
+    int N, in, out;   /* Muon: N matrices of in x out; MLP: N rows, in = d, out = h; multi: out summed */
     double seconds, flops, bytes;
     long calls;
 } gemm_shape_stats;

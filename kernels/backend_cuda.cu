@@ -234,6 +234,8 @@ extern "C" const backend *backend_cuda(int device)
     b.matmul_forward_add = cuda_matmul_forward_add;
     b.matmul_backward = cuda_matmul_backward;
     b.matmul_backward_set = cuda_matmul_backward_set;
+    b.matmul_forward_multi = cuda_matmul_forward_multi;
+    b.matmul_backward_multi = cuda_matmul_backward_multi;
     b.rmsnorm_forward = cuda_rmsnorm_forward;
     b.rmsnorm_backward = cuda_rmsnorm_backward;
     b.layernorm_forward = cuda_layernorm_forward;
@@ -272,6 +274,7 @@ extern "C" const backend *backend_cuda(int device)
     b.moe_combine_backward = cuda_moe_combine_backward;
     b.classifier_forward = cuda_classifier_forward;
     b.classifier_backward = cuda_classifier_backward;
+    b.classifier_forward_backward = cuda_classifier_forward_backward;
     b.adamw_update = cuda_adamw_update;
     b.muon_update = cuda_muon_update;
     b.muon_update_batch = cuda_muon_update_batch;

@@ -12,7 +12,10 @@
  *             dlogits = scale (softmax - onehot) (all zero for ignored rows), written
  *             rounded to bf16 straight into the operand of the GEMMs that add dlogits
  *             wte to dh and dlogits^T h_c to dwte.
- * Recomputing the logits costs one GEMM out of four and saves N*V floats of memory.
+ * Recomputing the logits costs one GEMM out of four and saves N*V floats of memory. A
+ * training step knows its dloss_scale before the forward, so it takes both at once
+ * (classifier_forward_backward): per chunk one logits GEMM, one kernel per row for the
+ * loss and then dlogits, and the two gradient GEMMs; h and wte are rounded once.
  *
  * The row statistics use the online softmax: each thread keeps a running (max, sum of
  * exp(z - max)) over a fixed stride of the row, and the block combines the pairs with
@@ -73,14 +76,12 @@ static __device__ void lse_merge(float *m1, float *s1, float m2, float s2)
     *m1 = m;
 }
 
-/* One block per row r of the chunk: lse[row0 + r] = log sum_v exp(z_v), loss = lse -
- * z[target] (0 for an ignored target, NaN for an out-of-range one). */
-static __global__ void ce_forward_kernel(float *loss, float *lse, const float *logits,
-                                         const int32_t *targets, int row0, int V)
+/* The statistics of one block's row z (row i of the batch, target t): lse[i] = log sum_v
+ * exp(z_v), loss[i] = lse - z[t] (0 for an ignored target, NaN for an out-of-range one),
+ * written by thread 0; every thread gets lse back. All threads of the block call it. */
+static __device__ float ce_row_forward(float *loss, float *lse, const float *z, int t, int i, int V)
 {
-    __shared__ float sh_m[ROW_THREADS / 32], sh_s[ROW_THREADS / 32];
-    const int r = blockIdx.x, i = row0 + r;
-    const float *z = logits + (size_t)r * V;
+    __shared__ float sh_m[ROW_THREADS / 32], sh_s[ROW_THREADS / 32], sh_lse;
     float m = -FLT_MAX, s = 0.0f;
     for (int v = threadIdx.x; v < V; v += ROW_THREADS) {
         const float zv = z[v];
@@ -101,21 +102,32 @@ static __global__ void ce_forward_kernel(float *loss, float *lse, const float *l
         sh_s[warp] = s;
     }
     __syncthreads();
-    if (warp != 0) return;
-    m = lane < ROW_THREADS / 32 ? sh_m[lane] : -FLT_MAX;
-    s = lane < ROW_THREADS / 32 ? sh_s[lane] : 0.0f;
-    for (int off = 16; off > 0; off >>= 1) {
-        float m2 = __shfl_xor_sync(0xffffffffu, m, off), s2 = __shfl_xor_sync(0xffffffffu, s, off);
-        lse_merge(&m, &s, m2, s2);
+    if (warp == 0) {
+        m = lane < ROW_THREADS / 32 ? sh_m[lane] : -FLT_MAX;
+        s = lane < ROW_THREADS / 32 ? sh_s[lane] : 0.0f;
+        for (int off = 16; off > 0; off >>= 1) {
+            float m2 = __shfl_xor_sync(0xffffffffu, m, off), s2 = __shfl_xor_sync(0xffffffffu, s, off);
+            lse_merge(&m, &s, m2, s2);
+        }
+        if (lane == 0) {
+            const float l = m + logf(s);
+            lse[i] = l;
+            sh_lse = l;
+            if (t == IGNORE_INDEX) loss[i] = 0.0f;
+            else if (t < 0 || t >= V) loss[i] = __int_as_float(0x7fc00000); /* NaN */
+            else loss[i] = l - z[t];
+        }
     }
-    if (lane == 0) {
-        const float l = m + logf(s);
-        const int t = targets[i];
-        lse[i] = l;
-        if (t == IGNORE_INDEX) loss[i] = 0.0f;
-        else if (t < 0 || t >= V) loss[i] = __int_as_float(0x7fc00000); /* NaN */
-        else loss[i] = l - z[t];
-    }
+    __syncthreads();
+    return sh_lse;
+}
+
+/* One block per row r of the chunk: its lse and loss (ce_row_forward) */
+static __global__ void ce_forward_kernel(float *loss, float *lse, const float *logits,
+                                         const int32_t *targets, int row0, int V)
+{
+    const int r = blockIdx.x, i = row0 + r;
+    ce_row_forward(loss, lse, logits + (size_t)r * V, targets[i], i, V);
 }
 
 /* dlogits element v of row r: fp32 in place over the logits, or rounded to bf16 (to
@@ -132,13 +144,9 @@ static __device__ __forceinline__ void ce_put(float *z, __nv_bfloat16 *zb, int v
  * in place (fp32, for the small-head path's fp32 GEMMs); with it, dlogits go straight to
  * the bf16 copy the GEMMs read, so the fp32 dlogits are never written and read back (two
  * passes over 512 MiB per chunk, about 2.5 ms a step at moe-1b). */
-static __global__ void ce_backward_kernel(float *logits, __nv_bfloat16 *out_bf, const int32_t *targets,
-                                          const float *lse, float scale, int row0, int V)
+/* dlogits of row z (target t, lse l) into z itself or its bf16 row zb (see ce_put) */
+static __device__ void ce_row_backward(float *z, __nv_bfloat16 *zb, int t, float l, float scale, int V)
 {
-    const int r = blockIdx.x, i = row0 + r;
-    float *z = logits + (size_t)r * V;
-    __nv_bfloat16 *zb = out_bf ? out_bf + (size_t)r * V : NULL;
-    const int t = targets[i];
     if (t == IGNORE_INDEX) {
         for (int v = threadIdx.x; v < V; v += ROW_THREADS) ce_put(z, zb, v, 0.0f);
         return;
@@ -147,75 +155,98 @@ static __global__ void ce_backward_kernel(float *logits, __nv_bfloat16 *out_bf, 
         for (int v = threadIdx.x; v < V; v += ROW_THREADS) ce_put(z, zb, v, __int_as_float(0x7fc00000)); /* NaN */
         return;
     }
-    const float l = lse[i];
     for (int v = threadIdx.x; v < V; v += ROW_THREADS) {
         const float d = __fmul_rn(scale, expf(z[v] - l));
         ce_put(z, zb, v, v == t ? __fsub_rn(d, scale) : d);
     }
 }
 
-/* loss [N], lse [N] = cross-entropy of logits_i = h_i wte^T against targets [N] (int32,
- * -100 ignored); h [N, C], wte [V, C]. Device pointers; uses the backend scratch. */
-extern "C" void cuda_classifier_forward(float *loss, float *lse, const float *h, const float *wte,
-                                        const int32_t *targets, int N, int V, int C)
+static __global__ void ce_backward_kernel(float *logits, __nv_bfloat16 *out_bf, const int32_t *targets,
+                                          const float *lse, float scale, int row0, int V)
+{
+    const int r = blockIdx.x, i = row0 + r;
+    ce_row_backward(logits + (size_t)r * V, out_bf ? out_bf + (size_t)r * V : NULL, targets[i], lse[i], scale, V);
+}
+
+/* the forward and backward kernels in one (classifier_forward_backward): a block reads
+ * its row a second time right after the first, instead of a later kernel reading every
+ * row again; the same bits as the two */
+static __global__ void ce_forward_backward_kernel(float *loss, float *lse, float *logits, __nv_bfloat16 *out_bf,
+                                                  const int32_t *targets, float scale, int row0, int V)
+{
+    const int r = blockIdx.x, i = row0 + r, t = targets[i];
+    float *z = logits + (size_t)r * V;
+    const float l = ce_row_forward(loss, lse, z, t, i, V);
+    ce_row_backward(z, out_bf ? out_bf + (size_t)r * V : NULL, t, l, scale, V);
+}
+
+/* The head over chunks of rows. fwd: loss [N], lse [N] = cross-entropy of logits_i =
+ * h_i wte^T against targets [N] (int32, -100 ignored). bwd: dh [N, C] += dlogits wte,
+ * dwte [V, C] += dlogits^T h with dlogits_i = dloss_scale (softmax(h_i wte^T) -
+ * onehot(target_i)), zero rows for ignored targets, from lse (the forward's, or this
+ * call's when fwd is set too: then each chunk's logits are computed once). Device
+ * pointers; uses the backend scratch. */
+static void head_run(int fwd, int bwd, float *loss, float *lse, float *dh, float *dwte, const float *h,
+                     const float *wte, const int32_t *targets, float dloss_scale, int N, int V, int C)
 {
     if (N <= 0 || V <= 0) return;
     const int rows = cuda_classifier_chunk_rows(N, V);
     float *logits = (float *)cuda_scratch((size_t)rows * V * sizeof(float));
+    cudaStream_t st = cuda_stream();
     if (small_head(N, V, C)) {
         for (int i0 = 0; i0 < N; i0 += rows) {
             const int nr = N - i0 < rows ? N - i0 : rows;
-            cuda_matmul_forward(logits, h + (size_t)i0 * C, wte, nr, C, V);
-            ce_forward_kernel<<<nr, ROW_THREADS, 0, cuda_stream()>>>(loss, lse, logits, targets, i0, V);
+            const float *hc = h + (size_t)i0 * C;
+            cuda_matmul_forward(logits, hc, wte, nr, C, V);
+            if (fwd && bwd)
+                ce_forward_backward_kernel<<<nr, ROW_THREADS, 0, st>>>(loss, lse, logits, NULL, targets, dloss_scale,
+                                                                       i0, V);
+            else if (fwd)
+                ce_forward_kernel<<<nr, ROW_THREADS, 0, st>>>(loss, lse, logits, targets, i0, V);
+            else
+                ce_backward_kernel<<<nr, ROW_THREADS, 0, st>>>(logits, NULL, targets, lse, dloss_scale, i0, V);
             LAUNCH_CHECK();
+            if (bwd) cuda_matmul_backward(dh + (size_t)i0 * C, dwte, logits, hc, wte, nr, C, V);
         }
         return;
     }
-    size_t nw = cuda_round8((size_t)V * C);
-    __nv_bfloat16 *wb = bf_reserve(nw + cuda_round8((size_t)rows * C)), *hb = wb + nw;
+    size_t nw = cuda_round8((size_t)V * C), nh = cuda_round8((size_t)rows * C);
+    __nv_bfloat16 *wb = bf_reserve(nw + nh + (bwd ? cuda_round8((size_t)rows * V) : 0)), *hb = wb + nw, *db = hb + nh;
     cuda_to_bf16(wb, wte, (size_t)V * C);
     for (int i0 = 0; i0 < N; i0 += rows) {
         const int nr = N - i0 < rows ? N - i0 : rows;
         cuda_to_bf16(hb, h + (size_t)i0 * C, (size_t)nr * C);
         cuda_gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, V, nr, C, wb, C, hb, C, 0.0f, logits, V);
-        ce_forward_kernel<<<nr, ROW_THREADS, 0, cuda_stream()>>>(loss, lse, logits, targets, i0, V);
+        if (fwd && bwd)
+            ce_forward_backward_kernel<<<nr, ROW_THREADS, 0, st>>>(loss, lse, logits, db, targets, dloss_scale, i0, V);
+        else if (fwd)
+            ce_forward_kernel<<<nr, ROW_THREADS, 0, st>>>(loss, lse, logits, targets, i0, V);
+        else
+            ce_backward_kernel<<<nr, ROW_THREADS, 0, st>>>(logits, db, targets, lse, dloss_scale, i0, V);
         LAUNCH_CHECK();
-    }
-}
-
-/* dh [N, C] += dlogits wte, dwte [V, C] += dlogits^T h with dlogits_i = dloss_scale
- * (softmax(h_i wte^T) - onehot(target_i)), zero rows for ignored targets; lse [N] from
- * the forward. Device pointers; uses the backend scratch. */
-extern "C" void cuda_classifier_backward(float *dh, float *dwte, const float *h, const float *wte,
-                                         const int32_t *targets, const float *lse, float dloss_scale,
-                                         int N, int V, int C)
-{
-    if (N <= 0 || V <= 0) return;
-    const int rows = cuda_classifier_chunk_rows(N, V);
-    float *dlogits = (float *)cuda_scratch((size_t)rows * V * sizeof(float));
-    if (small_head(N, V, C)) {
-        for (int i0 = 0; i0 < N; i0 += rows) {
-            const int nr = N - i0 < rows ? N - i0 : rows;
-            const float *hc = h + (size_t)i0 * C;
-            cuda_matmul_forward(dlogits, hc, wte, nr, C, V);
-            ce_backward_kernel<<<nr, ROW_THREADS, 0, cuda_stream()>>>(dlogits, NULL, targets, lse, dloss_scale, i0,
-                                                                      V);
-            LAUNCH_CHECK();
-            cuda_matmul_backward(dh + (size_t)i0 * C, dwte, dlogits, hc, wte, nr, C, V);
-        }
-        return;
-    }
-    size_t nw = cuda_round8((size_t)V * C), nh = cuda_round8((size_t)rows * C);
-    __nv_bfloat16 *wb = bf_reserve(nw + nh + cuda_round8((size_t)rows * V)), *hb = wb + nw, *db = hb + nh;
-    cuda_to_bf16(wb, wte, (size_t)V * C);
-    for (int i0 = 0; i0 < N; i0 += rows) {
-        const int nr = N - i0 < rows ? N - i0 : rows;
-        cuda_to_bf16(hb, h + (size_t)i0 * C, (size_t)nr * C);
-        cuda_gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, V, nr, C, wb, C, hb, C, 0.0f, dlogits, V);
-        ce_backward_kernel<<<nr, ROW_THREADS, 0, cuda_stream()>>>(dlogits, db, targets, lse, dloss_scale, i0, V);
-        LAUNCH_CHECK();
+        if (!bwd) continue;
         /* dh_c [nr, C] += dlogits wte; dwte [V, C] += dlogits^T h_c (matmul.cu's transposes) */
         cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, C, nr, V, wb, C, db, V, 1.0f, dh + (size_t)i0 * C, C);
         cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, C, V, nr, hb, C, db, V, 1.0f, dwte, C);
     }
+}
+
+extern "C" void cuda_classifier_forward(float *loss, float *lse, const float *h, const float *wte,
+                                        const int32_t *targets, int N, int V, int C)
+{
+    head_run(1, 0, loss, lse, NULL, NULL, h, wte, targets, 0.0f, N, V, C);
+}
+
+extern "C" void cuda_classifier_backward(float *dh, float *dwte, const float *h, const float *wte,
+                                         const int32_t *targets, const float *lse, float dloss_scale,
+                                         int N, int V, int C)
+{
+    head_run(0, 1, NULL, (float *)lse, dh, dwte, h, wte, targets, dloss_scale, N, V, C);
+}
+
+extern "C" void cuda_classifier_forward_backward(float *loss, float *lse, float *dh, float *dwte, const float *h,
+                                                 const float *wte, const int32_t *targets, float dloss_scale, int N,
+                                                 int V, int C)
+{
+    head_run(1, 1, loss, lse, dh, dwte, h, wte, targets, dloss_scale, N, V, C);
 }

@@ -34,6 +34,12 @@ void cuda_matmul_backward(float *dx, float *dw, const float *dy, const float *x,
 void cuda_matmul_backward_set(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in,
                               int out);
 
+/* several Linear layers on one input (struct matmul_part: backend.h) */
+struct matmul_part;
+void cuda_matmul_forward_multi(const struct matmul_part *p, int n, const float *x, int N, int in);
+void cuda_matmul_backward_multi(float *dx, int dx_set, const struct matmul_part *p, int n, const float *x, int N,
+                                int in);
+
 /* norms */
 void cuda_rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, int N, int C);
 void cuda_rmsnorm_backward(float *dx, float *dw, const float *dout, const float *x, const float *w,
@@ -139,6 +145,8 @@ void cuda_classifier_forward(float *loss, float *lse, const float *h, const floa
 void cuda_classifier_backward(float *dh, float *dwte, const float *h, const float *wte,
                               const int32_t *targets, const float *lse, float dloss_scale,
                               int N, int V, int C);
+void cuda_classifier_forward_backward(float *loss, float *lse, float *dh, float *dwte, const float *h, const float *wte,
+                                      const int32_t *targets, float dloss_scale, int N, int V, int C);
 
 /* y = r + x W^T for out <= 16 on CUDA cores (matmul_narrow.cu; matmul.cu dispatches) */
 int cuda_narrow_ok(int in, int out, const float *x, const float *w);

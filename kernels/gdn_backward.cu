@@ -49,11 +49,11 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
     float *Wc = Wbuf + ci * GDN_C * D, *Xc = Xbuf + ci * GDN_C * D, *Xkc = Xkbuf + ci * GDN_C * D;
     float *Hc = Hcbuf + ci * D * D;
 
+    gdn_load_async(Ks, dp, GDN_C, D8, k + tok, rs, L, 0, D); /* in flight during the scan */
     gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
-    gdn_load(Ks, dp, GDN_C, D8, k + tok, rs, L, 0, D, 1.0f);
     gdn_load(Qs, dp, GDN_C, D8, q + tok, rs, L, 0, D, scale);
     if (tid < GDN_C) e0buf[ci * GDN_C + tid] = s.e0[tid];
-    __syncthreads();
+    gdn_sync();
 
     /* A (into R1) and M from K K^T and Qs K^T */
     {
@@ -72,23 +72,24 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
                 Ms[t * GDN_PP + u] = E * aq[j][r];
             }
     }
-    __syncthreads();
+    gdn_sync();
     /* T by columns; meanwhile Qs rows become e0 Qs (all Hc needs of them) */
     if (tid < GDN_C) {
         gdn_invert_column(Ts, R1);
     } else {
-        for (int e = tid - GDN_C; e < GDN_C * D; e += GDN_NT - GDN_C) {
-            const int r = e / D, col = e - r * D;
-            Qs[r * dp + col] *= s.e0[r];
+        const int lane = tid & 31;
+        for (int r = (tid - GDN_C) >> 5; r < GDN_C; r += (GDN_NT - GDN_C) / 32) {
+            const float e0 = s.e0[r];
+            for (int col = lane; col < D; col += 32) Qs[r * dp + col] *= e0;
         }
     }
-    __syncthreads();
+    gdn_sync();
     /* R1[u][t] = eL_u T[u][t] */
     for (int e = tid; e < GDN_C * GDN_C; e += GDN_NT) {
         const int r = e >> 6, col = e & 63;
         R1[r * GDN_PP + col] = s.eL[r] * Ts[r * GDN_PP + col];
     }
-    __syncthreads();
+    gdn_sync();
 
     /* Xk = (diag(eL) T)^T K; T^T is upper triangular */
     for (int np = 0; np < D; np += 64) {
@@ -104,14 +105,14 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
                 if (n < D) Xkc[(size_t)gdn_frow(m0, r) * D + n] = acc[j][r];
             }
     }
-    __syncthreads();
+    gdn_sync();
 
     /* per 64 value columns of dO: Hc = (e0 Qs)^T dO */
     const int njp = (D + 63) / 64;
     for (int pi = 0; pi < njp; pi++) {
         const int jp = 64 * pi, jw = gdn_imin(64, D - jp), act = n0 < jw;
-        gdn_load(R1, GDN_PP, GDN_C, 64, dout + tok, rs, L, jp, D, 1.0f);
-        __syncthreads();
+        gdn_load_async(R1, GDN_PP, GDN_C, 64, dout + tok, rs, L, jp, D);
+        gdn_sync();
         for (int ip = 0; ip < D; ip += 64) {
             if (!act || ip + m0 >= D) continue;
             float acc[4][4];
@@ -125,7 +126,7 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
                     if (m < D && n < jw) Hc[(size_t)m * D + jp + n] = acc[j][r];
                 }
         }
-        __syncthreads();
+        gdn_sync();
     }
 
     /* Qs is done with: P2 lies over it from here on. Per 64 value columns of dO, last
@@ -133,8 +134,8 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
     for (int pi = njp - 1; pi >= 0; pi--) {
         const int jp = 64 * pi, jw = gdn_imin(64, D - jp), act = n0 < jw;
         if (pi != njp - 1) {
-            gdn_load(R1, GDN_PP, GDN_C, 64, dout + tok, rs, L, jp, D, 1.0f);
-            __syncthreads();
+            gdn_load_async(R1, GDN_PP, GDN_C, 64, dout + tok, rs, L, jp, D);
+            gdn_sync();
         }
         {
             float acc[4][4];
@@ -145,7 +146,7 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
 #pragma unroll
                 for (int r = 0; r < 4; r++) P2[gdn_frow(m0, r) * GDN_PP + gdn_fcol(n0, j, r)] = acc[j][r];
         }
-        __syncthreads();
+        gdn_sync();
         if (act) {
             float acc[4][4];
             gdn_zero(acc);
@@ -158,7 +159,7 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
                     if (n < jw) Xc[(size_t)gdn_frow(m0, r) * D + jp + n] = acc[j][r];
                 }
         }
-        __syncthreads();
+        gdn_sync();
     }
 
     /* per 64 value columns: U = K S0 over 64-row panels of S0, the right-hand side
@@ -169,10 +170,10 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
         gdn_zero(au);
         for (int ip = 0; ip < D; ip += 64) {
             const int iw = gdn_imin(64, D - ip);
-            gdn_load(R1, GDN_PP, 64, 64, S0 + (size_t)ip * D, D, iw, jp, D, 1.0f);
-            __syncthreads();
+            gdn_load_async(R1, GDN_PP, 64, 64, S0 + (size_t)ip * D, D, iw, jp, D);
+            gdn_sync();
             if (act) gdn_mma(GDN_SPLIT_S0, au, Ks + ip, dp, 1, m0, GDN_C - 1, R1, GDN_PP, 1, n0, 63, 0, iw);
-            __syncthreads();
+            gdn_sync();
         }
         float vv[4][4]; /* all loads first (the P2 stores would order them) */
 #pragma unroll
@@ -189,7 +190,7 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
                 const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
                 P2[t * GDN_PP + n] = s.bt[t] * (vv[j][r] - s.e0[t] * au[j][r]);
             }
-        __syncthreads();
+        gdn_sync();
         if (act) {
             float aw[4][4];
             gdn_zero(aw);
@@ -248,10 +249,8 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
         const float e0L = sc[L - 1];
         const int reset0 = doc_start && doc_start[(size_t)b * T + t0];
         float *ds = dSbuf + ci * DD + j0;
-        for (int e = tid; e < D * nv; e += GDN_ST) {
-            const int r = e / nv, col = e - r * nv;
-            ds[(size_t)r * D + col] = dS[r * GDN_SP + col];
-        }
+        if ((tid & 31) < nv)
+            for (int r = warp; r < D; r += GDN_ST / 32) ds[(size_t)r * D + (tid & 31)] = dS[r * GDN_SP + (tid & 31)];
 
         /* X = Xo + Xk dS */
         {
@@ -367,12 +366,12 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
         float *Kp = reg, *Qp = Kp + GDN_C * GDN_VP;
         for (int p = 0; p < D; p += GDN_KP) {
             const int pw = gdn_imin(GDN_KP, D - p);
-            gdn_load(Kp, GDN_VP, GDN_C, GDN_KP, k + tok, rs, L, p, D, 1.0f);
+            gdn_load_async(Kp, GDN_VP, GDN_C, GDN_KP, k + tok, rs, L, p, D);
             gdn_load(Qp, GDN_VP, GDN_C, GDN_KP, q + tok, rs, L, p, D, scale);
-            __syncthreads();
+            gdn_sync();
             if (!upper)
                 gdn_mma_2a(GDN_SPLIT_PAIR, kk, qk, Kp, Qp, GDN_VP, 1, m0, GDN_C - 1, Kp, 1, GDN_VP, n0, GDN_C - 1, 0, pw);
-            __syncthreads();
+            gdn_sync();
         }
 #pragma unroll
         for (int j = 0; j < 4; j++)
@@ -396,31 +395,32 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
         float *Xp = reg, *Op = Xp + GDN_C * GDN_VP, *Wp = Op + GDN_C * GDN_VP, *Vp = Wp + GDN_C * GDN_VP;
         for (int p = 0; p < D; p += GDN_KP) {
             const int pw = gdn_imin(GDN_KP, D - p);
-            gdn_load(Op, GDN_VP, GDN_C, GDN_KP, dout + tok, rs, L, p, D, 1.0f);
-            gdn_load(Vp, GDN_VP, GDN_C, GDN_KP, v + tok, rs, L, p, D, 1.0f);
-            gdn_load(Xp, GDN_VP, GDN_C, GDN_KP, Xc, D, GDN_C, p, D, 1.0f);
-            gdn_load(Wp, GDN_VP, GDN_C, GDN_KP, Wc, D, GDN_C, p, D, 1.0f);
-            __syncthreads();
+            gdn_load_async(Op, GDN_VP, GDN_C, GDN_KP, dout + tok, rs, L, p, D);
+            gdn_load_async(Vp, GDN_VP, GDN_C, GDN_KP, v + tok, rs, L, p, D);
+            gdn_load_async(Xp, GDN_VP, GDN_C, GDN_KP, Xc, D, GDN_C, p, D);
+            gdn_load_async(Wp, GDN_VP, GDN_C, GDN_KP, Wc, D, GDN_C, p, D);
+            gdn_sync();
             if (!upper)
                 gdn_mma_2a(GDN_SPLIT_PAIR, c1, c2, Xp, Op, GDN_VP, 1, m0, GDN_C - 1, Wp, 1, GDN_VP, n0, GDN_C - 1, 0, pw);
             if (tid < GDN_C)
                 for (int col = 0; col < pw; col++) vx = fmaf(Vp[tid * GDN_VP + col], Xp[tid * GDN_VP + col], vx);
+            static_assert(GDN_C * GDN_KP == 8 * GDN_NT, "the dv update covers a panel in 8 passes");
             /* dv += beta X (dv = beta X with set: old values not read): all loads of a thread
-             * first (L * pw <= 8 * GDN_NT) */
+             * first; the [64, GDN_KP] panel as 8 passes of 8 rows, a lane per column */
             {
                 float old[8];
 #pragma unroll
                 for (int u = 0; u < 8; u++) {
-                    const int e = tid + u * GDN_NT, r = e / pw, col = e - r * pw;
-                    old[u] = !set && e < L * pw ? dv[tok + (size_t)r * rs + p + col] : 0.0f;
+                    const int e = tid + u * GDN_NT, r = e / GDN_KP, col = e % GDN_KP;
+                    old[u] = !set && r < L && col < pw ? dv[tok + (size_t)r * rs + p + col] : 0.0f;
                 }
 #pragma unroll
                 for (int u = 0; u < 8; u++) {
-                    const int e = tid + u * GDN_NT, r = e / pw, col = e - r * pw;
-                    if (e < L * pw) dv[tok + (size_t)r * rs + p + col] = old[u] + s.bt[r] * Xp[r * GDN_VP + col];
+                    const int e = tid + u * GDN_NT, r = e / GDN_KP, col = e % GDN_KP;
+                    if (r < L && col < pw) dv[tok + (size_t)r * rs + p + col] = old[u] + s.bt[r] * Xp[r * GDN_VP + col];
                 }
             }
-            __syncthreads();
+            gdn_sync();
         }
         float re[2] = {0, 0}, rb[2] = {0, 0}, ce[4][2] = {{0, 0}, {0, 0}, {0, 0}, {0, 0}};
 #pragma unroll
@@ -468,7 +468,7 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
 #pragma unroll
                 for (int x = 0; x < 2; x++) part[4 * GDN_C + gdn_fcol(n0, j, x) * 4 + wm] = ce[j][x];
     }
-    __syncthreads();
+    gdn_sync();
     if (tid < GDN_C) {
         rE[tid] = part[tid * 2] + part[tid * 2 + 1];
         rB[tid] = part[2 * GDN_C + tid * 2] + part[2 * GDN_C + tid * 2 + 1];
@@ -487,9 +487,9 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
         const int iw = gdn_imin(64, D - ip), act = n0 < iw;
         {
             float *Kq = reg, *Qq = Kq + GDN_C * GDN_PP;
-            gdn_load(Kq, GDN_PP, GDN_C, 64, k + tok, rs, L, ip, D, 1.0f);
+            gdn_load_async(Kq, GDN_PP, GDN_C, 64, k + tok, rs, L, ip, D);
             gdn_load(Qq, GDN_PP, GDN_C, 64, q + tok, rs, L, ip, D, scale);
-            __syncthreads();
+            gdn_sync();
             if (act) {
                 float a1[4][4], a2[4][4];
                 gdn_zero(a1);
@@ -520,7 +520,7 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
                     }
                 }
             }
-            __syncthreads();
+            gdn_sync();
         }
         float zo[4][4], z[4][4], y[4][4];
         gdn_zero(zo);
@@ -531,12 +531,12 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
             float *Sp = Wp + GDN_C * GDN_VP, *dSp = Sp + GDN_C * GDN_VP;
             for (int jp = 0; jp < D; jp += GDN_KP) {
                 const int jw = gdn_imin(GDN_KP, D - jp);
-                gdn_load(Op, GDN_VP, GDN_C, GDN_KP, dout + tok, rs, L, jp, D, 1.0f);
-                gdn_load(Xp, GDN_VP, GDN_C, GDN_KP, Xc, D, GDN_C, jp, D, 1.0f);
-                gdn_load(Wp, GDN_VP, GDN_C, GDN_KP, Wc, D, GDN_C, jp, D, 1.0f);
-                gdn_load(Sp, GDN_VP, 64, GDN_KP, S0 + (size_t)ip * D, D, iw, jp, D, 1.0f);
-                gdn_load(dSp, GDN_VP, 64, GDN_KP, dSc + (size_t)ip * D, D, iw, jp, D, 1.0f);
-                __syncthreads();
+                gdn_load_async(Op, GDN_VP, GDN_C, GDN_KP, dout + tok, rs, L, jp, D);
+                gdn_load_async(Xp, GDN_VP, GDN_C, GDN_KP, Xc, D, GDN_C, jp, D);
+                gdn_load_async(Wp, GDN_VP, GDN_C, GDN_KP, Wc, D, GDN_C, jp, D);
+                gdn_load_async(Sp, GDN_VP, 64, GDN_KP, S0 + (size_t)ip * D, D, iw, jp, D);
+                gdn_load_async(dSp, GDN_VP, 64, GDN_KP, dSc + (size_t)ip * D, D, iw, jp, D);
+                gdn_sync();
                 if (act) {
                     gdn_mma_2a(GDN_SPLIT_S0, zo, z, Op, Xp, GDN_VP, 1, m0, GDN_C - 1, Sp, 1, GDN_VP, n0, 63, 0, jw);
                     gdn_mma(GDN_SPLIT_S0, y, Wp, GDN_VP, 1, m0, GDN_C - 1, dSp, 1, GDN_VP, n0, 63, 0, jw);
@@ -545,7 +545,7 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
                     const int x = (e / GDN_KP) * GDN_VP + e % GDN_KP;
                     sds = fmaf(Sp[x], dSp[x], sds);
                 }
-                __syncthreads();
+                gdn_sync();
             }
         }
         float pq[2] = {0, 0}, pk[2] = {0, 0}, py[2] = {0, 0};
@@ -596,7 +596,7 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
 
     /* ---- per-token scalars: dbeta, dG, then dg by segmented suffix sums ---- */
     sdsp[tid] = sds;
-    __syncthreads();
+    gdn_sync();
     if (tid < GDN_C) {
         const int r = tid;
         const float qz = dots[r * 2] + dots[r * 2 + 1];
@@ -613,7 +613,7 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
         for (int x = 0; x < GDN_NT; x++) a += sdsp[x];
         sdsum[0] = a;
     }
-    __syncthreads();
+    gdn_sync();
     if (tid == 0) {
         /* the end-state terms of the last token, then suffix sums within segments */
         float tail = 0.0f;
@@ -626,7 +626,7 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
             if (s.reset[r]) acc = 0.0f;
         }
     }
-    __syncthreads();
+    gdn_sync();
     if (tid < L) { /* a document's first token has no gate gradient (its g is not used) */
         float *dgt = dg + ((size_t)b * T + t0 + tid) * H + h;
         if (!s.reset[tid]) *dgt = (set ? 0.0f : *dgt) + dG[tid];

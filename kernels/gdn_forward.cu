@@ -29,14 +29,14 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *e0buf, float *eLbuf, const floa
     float *Ks = gdn_smem + GDN_HDR, *Vs = Ks + GDN_C * dp, *As = Vs + GDN_C * dp, *Ts = As + GDN_C * GDN_PP;
     const int warp = tid >> 5, m0 = 16 * (warp & 3), n0 = 32 * (warp >> 2);
 
+    gdn_load_async(Ks, dp, GDN_C, D8, k + gdn_row(b, t0, h, T, H, D), rs, L, 0, D); /* in flight during the scan */
+    gdn_load_async(Vs, dp, GDN_C, D8, v + gdn_row(b, t0, h, T, H, D), rs, L, 0, D);
     gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
-    gdn_load(Ks, dp, GDN_C, D8, k + gdn_row(b, t0, h, T, H, D), rs, L, 0, D, 1.0f);
-    gdn_load(Vs, dp, GDN_C, D8, v + gdn_row(b, t0, h, T, H, D), rs, L, 0, D, 1.0f);
     if (tid < GDN_C) {
         e0buf[ci * GDN_C + tid] = s.e0[tid];
         eLbuf[ci * GDN_C + tid] = s.eL[tid];
     }
-    __syncthreads();
+    gdn_sync();
 
     /* A_ts = beta_t E_ts KK_ts below the diagonal (the warp tile right of the diagonal
      * block is all zero and skips the product) */
@@ -52,20 +52,23 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *e0buf, float *eLbuf, const floa
                 As[t * GDN_PP + u] = u < t ? s.bt[t] * gdn_decay(s, t, u, L) * acc[j][r] : 0.0f;
             }
     }
-    __syncthreads();
+    gdn_sync();
 
     /* T by columns (warps 0-1) while the other warps scale the right-hand sides:
      * V rows by beta, K rows by beta e0 (K K^T is done with them) */
     if (tid < GDN_C) {
         gdn_invert_column(Ts, As);
     } else {
-        for (int e = tid - GDN_C; e < GDN_C * D; e += GDN_NT - GDN_C) {
-            const int r = e / D, col = e - r * D;
-            Vs[r * dp + col] *= s.bt[r];
-            Ks[r * dp + col] *= s.bt[r] * s.e0[r];
+        const int lane = tid & 31;
+        for (int r = (tid - GDN_C) >> 5; r < GDN_C; r += (GDN_NT - GDN_C) / 32) {
+            const float bv = s.bt[r], bk = s.bt[r] * s.e0[r];
+            for (int col = lane; col < D; col += 32) {
+                Vs[r * dp + col] *= bv;
+                Ks[r * dp + col] *= bk;
+            }
         }
     }
-    __syncthreads();
+    gdn_sync();
 
     /* Wv = T (beta V), Uk = T (beta e0 K); T is lower triangular, so the contraction
      * stops at the warp tile's last row */
@@ -135,10 +138,8 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
             __syncthreads();
         }
         float *ss = state_save + ci * DD + j0;
-        for (int e = tid; e < D * nv; e += GDN_ST) {
-            const int r = e / nv, col = e - r * nv;
-            ss[(size_t)r * D + col] = S[r * GDN_SP + col];
-        }
+        if ((tid & 31) < nv)
+            for (int r = warp; r < D; r += GDN_ST / 32) ss[(size_t)r * D + (tid & 31)] = S[r * GDN_SP + (tid & 31)];
 
         /* W = Wv - Uk S: warp w has rows 16w..16w+15 of [64, 32] */
         {
@@ -214,10 +215,10 @@ gdn_fwd_out_kernel(float *o, const float *q, const float *k, const float *g, con
     const int warp = tid >> 5, m0 = 16 * (warp & 3), n0 = 32 * (warp >> 2);
     const float *S0 = state_save + ci * D * D, *Wc = Wbuf + ci * GDN_C * D;
 
+    gdn_load_async(Ks, dp, GDN_C, D8, k + gdn_row(b, t0, h, T, H, D), rs, L, 0, D); /* in flight during the scan */
     gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
     gdn_load(Qs, dp, GDN_C, D8, q + gdn_row(b, t0, h, T, H, D), rs, L, 0, D, scale);
-    gdn_load(Ks, dp, GDN_C, D8, k + gdn_row(b, t0, h, T, H, D), rs, L, 0, D, 1.0f);
-    __syncthreads();
+    gdn_sync();
     {
         float acc[4][4];
         gdn_zero(acc);
@@ -236,17 +237,17 @@ gdn_fwd_out_kernel(float *o, const float *q, const float *k, const float *g, con
         float am[4][4], aq[4][4];
         gdn_zero(am);
         gdn_zero(aq);
-        gdn_load(Wp, GDN_PP, GDN_C, 64, Wc, D, GDN_C, np, D, 1.0f);
+        gdn_load_async(Wp, GDN_PP, GDN_C, 64, Wc, D, GDN_C, np, D);
         for (int ip = 0; ip < D; ip += 64) {
             const int iw = gdn_imin(64, D - ip);
-            gdn_load(Sp, GDN_PP, 64, 64, S0 + (size_t)ip * D, D, iw, np, D, 1.0f);
-            __syncthreads();
+            gdn_load_async(Sp, GDN_PP, 64, 64, S0 + (size_t)ip * D, D, iw, np, D);
+            gdn_sync();
             if (act) {
                 if (ip == 0)
                     gdn_mma(GDN_SPLIT_SOLVE, am, Ms, GDN_PP, 1, m0, GDN_C - 1, Wp, GDN_PP, 1, n0, 63, 0, m0 + 16);
                 gdn_mma(GDN_SPLIT_S0, aq, Qs + ip, dp, 1, m0, GDN_C - 1, Sp, GDN_PP, 1, n0, 63, 0, iw);
             }
-            __syncthreads();
+            gdn_sync();
         }
 #pragma unroll
         for (int j = 0; j < 4; j++)

@@ -48,30 +48,37 @@
  * only over the rows or columns the warp tile's rows reach. Warp tiles that lie wholly
  * right of the diagonal of K K^T, Qs K^T or wholly past column D skip their products.
  * Row pitches of 4 mod 8 (GDN_PP = 68, gdn_kpitch) spread a fragment's loads over 32
- * banks; column-wise reads meet two-way conflicts. Global loads are issued 8 or more per
- * thread before their stores (gdn_load, the read-add-write epilogues), since a thread's
- * loads would otherwise wait for each other.
- * The cumulative log decay G is summed in double per chunk (64 serial adds) and every
- * decay factor is exp of a difference of G's, as on the CPU. Every output element is
+ * banks; column-wise reads meet two-way conflicts. The per-chunk kernels bring their
+ * [64, x] operands into shared memory by cp.async (gdn_load_async: every array of a phase
+ * in flight at once, the first ones during the G scan; gdn_sync waits and joins), a warp
+ * per row; the scaled loads of q go through registers, 12 loads a thread in flight
+ * (gdn_load), as do the read-add-write epilogues. No copy loop splits an element index
+ * by a runtime row length (about 20 instructions a division): with those divisions gone
+ * the op took 3.84 instead of 4.29 ms, with the cp.async loads 3.27 ms (sizes below).
+ * The cumulative log decay G is a prefix sum in double per chunk (a warp scan) and every
+ * decay factor is exp of a difference of G's within a segment, as on the CPU. Every output element is
  * computed by one thread in a fixed order and gradients are read-add-written by their one
  * owner; row and column sums over a warp tile are reduced by shuffles in a fixed order,
  * so two runs give the same bits.
  *
  * Cost at B = 8, T = 2048, H = 12, D = 85 (3072 chunks), measured on an H100 by
- * benchmarks/bench_mixers.c: forward 1.40 ms, backward 2.97 ms (5.66 ms in all with
+ * benchmarks/bench_mixers.c: forward 0.98 ms, backward 2.29 ms (Nsight Compute, at its
+ * locked clocks: forward prep 0.34, state 0.48, out 0.35 ms; backward prep 0.76, state
+ * 0.52, grads 1.37 ms). Before the cp.async loads, the division-free copy loops and the
+ * warp scan of G it was 1.40 + 2.97 ms (5.66 ms in all with
  * 3xTF32 products and a backward prep block of 118 KB, one per SM; 2.30 + 6.11 ms for
  * the fp32 FMA version these kernels replaced). Nsight Compute per kernel (an H200, the
  * same SM): forward prep 0.39, state 0.53, out 0.45 ms; backward prep 0.84, state 0.58,
  * grads 1.40 ms. The tensor-core work itself (about 40 G multiply-adds) is a small part
  * of that: the kernels are bound by latency. Per-chunk blocks (256 threads, 2 per SM at
- * D = 85, 23-25% occupancy) wait at barriers while one thread scans G and two warps run
- * the column-wise forward substitution of T, and on global loads (the grads kernel's
- * panels: 39% of its stalls); the backward writes and rereads Hc and dS ([D, D] per
+ * D = 85, 23-25% occupancy) wait at barriers while two warps run the column-wise forward
+ * substitution of T, and on global loads (before the cp.async loads, the grads kernel's
+ * panels were 39% of its stalls); the backward writes and rereads Hc and dS ([D, D] per
  * chunk). The state kernels (288 blocks of 4 warps, 3 per SM, so one partial wave) are a
  * serial chain of 32 chunk steps, each a few dependent mma products and a cp.async
  * refill; loading each step's Wv, Xo and Hc tiles a chunk ahead into registers was
  * tried and made them 3-9% slower. Reaching 1.5 ms would take: T by blocked inversion
- * on the tensor cores, the G scan by a warp scan, fusing prep and out (and prep and
+ * on the tensor cores, fusing prep and out (and prep and
  * grads) so that K, Q and the pair matrices are loaded and built once, dropping the Hc
  * buffer (the state kernel can form Qs^T diag(e0) dO itself), the grads kernel's panels
  * double-buffered by cp.async within two blocks per SM, and more value columns per
@@ -142,48 +149,55 @@ static __device__ __forceinline__ gdn_hdr gdn_hdr_at(float *base)
 }
 
 /* Fill the header for the chunk of L tokens from t0 of row b, head h. All threads call
- * it; it ends with a barrier. G is summed in double by one thread exactly as the CPU
- * does (the g of a resetting token is left out), so the decays match it to rounding. */
+ * it; warp 0 does the work, two tokens a lane, and it ends with a barrier. G is the
+ * prefix sum in double of the chunk's gates, leaving out the g of a token that starts a
+ * document, as a warp scan (shuffles). It equals the CPU's G (summed from the segment's
+ * start) in segment 0, and elsewhere differs from it by a constant per segment: every
+ * decay but e0 (segment 0 only) is exp of a difference of G's within one segment, so the
+ * decays match the CPU's to rounding. seg counts the document starts after the chunk's
+ * first token (ballots). */
 static __device__ void gdn_chunk_scalars(gdn_hdr s, const float *g, const float *beta,
                                          const int32_t *doc_start, int b, int h, int t0, int L,
                                          int T, int H)
 {
-    const int t = threadIdx.x;
-    if (t < GDN_C) {
-        const size_t n = ((size_t)b * T + t0 + t) * H + h;
-        s.bt[t] = t < L ? beta[n] : 0.0f;
-        s.e0[t] = t < L ? g[n] : 0.0f; /* g parked here until the scan has read it */
-        s.reset[t] = t < L && doc_start && doc_start[(size_t)b * T + t0 + t] ? 1 : 0;
-    }
-    __syncthreads();
-    if (t == 0) {
-        double G = 0;
-        int seg = 0;
-        for (int r = 0; r < GDN_C; r++) {
-            if (r < L) {
-                if (s.reset[r]) {
-                    G = 0;
-                    if (r > 0) seg++;
-                } else {
-                    G += (double)s.e0[r];
-                }
-                s.G[r] = G;
-                s.seg[r] = seg;
-            } else {
-                s.G[r] = 0;
-                s.seg[r] = -1;
-            }
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        double a[2];
+        int reset[2];
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            const int r = 2 * lane + k;
+            const size_t n = ((size_t)b * T + t0 + r) * H + h;
+            const int ok = r < L;
+            reset[k] = ok && doc_start && doc_start[(size_t)b * T + t0 + r] ? 1 : 0;
+            a[k] = ok && !reset[k] ? (double)g[n] : 0.0;
+            s.bt[r] = ok ? beta[n] : 0.0f;
+            s.reset[r] = reset[k];
         }
-    }
-    __syncthreads();
-    if (t < GDN_C) {
-        float a = 0.0f, z = 0.0f;
-        if (t < L) {
-            a = s.seg[t] == 0 ? (float)exp(s.G[t]) : 0.0f;
-            z = s.seg[t] == s.seg[L - 1] ? (float)exp(s.G[L - 1] - s.G[t]) : 0.0f;
+        double x = a[0] + a[1]; /* inclusive scan of the lanes' pair sums */
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+            const double y = __shfl_up_sync(0xffffffffu, x, off);
+            if (lane >= off) x += y;
         }
-        s.e0[t] = a;
-        s.eL[t] = z;
+        double before = __shfl_up_sync(0xffffffffu, x, 1);
+        if (lane == 0) before = 0.0;
+        const double G[2] = {before + a[0], before + a[0] + a[1]};
+        const unsigned b0 = __ballot_sync(0xffffffffu, reset[0] && lane > 0), b1 = __ballot_sync(0xffffffffu, reset[1]);
+        const unsigned le = lane == 31 ? 0xffffffffu : (2u << lane) - 1u, lt = (1u << lane) - 1u;
+        const int seg[2] = {__popc(b0 & le) + __popc(b1 & lt), __popc(b0 & le) + __popc(b1 & le)};
+        /* G and seg of the chunk's last token */
+        const int last = L - 1, odd = last & 1;
+        const double GL = __shfl_sync(0xffffffffu, odd ? G[1] : G[0], last >> 1);
+        const int segL = __shfl_sync(0xffffffffu, odd ? seg[1] : seg[0], last >> 1);
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            const int r = 2 * lane + k, ok = r < L;
+            s.G[r] = ok ? G[k] : 0.0;
+            s.seg[r] = ok ? seg[k] : -1;
+            s.e0[r] = ok && seg[k] == 0 ? (float)exp(G[k]) : 0.0f;
+            s.eL[r] = ok && seg[k] == segL ? (float)exp(GL - G[k]) : 0.0f;
+        }
     }
     __syncthreads();
 }
@@ -221,11 +235,14 @@ static __device__ __forceinline__ float gdn_decay(gdn_hdr s, int t, int u, int L
 static __device__ __forceinline__ int gdn_frow(int m0, int r) { return m0 + (int)((threadIdx.x & 31) >> 2) + ((r >> 1) << 3); }
 static __device__ __forceinline__ int gdn_fcol(int n0, int j, int r) { return n0 + 8 * j + 2 * (int)(threadIdx.x & 3) + (r & 1); }
 
+/* x rounded to TF32, to nearest with ties away from zero: the bits of cvt.rna.tf32.f32
+ * for every finite x, by two integer ops (add half an ulp of the 10-bit mantissa to the
+ * magnitude, clear the 13 low bits). Conversions issue at a quarter of the integer rate
+ * on sm_90, and every mma.sync here takes six operand conversions; the integer form took
+ * the op from 4.37 to 4.29 ms forward + backward (B 8, T 2048, H 12, D 85, an H100). */
 static __device__ __forceinline__ uint32_t gdn_to_tf32(float x)
 {
-    uint32_t r;
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-    return r;
+    return (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
 }
 
 /* hi (and lo when split is 3) of n floats */
@@ -377,28 +394,37 @@ static __device__ __forceinline__ void gdn_zero(float acc[4][4])
 }
 
 /* dst[r*dp + c] = mul * src[r*rs + c0 + c] for r < rows, c < cols; 0 where r >= rv or
- * c0 + c >= cv. All threads of the block; no barrier. Each thread issues 8 global loads
- * before it stores any of them: the loads of one thread are otherwise serialised (the
- * compiler cannot tell that dst in shared memory does not alias src), and their latency
- * is what bounds the per-chunk kernels. */
-#define GDN_LOAD_BATCH 8
-static __device__ void gdn_load(float *dst, int dp, int rows, int cols, const float *src, size_t rs,
-                                int rv, int c0, int cv, float mul)
+ * c0 + c >= cv. All threads of the block; no barrier. Warp w takes rows w, w + warps,
+ * ..., its lanes consecutive columns (coalesced), with no integer division: an element
+ * index split by a runtime row length costs about 20 instructions, and those splits were
+ * most of the instructions of the per-chunk kernels. Each thread issues
+ * GDN_LOAD_ROWS x GDN_LOAD_COLS global loads before it stores any of them: the loads of
+ * one thread are otherwise serialised (the compiler cannot tell that dst in shared memory
+ * does not alias src), and their latency is what bounds the per-chunk kernels. */
+#define GDN_LOAD_ROWS 4
+#define GDN_LOAD_COLS 3
+static __device__ __forceinline__ void gdn_load(float *dst, int dp, int rows, int cols, const float *src, size_t rs,
+                                                int rv, int c0, int cv, float mul)
 {
-    const int n = rows * cols, nt = blockDim.x;
-    for (int e0 = threadIdx.x; e0 < n; e0 += GDN_LOAD_BATCH * nt) {
-        float x[GDN_LOAD_BATCH];
+    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int cb = 0; cb < cols; cb += 32 * GDN_LOAD_COLS)
+        for (int r0 = threadIdx.x >> 5; r0 < rows; r0 += GDN_LOAD_ROWS * nw) {
+            float x[GDN_LOAD_ROWS][GDN_LOAD_COLS];
 #pragma unroll
-        for (int u = 0; u < GDN_LOAD_BATCH; u++) {
-            const int e = e0 + u * nt, r = e / cols, c = e - r * cols;
-            x[u] = e < n && r < rv && c0 + c < cv ? mul * src[(size_t)r * rs + c0 + c] : 0.0f;
-        }
+            for (int i = 0; i < GDN_LOAD_ROWS; i++)
 #pragma unroll
-        for (int u = 0; u < GDN_LOAD_BATCH; u++) {
-            const int e = e0 + u * nt, r = e / cols, c = e - r * cols;
-            if (e < n) dst[r * dp + c] = x[u];
+                for (int j = 0; j < GDN_LOAD_COLS; j++) {
+                    const int r = r0 + i * nw, c = cb + lane + 32 * j;
+                    x[i][j] = r < rows && r < rv && c < cols && c0 + c < cv ? mul * src[(size_t)r * rs + c0 + c] : 0.0f;
+                }
+#pragma unroll
+            for (int i = 0; i < GDN_LOAD_ROWS; i++)
+#pragma unroll
+                for (int j = 0; j < GDN_LOAD_COLS; j++) {
+                    const int r = r0 + i * nw, c = cb + lane + 32 * j;
+                    if (r < rows && c < cols) dst[r * dp + c] = x[i][j];
+                }
         }
-    }
 }
 
 /* ---- cp.async (4-byte copies, zero-fill when !valid; src must be a valid address) ---- */
@@ -428,14 +454,47 @@ static __device__ __forceinline__ void gdn_async_wait_all_but_newest(void)
 #endif
 }
 
+/* wait until every cp.async of this thread has landed */
+static __device__ __forceinline__ void gdn_async_wait_all(void)
+{
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+/* The barrier of the per-chunk kernels: this thread's cp.async copies landed, then
+ * __syncthreads, so every thread's copies are visible to the block (a no-op wait where
+ * none are in flight). */
+static __device__ __forceinline__ void gdn_sync(void)
+{
+    gdn_async_wait_all();
+    __syncthreads();
+}
+
+/* gdn_load with mul = 1 by cp.async: the copies are only issued (zero-filled where r >=
+ * rv or c0 + c >= cv), so the loads of several arrays are in flight together; gdn_sync
+ * makes them visible. A warp per row, its lanes along the row, as gdn_load. */
+static __device__ __forceinline__ void gdn_load_async(float *dst, int dp, int rows, int cols, const float *src,
+                                                      size_t rs, int rv, int c0, int cv)
+{
+    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int r = threadIdx.x >> 5; r < rows; r += nw) {
+        const int rok = r < rv;
+        for (int c = lane; c < cols; c += 32) {
+            const int ok = rok && c0 + c < cv;
+            gdn_async_f32(dst + r * dp + c, ok ? src + (size_t)r * rs + c0 + c : src, ok);
+        }
+    }
+}
+
 /* 64 rows of `cols` floats into dst (pitch dp) from src (row stride rs); rows >= rv
  * zero-filled. Issued by all threads, not committed. */
-static __device__ void gdn_async_rows(float *dst, int dp, const float *src, size_t rs, int rv, int cols)
+static __device__ __forceinline__ void gdn_async_rows(float *dst, int dp, const float *src, size_t rs, int rv, int cols)
 {
-    for (int e = threadIdx.x; e < GDN_C * cols; e += blockDim.x) {
-        const int r = e / cols, c = e - r * cols;
+    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int r = threadIdx.x >> 5; r < GDN_C; r += nw) { /* a warp per row (see gdn_load) */
         const int ok = r < rv;
-        gdn_async_f32(dst + r * dp + c, ok ? src + (size_t)r * rs + c : src, ok);
+        for (int c = lane; c < cols; c += 32) gdn_async_f32(dst + r * dp + c, ok ? src + (size_t)r * rs + c : src, ok);
     }
 }
 
@@ -443,8 +502,8 @@ static __device__ void gdn_async_rows(float *dst, int dp, const float *src, size
  * writes. All threads; no barrier. */
 static __device__ void gdn_zero_cols(float *dst, int dp, int rows, int c0, int c1)
 {
-    const int w = c1 - c0;
-    for (int e = threadIdx.x; e < rows * w; e += blockDim.x) dst[(e / w) * dp + c0 + e % w] = 0.0f;
+    for (int r = threadIdx.x; r < rows; r += blockDim.x)
+        for (int c = c0; c < c1; c++) dst[r * dp + c] = 0.0f;
 }
 
 /* Column c (the calling thread, c < 64) of T = (I + A)^-1 by forward substitution:

@@ -8,8 +8,9 @@
  * oracle, but cuBLAS then runs its bf16 kernels at full rate: for the model's shapes
  * (N = 16384 rows, widths 256 to 4096) the fp32-operand path ran at about 150 TFLOP/s.
  *
- * Forwards with at most 16 outputs (the GDN gate projections) run on CUDA cores in fp32,
- * one pass over x (matmul_narrow.cu, where cuda_narrow_ok allows). Other skinny products
+ * Forwards with at most 16 outputs run on CUDA cores in fp32, one pass over x
+ * (matmul_narrow.cu, where cuda_narrow_ok allows). The projections that share one input
+ * (the multi ops, at the end of this file) round it to bf16 once for all of them. Other skinny products
  * and those backwards (in or out at most MATMUL_SKINNY_WIDTH) run on the fp32 operands in
  * TF32 (see skinny_product). Small products (fewer than MATMUL_BF16_MIN_MACS multiply-adds, as
  * in the test configs) keep the first form: cublasGemmEx on the fp32 operands with CUBLAS_COMPUTE_32F_FAST_16BF,
@@ -55,6 +56,7 @@
 #include "cuda_common.cuh"
 
 extern "C" {
+#include "backend.h"
 #include "cuda_ops.h"
 }
 
@@ -384,4 +386,167 @@ extern "C" void cuda_matmul_backward_set(float *dx, float *dw, const float *dy, 
                                          int N, int in, int out)
 {
     matmul_backward(dx, dw, dy, x, w, N, in, out, 0.0f);
+}
+
+/* ---- several Linear layers on one input (matmul_forward_multi, matmul_backward_multi) ----
+ * Where some part is on the bf16 path (so x would be rounded anyway), x is rounded to bf16
+ * once for all parts, and every part multiplies that copy (a skinny or narrow part then
+ * runs in bf16 like the rest, not on the fp32 x). The forward runs each part with at
+ * least MATMUL_SKINNY_WIDTH outputs as its own GEMM, writing its y, and the narrower parts
+ * together as one GEMM over their weights stacked into [S, in], whose [N, S] result is
+ * split into their y's (cuBLAS spends as long on 12 outputs as on 24). The backward
+ * stacks every part: dy's side by side as bf16 [N, S] (one packing pass), the weights as
+ * bf16 [S, in]; then dx = dy_all w_all is one GEMM with S-long sums (one pass over dx
+ * instead of one per part), and dw_all = dy_all^T x one GEMM into scratch, added to
+ * each part's dw. Otherwise (only small or skinny parts, as in the tests' small
+ * configs) each part runs matmul_forward / matmul_backward on its own. */
+
+/* up to MATMUL_PARTS_MAX column blocks of an [N, S] matrix: block i is columns
+ * at[i]..at[i+1]-1, stored as its own [N, at[i+1] - at[i]] buffer ptr[i] */
+typedef struct col_blocks {
+    float *ptr[MATMUL_PARTS_MAX];
+    int at[MATMUL_PARTS_MAX + 1];
+    int n;
+} col_blocks;
+
+static __device__ __forceinline__ int col_block_of(const col_blocks &b, int c)
+{
+    int i = 0;
+    while (i + 1 < b.n && c >= b.at[i + 1]) i++;
+    return i;
+}
+
+/* b's buffers from the [N, S] matrix src (S = b.at[b.n]) */
+static __global__ void split_cols_kernel(col_blocks b, const float *__restrict__ src, size_t N)
+{
+    const int S = b.at[b.n];
+    const size_t total = N * S, stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const size_t r = e / S;
+        const int c = (int)(e - r * S), i = col_block_of(b, c), w = b.at[i + 1] - b.at[i];
+        b.ptr[i][r * w + c - b.at[i]] = src[e];
+    }
+}
+
+/* the [N, S] bf16 matrix dst from b's fp32 buffers */
+static __global__ void pack_cols_bf16_kernel(__nv_bfloat16 *__restrict__ dst, col_blocks b, size_t N)
+{
+    const int S = b.at[b.n];
+    const size_t total = N * S, stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const size_t r = e / S;
+        const int c = (int)(e - r * S), i = col_block_of(b, c), w = b.at[i + 1] - b.at[i];
+        dst[e] = __float2bfloat16_rn(b.ptr[i][r * w + c - b.at[i]]);
+    }
+}
+
+/* b's buffers (row blocks of an [S, in] matrix here: rows at[i].., [rows, in] each, NULL
+ * to skip) += src [S, in] */
+static __global__ void add_rows_kernel(col_blocks b, const float *__restrict__ src, int in)
+{
+    const size_t total = (size_t)b.at[b.n] * in, stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const int r = (int)(e / in), i = col_block_of(b, r);
+        if (b.ptr[i]) b.ptr[i][e - (size_t)b.at[i] * in] += src[e];
+    }
+}
+
+static int grid_for(size_t work)
+{
+    size_t blocks = (work + 255) / 256, cap = 8 * (size_t)cuda_num_sms();
+    return (int)(blocks < 1 ? 1 : blocks > cap ? cap : blocks);
+}
+
+/* 1 when the parts share one bf16 copy of x (see above) */
+static int multi_shared(const matmul_part *p, int n, int N, int in)
+{
+    for (int i = 0; i < n; i++)
+        if (cuda_matmul_bf16_path(N, in, p[i].out)) return 1;
+    return 0;
+}
+
+extern "C" void cuda_matmul_forward_multi(const matmul_part *p, int n, const float *x, int N, int in)
+{
+    fatal_check(n >= 1 && n <= MATMUL_PARTS_MAX);
+    if (!multi_shared(p, n, N, in)) {
+        for (int i = 0; i < n; i++) matmul_forward(p[i].y, x, p[i].w, NULL, N, in, p[i].out);
+        return;
+    }
+    /* the narrow parts' stacked weights and their column blocks */
+    col_blocks nb;
+    nb.n = 0;
+    nb.at[0] = 0;
+    size_t nw = 0;
+    for (int i = 0; i < n; i++) {
+        if (p[i].out <= 0) continue;
+        if (p[i].out < MATMUL_SKINNY_WIDTH) {
+            nb.ptr[nb.n] = p[i].y;
+            nb.at[nb.n + 1] = nb.at[nb.n] + p[i].out;
+            nb.n++;
+        } else {
+            nw += cuda_round8((size_t)p[i].out * in);
+        }
+    }
+    const int S = nb.at[nb.n];
+    const size_t nx = cuda_round8((size_t)N * in), ns = cuda_round8((size_t)S * in);
+    __nv_bfloat16 *xb = bf_reserve(nx + nw + ns), *wb = xb + nx, *sb = wb + nw;
+    cuda_to_bf16(xb, x, (size_t)N * in);
+    for (int i = 0; i < n; i++) {
+        if (p[i].out < MATMUL_SKINNY_WIDTH) continue;
+        cuda_to_bf16(wb, p[i].w, (size_t)p[i].out * in);
+        forward_bf16(p[i].y, xb, wb, NULL, N, in, p[i].out);
+        wb += cuda_round8((size_t)p[i].out * in);
+    }
+    if (nb.n == 0) return;
+    int k = 0;
+    for (int i = 0; i < n; i++)
+        if (p[i].out > 0 && p[i].out < MATMUL_SKINNY_WIDTH) cuda_to_bf16(sb + (size_t)nb.at[k++] * in, p[i].w, (size_t)p[i].out * in);
+    if (nb.n == 1) { /* one narrow part: its own y is the GEMM's output */
+        cuda_gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, S, N, in, sb, in, xb, in, 0.0f, nb.ptr[0], S);
+        return;
+    }
+    float *ys = (float *)cuda_scratch((size_t)N * S * sizeof(float));
+    cuda_gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, S, N, in, sb, in, xb, in, 0.0f, ys, S);
+    split_cols_kernel<<<grid_for((size_t)N * S), 256, 0, cuda_stream()>>>(nb, ys, (size_t)N);
+    LAUNCH_CHECK();
+}
+
+extern "C" void cuda_matmul_backward_multi(float *dx, int dx_set, const matmul_part *p, int n, const float *x, int N,
+                                           int in)
+{
+    fatal_check(n >= 1 && n <= MATMUL_PARTS_MAX && dx);
+    if (!multi_shared(p, n, N, in)) {
+        for (int i = 0; i < n; i++)
+            matmul_backward(dx, p[i].dw, p[i].dy, x, p[i].w, N, in, p[i].out, i == 0 && dx_set ? 0.0f : 1.0f);
+        return;
+    }
+    /* every part with outputs, stacked: dy's by columns, weights and dw's by rows */
+    col_blocks dyb, dwb;
+    dyb.n = dwb.n = 0;
+    dyb.at[0] = dwb.at[0] = 0;
+    int any_dw = 0;
+    for (int i = 0; i < n; i++) {
+        if (p[i].out <= 0) continue;
+        dyb.ptr[dyb.n] = (float *)p[i].dy;
+        dwb.ptr[dwb.n] = p[i].dw;
+        any_dw |= p[i].dw != NULL;
+        dyb.at[dyb.n + 1] = dwb.at[dwb.n + 1] = dyb.at[dyb.n] + p[i].out;
+        dyb.n++, dwb.n++;
+    }
+    const int S = dyb.at[dyb.n];
+    const size_t nx = cuda_round8((size_t)N * in), ny = cuda_round8((size_t)N * S);
+    __nv_bfloat16 *xb = bf_reserve(nx + ny + (size_t)S * in), *yb = xb + nx, *wb = yb + ny;
+    pack_cols_bf16_kernel<<<grid_for((size_t)N * S), 256, 0, cuda_stream()>>>(yb, dyb, (size_t)N);
+    LAUNCH_CHECK();
+    for (int i = 0, k = 0; i < n; i++)
+        if (p[i].out > 0) cuda_to_bf16(wb + (size_t)dyb.at[k++] * in, p[i].w, (size_t)p[i].out * in);
+    /* dx^T [in, N] = w_all^T [in, S] dy_all^T [S, N] */
+    cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, in, N, S, wb, in, yb, S, dx_set ? 0.0f : 1.0f, dx, in);
+    if (!any_dw) return;
+    /* dw_all^T [in, S] = x^T [in, N] dy_all [N, S] */
+    cuda_to_bf16(xb, x, (size_t)N * in);
+    float *dws = (float *)cuda_scratch((size_t)S * in * sizeof(float));
+    cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, in, S, N, xb, in, yb, S, 0.0f, dws, in);
+    add_rows_kernel<<<grid_for((size_t)S * in), 256, 0, cuda_stream()>>>(dwb, dws, in);
+    LAUNCH_CHECK();
 }

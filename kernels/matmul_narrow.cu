@@ -9,7 +9,9 @@
  * butterfly of shuffles adds up. x is read once, y written once (plus r read, for the
  * residual form): 57 us on an H100. The sums are fp32 FMAs in a fixed order: the same
  * bits every run, and closer to the fp32 CPU oracle than the TF32 GEMM. matmul.cu sends
- * a forward here when cuda_narrow_ok says its shape and alignment fit.
+ * a forward here when cuda_narrow_ok says its shape and alignment fit. (The model now
+ * runs its gate projections through matmul_forward_multi with the other projections of
+ * the same input, on that op's shared bf16 copy of x: both gates in one GEMM.)
  *
  * The backward stays on cuBLAS: a kernel of the same kind (each thread four columns of x
  * and dx, W's columns in registers, dW summed per chunk of rows, one pass over x and dx)

@@ -26,6 +26,16 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* one Linear layer of matmul_forward_multi / matmul_backward_multi (see there) */
+#define MATMUL_PARTS_MAX 6
+typedef struct matmul_part {
+    const float *w;  /* [out, in] */
+    int out;
+    float *y;        /* forward: [N, out] */
+    const float *dy; /* backward: [N, out] */
+    float *dw;       /* backward: [out, in], accumulated; NULL to skip */
+} matmul_part;
+
 typedef struct backend {
     const char *name; /* "cpu" or "cuda" */
 
@@ -85,6 +95,23 @@ typedef struct backend {
      * still accumulates */
     void (*matmul_backward_set)(float *dx, float *dw, const float *dy, const float *x, const float *w,
                                 int N, int in, int out);
+
+    /* ---- several Linear layers on one input ----
+     * The projections that read one normed activation x [N, in] (the Gated DeltaNet's
+     * latent and gate projections, the MLA's query and key/value down projections), as
+     * one op, so that a backend can share its work on x between them: CUDA rounds x to
+     * bf16 once instead of once per GEMM, runs the narrow outputs (out <= 16) together
+     * in one pass, and sums the backward's dx in one GEMM over all the parts' outputs.
+     * Part i: w [out, in]; forward: y [N, out] = x w^T (overwritten); backward: dy
+     * [N, out] the gradient of y, dw [out, in] += dy^T x (skipped when dw is NULL).
+     * 1 <= n <= MATMUL_PARTS_MAX. On the CPU the bits equal matmul_forward part by part,
+     * and for the backward matmul_backward part by part in order (matmul_backward_set for
+     * the first when dx_set). */
+    void (*matmul_forward_multi)(const struct matmul_part *p, int n, const float *x, int N, int in);
+    /* dx [N, in] = (dx_set ? 0 : dx) + sum_i dy_i w_i (dx's old contents, even NaN, are
+     * not read when dx_set); dw_i += dy_i^T x */
+    void (*matmul_backward_multi)(float *dx, int dx_set, const struct matmul_part *p, int n, const float *x, int N,
+                                  int in);
 
     /* ---- norms ---- */
     /* RMSNorm, eps 1e-6: out = w * x / sqrt(mean(x^2) + eps); rstd[N] saved */
@@ -268,6 +295,13 @@ typedef struct backend {
     void (*classifier_backward)(float *dh, float *dwte, const float *h, const float *wte,
                                 const int32_t *targets, const float *lse, float dloss_scale,
                                 int N, int V, int C);
+    /* classifier_forward, then classifier_backward with its lse, in one op, for a
+     * training step that knows dloss_scale before the forward: loss and lse written, dh
+     * and dwte added to. On the CPU the bits equal the two ops in turn; CUDA computes each
+     * chunk of logits once instead of twice. */
+    void (*classifier_forward_backward)(float *loss, float *lse, float *dh, float *dwte, const float *h,
+                                        const float *wte, const int32_t *targets, float dloss_scale, int N, int V,
+                                        int C);
 
     /* ---- optimizers (MODEL.md section 9) ---- */
     /* torch.optim.AdamW for one tensor; step is 1-based */

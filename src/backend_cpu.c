@@ -60,6 +60,31 @@ static void cpu_matmul_backward_set(float *dx, float *dw, const float *dy, const
     cpu_matmul_backward(dx, dw, dy, x, w, N, in, out);
 }
 
+/* the multi forms: the single ops part by part, in order */
+static void cpu_matmul_forward_multi(const matmul_part *p, int n, const float *x, int N, int in)
+{
+    fatal_check(n >= 1 && n <= MATMUL_PARTS_MAX);
+    for (int i = 0; i < n; i++) cpu_matmul_forward(p[i].y, x, p[i].w, N, in, p[i].out);
+}
+
+static void cpu_matmul_backward_multi(float *dx, int dx_set, const matmul_part *p, int n, const float *x, int N,
+                                      int in)
+{
+    fatal_check(n >= 1 && n <= MATMUL_PARTS_MAX);
+    for (int i = 0; i < n; i++) {
+        if (i == 0 && dx_set) cpu_matmul_backward_set(dx, p[i].dw, p[i].dy, x, p[i].w, N, in, p[i].out);
+        else cpu_matmul_backward(dx, p[i].dw, p[i].dy, x, p[i].w, N, in, p[i].out);
+    }
+}
+
+static void cpu_classifier_forward_backward(float *loss, float *lse, float *dh, float *dwte, const float *h,
+                                            const float *wte, const int32_t *targets, float dloss_scale, int N, int V,
+                                            int C)
+{
+    cpu_classifier_forward(loss, lse, h, wte, targets, N, V, C);
+    cpu_classifier_backward(dh, dwte, h, wte, targets, lse, dloss_scale, N, V, C);
+}
+
 static void cpu_swiglu_backward_set(float *din, const float *dout, const float *in, int N, int h, int silu_first)
 {
     memset(din, 0, (size_t)N * 2 * h * sizeof *din);
@@ -138,6 +163,8 @@ static const backend cpu_backend = {
     .matmul_forward_add = cpu_matmul_forward_add,
     .matmul_backward = cpu_matmul_backward,
     .matmul_backward_set = cpu_matmul_backward_set,
+    .matmul_forward_multi = cpu_matmul_forward_multi,
+    .matmul_backward_multi = cpu_matmul_backward_multi,
     .rmsnorm_forward = cpu_rmsnorm_forward,
     .rmsnorm_backward = cpu_rmsnorm_backward,
     .layernorm_forward = cpu_layernorm_forward,
@@ -176,6 +203,7 @@ static const backend cpu_backend = {
     .moe_combine_backward = cpu_moe_combine_backward,
     .classifier_forward = cpu_classifier_forward,
     .classifier_backward = cpu_classifier_backward,
+    .classifier_forward_backward = cpu_classifier_forward_backward,
     .adamw_update = cpu_adamw_update,
     .muon_update = cpu_muon_update,
     .muon_update_batch = cpu_muon_update_batch,

@@ -56,6 +56,7 @@ void model_init(model *m, const config *cfg, const backend *be, int B, int T)
 void model_init_dist(model *m, const config *cfg, const backend *be, int B, int T, struct dist *dist)
 {
     memset(m, 0, sizeof *m);
+    m->head_dloss = -1.0f;
     m->cfg = *cfg;
     m->be = be;
     m->B = B;
@@ -172,6 +173,14 @@ static void block_forward(model *m, int l)
     else mla_forward(m, l, resid_at(m, l), resid_at(m, l + 1));
 }
 
+/* the head's dloss_scale for model_backward's scale: scale over the valid targets of
+ * the global micro-batch (loss_norm) or of this one */
+static float head_dloss(const model *m, float scale, int valid)
+{
+    double n_valid = m->loss_norm > 0 ? m->loss_norm : (double)valid;
+    return n_valid > 0 ? scale / (float)n_valid : 0.0f;
+}
+
 double model_forward(model *m, const int32_t *inputs, const int32_t *targets, double *zloss)
 {
     const backend *be = m->be;
@@ -188,19 +197,26 @@ double model_forward(model *m, const int32_t *inputs, const int32_t *targets, do
     memcpy(m->host_targets, targets, (size_t)N * sizeof(int32_t));
     if (c->doc_mask) upload_documents(m, inputs);
 
+    int valid = 0;
+    for (int i = 0; i < N; i++) valid += targets[i] != -100;
+
     be->embedding_forward(resid_at(m, 0), m->tokens, model_param(m, m->wte), N, d);
     for (int l = 0; l < c->n_layer; l++) block_forward(m, l);
     be->rmsnorm_forward(m->lnf, m->lnf_rstd, resid_at(m, c->n_layer), model_param(m, m->ln_f), N, d);
-    be->classifier_forward(m->loss, m->lse, m->lnf, model_param(m, m->wte), m->targets, N, V, d);
+    m->head_dloss = -1.0f;
+    if (m->head_scale > 0) { /* the head's backward now, with the dloss model_backward will use */
+        m->head_dloss = head_dloss(m, m->head_scale, valid);
+        be->zero(m->dlnf, (size_t)N * d * sizeof(float));
+        be->classifier_forward_backward(m->loss, m->lse, m->dlnf, model_grad(m, m->wte), m->lnf,
+                                        model_param(m, m->wte), m->targets, m->head_dloss, N, V, d);
+    } else {
+        be->classifier_forward(m->loss, m->lse, m->lnf, model_param(m, m->wte), m->targets, N, V, d);
+    }
 
     be->to_host(m->host_loss, m->loss, (size_t)N * sizeof(float));
     double sum = 0;
-    int valid = 0;
-    for (int i = 0; i < N; i++) {
-        if (targets[i] == -100) continue;
-        sum += m->host_loss[i];
-        valid++;
-    }
+    for (int i = 0; i < N; i++)
+        if (targets[i] != -100) sum += m->host_loss[i];
     m->last_valid = valid;
     m->last_loss_sum = sum;
 
@@ -224,11 +240,17 @@ void model_backward(model *m, float scale, float zscale)
     size_t Nd = (size_t)N * d;
     m->zscale = zscale;
 
-    double n_valid = m->loss_norm > 0 ? m->loss_norm : (double)m->last_valid;
-    float dloss = n_valid > 0 ? scale / (float)n_valid : 0.0f;
-    be->zero(m->dlnf, Nd * sizeof(float));
-    be->classifier_backward(m->dlnf, model_grad(m, m->wte), m->lnf, model_param(m, m->wte), m->targets,
-                            m->lse, dloss, N, V, d);
+    const float dloss = head_dloss(m, scale, m->last_valid);
+    if (m->head_dloss >= 0) { /* the forward ran the head's backward (head_scale) */
+        if (dloss != m->head_dloss)
+            die("model_backward: scale %g differs from the head_scale %g the forward ran the head's backward with",
+                (double)scale, (double)m->head_scale);
+    } else {
+        be->zero(m->dlnf, Nd * sizeof(float));
+        be->classifier_backward(m->dlnf, model_grad(m, m->wte), m->lnf, model_param(m, m->wte), m->targets,
+                                m->lse, dloss, N, V, d);
+    }
+    m->head_dloss = -1.0f;
     be->zero(m->dx, Nd * sizeof(float));
     be->rmsnorm_backward(m->dx, model_grad(m, m->ln_f), m->dlnf, resid_at(m, c->n_layer),
                          model_param(m, m->ln_f), m->lnf_rstd, N, d);

@@ -58,6 +58,12 @@ typedef struct model {
     float *ep_tmp, *ep_ones; /* exchange scratch [(2 * moe_in + 1) * ep_cap] and ones [ep_cap] */
     size_t ep_cap;        /* rows the scratch holds */
     double loss_norm;     /* the backward divides the summed CE by this (0: by last_valid) */
+    /* > 0: the next model_forward also runs the head's backward for model_backward's
+     * scale = head_scale (classifier_forward_backward: its logits computed once), and
+     * that model_backward, which must get the same scale, skips it; loss_norm must then
+     * be set before the forward where it is used. 0: forward only. */
+    float head_scale;
+    float head_dloss;     /* the dloss_scale the last forward's head ran with, -1: none */
     /* called after each layer's backward with its index, and with -1 after the
      * embedding's: from then on that layer's (resp. every) gradient is final */
     void (*grads_ready)(void *ctx, int layer);

@@ -82,6 +82,30 @@ void gdn_plan(model *m, int l, arena *a)
     A->act = ARENA_F(a, (size_t)N * 4 * d);
 }
 
+/* The Linear layers that read ln1, as parts of matmul_forward_multi and
+ * matmul_backward_multi (weights, their gradients and the forward's outputs; the backward
+ * fills in each dy): the gate projections g and beta first, then per projection i = 0
+ * (q, or the shared q/k), 1 (k, absent when shared), 2 (v) the projection itself, or
+ * with a latent its down projection. Returns the count. */
+static int gdn_ln1_parts(model *m, int l, matmul_part *part)
+{
+    const config *c = &m->cfg;
+    const gdn_index *gi = &m->layers[l].gi;
+    const gdn_acts *A = &m->layers[l].ga;
+    const int r = c->deltanet_latent_dim, g = m->grads != NULL; /* no gradients (inference): dw NULL */
+    int n = 0;
+    part[n++] = (matmul_part){PW(gi->g_proj), c->n_head, A->graw, NULL, g ? GW(gi->g_proj) : NULL};
+    part[n++] = (matmul_part){PW(gi->beta_proj), c->n_head, A->braw, NULL, g ? GW(gi->beta_proj) : NULL};
+    for (int i = 0; i < 3; i++) {
+        if (c->deltanet_share_qk && i == 1) continue;
+        if (r == 0)
+            part[n++] = (matmul_part){PW(gi->proj[i]), c->gdn_proj_dim, A->pre[i], NULL, g ? GW(gi->proj[i]) : NULL};
+        else
+            part[n++] = (matmul_part){PW(gi->down[i]), r, A->lat[i], NULL, g ? GW(gi->down[i]) : NULL};
+    }
+    return n;
+}
+
 void gdn_forward(model *m, int l, const float *x, float *out)
 {
     const backend *be = m->be;
@@ -93,20 +117,18 @@ void gdn_forward(model *m, int l, const float *x, float *out)
     int hk = c->head_dim, r = c->deltanet_latent_dim;
 
     be->rmsnorm_forward(A->ln1, A->rstd1, x, PW(gi->norm1), N, d);
+    /* every projection of ln1 in one op: the q/k, v projections (or their latent down
+     * projections) and the two gate projections */
+    matmul_part part[MATMUL_PARTS_MAX];
+    const int np = gdn_ln1_parts(m, l, part);
+    be->matmul_forward_multi(part, np, A->ln1, N, d);
     for (int i = 0; i < 3; i++) {
         if (c->deltanet_share_qk && i == 1) continue;
-        if (r == 0) {
-            be->matmul_forward(A->pre[i], A->ln1, PW(gi->proj[i]), N, d, P);
-        } else {
-            be->matmul_forward(A->lat[i], A->ln1, PW(gi->down[i]), N, d, r);
-            be->matmul_forward(A->pre[i], A->lat[i], PW(gi->up[i]), N, r, P);
-        }
+        if (r > 0) be->matmul_forward(A->pre[i], A->lat[i], PW(gi->up[i]), N, r, P);
     }
     for (int i = 0; i < 3; i++)
         be->conv_forward(A->conv[i], A->pre[i], PW(gi->conv_w[i]), PW(gi->conv_b[i]), m->doc_start, B, T, P);
     be->l2norm_forward(A->kn, A->rnorm, A->conv[1], N * H, hk);
-    be->matmul_forward(A->graw, A->ln1, PW(gi->g_proj), N, d, H);
-    be->matmul_forward(A->braw, A->ln1, PW(gi->beta_proj), N, d, H);
     be->gates_forward(A->g, A->beta, A->graw, A->braw, (size_t)N * H);
     be->gdn_forward(A->o, A->state, A->conv[0], A->kn, A->conv[2], A->g, A->beta, m->doc_start, B, T, H, hk,
                     1.0f / sqrtf((float)hk));
@@ -166,8 +188,6 @@ void gdn_backward(model *m, int l, const float *x, float *dx, arena *s)
     be->zero(dbraw, NH * sizeof(float));
     be->gates_backward(dgraw, dbraw, dg, dbeta, A->graw, A->braw, NH);
 
-    be->matmul_backward_set(dln, GW(gi->g_proj), dgraw, A->ln1, PW(gi->g_proj), N, d, H);
-    be->matmul_backward(dln, GW(gi->beta_proj), dbraw, A->ln1, PW(gi->beta_proj), N, d, H);
     for (int i = 0; i < 3; i++) {
         if (shared && i == 1) { /* both convs feed the one shared projection: the second adds */
             dpre[1] = dpre[0];
@@ -179,15 +199,24 @@ void gdn_backward(model *m, int l, const float *x, float *dx, arena *s)
                                   PW(gi->conv_w[i]), m->doc_start, B, T, P);
         }
     }
-    float *dlat = r ? ARENA_F(s, (size_t)N * r) : NULL;
+    /* the gradients of ln1's projections (the latents' through their up projections),
+     * then dln from all of them in one op, in the order of gdn_ln1_parts */
+    matmul_part part[MATMUL_PARTS_MAX];
+    const int np = gdn_ln1_parts(m, l, part);
+    int at = 0;
+    part[at++].dy = dgraw;
+    part[at++].dy = dbraw;
     for (int i = 0; i < 3; i++) {
         if (shared && i == 1) continue;
         if (r == 0) {
-            be->matmul_backward(dln, GW(gi->proj[i]), dpre[i], A->ln1, PW(gi->proj[i]), N, d, P);
+            part[at++].dy = dpre[i];
         } else {
+            float *dlat = ARENA_F(s, (size_t)N * r);
             be->matmul_backward_set(dlat, GW(gi->up[i]), dpre[i], A->lat[i], PW(gi->up[i]), N, r, P);
-            be->matmul_backward(dln, GW(gi->down[i]), dlat, A->ln1, PW(gi->down[i]), N, d, r);
+            part[at++].dy = dlat;
         }
     }
+    fatal_check(at == np);
+    be->matmul_backward_multi(dln, 1, part, np, A->ln1, N, d);
     be->rmsnorm_backward(dx, GW(gi->norm1), dln, x, PW(gi->norm1), A->rstd1, N, d);
 }

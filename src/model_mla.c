@@ -147,6 +147,27 @@ static void ffn_forward(model *m, int l, const float *resid, float *out)
     if (!resid_added) be->add_inplace(out, resid, Nd);
 }
 
+/* The Linear layers that read ln1, as parts of matmul_forward_multi and
+ * matmul_backward_multi (the backward fills in each dy): the key/value down projection's
+ * two row blocks of wkv_a (the latent ckv, then the rope key kpe), then the query's
+ * projection wq, or its down projection wq_a with a query latent. Returns the count. */
+static int mla_ln1_parts(model *m, int l, matmul_part *part)
+{
+    const config *c = &m->cfg;
+    const mla_index *mi = &m->layers[l].mi;
+    const mla_acts *A = &m->layers[l].ma;
+    const int d = c->n_embd, dr = c->mla_qk_rope_head_dim, rq = c->mla_q_lora_rank, rkv = mi->rkv;
+    const size_t kpe_at = (size_t)rkv * d;
+    const int g = m->grads != NULL; /* no gradients (inference): the dw stay NULL */
+    part[0] = (matmul_part){PW(mi->wkv_a), rkv, A->ckv, NULL, g ? GW(mi->wkv_a) : NULL};
+    part[1] = (matmul_part){PW(mi->wkv_a) + kpe_at, dr, A->kpe, NULL, g ? GW(mi->wkv_a) + kpe_at : NULL};
+    if (rq == 0)
+        part[2] = (matmul_part){PW(mi->wq), c->n_head * (c->mla_qk_nope_head_dim + dr), A->q, NULL, g ? GW(mi->wq) : NULL};
+    else
+        part[2] = (matmul_part){PW(mi->wq_a), rq, A->qa, NULL, g ? GW(mi->wq_a) : NULL};
+    return 3;
+}
+
 void mla_forward(model *m, int l, const float *x, float *out)
 {
     const backend *be = m->be;
@@ -159,15 +180,13 @@ void mla_forward(model *m, int l, const float *x, float *out)
     int Dq = H * (dn + dr);
 
     be->rmsnorm_forward(A->ln1, A->rstd1, x, PW(mi->attn_norm), N, d);
-    if (rq == 0) {
-        be->matmul_forward(A->q, A->ln1, PW(mi->wq), N, d, Dq);
-    } else {
-        be->matmul_forward(A->qa, A->ln1, PW(mi->wq_a), N, d, rq);
+    matmul_part part[MATMUL_PARTS_MAX];
+    const int np = mla_ln1_parts(m, l, part);
+    be->matmul_forward_multi(part, np, A->ln1, N, d);
+    if (rq > 0) {
         be->layernorm_forward(A->qa_n, A->qa_mean, A->qa_rstd, A->qa, PW(mi->q_norm_w), PW(mi->q_norm_b), N, rq);
         be->matmul_forward(A->q, A->qa_n, PW(mi->wq_b), N, rq, Dq);
     }
-    be->matmul_forward(A->ckv, A->ln1, PW(mi->wkv_a), N, d, rkv);
-    be->matmul_forward(A->kpe, A->ln1, PW(mi->wkv_a) + (size_t)rkv * d, N, d, dr);
     be->layernorm_forward(A->ckv_n, A->kv_mean, A->kv_rstd, A->ckv, PW(mi->kv_norm_w), PW(mi->kv_norm_b), N, rkv);
     be->matmul_forward(A->kv, A->ckv_n, PW(mi->wkv_b), N, rkv, H * (dn + dv));
     be->mla_prep_forward(A->qh, A->kh, A->vh, A->q, A->kv, A->kpe, dr, m->pos, B, T, H, dn, dr, dv, c->rope_theta);
@@ -259,17 +278,21 @@ void mla_backward(model *m, int l, const float *x, float *dx, arena *s)
     be->zero(dckv, (size_t)N * rkv * sizeof(float));
     be->layernorm_backward(dckv, GW(mi->kv_norm_w), GW(mi->kv_norm_b), dckv_n, A->ckv, PW(mi->kv_norm_w),
                            A->kv_mean, A->kv_rstd, N, rkv);
-    be->matmul_backward_set(dln, GW(mi->wkv_a), dckv, A->ln1, PW(mi->wkv_a), N, d, rkv);
-    be->matmul_backward(dln, GW(mi->wkv_a) + (size_t)rkv * d, dkpe, A->ln1, PW(mi->wkv_a) + (size_t)rkv * d, N, d, dr);
+    /* dln from ln1's projections in one op, in the order of mla_ln1_parts */
+    matmul_part part[MATMUL_PARTS_MAX];
+    const int np = mla_ln1_parts(m, l, part);
+    part[0].dy = dckv;
+    part[1].dy = dkpe;
     if (rq == 0) {
-        be->matmul_backward(dln, GW(mi->wq), dq, A->ln1, PW(mi->wq), N, d, Dq);
+        part[2].dy = dq;
     } else {
         float *dqa_n = ARENA_F(s, (size_t)N * rq), *dqa = ARENA_F(s, (size_t)N * rq);
         be->matmul_backward_set(dqa_n, GW(mi->wq_b), dq, A->qa_n, PW(mi->wq_b), N, rq, Dq);
         be->zero(dqa, (size_t)N * rq * sizeof(float));
         be->layernorm_backward(dqa, GW(mi->q_norm_w), GW(mi->q_norm_b), dqa_n, A->qa, PW(mi->q_norm_w),
                                A->qa_mean, A->qa_rstd, N, rq);
-        be->matmul_backward(dln, GW(mi->wq_a), dqa, A->ln1, PW(mi->wq_a), N, d, rq);
+        part[2].dy = dqa;
     }
+    be->matmul_backward_multi(dln, 1, part, np, A->ln1, N, d);
     be->rmsnorm_backward(dx, GW(mi->attn_norm), dln, x, PW(mi->attn_norm), A->rstd1, N, d);
 }

@@ -101,16 +101,25 @@ void trainer_grads(trainer *tr, const int32_t *inputs, const int32_t *targets, s
     st->it = tr->it;
     model_zero_grad(m);
     for (int micro = 0; micro < ga; micro++) {
-        double z = 0;
-        double loss = model_forward(m, inputs + micro * BT, targets + micro * BT, &z);
+        const int32_t *tg = targets + micro * BT;
+        double n_valid = 0;
         if (world > 1) {
             /* the mean over the global micro-batch: every rank's CE sum over all valid
-             * targets, so the gradients' sum over ranks is the single-process gradient */
-            double v[3] = {m->last_loss_sum, (double)m->last_valid, z};
-            dist_allreduce_host_f64(d, DIST_WORLD, v, 3);
-            loss = v[1] > 0 ? v[0] / v[1] : 0.0;
-            m->loss_norm = v[1] > 0 ? v[1] : 1.0;
-            z = v[2] / world;
+             * targets, so the gradients' sum over ranks is the single-process gradient;
+             * their count is known before the forward, which runs the head's backward */
+            for (size_t i = 0; i < BT; i++) n_valid += tg[i] != -100;
+            dist_allreduce_host_f64(d, DIST_WORLD, &n_valid, 1);
+            m->loss_norm = n_valid > 0 ? n_valid : 1.0;
+        }
+        double z = 0;
+        m->head_scale = 1.0f / ga; /* the scale model_backward gets below */
+        double loss = model_forward(m, inputs + micro * BT, tg, &z);
+        m->head_scale = 0.0f;
+        if (world > 1) {
+            double v[2] = {m->last_loss_sum, z};
+            dist_allreduce_host_f64(d, DIST_WORLD, v, 2);
+            loss = n_valid > 0 ? v[0] / n_valid : 0.0;
+            z = v[1] / world;
             if (micro == ga - 1) {
                 m->grads_ready = grads_ready;
                 m->grads_ready_ctx = tr;

@@ -5,7 +5,8 @@
  * must not matter, and the result must be the accumulating op's on zeroed buffers, bit
  * for bit; the weight gradients of matmul_backward_set and conv_backward_set still
  * accumulate. The model (src/model_gdn.c, src/model_mla.c) uses them where it used to
- * zero a buffer first; the
+ * zero a buffer first. Also the multi forms of the Linear layer (several parts on one
+ * input), against the single ops. The
  * CUDA twins are checked against the CPU on the GPU (tests/gpu/test_gpu_dense.c,
  * test_gpu_basic.c, test_gpu_attention.c, test_gpu_gdn.c).
  */
@@ -41,6 +42,53 @@ static void test_matmul(const backend *be, int N, int in, int out, int want_dx, 
         check(!memcmp(ref_dw, set_dw, nw * sizeof(float)),
               "matmul_backward_set N=%d in=%d out=%d [%s]: dw still accumulates, bitwise", N, in, out, mode);
     free(x), free(w), free(dy), free(dw0), free(ref_dx), free(ref_dw), free(set_dx), free(set_dw);
+}
+
+/* matmul_forward_multi / matmul_backward_multi (the model's form for the projections of
+ * one normed input) on the CPU: the single ops part by part, bit for bit: each y that of
+ * matmul_forward; dx over NaN with dx_set (or added to) that of matmul_backward_set for
+ * the first part and matmul_backward for the rest, in order; each dw added to, NULL
+ * skipped */
+static void test_matmul_multi(const backend *be, int N, int in, const int *outs, int n, int dx_set)
+{
+    const size_t nx = (size_t)N * in;
+    const uint64_t key = rng_key(7, "matmul_multi") + (uint64_t)N * 1009 + (uint64_t)in * 7 + dx_set;
+    float *x = random_buf(key, nx), *dx0 = random_buf(key + 1, nx);
+    float *ref_dx = xmalloc(nx * sizeof(float)), *got_dx = dx_set ? filled(nx, NAN) : xmalloc(nx * sizeof(float));
+    memcpy(ref_dx, dx0, nx * sizeof(float));
+    if (!dx_set) memcpy(got_dx, dx0, nx * sizeof(float));
+    matmul_part p[MATMUL_PARTS_MAX];
+    float *w[MATMUL_PARTS_MAX], *dy[MATMUL_PARTS_MAX], *ref_y[MATMUL_PARTS_MAX], *ref_dw[MATMUL_PARTS_MAX];
+    for (int i = 0; i < n; i++) {
+        const size_t nw = (size_t)outs[i] * in, ny = (size_t)N * outs[i];
+        w[i] = random_buf(key + 10 + i, nw), dy[i] = random_buf(key + 20 + i, ny);
+        ref_y[i] = xmalloc(ny * sizeof(float));
+        ref_dw[i] = i == 1 ? NULL : random_buf(key + 30 + i, nw); /* part 1 without dw */
+        p[i] = (matmul_part){w[i], outs[i], filled(ny, NAN), dy[i], NULL};
+        if (ref_dw[i]) p[i].dw = xmalloc(nw * sizeof(float)), memcpy(p[i].dw, ref_dw[i], nw * sizeof(float));
+    }
+    be->matmul_forward_multi(p, n, x, N, in);
+    for (int i = 0; i < n; i++) {
+        be->matmul_forward(ref_y[i], x, w[i], N, in, outs[i]);
+        check(!memcmp(ref_y[i], p[i].y, (size_t)N * outs[i] * sizeof(float)),
+              "matmul_forward_multi N=%d in=%d, %d parts: y of part %d = matmul_forward, bitwise", N, in, n, i);
+    }
+    be->matmul_backward_multi(got_dx, dx_set, p, n, x, N, in);
+    for (int i = 0; i < n; i++) {
+        if (i == 0 && dx_set) be->matmul_backward_set(ref_dx, ref_dw[i], dy[i], x, w[i], N, in, outs[i]);
+        else be->matmul_backward(ref_dx, ref_dw[i], dy[i], x, w[i], N, in, outs[i]);
+    }
+    check(!memcmp(ref_dx, got_dx, nx * sizeof(float)),
+          "matmul_backward_multi N=%d in=%d, %d parts, dx_set %d: dx = the single ops in order, bitwise", N, in, n,
+          dx_set);
+    for (int i = 0; i < n; i++) {
+        if (!ref_dw[i]) continue;
+        check(!memcmp(ref_dw[i], p[i].dw, (size_t)outs[i] * in * sizeof(float)),
+              "matmul_backward_multi N=%d in=%d, %d parts, dx_set %d: dw of part %d added to, bitwise", N, in, n,
+              dx_set, i);
+    }
+    for (int i = 0; i < n; i++) free(w[i]), free(dy[i]), free(ref_y[i]), free(ref_dw[i]), free(p[i].y), free(p[i].dw);
+    free(x), free(dx0), free(ref_dx), free(got_dx);
 }
 
 static void test_swiglu(const backend *be, int N, int h, int silu_first)
@@ -167,6 +215,11 @@ int main(void)
         test_matmul(be, mm[i][0], mm[i][1], mm[i][2], 1, 0);
         test_matmul(be, mm[i][0], mm[i][1], mm[i][2], 0, 1);
         test_matmul(be, mm[i][0], mm[i][1], mm[i][2], 1, 1);
+    }
+    static const int outs[] = {3, 12, 1, 40, 7, 5};
+    for (int dx_set = 0; dx_set < 2; dx_set++) {
+        test_matmul_multi(be, 37, 24, outs, 4, dx_set);
+        test_matmul_multi(be, 9, 5, outs, 6, dx_set);
     }
     for (int sf = 0; sf < 2; sf++) {
         test_swiglu(be, 5, 7, sf);

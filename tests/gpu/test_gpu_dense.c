@@ -1,7 +1,8 @@
 /* test_gpu_dense.c: the dense ops of the CUDA backend against the CPU oracle: the
- * Linear layer (matmul forward, forward with a residual, backward), the fused SwiGLU MLP
- * (forward, backward) and the chunked tied head + cross-entropy (classifier
- * forward/backward). The optimizers are in test_gpu_optim.c.
+ * Linear layer (matmul forward, forward with a residual, backward; several layers on one
+ * input), the fused SwiGLU MLP (forward, backward) and the chunked tied head +
+ * cross-entropy (classifier forward/backward, and both in one op). The optimizers are in
+ * test_gpu_optim.c.
  *
  * Every op runs on the GPU and on the CPU with the same random inputs. Forward outputs
  * are NaN-poisoned on the GPU first, so an element the kernel forgets to write fails.
@@ -237,6 +238,126 @@ static void test_matmul_backward(gt_ctx *g, int N, int in, int out, int want_dx,
     g->gpu->free(dw_d);
     free(x), free(w), free(dy), free(inc_dx), free(inc_dw), free(init_dx), free(init_dw);
     free(cpu_dx), free(cpu_dw), free(gdx[0]), free(gdx[1]), free(gdw[0]), free(gdw[1]);
+}
+
+/* ---- several Linear layers on one input ----
+ * matmul_forward_multi and matmul_backward_multi (outs[i] outputs per part; no_dw: the
+ * part whose dw is NULL, or -1) against the CPU's, which is the single ops part by part.
+ * Each y, dx and dw is checked as the single ops are: y NaN-poisoned first; dx and the
+ * dw's from zero, accumulated from random values, and twice for the same bits; the dx_set
+ * form with dx NaN-poisoned. Shapes where some part is on the bf16 path take the shared
+ * bf16 copy of x (the narrow parts' stacked GEMM and its split, the backward's packed dy
+ * and single dx GEMM); the others run part by part on the GPU too. */
+static void test_matmul_multi(gt_ctx *g, int N, int in, const int *outs, int n, int no_dw)
+{
+    char what[256], shape[96];
+    int len = snprintf(shape, sizeof shape, "N=%d in=%d out=", N, in);
+    for (int i = 0; i < n; i++) len += snprintf(shape + len, sizeof shape - len, "%s%d", i ? "," : "", outs[i]);
+    if (no_dw >= 0) snprintf(shape + len, sizeof shape - len, " (part %d no dw)", no_dw);
+    const size_t nx = (size_t)N * in;
+    const float a = (float)sqrt(3.0 / in);
+    float *x = gt_rand(g, nx, -1, 1), *x_d = gt_up(g, x, nx);
+    float *w[MATMUL_PARTS_MAX], *dy[MATMUL_PARTS_MAX], *y[MATMUL_PARTS_MAX];
+    float *w_d[MATMUL_PARTS_MAX], *dy_d[MATMUL_PARTS_MAX], *y_d[MATMUL_PARTS_MAX], *dw_d[MATMUL_PARTS_MAX];
+    matmul_part cp[MATMUL_PARTS_MAX], gp[MATMUL_PARTS_MAX];
+    for (int i = 0; i < n; i++) {
+        const size_t nw = (size_t)outs[i] * in, ny = (size_t)N * outs[i];
+        w[i] = gt_rand(g, nw, -a, a), dy[i] = gt_rand(g, ny, -1, 1), y[i] = xmalloc(fbytes(ny));
+        w_d[i] = gt_up(g, w[i], nw), dy_d[i] = gt_up(g, dy[i], ny), y_d[i] = g->gpu->alloc(fbytes(ny));
+        dw_d[i] = i == no_dw ? NULL : g->gpu->alloc(fbytes(nw));
+        cp[i] = (matmul_part){w[i], outs[i], y[i], dy[i], NULL};
+        gp[i] = (matmul_part){w_d[i], outs[i], y_d[i], dy_d[i], dw_d[i]};
+    }
+
+    /* forward */
+    g->cpu->matmul_forward_multi(cp, n, x, N, in);
+    float *gy[2][MATMUL_PARTS_MAX];
+    for (int run = 0; run < 2; run++) {
+        for (int i = 0; i < n; i++) gt_poison(g, y_d[i], (size_t)N * outs[i]);
+        g->gpu->matmul_forward_multi(gp, n, x_d, N, in);
+        for (int i = 0; i < n; i++) gy[run][i] = gt_down(g, y_d[i], (size_t)N * outs[i]);
+    }
+    for (int i = 0; i < n; i++) {
+        snprintf(what, sizeof what, "matmul_forward_multi %s: y of part %d", shape, i);
+        gt_compare(what, gy[0][i], y[i], (size_t)N * outs[i], GT_TOL_BF16);
+        snprintf(what, sizeof what, "matmul_forward_multi %s: y of part %d deterministic", shape, i);
+        gt_same_bits(what, gy[0][i], gy[1][i], fbytes((size_t)N * outs[i]));
+        free(gy[0][i]), free(gy[1][i]);
+    }
+
+    /* backward, accumulating: the GPU's increment from zero, then the CPU and the GPU
+     * (twice) from the same initial values */
+    float *dx_d = g->gpu->alloc(fbytes(nx));
+    g->gpu->matmul_backward_multi(dx_d, 0, gp, n, x_d, N, in);
+    float *inc_dx = gt_down(g, dx_d, nx), *init_dx = grad_init(g, inc_dx, nx), *cpu_dx = gt_host_copy(init_dx, nx);
+    float *inc_dw[MATMUL_PARTS_MAX], *init_dw[MATMUL_PARTS_MAX], *cpu_dw[MATMUL_PARTS_MAX];
+    for (int i = 0; i < n; i++) {
+        const size_t nw = (size_t)outs[i] * in;
+        inc_dw[i] = init_dw[i] = cpu_dw[i] = NULL;
+        if (!dw_d[i]) continue;
+        inc_dw[i] = gt_down(g, dw_d[i], nw);
+        init_dw[i] = grad_init(g, inc_dw[i], nw);
+        cpu_dw[i] = gt_host_copy(init_dw[i], nw);
+        cp[i].dw = cpu_dw[i];
+    }
+    g->cpu->matmul_backward_multi(cpu_dx, 0, cp, n, x, N, in);
+    float *gdx[2], *gdw[2][MATMUL_PARTS_MAX];
+    for (int run = 0; run < 2; run++) {
+        g->gpu->from_host(dx_d, init_dx, fbytes(nx));
+        for (int i = 0; i < n; i++)
+            if (dw_d[i]) g->gpu->from_host(dw_d[i], init_dw[i], fbytes((size_t)outs[i] * in));
+        g->gpu->matmul_backward_multi(dx_d, 0, gp, n, x_d, N, in);
+        gdx[run] = gt_down(g, dx_d, nx);
+        for (int i = 0; i < n; i++) gdw[run][i] = dw_d[i] ? gt_down(g, dw_d[i], (size_t)outs[i] * in) : NULL;
+    }
+    snprintf(what, sizeof what, "matmul_backward_multi %s: dx", shape);
+    check_grad(what, inc_dx, init_dx, cpu_dx, gdx[0], gdx[1], nx, GT_TOL_BF16);
+    for (int i = 0; i < n; i++) {
+        if (!dw_d[i]) continue;
+        snprintf(what, sizeof what, "matmul_backward_multi %s: dw of part %d", shape, i);
+        check_grad(what, inc_dw[i], init_dw[i], cpu_dw[i], gdw[0][i], gdw[1][i], (size_t)outs[i] * in, GT_TOL_BF16);
+    }
+
+    /* dx_set: dx written over NaN; the dw's still accumulate (checked against the CPU
+     * from the same initial values) */
+    float *sdx = gt_host_copy(init_dx, nx);
+    for (int i = 0; i < n; i++)
+        if (dw_d[i]) memcpy(cpu_dw[i], init_dw[i], fbytes((size_t)outs[i] * in));
+    g->cpu->matmul_backward_multi(sdx, 1, cp, n, x, N, in);
+    float *sgx[2];
+    for (int run = 0; run < 2; run++) {
+        gt_poison(g, dx_d, nx);
+        for (int i = 0; i < n; i++)
+            if (dw_d[i]) g->gpu->from_host(dw_d[i], init_dw[i], fbytes((size_t)outs[i] * in));
+        g->gpu->matmul_backward_multi(dx_d, 1, gp, n, x_d, N, in);
+        sgx[run] = gt_down(g, dx_d, nx);
+        if (run == 0)
+            for (int i = 0; i < n; i++) {
+                if (!dw_d[i]) continue;
+                float *got = gt_down(g, dw_d[i], (size_t)outs[i] * in);
+                snprintf(what, sizeof what, "matmul_backward_multi %s [dx_set]: dw of part %d", shape, i);
+                gt_compare(what, got, cpu_dw[i], (size_t)outs[i] * in, GT_TOL_BF16);
+                free(got);
+            }
+    }
+    snprintf(what, sizeof what, "matmul_backward_multi %s [dx_set]: dx", shape);
+    gt_compare(what, sgx[0], sdx, nx, GT_TOL_BF16);
+    snprintf(what, sizeof what, "matmul_backward_multi %s [dx_set]: dx deterministic", shape);
+    gt_same_bits(what, sgx[0], sgx[1], fbytes(nx));
+
+    free(sdx), free(sgx[0]), free(sgx[1]);
+    free(inc_dx), free(init_dx), free(cpu_dx), free(gdx[0]), free(gdx[1]);
+    g->gpu->free(dx_d);
+    g->gpu->free(x_d);
+    free(x);
+    for (int i = 0; i < n; i++) {
+        free(w[i]), free(dy[i]), free(y[i]), free(inc_dw[i]), free(init_dw[i]), free(cpu_dw[i]);
+        free(gdw[0][i]), free(gdw[1][i]);
+        g->gpu->free(w_d[i]);
+        g->gpu->free(dy_d[i]);
+        g->gpu->free(y_d[i]);
+        g->gpu->free(dw_d[i]);
+    }
 }
 
 /* ---- fused SwiGLU MLP ---- */
@@ -484,6 +605,42 @@ static void test_classifier(gt_ctx *g, int N, int V, int C, int ignore_pct)
     snprintf(what, sizeof what, "classifier_backward N=%d V=%d C=%d: dwte", N, V, C);
     check_grad(what, inc_dwte, init_dwte, cpu_dwte, gdwte[0], gdwte[1], nw, GT_TOL_BF16);
 
+    /* the fused op (a training step's head): the GPU's two ops in turn, bit for bit, and
+     * the CPU's, from the same initial gradients */
+    float *fused[4], *pair[4];
+    for (int f = 0; f < 2; f++) {
+        gt_poison(g, loss_d, N);
+        gt_poison(g, lse_d, N);
+        g->gpu->from_host(dh_d, init_dh, fbytes(nh));
+        g->gpu->from_host(dwte_d, init_dwte, fbytes(nw));
+        if (f == 0) {
+            g->gpu->classifier_forward_backward(loss_d, lse_d, dh_d, dwte_d, h_d, wte_d, t_d, scale, N, V, C);
+        } else {
+            g->gpu->classifier_forward(loss_d, lse_d, h_d, wte_d, t_d, N, V, C);
+            g->gpu->classifier_backward(dh_d, dwte_d, h_d, wte_d, t_d, lse_d, scale, N, V, C);
+        }
+        float **out = f == 0 ? fused : pair;
+        out[0] = gt_down(g, loss_d, N), out[1] = gt_down(g, lse_d, N);
+        out[2] = gt_down(g, dh_d, nh), out[3] = gt_down(g, dwte_d, nw);
+    }
+    static const char *fnames[4] = {"loss", "lse", "dh", "dwte"};
+    const size_t fn[4] = {(size_t)N, (size_t)N, nh, nw};
+    memcpy(cpu_dh, init_dh, fbytes(nh));
+    memcpy(cpu_dwte, init_dwte, fbytes(nw));
+    float *closs = xmalloc(fbytes(N)), *clse = xmalloc(fbytes(N));
+    g->cpu->classifier_forward_backward(closs, clse, cpu_dh, cpu_dwte, h, wte, targets, scale, N, V, C);
+    const float *cpu_out[4] = {closs, clse, cpu_dh, cpu_dwte};
+    for (int i = 0; i < 4; i++) {
+        snprintf(name, sizeof name, "classifier_forward_backward N=%d V=%d C=%d: %s = forward then backward, bitwise",
+                 N, V, C, fnames[i]);
+        gt_same_bits(name, fused[i], pair[i], fbytes(fn[i]));
+        snprintf(name, sizeof name, "classifier_forward_backward N=%d V=%d C=%d: %s against the CPU", N, V, C,
+                 fnames[i]);
+        gt_compare(name, fused[i], cpu_out[i], fn[i], GT_TOL_BF16);
+        free(fused[i]), free(pair[i]);
+    }
+    free(closs), free(clse);
+
     g->gpu->free(h_d);
     g->gpu->free(wte_d);
     g->gpu->free(t_d);
@@ -525,6 +682,20 @@ int main(void)
     test_matmul_forward_add(&g, 16384, 4096, 1024, 0);
     test_matmul_forward_add(&g, 2053, 1030, 1001, 1);
     test_matmul_forward_add(&g, 2053, 1024, 12, 1); /* narrow, y and r 4-byte aligned */
+
+    /* several Linear layers on one input: the model's Gated DeltaNet (gates g, beta and
+     * two latent down projections; the gates stacked into one GEMM and split) and MLA
+     * (key/value latent, rope key alone as the narrow GEMM, query latent) at N = 16384;
+     * ragged shapes with a part on the bf16 path, six parts with a width of 1 and a part
+     * without dw; all parts small or skinny (part by part on the GPU too) */
+    static const int gdn_outs[] = {12, 12, 256, 256}, mla_outs[] = {512, 64, 256}, rag_outs[] = {7, 300, 5, 129};
+    static const int six_outs[] = {12, 12, 200, 1, 129, 64}, small_outs[] = {5, 3}, skinny_outs[] = {12, 64};
+    test_matmul_multi(&g, 16384, 1024, gdn_outs, 4, -1);
+    test_matmul_multi(&g, 16384, 1024, mla_outs, 3, -1);
+    test_matmul_multi(&g, 3001, 1030, rag_outs, 4, -1);
+    test_matmul_multi(&g, 2053, 1024, six_outs, 6, 1);
+    test_matmul_multi(&g, 7, 13, small_outs, 2, -1);
+    test_matmul_multi(&g, 4096, 1024, skinny_outs, 2, 0);
 
     /* the fused MLP: on the bf16 path (the model's proportions, and a ragged one whose odd
      * h takes the SwiGLU kernels' scalar path and odd bf16 leading dimensions), on the
