@@ -80,6 +80,13 @@ extern "C" void cuda_matmul_backward_bf16x(float *dx, float *dw, const float *dy
 extern "C" void cuda_swiglu_forward_bf16(__nv_bfloat16 *out, const float *in, int N, int h, int silu_first);
 extern "C" void cuda_swiglu_backward_set_bf16(__nv_bfloat16 *din, const float *dout, const float *in, int N, int h,
                                               int silu_first);
+/* the same two with the input [N, 2h] in bf16 (the fused MLP's saved gu) */
+extern "C" void cuda_swiglu_forward_bf16in(__nv_bfloat16 *out, const __nv_bfloat16 *in, int N, int h, int silu_first);
+extern "C" void cuda_swiglu_backward_set_bf16in(__nv_bfloat16 *din, const float *dout, const __nv_bfloat16 *in, int N,
+                                                int h, int silu_first);
+/* y [N, out] = x [N, in] w [out, in]^T written in bf16 (the GEMM's fp32 result rounded to
+ * nearest even); x and w rounded here. Dies (fatal_check) off the bf16 path. */
+extern "C" void cuda_matmul_forward_bf16y(__nv_bfloat16 *y, const float *x, const float *w, int N, int in, int out);
 
 static inline unsigned ceil_div_u(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
 

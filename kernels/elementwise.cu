@@ -469,18 +469,38 @@ static __device__ __forceinline__ void store_bf16x4(__nv_bfloat16 *dst, float4 v
     *(uint2 *)dst = packed;
 }
 
+/* Four bf16 values as floats, one 8-byte load */
+static __device__ __forceinline__ float4 load_bf16x4(const __nv_bfloat16 *src)
+{
+    const uint2 packed = __ldg((const uint2 *)src);
+    const __nv_bfloat162 a = *(const __nv_bfloat162 *)&packed.x, b = *(const __nv_bfloat162 *)&packed.y;
+    const float2 fa = __bfloat1622float2(a), fb = __bfloat1622float2(b);
+    return make_float4(fa.x, fa.y, fb.x, fb.y);
+}
+
+/* The SwiGLU kernels' input [N, 2h]: fp32 in, or bf16 inb where that is non-NULL (the
+ * fused MLP's saved gu). Element e (vec: the four from 4 e) of the row starting at r. */
+static __device__ __forceinline__ float4 in_load4(const float *in, const __nv_bfloat16 *inb, size_t r, size_t e)
+{
+    return inb ? load_bf16x4(inb + r + 4 * e) : __ldg((const float4 *)(in + r) + e);
+}
+static __device__ __forceinline__ float in_load1(const float *in, const __nv_bfloat16 *inb, size_t at)
+{
+    return inb ? __bfloat162float(inb[at]) : in[at];
+}
+
 /* out [N, h] in fp32, or in bf16 when outb is non-NULL (then out is unused): the
- * rounding cuda_to_bf16 would give the fp32 value, without the fp32 pass in between */
-static __global__ void swiglu_forward_kernel(float *out, __nv_bfloat16 *outb, const float *in, int N, int h,
-                                             int silu_first, int vec)
+ * rounding cuda_to_bf16 would give the fp32 value, without the fp32 pass in between.
+ * The input from in (fp32) or inb (bf16, when non-NULL). */
+static __global__ void swiglu_forward_kernel(float *out, __nv_bfloat16 *outb, const float *in,
+                                             const __nv_bfloat16 *inb, int N, int h, int silu_first, int vec)
 {
     if (vec) {
         int h4 = h / 4;
         size_t total = (size_t)N * h4;
         for (size_t u = gtid(); u < total; u += gstride()) {
             size_t i = u / h4, j = u % h4;
-            const float4 *row = (const float4 *)in + i * 2 * h4;
-            float4 a = __ldg(row + j), b = __ldg(row + h4 + j);
+            float4 a = in_load4(in, inb, i * 2 * h, j), b = in_load4(in, inb, i * 2 * h, h4 + j);
             float4 r = make_float4(swiglu1(a.x, b.x, silu_first), swiglu1(a.y, b.y, silu_first),
                                    swiglu1(a.z, b.z, silu_first), swiglu1(a.w, b.w, silu_first));
             if (outb) store_bf16x4(outb + 4 * u, r);
@@ -490,49 +510,55 @@ static __global__ void swiglu_forward_kernel(float *out, __nv_bfloat16 *outb, co
         size_t total = (size_t)N * h;
         for (size_t u = gtid(); u < total; u += gstride()) {
             size_t i = u / h, j = u % h;
-            const float *row = in + i * 2 * h;
-            float r = swiglu1(row[j], row[h + j], silu_first);
+            float r = swiglu1(in_load1(in, inb, i * 2 * h + j), in_load1(in, inb, i * 2 * h + h + j), silu_first);
             if (outb) outb[u] = __float2bfloat16_rn(r);
             else out[u] = r;
         }
     }
 }
 
-/* one of out (fp32) and outb (bf16) non-NULL */
-static void swiglu_forward(float *out, __nv_bfloat16 *outb, const float *in, int N, int h, int silu_first)
+/* one of out (fp32) and outb (bf16) non-NULL; one of in (fp32) and inb (bf16) */
+static void swiglu_forward(float *out, __nv_bfloat16 *outb, const float *in, const __nv_bfloat16 *inb, int N, int h,
+                           int silu_first)
 {
     if (N <= 0 || h <= 0) return;
-    /* the bf16 rows go wide with 8-byte stores */
+    /* the bf16 rows go wide with 8-byte stores and loads */
     int out_ok = outb ? (uintptr_t)outb % 8 == 0 : cuda_aligned16(out);
-    int vec = h % 4 == 0 && out_ok && cuda_aligned16(in);
+    int in_ok = inb ? (uintptr_t)inb % 8 == 0 : cuda_aligned16(in);
+    int vec = h % 4 == 0 && out_ok && in_ok;
     size_t units = (size_t)N * (vec ? h / 4 : h);
-    swiglu_forward_kernel<<<ew_grid(units), EW_THREADS, 0, cuda_stream()>>>(out, outb, in, N, h, silu_first, vec);
+    swiglu_forward_kernel<<<ew_grid(units), EW_THREADS, 0, cuda_stream()>>>(out, outb, in, inb, N, h, silu_first,
+                                                                            vec);
     LAUNCH_CHECK();
 }
 
 extern "C" void cuda_swiglu_forward(float *out, const float *in, int N, int h, int silu_first)
 {
-    swiglu_forward(out, NULL, in, N, h, silu_first);
+    swiglu_forward(out, NULL, in, NULL, N, h, silu_first);
 }
 
 extern "C" void cuda_swiglu_forward_bf16(__nv_bfloat16 *out, const float *in, int N, int h, int silu_first)
 {
-    swiglu_forward(NULL, out, in, N, h, silu_first);
+    swiglu_forward(NULL, out, in, NULL, N, h, silu_first);
+}
+
+extern "C" void cuda_swiglu_forward_bf16in(__nv_bfloat16 *out, const __nv_bfloat16 *in, int N, int h, int silu_first)
+{
+    swiglu_forward(NULL, out, NULL, in, N, h, silu_first);
 }
 
 /* acc 1: din += the gradient; acc 0: din = it (din not read); dinb non-NULL (with acc 0):
  * the gradient written in bf16 there instead (din unused), rounded as cuda_to_bf16 would
  * round the fp32 value */
 static __global__ void swiglu_backward_kernel(float *din, __nv_bfloat16 *dinb, const float *dout, const float *in,
-                                              int N, int h, int silu_first, int vec, int acc)
+                                              const __nv_bfloat16 *inb, int N, int h, int silu_first, int vec, int acc)
 {
     if (vec) {
         int h4 = h / 4;
         size_t total = (size_t)N * h4;
         for (size_t u = gtid(); u < total; u += gstride()) {
             size_t i = u / h4, j = u % h4;
-            const float4 *row = (const float4 *)in + i * 2 * h4;
-            float4 a = __ldg(row + j), b = __ldg(row + h4 + j);
+            float4 a = in_load4(in, inb, i * 2 * h, j), b = in_load4(in, inb, i * 2 * h, h4 + j);
             float4 d = __ldg((const float4 *)dout + u);
             float4 da = make_float4(0.f, 0.f, 0.f, 0.f), db = da;
             float4 *drow = dinb ? NULL : (float4 *)din + i * 2 * h4;
@@ -554,10 +580,10 @@ static __global__ void swiglu_backward_kernel(float *din, __nv_bfloat16 *dinb, c
         size_t total = (size_t)N * h;
         for (size_t u = gtid(); u < total; u += gstride()) {
             size_t i = u / h, j = u % h;
-            const float *row = in + i * 2 * h;
             float *drow = dinb ? NULL : din + i * 2 * h;
             float da = acc ? drow[j] : 0.f, db = acc ? drow[h + j] : 0.f;
-            swiglu_grad1(&da, &db, dout[u], row[j], row[h + j], silu_first);
+            swiglu_grad1(&da, &db, dout[u], in_load1(in, inb, i * 2 * h + j), in_load1(in, inb, i * 2 * h + h + j),
+                         silu_first);
             if (dinb) {
                 dinb[i * 2 * h + j] = __float2bfloat16_rn(da);
                 dinb[i * 2 * h + h + j] = __float2bfloat16_rn(db);
@@ -569,33 +595,41 @@ static __global__ void swiglu_backward_kernel(float *din, __nv_bfloat16 *dinb, c
     }
 }
 
-static void swiglu_backward(float *din, __nv_bfloat16 *dinb, const float *dout, const float *in, int N, int h,
-                            int silu_first, int acc)
+static void swiglu_backward(float *din, __nv_bfloat16 *dinb, const float *dout, const float *in,
+                            const __nv_bfloat16 *inb, int N, int h, int silu_first, int acc)
 {
     if (N <= 0 || h <= 0) return;
     int din_ok = dinb ? (uintptr_t)dinb % 8 == 0 : cuda_aligned16(din);
-    int vec = h % 4 == 0 && din_ok && cuda_aligned16(dout) && cuda_aligned16(in);
+    int in_ok = inb ? (uintptr_t)inb % 8 == 0 : cuda_aligned16(in);
+    int vec = h % 4 == 0 && din_ok && cuda_aligned16(dout) && in_ok;
     size_t units = (size_t)N * (vec ? h / 4 : h);
-    swiglu_backward_kernel<<<ew_grid(units), EW_THREADS, 0, cuda_stream()>>>(din, dinb, dout, in, N, h, silu_first,
-                                                                             vec, acc);
+    swiglu_backward_kernel<<<ew_grid(units), EW_THREADS, 0, cuda_stream()>>>(din, dinb, dout, in, inb, N, h,
+                                                                             silu_first, vec, acc);
     LAUNCH_CHECK();
 }
 
 extern "C" void cuda_swiglu_backward(float *din, const float *dout, const float *in, int N, int h, int silu_first)
 {
-    swiglu_backward(din, NULL, dout, in, N, h, silu_first, 1);
+    swiglu_backward(din, NULL, dout, in, NULL, N, h, silu_first, 1);
 }
 
 /* as cuda_swiglu_backward, but din is written, not added to */
 extern "C" void cuda_swiglu_backward_set(float *din, const float *dout, const float *in, int N, int h,
                                          int silu_first)
 {
-    swiglu_backward(din, NULL, dout, in, N, h, silu_first, 0);
+    swiglu_backward(din, NULL, dout, in, NULL, N, h, silu_first, 0);
 }
 
 /* as cuda_swiglu_backward_set, with din [N, 2h] written in bf16 */
 extern "C" void cuda_swiglu_backward_set_bf16(__nv_bfloat16 *din, const float *dout, const float *in, int N, int h,
                                               int silu_first)
 {
-    swiglu_backward(NULL, din, dout, in, N, h, silu_first, 0);
+    swiglu_backward(NULL, din, dout, in, NULL, N, h, silu_first, 0);
+}
+
+/* as cuda_swiglu_backward_set_bf16, with the input in bf16 */
+extern "C" void cuda_swiglu_backward_set_bf16in(__nv_bfloat16 *din, const float *dout, const __nv_bfloat16 *in, int N,
+                                                int h, int silu_first)
+{
+    swiglu_backward(NULL, din, dout, NULL, in, N, h, silu_first, 0);
 }

@@ -307,6 +307,18 @@ extern "C" void cuda_matmul_forward_bf16x(float *y, const __nv_bfloat16 *xb, con
     forward_bf16(y, xb, wb, r, N, in, out);
 }
 
+extern "C" void cuda_matmul_forward_bf16y(__nv_bfloat16 *y, const float *x, const float *w, int N, int in, int out)
+{
+    fatal_check(cuda_matmul_bf16_path(N, in, out));
+    size_t nx = cuda_round8((size_t)N * in), nw = cuda_round8((size_t)out * in);
+    __nv_bfloat16 *xb = bf_reserve(nx + nw), *wb = xb + nx;
+    cuda_to_bf16(xb, x, (size_t)N * in);
+    cuda_to_bf16(wb, w, (size_t)out * in);
+    const float alpha = 1.0f, beta = 0.0f;
+    CUBLAS_CHECK(cublasGemmEx(cuda_cublas(), CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, &alpha, wb, CUDA_R_16BF, in, xb,
+                              CUDA_R_16BF, in, &beta, y, CUDA_R_16BF, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
 /* The bf16 path of the backward: dx [N, in] = dx_beta dx + dy w (skipped when dx is
  * NULL), dw [out, in] += dy^T x (skipped when dw is NULL). dy and x each come either as
  * fp32 (dy, x: rounded here into bf_buf) or already rounded (dyb, xb non-NULL: used as
@@ -416,45 +428,51 @@ static __device__ __forceinline__ int col_block_of(const col_blocks &b, int c)
     return i;
 }
 
+/* The three kernels below take a row per warp (grid-stride) and its columns by lane: no
+ * element index is split by a row length. */
+static __device__ __forceinline__ int warp_row(void) { return (int)(blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32); }
+static __device__ __forceinline__ int warp_rows(void) { return (int)(gridDim.x * (blockDim.x / 32)); }
+static __device__ __forceinline__ int lane_id(void) { return (int)(threadIdx.x % 32); }
+
 /* b's buffers from the [N, S] matrix src (S = b.at[b.n]) */
-static __global__ void split_cols_kernel(col_blocks b, const float *__restrict__ src, size_t N)
+static __global__ void split_cols_kernel(col_blocks b, const float *__restrict__ src, int N)
 {
     const int S = b.at[b.n];
-    const size_t total = N * S, stride = (size_t)gridDim.x * blockDim.x;
-    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-        const size_t r = e / S;
-        const int c = (int)(e - r * S), i = col_block_of(b, c), w = b.at[i + 1] - b.at[i];
-        b.ptr[i][r * w + c - b.at[i]] = src[e];
-    }
+    for (int r = warp_row(); r < N; r += warp_rows())
+        for (int c = lane_id(); c < S; c += 32) {
+            const int i = col_block_of(b, c), w = b.at[i + 1] - b.at[i];
+            b.ptr[i][(size_t)r * w + c - b.at[i]] = src[(size_t)r * S + c];
+        }
 }
 
 /* the [N, S] bf16 matrix dst from b's fp32 buffers */
-static __global__ void pack_cols_bf16_kernel(__nv_bfloat16 *__restrict__ dst, col_blocks b, size_t N)
+static __global__ void pack_cols_bf16_kernel(__nv_bfloat16 *__restrict__ dst, col_blocks b, int N)
 {
     const int S = b.at[b.n];
-    const size_t total = N * S, stride = (size_t)gridDim.x * blockDim.x;
-    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-        const size_t r = e / S;
-        const int c = (int)(e - r * S), i = col_block_of(b, c), w = b.at[i + 1] - b.at[i];
-        dst[e] = __float2bfloat16_rn(b.ptr[i][r * w + c - b.at[i]]);
-    }
+    for (int r = warp_row(); r < N; r += warp_rows())
+        for (int c = lane_id(); c < S; c += 32) {
+            const int i = col_block_of(b, c), w = b.at[i + 1] - b.at[i];
+            dst[(size_t)r * S + c] = __float2bfloat16_rn(b.ptr[i][(size_t)r * w + c - b.at[i]]);
+        }
 }
 
 /* b's buffers (row blocks of an [S, in] matrix here: rows at[i].., [rows, in] each, NULL
  * to skip) += src [S, in] */
 static __global__ void add_rows_kernel(col_blocks b, const float *__restrict__ src, int in)
 {
-    const size_t total = (size_t)b.at[b.n] * in, stride = (size_t)gridDim.x * blockDim.x;
-    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-        const int r = (int)(e / in), i = col_block_of(b, r);
-        if (b.ptr[i]) b.ptr[i][e - (size_t)b.at[i] * in] += src[e];
+    for (int r = warp_row(); r < b.at[b.n]; r += warp_rows()) {
+        const int i = col_block_of(b, r);
+        if (!b.ptr[i]) continue;
+        float *dst = b.ptr[i] + (size_t)(r - b.at[i]) * in;
+        for (int c = lane_id(); c < in; c += 32) dst[c] += src[(size_t)r * in + c];
     }
 }
 
-static int grid_for(size_t work)
+/* blocks of 256 threads (8 rows at a time) for `rows` rows of the kernels above */
+static int grid_for(int rows)
 {
-    size_t blocks = (work + 255) / 256, cap = 8 * (size_t)cuda_num_sms();
-    return (int)(blocks < 1 ? 1 : blocks > cap ? cap : blocks);
+    const int blocks = (rows + 7) / 8, cap = 8 * cuda_num_sms();
+    return blocks < 1 ? 1 : blocks > cap ? cap : blocks;
 }
 
 /* 1 when the parts share one bf16 copy of x (see above) */
@@ -507,7 +525,7 @@ extern "C" void cuda_matmul_forward_multi(const matmul_part *p, int n, const flo
     }
     float *ys = (float *)cuda_scratch((size_t)N * S * sizeof(float));
     cuda_gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, S, N, in, sb, in, xb, in, 0.0f, ys, S);
-    split_cols_kernel<<<grid_for((size_t)N * S), 256, 0, cuda_stream()>>>(nb, ys, (size_t)N);
+    split_cols_kernel<<<grid_for(N), 256, 0, cuda_stream()>>>(nb, ys, N);
     LAUNCH_CHECK();
 }
 
@@ -536,7 +554,7 @@ extern "C" void cuda_matmul_backward_multi(float *dx, int dx_set, const matmul_p
     const int S = dyb.at[dyb.n];
     const size_t nx = cuda_round8((size_t)N * in), ny = cuda_round8((size_t)N * S);
     __nv_bfloat16 *xb = bf_reserve(nx + ny + (size_t)S * in), *yb = xb + nx, *wb = yb + ny;
-    pack_cols_bf16_kernel<<<grid_for((size_t)N * S), 256, 0, cuda_stream()>>>(yb, dyb, (size_t)N);
+    pack_cols_bf16_kernel<<<grid_for(N), 256, 0, cuda_stream()>>>(yb, dyb, N);
     LAUNCH_CHECK();
     for (int i = 0, k = 0; i < n; i++)
         if (p[i].out > 0) cuda_to_bf16(wb + (size_t)dyb.at[k++] * in, p[i].w, (size_t)p[i].out * in);
@@ -547,6 +565,6 @@ extern "C" void cuda_matmul_backward_multi(float *dx, int dx_set, const matmul_p
     cuda_to_bf16(xb, x, (size_t)N * in);
     float *dws = (float *)cuda_scratch((size_t)S * in * sizeof(float));
     cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, in, S, N, xb, in, yb, S, 0.0f, dws, in);
-    add_rows_kernel<<<grid_for((size_t)S * in), 256, 0, cuda_stream()>>>(dwb, dws, in);
+    add_rows_kernel<<<grid_for(S), 256, 0, cuda_stream()>>>(dwb, dws, in);
     LAUNCH_CHECK();
 }

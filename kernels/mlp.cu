@@ -9,7 +9,7 @@
  * nothing the GEMMs use. Here the SwiGLU kernels write those operands in bf16 directly
  * (elementwise.cu, the rounding cuda_to_bf16 would give), and the GEMMs take them as they
  * are (matmul.cu's bf16x entry points):
- *   forward   gu (fp32, saved) = x W_gu^T            cuda_matmul_forward, as before
+ *   forward   gu (bf16, saved) = x W_gu^T            the GEMM writes bf16
  *             act (bf16, saved) = swiglu(gu)
  *             out = resid + act W_down^T             cuBLASLt, C = resid, D = out
  *   backward  dact (fp32, scratch) = dout W_down     dout, W_down rounded once
@@ -17,14 +17,16 @@
  *             dgu (bf16, scratch) = swiglu'(dact, gu)
  *             dx (+)= dgu W_gu; dW_gu += dgu^T x     W_gu, x rounded once
  * Every GEMM operand is the bf16 value the op-by-op sequence would have used, so the
- * results are that sequence's up to cuBLAS's choice of algorithm (tests/gpu/
- * test_gpu_dense.c holds both to the CPU oracle).
+ * results are that sequence's up to cuBLAS's choice of algorithm, except that the SwiGLU
+ * and its gradient read gu rounded to bf16, as a bf16-autocast PyTorch MLP keeps it: the
+ * fp32 gu was a 512 MB write and two 512 MB reads per MLP per step at N = 16384, h =
+ * 4096 (tests/gpu/test_gpu_dense.c holds both paths to the CPU oracle).
  *
  * Shapes whose down projection is not on the bf16 path (small or skinny: cuda_matmul_
  * bf16_path(N, h, d) false; the gate/up projection, twice as wide, is then on it too or
- * not at all worth the bother) run the separate ops on fp32 buffers, and act holds fp32.
- * The choice depends on N, d and h alone, so a backward reads act in the format the
- * forward of the same shape wrote; nothing but mlp_backward reads act.
+ * not at all worth the bother) run the separate ops on fp32 buffers, and gu and act hold
+ * fp32. The choice depends on N, d and h alone, so a backward reads gu and act in the
+ * format the forward of the same shape wrote; nothing but mlp_backward reads them.
  */
 #include "cuda_common.cuh"
 
@@ -46,14 +48,16 @@ static int mlp_fused(int N, int d, int h) { return cuda_matmul_bf16_path(N, h, d
 extern "C" void cuda_mlp_forward(float *out, float *gu, float *act, const float *x, const float *w_gu,
                                  const float *w_down, const float *resid, int N, int d, int h, int silu_first)
 {
-    cuda_matmul_forward(gu, x, w_gu, N, d, 2 * h);
     if (!mlp_fused(N, d, h)) {
+        cuda_matmul_forward(gu, x, w_gu, N, d, 2 * h);
         cuda_swiglu_forward(act, gu, N, h, silu_first);
         cuda_matmul_forward_add(out, act, w_down, resid, N, h, d);
         return;
     }
-    __nv_bfloat16 *act_b = (__nv_bfloat16 *)act; /* [N, h] in the first half of the storage */
-    cuda_swiglu_forward_bf16(act_b, gu, N, h, silu_first);
+    /* gu [N, 2h] and act [N, h] in bf16, each in the first half of its storage */
+    __nv_bfloat16 *gu_b = (__nv_bfloat16 *)gu, *act_b = (__nv_bfloat16 *)act;
+    cuda_matmul_forward_bf16y(gu_b, x, w_gu, N, d, 2 * h);
+    cuda_swiglu_forward_bf16in(act_b, gu_b, N, h, silu_first);
     cuda_matmul_forward_bf16x(out, act_b, w_down, resid, N, h, d);
 }
 
@@ -73,7 +77,7 @@ static void mlp_backward(float *dx, float *dw_gu, float *dw_down, const float *d
     }
     __nv_bfloat16 *dgu_b = (__nv_bfloat16 *)(scratch + mlp_scratch_dgu_offset(N, h));
     cuda_matmul_backward_bf16x(dact, dw_down, dout, NULL, NULL, (const __nv_bfloat16 *)act, w_down, N, h, d, 0.0f);
-    cuda_swiglu_backward_set_bf16(dgu_b, dact, gu, N, h, silu_first);
+    cuda_swiglu_backward_set_bf16in(dgu_b, dact, (const __nv_bfloat16 *)gu, N, h, silu_first);
     cuda_matmul_backward_bf16x(dx, dw_gu, NULL, dgu_b, x, NULL, w_gu, N, d, 2 * h, dx_beta);
 }
 

@@ -134,14 +134,15 @@ typedef struct backend {
 
     /* ---- SwiGLU MLP, fused: the two projections around SwiGLU as one op ----
      * x [N, d]; w_gu [2h, d] (the gate/up projection: gu = x w_gu^T); w_down [d, h].
-     * Forward: gu [N, 2h] = x w_gu^T (saved, fp32); out [N, d] = resid + swiglu(gu) w_down^T
+     * Forward: gu [N, 2h] = x w_gu^T; out [N, d] = resid + swiglu(gu) w_down^T
      * (overwritten; resid [N, d] required, and may be out itself, then out accumulates;
-     * otherwise it must not overlap out). act: N*h floats of storage for the saved
-     * activation, in the backend's own format, which only mlp_backward reads: the CPU
-     * keeps swiglu(gu) in fp32; CUDA keeps its bf16 rounding (the operand its GEMMs use)
-     * in the first half of the storage wherever the down projection runs on bf16 copies,
-     * fp32 elsewhere; the choice depends on N, d, h alone, so a backward always reads
-     * what the forward of the same shape wrote.
+     * otherwise it must not overlap out). gu: N*2h and act: N*h floats of storage for
+     * the saved pre-activation and activation, in the backend's own format, which only
+     * mlp_backward reads: the CPU keeps gu and swiglu(gu) in fp32; CUDA keeps their bf16
+     * roundings (act is the operand its GEMMs use) in the first half of each storage
+     * wherever the down projection runs on bf16 copies, fp32 elsewhere; the choice
+     * depends on N, d, h alone, so a backward always reads what the forward of the same
+     * shape wrote.
      * Backward (dout [N, d], the gradient of out): dact = dout w_down,
      * dgu = swiglu_backward(dact, gu); dw_down [d, h] += dout^T act; dw_gu [2h, d] +=
      * dgu^T x; dx [N, d] += dgu w_gu. scratch: mlp_scratch_floats(N, h) floats, whose

@@ -36,8 +36,21 @@ int cuda_matmul_bf16_path(int N, int in, int out);
 void cuda_to_bf16(uint16_t *dst, const float *src, size_t n);
 void cuda_swiglu_forward_bf16(uint16_t *out, const float *in, int N, int h, int silu_first);
 void cuda_swiglu_backward_set_bf16(uint16_t *din, const float *dout, const float *in, int N, int h, int silu_first);
+void cuda_swiglu_forward_bf16in(uint16_t *out, const uint16_t *in, int N, int h, int silu_first);
+void cuda_swiglu_backward_set_bf16in(uint16_t *din, const float *dout, const uint16_t *in, int N, int h, int silu_first);
 
 static size_t fbytes(size_t n) { return n * sizeof(float); }
+
+/* n bf16 values (16-bit words) as floats, exactly */
+static float *bf16_to_floats(const uint16_t *b, size_t n)
+{
+    float *f = xmalloc(fbytes(n));
+    for (size_t i = 0; i < n; i++) {
+        const uint32_t u = (uint32_t)b[i] << 16;
+        memcpy(&f[i], &u, sizeof u);
+    }
+    return f;
+}
 
 static double rms(const float *x, size_t n)
 {
@@ -364,8 +377,8 @@ static void test_matmul_multi(gt_ctx *g, int N, int in, const int *outs, int n, 
 
 /* The SwiGLU kernels' bf16 outputs (the fused MLP's act and dgu) against the fp32 ops
  * followed by cuda_to_bf16: the same bits, which is what makes the fused MLP's GEMM
- * operands those of the op-by-op sequence. h a multiple of 4 takes the wide path, an odd
- * h the scalar one. */
+ * operands those of the op-by-op sequence; also from a bf16 input (gu). h a multiple of
+ * 4 takes the wide path, an odd h the scalar one. */
 static void test_swiglu_bf16(gt_ctx *g, int N, int h, int sf)
 {
     char name[256];
@@ -397,14 +410,42 @@ static void test_swiglu_bf16(gt_ctx *g, int N, int h, int sf)
              "swiglu_backward_set N=%d h=%d silu_first=%d: bf16 output = cuda_to_bf16 of the fp32 op", N, h, sf);
     gt_same_bits(name, got, ref, nin * sizeof(uint16_t));
 
+    /* the input in bf16 (the fused MLP's saved gu): the fp32 ops on its exact values, then
+     * cuda_to_bf16, bit for bit */
+    uint16_t *inb_d = g->gpu->alloc(nin * sizeof(uint16_t)), *inb = xmalloc(nin * sizeof(uint16_t));
+    cuda_to_bf16(inb_d, in_d, nin);
+    g->gpu->to_host(inb, inb_d, nin * sizeof(uint16_t));
+    float *inr = bf16_to_floats(inb, nin), *inr_d = gt_up(g, inr, nin);
+    g->gpu->swiglu_forward(f32_d, inr_d, N, h, sf);
+    cuda_to_bf16(ref_d, f32_d, nout);
+    g->gpu->zero(got_d, nin * sizeof(uint16_t));
+    cuda_swiglu_forward_bf16in(got_d, inb_d, N, h, sf);
+    g->gpu->to_host(ref, ref_d, nout * sizeof(uint16_t));
+    g->gpu->to_host(got, got_d, nout * sizeof(uint16_t));
+    snprintf(name, sizeof name, "swiglu_forward N=%d h=%d silu_first=%d: bf16 input and output = the fp32 op", N, h,
+             sf);
+    gt_same_bits(name, got, ref, nout * sizeof(uint16_t));
+    gt_poison(g, f32_d, nin);
+    g->gpu->swiglu_backward_set(f32_d, dout_d, inr_d, N, h, sf);
+    cuda_to_bf16(ref_d, f32_d, nin);
+    g->gpu->zero(got_d, nin * sizeof(uint16_t));
+    cuda_swiglu_backward_set_bf16in(got_d, dout_d, inb_d, N, h, sf);
+    g->gpu->to_host(ref, ref_d, nin * sizeof(uint16_t));
+    g->gpu->to_host(got, got_d, nin * sizeof(uint16_t));
+    snprintf(name, sizeof name,
+             "swiglu_backward_set N=%d h=%d silu_first=%d: bf16 input and output = the fp32 op", N, h, sf);
+    gt_same_bits(name, got, ref, nin * sizeof(uint16_t));
+    g->gpu->free(inb_d), g->gpu->free(inr_d);
+    free(inb), free(inr);
+
     g->gpu->free(in_d), g->gpu->free(dout_d), g->gpu->free(f32_d), g->gpu->free(ref_d), g->gpu->free(got_d);
     free(in), free(dout), free(ref), free(got);
 }
 
 /* mlp_forward and mlp_backward(_set) against the CPU ops (themselves bitwise the CPU's
- * op sequence, tests/test_mlp.c) on the same inputs. The GPU keeps act in its own format
- * (bf16 on the fused path), so each backend's backward reads its own forward's act and
- * gu. Forward: out, gu and out - resid (the MLP alone) with resid apart from out (out,
+ * op sequence, tests/test_mlp.c) on the same inputs. The GPU keeps gu and act in its own
+ * format (bf16 on the fused path; gu is compared by its values), so each backend's
+ * backward reads its own forward's act and gu. Forward: out, gu and out - resid (the MLP alone) with resid apart from out (out,
  * gu, act NaN-poisoned) and resid = out, each twice for the same bits (act's storage
  * too). Backward: each gradient from zero, accumulated and deterministic (check_grad),
  * with the scratch NaN-poisoned before every run; the _set form with dx NaN-poisoned. */
@@ -416,8 +457,9 @@ static void test_mlp(gt_ctx *g, int N, int d, int h, int sf)
     const float a_gu = (float)sqrt(3.0 / d), a_down = (float)sqrt(3.0 / h);
     float *x = gt_rand(g, nd, -1, 1), *w_gu = gt_rand(g, nwgu, -a_gu, a_gu);
     float *w_down = gt_rand(g, nwd, -a_down, a_down), *resid = gt_rand(g, nd, -1, 1), *dout = gt_rand(g, nd, -1, 1);
+    const int fused = cuda_matmul_bf16_path(N, h, d);
     printf("# mlp N=%d d=%d h=%d silu_first=%d: %s\n", N, d, h, sf,
-           cuda_matmul_bf16_path(N, h, d) ? "fused (bf16 act and dgu)" : "separate fp32 ops");
+           fused ? "fused (bf16 gu, act and dgu)" : "separate fp32 ops");
     fflush(stdout);
 
     /* the CPU */
@@ -454,7 +496,13 @@ static void test_mlp(gt_ctx *g, int N, int d, int h, int sf)
         snprintf(name, sizeof name, "mlp_forward N=%d d=%d h=%d silu_first=%d [%s]: out - resid", N, d, h, sf, mode);
         gt_compare(name, prod, mlp_only, nd, GT_TOL_BF16);
         snprintf(name, sizeof name, "mlp_forward N=%d d=%d h=%d silu_first=%d [%s]: gu", N, d, h, sf, mode);
-        gt_compare(name, rgu[0], gu, ngu, GT_TOL_BF16);
+        if (fused) { /* gu's bf16 rounding in the first half of its storage */
+            float *gu_f = bf16_to_floats((const uint16_t *)rgu[0], ngu);
+            gt_compare(name, gu_f, gu, ngu, GT_TOL_BF16);
+            free(gu_f);
+        } else {
+            gt_compare(name, rgu[0], gu, ngu, GT_TOL_BF16);
+        }
         snprintf(name, sizeof name, "mlp_forward N=%d d=%d h=%d silu_first=%d [%s]: out, gu, act deterministic", N,
                  d, h, sf, mode);
         gt_report(name,
