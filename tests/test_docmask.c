@@ -15,6 +15,7 @@
 #include "model.h"
 #include "rng.h"
 #include "util.h"
+#include "test_flags.h"
 
 static int failures;
 
@@ -24,20 +25,10 @@ static void report(const char *what, int pass, double err)
     if (!pass) failures++;
 }
 
-static void parse(config *c, const char *flags)
-{
-    char buf[1024];
-    snprintf(buf, sizeof buf, "%s", flags);
-    char *argv[64];
-    int argc = 0;
-    for (char *t = strtok(buf, " "); t && argc < 64; t = strtok(NULL, " ")) argv[argc++] = t;
-    config_parse(c, argc, argv);
-}
-
 static void run_case(const char *name, const char *flags, const int *doc_len, int ndoc)
 {
     config c;
-    parse(&c, flags);
+    parse_flags(&c, flags);
     int T = 0;
     for (int d = 0; d < ndoc; d++) T += doc_len[d];
     c.block_size = T;

@@ -13,6 +13,7 @@
 #include "model.h"
 #include "rng.h"
 #include "util.h"
+#include "test_flags.h"
 
 static int failures;
 
@@ -20,16 +21,6 @@ static void report(const char *what, int pass)
 {
     printf("%s - %s\n", pass ? "ok" : "not ok", what);
     if (!pass) failures++;
-}
-
-static void parse(config *c, const char *flags)
-{
-    char buf[1024];
-    snprintf(buf, sizeof buf, "%s", flags);
-    char *argv[64];
-    int argc = 0;
-    for (char *t = strtok(buf, " "); t && argc < 64; t = strtok(NULL, " ")) argv[argc++] = t;
-    config_parse(c, argc, argv);
 }
 
 /* two micro-batches of B x T tokens into m's gradients; losses[2] out */
@@ -48,7 +39,7 @@ static void run(model *m, int fused, const int32_t *in, const int32_t *tg, doubl
 static void run_case(const char *name, const char *flags)
 {
     config c;
-    parse(&c, flags);
+    parse_flags(&c, flags);
     const int B = 2, T = 24;
     c.batch_size = B;
     c.block_size = T;

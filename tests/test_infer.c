@@ -36,16 +36,7 @@
 #include "util.h"
 
 #include "check.h"
-
-/* config_parse on a space-separated flag string */
-static void parse_flags(config *c, const char *flags)
-{
-    char buf[512], *argv[64];
-    int argc = 0;
-    snprintf(buf, sizeof buf, "%s", flags);
-    for (char *tok = strtok(buf, " "); tok && argc < 64; tok = strtok(NULL, " ")) argv[argc++] = tok;
-    config_parse(c, argc, argv);
-}
+#include "test_flags.h"
 
 static int ends_with(const char *s, const char *tail)
 {

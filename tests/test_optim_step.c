@@ -21,16 +21,7 @@
 #include "util.h"
 
 #include "check.h"
-
-/* config_parse on a space-separated flag string */
-static void parse_flags(config *c, const char *flags)
-{
-    char buf[512], *argv[64];
-    int argc = 0;
-    snprintf(buf, sizeof buf, "%s", flags);
-    for (char *tok = strtok(buf, " "); tok && argc < 64; tok = strtok(NULL, " ")) argv[argc++] = tok;
-    config_parse(c, argc, argv);
-}
+#include "test_flags.h"
 
 /* need floats of Muon scratch from at for unit x (0 for AdamW) */
 static size_t unit_work(const optimizer *o, const optim_unit *x)

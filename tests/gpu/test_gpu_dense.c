@@ -375,71 +375,59 @@ static void test_matmul_multi(gt_ctx *g, int N, int in, const int *outs, int n, 
 
 /* ---- fused SwiGLU MLP ---- */
 
-/* The SwiGLU kernels' bf16 outputs (the fused MLP's act and dgu) against the fp32 ops
- * followed by cuda_to_bf16: the same bits, which is what makes the fused MLP's GEMM
- * operands those of the op-by-op sequence; also from a bf16 input (gu). h a multiple of
- * 4 takes the wide path, an odd h the scalar one. */
-static void test_swiglu_bf16(gt_ctx *g, int N, int h, int sf)
+/* One input of test_swiglu_bf16: the SwiGLU forward and backward with bf16 outputs, from
+ * the fp32 input in_d, or from the bf16 input inb_d when that is non-NULL (then in_d holds
+ * its values exactly), against the fp32 ops on in_d followed by cuda_to_bf16, bitwise. */
+static void swiglu_bf16_case(gt_ctx *g, int N, int h, int sf, const float *in_d, const uint16_t *inb_d,
+                             const float *dout_d)
 {
     char name[256];
+    const char *input = inb_d ? "bf16 input" : "fp32 input";
     const size_t nin = (size_t)N * 2 * h, nout = (size_t)N * h;
-    float *in = gt_rand(g, nin, -4, 4), *dout = gt_rand(g, nout, -1, 1);
-    float *in_d = gt_up(g, in, nin), *dout_d = gt_up(g, dout, nout);
     float *f32_d = g->gpu->alloc(fbytes(nin));
     uint16_t *ref_d = g->gpu->alloc(nin * sizeof(uint16_t)), *got_d = g->gpu->alloc(nin * sizeof(uint16_t));
     uint16_t *ref = xmalloc(nin * sizeof(uint16_t)), *got = xmalloc(nin * sizeof(uint16_t));
+    for (int bwd = 0; bwd < 2; bwd++) {
+        const size_t n = bwd ? nin : nout;
+        gt_poison(g, f32_d, nin);
+        if (bwd) g->gpu->swiglu_backward_set(f32_d, dout_d, in_d, N, h, sf);
+        else g->gpu->swiglu_forward(f32_d, in_d, N, h, sf);
+        cuda_to_bf16(ref_d, f32_d, n);
+        g->gpu->zero(got_d, nin * sizeof(uint16_t));
+        if (bwd && inb_d) cuda_swiglu_backward_set_bf16in(got_d, dout_d, inb_d, N, h, sf);
+        else if (bwd) cuda_swiglu_backward_set_bf16(got_d, dout_d, in_d, N, h, sf);
+        else if (inb_d) cuda_swiglu_forward_bf16in(got_d, inb_d, N, h, sf);
+        else cuda_swiglu_forward_bf16(got_d, in_d, N, h, sf);
+        g->gpu->to_host(ref, ref_d, n * sizeof(uint16_t));
+        g->gpu->to_host(got, got_d, n * sizeof(uint16_t));
+        snprintf(name, sizeof name, "%s N=%d h=%d silu_first=%d, %s: bf16 output = cuda_to_bf16 of the fp32 op",
+                 bwd ? "swiglu_backward_set" : "swiglu_forward", N, h, sf, input);
+        gt_same_bits(name, got, ref, n * sizeof(uint16_t));
+    }
+    g->gpu->free(f32_d), g->gpu->free(ref_d), g->gpu->free(got_d);
+    free(ref), free(got);
+}
 
-    g->gpu->swiglu_forward(f32_d, in_d, N, h, sf);
-    cuda_to_bf16(ref_d, f32_d, nout);
-    g->gpu->zero(got_d, nin * sizeof(uint16_t));
-    cuda_swiglu_forward_bf16(got_d, in_d, N, h, sf);
-    g->gpu->to_host(ref, ref_d, nout * sizeof(uint16_t));
-    g->gpu->to_host(got, got_d, nout * sizeof(uint16_t));
-    snprintf(name, sizeof name, "swiglu_forward N=%d h=%d silu_first=%d: bf16 output = cuda_to_bf16 of the fp32 op", N,
-             h, sf);
-    gt_same_bits(name, got, ref, nout * sizeof(uint16_t));
+/* The SwiGLU kernels' bf16 outputs (the fused MLP's act and dgu) against the fp32 ops
+ * followed by cuda_to_bf16: the same bits, which is what makes the fused MLP's GEMM
+ * operands those of the op-by-op sequence; also from a bf16 input (gu), against the fp32
+ * ops on its exact values. h a multiple of 4 takes the wide path, an odd h the scalar
+ * one. */
+static void test_swiglu_bf16(gt_ctx *g, int N, int h, int sf)
+{
+    const size_t nin = (size_t)N * 2 * h, nout = (size_t)N * h;
+    float *in = gt_rand(g, nin, -4, 4), *dout = gt_rand(g, nout, -1, 1);
+    float *in_d = gt_up(g, in, nin), *dout_d = gt_up(g, dout, nout);
+    swiglu_bf16_case(g, N, h, sf, in_d, NULL, dout_d);
 
-    gt_poison(g, f32_d, nin);
-    g->gpu->swiglu_backward_set(f32_d, dout_d, in_d, N, h, sf);
-    cuda_to_bf16(ref_d, f32_d, nin);
-    g->gpu->zero(got_d, nin * sizeof(uint16_t));
-    cuda_swiglu_backward_set_bf16(got_d, dout_d, in_d, N, h, sf);
-    g->gpu->to_host(ref, ref_d, nin * sizeof(uint16_t));
-    g->gpu->to_host(got, got_d, nin * sizeof(uint16_t));
-    snprintf(name, sizeof name,
-             "swiglu_backward_set N=%d h=%d silu_first=%d: bf16 output = cuda_to_bf16 of the fp32 op", N, h, sf);
-    gt_same_bits(name, got, ref, nin * sizeof(uint16_t));
-
-    /* the input in bf16 (the fused MLP's saved gu): the fp32 ops on its exact values, then
-     * cuda_to_bf16, bit for bit */
     uint16_t *inb_d = g->gpu->alloc(nin * sizeof(uint16_t)), *inb = xmalloc(nin * sizeof(uint16_t));
     cuda_to_bf16(inb_d, in_d, nin);
     g->gpu->to_host(inb, inb_d, nin * sizeof(uint16_t));
     float *inr = bf16_to_floats(inb, nin), *inr_d = gt_up(g, inr, nin);
-    g->gpu->swiglu_forward(f32_d, inr_d, N, h, sf);
-    cuda_to_bf16(ref_d, f32_d, nout);
-    g->gpu->zero(got_d, nin * sizeof(uint16_t));
-    cuda_swiglu_forward_bf16in(got_d, inb_d, N, h, sf);
-    g->gpu->to_host(ref, ref_d, nout * sizeof(uint16_t));
-    g->gpu->to_host(got, got_d, nout * sizeof(uint16_t));
-    snprintf(name, sizeof name, "swiglu_forward N=%d h=%d silu_first=%d: bf16 input and output = the fp32 op", N, h,
-             sf);
-    gt_same_bits(name, got, ref, nout * sizeof(uint16_t));
-    gt_poison(g, f32_d, nin);
-    g->gpu->swiglu_backward_set(f32_d, dout_d, inr_d, N, h, sf);
-    cuda_to_bf16(ref_d, f32_d, nin);
-    g->gpu->zero(got_d, nin * sizeof(uint16_t));
-    cuda_swiglu_backward_set_bf16in(got_d, dout_d, inb_d, N, h, sf);
-    g->gpu->to_host(ref, ref_d, nin * sizeof(uint16_t));
-    g->gpu->to_host(got, got_d, nin * sizeof(uint16_t));
-    snprintf(name, sizeof name,
-             "swiglu_backward_set N=%d h=%d silu_first=%d: bf16 input and output = the fp32 op", N, h, sf);
-    gt_same_bits(name, got, ref, nin * sizeof(uint16_t));
-    g->gpu->free(inb_d), g->gpu->free(inr_d);
-    free(inb), free(inr);
+    swiglu_bf16_case(g, N, h, sf, inr_d, inb_d, dout_d);
 
-    g->gpu->free(in_d), g->gpu->free(dout_d), g->gpu->free(f32_d), g->gpu->free(ref_d), g->gpu->free(got_d);
-    free(in), free(dout), free(ref), free(got);
+    g->gpu->free(in_d), g->gpu->free(dout_d), g->gpu->free(inb_d), g->gpu->free(inr_d);
+    free(in), free(dout), free(inb), free(inr);
 }
 
 /* mlp_forward and mlp_backward(_set) against the CPU ops (themselves bitwise the CPU's

@@ -19,16 +19,7 @@
 #include "rng.h"
 #include "train.h"
 #include "util.h"
-
-static void parse(config *c, const char *flags)
-{
-    char buf[1024];
-    snprintf(buf, sizeof buf, "%s", flags);
-    char *argv[64];
-    int argc = 0;
-    for (char *t = strtok(buf, " "); t && argc < 64; t = strtok(NULL, " ")) argv[argc++] = t;
-    config_parse(c, argc, argv);
-}
+#include "../test_flags.h"
 
 static void batch(const config *c, int step, int32_t *in, int32_t *tg)
 {
@@ -70,7 +61,7 @@ static int routing_flips(gt_ctx *g, const config *c, model *mc, model *mg)
 static void compare_step(gt_ctx *g, const char *name, const char *flags)
 {
     config c;
-    parse(&c, flags);
+    parse_flags(&c, flags);
     trainer tc, tg;
     trainer_init(&tc, &c, g->cpu);
     trainer_init(&tg, &c, g->gpu);
@@ -152,7 +143,7 @@ done:
 static void determinism(gt_ctx *g, const char *flags)
 {
     config c;
-    parse(&c, flags);
+    parse_flags(&c, flags);
     double losses[3][5];
     int n = c.batch_size * c.block_size;
     int32_t *in = xmalloc(n * sizeof *in), *tgt = xmalloc(n * sizeof *tgt);
