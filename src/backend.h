@@ -100,8 +100,8 @@ typedef struct backend {
      * The projections that read one normed activation x [N, in] (the Gated DeltaNet's
      * latent and gate projections, the MLA's query and key/value down projections), as
      * one op, so that a backend can share its work on x between them: CUDA rounds x to
-     * bf16 once instead of once per GEMM, runs the narrow outputs (out <= 16) together
-     * in one pass, and sums the backward's dx in one GEMM over all the parts' outputs.
+     * bf16 once instead of once per GEMM, runs the narrow parts (the gates) together as
+     * one GEMM, and sums the backward's dx in one GEMM over all the parts' outputs.
      * Part i: w [out, in]; forward: y [N, out] = x w^T (overwritten); backward: dy
      * [N, out] the gradient of y, dw [out, in] += dy^T x (skipped when dw is NULL).
      * 1 <= n <= MATMUL_PARTS_MAX. On the CPU the bits equal matmul_forward part by part,
