@@ -10,9 +10,9 @@
  *
  * Forwards with at most 16 outputs run on CUDA cores in fp32, one pass over x
  * (matmul_narrow.cu, where cuda_narrow_ok allows). The projections that share one input
- * (the multi ops, at the end of this file) round it to bf16 once for all of them. Other skinny products
- * and those backwards (in or out at most MATMUL_SKINNY_WIDTH) run on the fp32 operands in
- * TF32 (see skinny_product). Small products (fewer than MATMUL_BF16_MIN_MACS multiply-adds, as
+ * (the multi ops, at the end of this file) round it to bf16 once for all of them. Other
+ * skinny products and those backwards (in or out at most MATMUL_SKINNY_WIDTH) run on the
+ * fp32 operands in TF32 (see skinny_product). Small products (fewer than MATMUL_BF16_MIN_MACS multiply-adds, as
  * in the test configs) keep the first form: cublasGemmEx on the fp32 operands with CUBLAS_COMPUTE_32F_FAST_16BF,
  * where cuBLAS picks its own kernel (the rounding passes would cost more than they save).
  *
@@ -406,7 +406,7 @@ extern "C" void cuda_matmul_backward_set(float *dx, float *dw, const float *dy, 
  * runs in bf16 like the rest, not on the fp32 x). The forward runs each part with at
  * least MATMUL_SKINNY_WIDTH outputs as its own GEMM, writing its y, and the narrower parts
  * together as one GEMM over their weights stacked into [S, in], whose [N, S] result is
- * split into their y's (cuBLAS spends as long on 12 outputs as on 24). The backward
+ * split into their y's (one pass over x for both GDN gates). The backward
  * stacks every part: dy's side by side as bf16 [N, S] (one packing pass), the weights as
  * bf16 [S, in]; then dx = dy_all w_all is one GEMM with S-long sums (one pass over dx
  * instead of one per part), and dw_all = dy_all^T x one GEMM into scratch, added to
@@ -430,7 +430,10 @@ static __device__ __forceinline__ int col_block_of(const col_blocks &b, int c)
 
 /* The three kernels below take a row per warp (grid-stride) and its columns by lane: no
  * element index is split by a row length. */
-static __device__ __forceinline__ int warp_row(void) { return (int)(blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32); }
+static __device__ __forceinline__ int warp_row(void)
+{
+    return (int)(blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32);
+}
 static __device__ __forceinline__ int warp_rows(void) { return (int)(gridDim.x * (blockDim.x / 32)); }
 static __device__ __forceinline__ int lane_id(void) { return (int)(threadIdx.x % 32); }
 
@@ -516,9 +519,9 @@ extern "C" void cuda_matmul_forward_multi(const matmul_part *p, int n, const flo
         wb += cuda_round8((size_t)p[i].out * in);
     }
     if (nb.n == 0) return;
-    int k = 0;
-    for (int i = 0; i < n; i++)
-        if (p[i].out > 0 && p[i].out < MATMUL_SKINNY_WIDTH) cuda_to_bf16(sb + (size_t)nb.at[k++] * in, p[i].w, (size_t)p[i].out * in);
+    for (int i = 0, k = 0; i < n; i++)
+        if (p[i].out > 0 && p[i].out < MATMUL_SKINNY_WIDTH)
+            cuda_to_bf16(sb + (size_t)nb.at[k++] * in, p[i].w, (size_t)p[i].out * in);
     if (nb.n == 1) { /* one narrow part: its own y is the GEMM's output */
         cuda_gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, S, N, in, sb, in, xb, in, 0.0f, nb.ptr[0], S);
         return;

@@ -162,7 +162,8 @@ static int mla_ln1_parts(model *m, int l, matmul_part *part)
     part[0] = (matmul_part){PW(mi->wkv_a), rkv, A->ckv, NULL, g ? GW(mi->wkv_a) : NULL};
     part[1] = (matmul_part){PW(mi->wkv_a) + kpe_at, dr, A->kpe, NULL, g ? GW(mi->wkv_a) + kpe_at : NULL};
     if (rq == 0)
-        part[2] = (matmul_part){PW(mi->wq), c->n_head * (c->mla_qk_nope_head_dim + dr), A->q, NULL, g ? GW(mi->wq) : NULL};
+        part[2] = (matmul_part){PW(mi->wq), c->n_head * (c->mla_qk_nope_head_dim + dr), A->q, NULL,
+                                g ? GW(mi->wq) : NULL};
     else
         part[2] = (matmul_part){PW(mi->wq_a), rq, A->qa, NULL, g ? GW(mi->wq_a) : NULL};
     return 3;

@@ -433,9 +433,9 @@ static void test_swiglu_bf16(gt_ctx *g, int N, int h, int sf)
 /* mlp_forward and mlp_backward(_set) against the CPU ops (themselves bitwise the CPU's
  * op sequence, tests/test_mlp.c) on the same inputs. The GPU keeps gu and act in its own
  * format (bf16 on the fused path; gu is compared by its values), so each backend's
- * backward reads its own forward's act and gu. Forward: out, gu and out - resid (the MLP alone) with resid apart from out (out,
- * gu, act NaN-poisoned) and resid = out, each twice for the same bits (act's storage
- * too). Backward: each gradient from zero, accumulated and deterministic (check_grad),
+ * backward reads its own forward's act and gu. Forward: out, gu and out - resid (the MLP
+ * alone) with resid apart from out (out, gu, act NaN-poisoned) and resid = out, each
+ * twice for the same bits (act's storage too). Backward: each gradient from zero, accumulated and deterministic (check_grad),
  * with the scratch NaN-poisoned before every run; the _set form with dx NaN-poisoned. */
 static void test_mlp(gt_ctx *g, int N, int d, int h, int sf)
 {
