@@ -65,12 +65,15 @@
  * benchmarks/bench_mixers.c: forward 0.98 ms, backward 2.29 ms (Nsight Compute, at its
  * locked clocks: forward prep 0.34, state 0.48, out 0.35 ms; backward prep 0.76, state
  * 0.52, grads 1.37 ms). Before the cp.async loads, the division-free copy loops and the
- * warp scan of G it was 1.40 + 2.97 ms (5.66 ms in all with
- * 3xTF32 products and a backward prep block of 118 KB, one per SM; 2.30 + 6.11 ms for
- * the fp32 FMA version these kernels replaced). Nsight Compute per kernel (an H200, the
- * same SM): forward prep 0.39, state 0.53, out 0.45 ms; backward prep 0.84, state 0.58,
- * grads 1.40 ms. The tensor-core work itself (about 40 G multiply-adds) is a small part
- * of that: the kernels are bound by latency. Per-chunk blocks (256 threads, 2 per SM at
+ * warp scan of G it was 1.40 + 2.97 ms (5.66 ms in all with 3xTF32 products and a
+ * backward prep block of 118 KB, one per SM; 2.30 + 6.11 ms for the fp32 FMA version
+ * these kernels replaced), and Nsight Compute gave forward prep 0.47, state 0.60, out
+ * 0.51 ms; backward prep 1.01, state 0.66, grads 1.68 ms. The tensor-core work itself
+ * (about 40 G multiply-adds) is a small part of that: the kernels are bound by
+ * instruction issue and latency. The state kernels' warps then issued an instruction
+ * every 4.4 cycles with 3 warps per scheduler, half of the gaps fixed-latency
+ * dependencies: they run many more instructions per chunk step than their mma products
+ * need. Per-chunk blocks (256 threads, 2 per SM at
  * D = 85, 23-25% occupancy) wait at barriers while two warps run the column-wise forward
  * substitution of T, and on global loads (before the cp.async loads, the grads kernel's
  * panels were 39% of its stalls); the backward writes and rereads Hc and dS ([D, D] per
