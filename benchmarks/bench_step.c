@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "rng.h"
+#include "ceilings.h"
 #include "timed_backend.h"
 #include "train.h"
 #include "util.h"

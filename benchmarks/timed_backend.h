@@ -41,10 +41,4 @@ family_stats *timed_stats(void);
 const gemm_shape_stats *timed_gemm_shapes(int *count);
 void timed_reset(void);
 
-/* The ceilings of the device, measured through the bare backend be (not the wrapper):
- * FLOP/s of an 8192^3 matmul_forward, and bytes read + written per second by a 1 GiB
- * device copy; ten runs each after one warm-up. */
-double bench_gemm_rate(const backend *be);
-double bench_copy_rate(const backend *be);
-
 #endif

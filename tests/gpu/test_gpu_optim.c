@@ -100,6 +100,38 @@ static void check_muon(const char *what, const float *hp, const float *hb, const
     free(dgpu), free(dcpu);
 }
 
+/* The GPU side of a Muon test: `copies` copies (stepped alike, for the determinism and
+ * lane checks) of the parameters p0 [all] and of zeroed momentum buffers, copy c at
+ * gp[c] and gb[c]; a gradient buffer g_d [all] and work_floats of work. */
+typedef struct muon_dev {
+    float *gp[3], *gb[3], *g_d, *work_d;
+    int copies;
+} muon_dev;
+
+static muon_dev muon_dev_alloc(gt_ctx *g, const float *p0, size_t all, size_t work_floats, int copies)
+{
+    muon_dev d = {.copies = copies};
+    for (int c = 0; c < copies; c++) d.gp[c] = gt_up(g, p0, all), d.gb[c] = g->gpu->alloc(fbytes(all));
+    d.g_d = g->gpu->alloc(fbytes(all));
+    d.work_d = g->gpu->alloc(fbytes(work_floats));
+    return d;
+}
+
+static void muon_dev_free(gt_ctx *g, muon_dev *d)
+{
+    for (int c = 0; c < d->copies; c++) g->gpu->free(d->gp[c]), g->gpu->free(d->gb[c]);
+    g->gpu->free(d->g_d);
+    g->gpu->free(d->work_d);
+}
+
+/* muon_update_batch's pointer arrays for count matrices of n floats each, matrix i at i n
+ * of p, b and gr */
+static void batch_ptrs(float **pp, float **bp, const float **gp, float *p, float *b, const float *gr, int count,
+                       size_t n)
+{
+    for (int i = 0; i < count; i++) pp[i] = p + i * n, bp[i] = b + i * n, gp[i] = gr + i * n;
+}
+
 /* Three Muon steps on a [rows, cols] matrix from a zero momentum buffer. The GPU's
  * Newton-Schulz runs on tensor cores (TF32), the CPU's in fp32, so the update p - p0
  * is compared at 2e-2; the momentum buffer is elementwise and exact. The GPU work
@@ -111,37 +143,24 @@ static void test_muon(gt_ctx *g, int rows, int cols)
     const size_t n = (size_t)rows * cols, nwork = muon_work_floats(rows, cols);
     float *p0 = gt_rand(g, n, -0.1f, 0.1f);
     float *p = gt_host_copy(p0, n), *buf = xcalloc(n, sizeof(float)), *work = xmalloc(fbytes(nwork));
-    float *gp[2], *gb[2];
-    for (int c = 0; c < 2; c++) {
-        gp[c] = gt_up(g, p0, n);
-        gb[c] = g->gpu->alloc(fbytes(n));
-    }
-    float *g_d = g->gpu->alloc(fbytes(n)), *work_d = g->gpu->alloc(fbytes(nwork));
+    muon_dev d = muon_dev_alloc(g, p0, n, nwork, 2);
     for (int step = 1; step <= 3; step++) {
         float *grad = gt_rand(g, n, -1, 1);
         g->cpu->muon_update(p, grad, buf, work, rows, cols, lr, mu, wd);
-        g->gpu->from_host(g_d, grad, fbytes(n));
+        g->gpu->from_host(d.g_d, grad, fbytes(n));
         for (int c = 0; c < 2; c++) {
-            gt_poison(g, work_d, nwork);
-            g->gpu->muon_update(gp[c], g_d, gb[c], work_d, rows, cols, lr, mu, wd);
+            gt_poison(g, d.work_d, nwork);
+            g->gpu->muon_update(d.gp[c], d.g_d, d.gb[c], d.work_d, rows, cols, lr, mu, wd);
         }
         free(grad);
     }
     float *hp[2], *hb[2];
-    for (int c = 0; c < 2; c++) {
-        hp[c] = gt_down(g, gp[c], n);
-        hb[c] = gt_down(g, gb[c], n);
-    }
+    for (int c = 0; c < 2; c++) hp[c] = gt_down(g, d.gp[c], n), hb[c] = gt_down(g, d.gb[c], n);
     snprintf(name, sizeof name, "muon_update %dx%d, 3 steps", rows, cols);
     check_muon(name, hp[0], hb[0], hp[1], hb[1], p, p0, buf, n);
 
-    for (int c = 0; c < 2; c++) {
-        g->gpu->free(gp[c]);
-        g->gpu->free(gb[c]);
-        free(hp[c]), free(hb[c]);
-    }
-    g->gpu->free(g_d);
-    g->gpu->free(work_d);
+    for (int c = 0; c < 2; c++) free(hp[c]), free(hb[c]);
+    muon_dev_free(g, &d);
     free(p0), free(p), free(buf), free(work);
 }
 
@@ -157,51 +176,28 @@ static void test_muon_batch(gt_ctx *g, int count, int rows, int cols)
     const size_t nwork = muon_batch_work_floats(count, rows, cols);
     float *p0 = gt_rand(g, all, -0.1f, 0.1f);
     float *p = gt_host_copy(p0, all), *buf = xcalloc(all, sizeof(float)), *work = xmalloc(fbytes(nwork));
-    /* two GPU copies of every matrix and momentum buffer (one allocation each, matrix i at
-     * i n), stepped alike, for the determinism check */
-    float *gp[2], *gb[2];
-    for (int c = 0; c < 2; c++) {
-        gp[c] = gt_up(g, p0, all);
-        gb[c] = g->gpu->alloc(fbytes(all));
-    }
-    float *g_d = g->gpu->alloc(fbytes(all)), *work_d = g->gpu->alloc(fbytes(nwork));
+    muon_dev d = muon_dev_alloc(g, p0, all, nwork, 2); /* matrix i at i n of each copy */
     float *hp_[MUON_BATCH_MAX], *hb_[MUON_BATCH_MAX], *dp[MUON_BATCH_MAX], *db[MUON_BATCH_MAX];
     const float *hg_[MUON_BATCH_MAX], *dg_[MUON_BATCH_MAX];
     for (int step = 1; step <= 3; step++) {
         float *grad = gt_rand(g, all, -1, 1);
-        for (int i = 0; i < count; i++) {
-            hp_[i] = p + (size_t)i * n;
-            hb_[i] = buf + (size_t)i * n;
-            hg_[i] = grad + (size_t)i * n;
-        }
+        batch_ptrs(hp_, hb_, hg_, p, buf, grad, count, n);
         g->cpu->muon_update_batch(hp_, hg_, hb_, work, count, rows, cols, lr, mu, wd);
-        g->gpu->from_host(g_d, grad, fbytes(all));
+        g->gpu->from_host(d.g_d, grad, fbytes(all));
         for (int c = 0; c < 2; c++) {
-            for (int i = 0; i < count; i++) {
-                dp[i] = gp[c] + (size_t)i * n;
-                db[i] = gb[c] + (size_t)i * n;
-                dg_[i] = g_d + (size_t)i * n;
-            }
-            gt_poison(g, work_d, nwork);
-            g->gpu->muon_update_batch(dp, dg_, db, work_d, count, rows, cols, lr, mu, wd);
+            batch_ptrs(dp, db, dg_, d.gp[c], d.gb[c], d.g_d, count, n);
+            gt_poison(g, d.work_d, nwork);
+            g->gpu->muon_update_batch(dp, dg_, db, d.work_d, count, rows, cols, lr, mu, wd);
         }
         free(grad);
     }
     float *hp[2], *hb[2];
-    for (int c = 0; c < 2; c++) {
-        hp[c] = gt_down(g, gp[c], all);
-        hb[c] = gt_down(g, gb[c], all);
-    }
+    for (int c = 0; c < 2; c++) hp[c] = gt_down(g, d.gp[c], all), hb[c] = gt_down(g, d.gb[c], all);
     snprintf(name, sizeof name, "muon_update_batch %d x %dx%d, 3 steps", count, rows, cols);
     check_muon(name, hp[0], hb[0], hp[1], hb[1], p, p0, buf, all);
 
-    for (int c = 0; c < 2; c++) {
-        g->gpu->free(gp[c]);
-        g->gpu->free(gb[c]);
-        free(hp[c]), free(hb[c]);
-    }
-    g->gpu->free(g_d);
-    g->gpu->free(work_d);
+    for (int c = 0; c < 2; c++) free(hp[c]), free(hb[c]);
+    muon_dev_free(g, &d);
     free(p0), free(p), free(buf), free(work);
 }
 
@@ -225,40 +221,34 @@ static void test_muon_overlapped(gt_ctx *g)
     }
     const size_t all = off[NB];
     float *p0 = gt_rand(g, all, -0.1f, 0.1f), *p = gt_host_copy(p0, all), *buf = xcalloc(all, sizeof(float));
-    float *work = xmalloc(fbytes(nwork)), *gp[3], *gb[3];
-    for (int c = 0; c < 3; c++) gp[c] = gt_up(g, p0, all), gb[c] = g->gpu->alloc(fbytes(all));
-    float *g_d = g->gpu->alloc(fbytes(all)), *work_d = g->gpu->alloc(fbytes(nwork * BACKEND_LANES));
+    float *work = xmalloc(fbytes(nwork));
+    muon_dev d = muon_dev_alloc(g, p0, all, nwork * BACKEND_LANES, 3); /* a work buffer per lane */
     float *hp_[MUON_BATCH_MAX], *hb_[MUON_BATCH_MAX], *dp[MUON_BATCH_MAX], *db[MUON_BATCH_MAX];
     const float *hg_[MUON_BATCH_MAX], *dg_[MUON_BATCH_MAX];
     for (int step = 1; step <= 3; step++) {
         float *grad = gt_rand(g, all, -1, 1);
-        g->gpu->from_host(g_d, grad, fbytes(all));
+        g->gpu->from_host(d.g_d, grad, fbytes(all));
         for (int b = 0; b < NB; b++) {
             const int count = shape[b][0], rows = shape[b][1], cols = shape[b][2];
-            const size_t n = (size_t)rows * cols;
-            for (int i = 0; i < count; i++) {
-                hp_[i] = p + off[b] + i * n, hb_[i] = buf + off[b] + i * n, hg_[i] = grad + off[b] + i * n;
-            }
+            batch_ptrs(hp_, hb_, hg_, p + off[b], buf + off[b], grad + off[b], count, (size_t)rows * cols);
             g->cpu->muon_update_batch(hp_, hg_, hb_, work, count, rows, cols, lr, mu, wd);
         }
         for (int c = 0; c < 3; c++) {
             if (c == 2) g->gpu->lanes_fork(BACKEND_LANES);
             for (int b = 0; b < NB; b++) { /* no sync between the calls */
                 const int count = shape[b][0], rows = shape[b][1], cols = shape[b][2];
-                const size_t n = (size_t)rows * cols;
                 const int lane = c == 2 ? b % BACKEND_LANES : 0;
-                for (int i = 0; i < count; i++) {
-                    dp[i] = gp[c] + off[b] + i * n, db[i] = gb[c] + off[b] + i * n, dg_[i] = g_d + off[b] + i * n;
-                }
+                batch_ptrs(dp, db, dg_, d.gp[c] + off[b], d.gb[c] + off[b], d.g_d + off[b], count,
+                           (size_t)rows * cols);
                 if (c == 2) g->gpu->lane(lane);
-                g->gpu->muon_update_batch(dp, dg_, db, work_d + lane * nwork, count, rows, cols, lr, mu, wd);
+                g->gpu->muon_update_batch(dp, dg_, db, d.work_d + lane * nwork, count, rows, cols, lr, mu, wd);
             }
             if (c == 2) g->gpu->lanes_join();
         }
         free(grad);
     }
     float *hp[3], *hb[3];
-    for (int c = 0; c < 3; c++) hp[c] = gt_down(g, gp[c], all), hb[c] = gt_down(g, gb[c], all);
+    for (int c = 0; c < 3; c++) hp[c] = gt_down(g, d.gp[c], all), hb[c] = gt_down(g, d.gb[c], all);
     for (int b = 0; b < NB; b++) {
         char name[160];
         snprintf(name, sizeof name, "muon_update_batch overlapped, batch %d (%d x %dx%d), 3 steps", b, shape[b][0],
@@ -270,8 +260,8 @@ static void test_muon_overlapped(gt_ctx *g)
               !memcmp(hp[0], hp[1], fbytes(all)) && !memcmp(hb[0], hb[1], fbytes(all)), "bitwise");
     gt_report("muon_update_batch on lanes: p, buf as on one lane",
               !memcmp(hp[0], hp[2], fbytes(all)) && !memcmp(hb[0], hb[2], fbytes(all)), "bitwise");
-    for (int c = 0; c < 3; c++) g->gpu->free(gp[c]), g->gpu->free(gb[c]), free(hp[c]), free(hb[c]);
-    g->gpu->free(g_d), g->gpu->free(work_d);
+    for (int c = 0; c < 3; c++) free(hp[c]), free(hb[c]);
+    muon_dev_free(g, &d);
     free(p0), free(p), free(buf), free(work);
 }
 
@@ -285,35 +275,34 @@ static void test_muon_graph(gt_ctx *g, int count, int rows, int cols)
     const float lr = 0.02f, mu = 0.95f, wd = 0.1f;
     const size_t n = (size_t)rows * cols, all = (size_t)count * n;
     const size_t nwork = muon_batch_work_floats(count, rows, cols);
-    float *p0 = gt_rand(g, all, -0.1f, 0.1f), *gp[2], *gb[2];
-    for (int c = 0; c < 2; c++) gp[c] = gt_up(g, p0, all), gb[c] = g->gpu->alloc(fbytes(all));
-    float *g_d = g->gpu->alloc(fbytes(all)), *work_d = g->gpu->alloc(fbytes(nwork));
+    float *p0 = gt_rand(g, all, -0.1f, 0.1f);
+    muon_dev d = muon_dev_alloc(g, p0, all, nwork, 2);
     float *dp[MUON_BATCH_MAX], *db[MUON_BATCH_MAX];
     const float *dg_[MUON_BATCH_MAX];
     unsigned long long launched = 0;
     for (int step = 1; step <= 4; step++) {
         float *grad = gt_rand(g, all, -1, 1);
-        g->gpu->from_host(g_d, grad, fbytes(all));
+        g->gpu->from_host(d.g_d, grad, fbytes(all));
         for (int c = 0; c < 2; c++) {
-            for (int i = 0; i < count; i++) dp[i] = gp[c] + i * n, db[i] = gb[c] + i * n, dg_[i] = g_d + i * n;
+            batch_ptrs(dp, db, dg_, d.gp[c], d.gb[c], d.g_d, count, n);
             cuda_set_graphs(c);
             const unsigned long long before = cuda_muon_graph_launches();
-            g->gpu->muon_update_batch(dp, dg_, db, work_d, count, rows, cols, lr, mu, wd);
+            g->gpu->muon_update_batch(dp, dg_, db, d.work_d, count, rows, cols, lr, mu, wd);
             launched += cuda_muon_graph_launches() - before;
         }
         free(grad);
     }
     cuda_set_graphs(1);
     float *hp[2], *hb[2];
-    for (int c = 0; c < 2; c++) hp[c] = gt_down(g, gp[c], all), hb[c] = gt_down(g, gb[c], all);
+    for (int c = 0; c < 2; c++) hp[c] = gt_down(g, d.gp[c], all), hb[c] = gt_down(g, d.gb[c], all);
     snprintf(name, sizeof name, "muon_update_batch %d x %dx%d, 4 steps: Newton-Schulz graph launched 3 times", count,
              rows, cols);
     gt_report(name, launched == 3, "launches");
     snprintf(name, sizeof name, "muon_update_batch %d x %dx%d, 4 steps: p, buf with graphs as without", count, rows,
              cols);
     gt_report(name, !memcmp(hp[0], hp[1], fbytes(all)) && !memcmp(hb[0], hb[1], fbytes(all)), "bitwise");
-    for (int c = 0; c < 2; c++) g->gpu->free(gp[c]), g->gpu->free(gb[c]), free(hp[c]), free(hb[c]);
-    g->gpu->free(g_d), g->gpu->free(work_d);
+    for (int c = 0; c < 2; c++) free(hp[c]), free(hb[c]);
+    muon_dev_free(g, &d);
     free(p0);
 }
 
