@@ -39,15 +39,15 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
                     const int32_t *doc_start, int T, int H, int D, int nchunk, float scale)
 {
     const int c = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
-    const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_kpitch(D), D8 = gdn_r8(D);
+    const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D);
     const size_t ci = (size_t)bh * nchunk + c, rs = (size_t)H * D, tok = gdn_row(b, t0, h, T, H, D);
     const gdn_hdr s = gdn_hdr_at(gdn_smem);
     float *Ks = gdn_smem + GDN_HDR, *Qs = Ks + GDN_C * dp, *R1 = Qs + GDN_C * gdn_bwd_qpitch(D);
     float *Ts = R1 + GDN_C * GDN_PP, *Ms = Ts + GDN_C * GDN_PP, *P2 = Qs;
     const int warp = tid >> 5, m0 = 16 * (warp & 3), n0 = 32 * (warp >> 2);
     const float *S0 = state_save + ci * D * D;
-    float *Wc = Wbuf + ci * GDN_C * D, *Xc = Xbuf + ci * GDN_C * D, *Xkc = Xkbuf + ci * GDN_C * D;
-    float *Hc = Hcbuf + ci * D * D;
+    float *Wc = Wbuf + ci * GDN_C * Dp, *Xc = Xbuf + ci * GDN_C * Dp, *Xkc = Xkbuf + ci * GDN_C * Dp;
+    float *Hc = Hcbuf + ci * D * Dp;
 
     gdn_load_async(Ks, dp, GDN_C, D8, k + tok, rs, L, 0, D); /* in flight during the scan */
     gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
@@ -102,7 +102,7 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const int n = np + gdn_fcol(n0, j, r);
-                if (n < D) Xkc[(size_t)gdn_frow(m0, r) * D + n] = acc[j][r];
+                if (n < D) Xkc[(size_t)gdn_frow(m0, r) * Dp + n] = acc[j][r];
             }
     }
     gdn_sync();
@@ -123,7 +123,7 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
                     const int m = ip + gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
-                    if (m < D && n < jw) Hc[(size_t)m * D + jp + n] = acc[j][r];
+                    if (m < D && n < jw) Hc[(size_t)m * Dp + jp + n] = acc[j][r];
                 }
         }
         gdn_sync();
@@ -156,7 +156,7 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
                     const int n = gdn_fcol(n0, j, r);
-                    if (n < jw) Xc[(size_t)gdn_frow(m0, r) * D + jp + n] = acc[j][r];
+                    if (n < jw) Xc[(size_t)gdn_frow(m0, r) * Dp + jp + n] = acc[j][r];
                 }
         }
         gdn_sync();
@@ -200,7 +200,7 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
                     const int n = gdn_fcol(n0, j, r);
-                    if (n < jw) Wc[(size_t)gdn_frow(m0, r) * D + jp + n] = aw[j][r];
+                    if (n < jw) Wc[(size_t)gdn_frow(m0, r) * Dp + jp + n] = aw[j][r];
                 }
         }
         /* the next pass writes P2 only after the barriers of its S0 loop */
@@ -219,10 +219,10 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
                      const int32_t *doc_start, int T, int H, int D, int nchunk)
 {
     const int j0 = blockIdx.x * GDN_DV, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
-    const int dp = gdn_kpitch(D), D8 = gdn_r8(D), nv = gdn_imin(GDN_DV, D - j0), warp = tid >> 5;
+    const int dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D), nv = gdn_imin(GDN_DV, D - j0), warp = tid >> 5;
     float *dS = gdn_smem, *Xt = dS + D8 * GDN_SP, *Xkb = Xt + GDN_C * GDN_SP, *Kb = Xkb + GDN_C * dp;
     float *sc = Kb + GDN_C * dp;
-    const size_t rs = (size_t)H * D, DD = (size_t)D * D;
+    const size_t rs = (size_t)H * D, DD = (size_t)D * Dp;
 
     for (int e = tid; e < D8 * GDN_SP; e += GDN_ST) dS[e] = 0.0f;
     gdn_zero_cols(Xkb, dp, GDN_C, D, dp);
@@ -230,7 +230,7 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
     {
         const int cl = nchunk - 1, t0 = cl * GDN_C, L = T - t0;
         const size_t ci = (size_t)bh * nchunk + cl;
-        gdn_async_rows(Xkb, dp, Xkbuf + ci * GDN_C * D, D, GDN_C, D);
+        gdn_async_rows(Xkb, dp, Xkbuf + ci * GDN_C * Dp, Dp, GDN_C, D);
         if (tid < GDN_C) {
             const size_t n = ((size_t)b * T + t0 + tid) * H + h;
             gdn_async_f32(sc + tid, e0buf + ci * GDN_C + tid, 1);
@@ -250,19 +250,19 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
         const int reset0 = doc_start && doc_start[(size_t)b * T + t0];
         float *ds = dSbuf + ci * DD + j0;
         if ((tid & 31) < nv)
-            for (int r = warp; r < D; r += GDN_ST / 32) ds[(size_t)r * D + (tid & 31)] = dS[r * GDN_SP + (tid & 31)];
+            for (int r = warp; r < D; r += GDN_ST / 32) ds[(size_t)r * Dp + (tid & 31)] = dS[r * GDN_SP + (tid & 31)];
 
         /* X = Xo + Xk dS */
         {
             const int m0 = 16 * warp;
-            float *xc = Xbuf + ci * GDN_C * D + j0;
+            float *xc = Xbuf + ci * GDN_C * Dp + j0;
             float xo[4][4], acc[4][4];
 #pragma unroll
             for (int j = 0; j < 4; j++)
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
                     const int n = gdn_fcol(0, j, r);
-                    xo[j][r] = n < nv ? xc[(size_t)gdn_frow(m0, r) * D + n] : 0.0f;
+                    xo[j][r] = n < nv ? xc[(size_t)gdn_frow(m0, r) * Dp + n] : 0.0f;
                 }
             gdn_zero(acc);
             gdn_mma(GDN_SPLIT_STATE, acc, Xkb, dp, 1, m0, GDN_C - 1, dS, GDN_SP, 1, 0, GDN_DV - 1, 0, D);
@@ -272,7 +272,7 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
                 for (int r = 0; r < 4; r++) {
                     const int t = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
                     const float x = xo[j][r] + acc[j][r];
-                    if (n < nv) xc[(size_t)t * D + n] = x;
+                    if (n < nv) xc[(size_t)t * Dp + n] = x;
                     Xt[t * GDN_SP + n] = sc[t] * sc[GDN_C + t] * x;
                 }
         }
@@ -280,7 +280,7 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
         if (c > 0) {
             const size_t cp = ci - 1;
             const int tp = t0 - GDN_C;
-            gdn_async_rows(Xkb, dp, Xkbuf + cp * GDN_C * D, D, GDN_C, D);
+            gdn_async_rows(Xkb, dp, Xkbuf + cp * GDN_C * Dp, Dp, GDN_C, D);
             if (tid < GDN_C) {
                 gdn_async_f32(sc + tid, e0buf + cp * GDN_C + tid, 1);
                 gdn_async_f32(sc + GDN_C + tid, beta + ((size_t)b * T + tp + tid) * H + h, 1);
@@ -299,7 +299,7 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
                     const int m = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
-                    hv[j][r] = m < D && n < nv ? hc[(size_t)m * D + n] : 0.0f;
+                    hv[j][r] = m < D && n < nv ? hc[(size_t)m * Dp + n] : 0.0f;
                 }
             gdn_zero(acc);
             gdn_mma(GDN_SPLIT_STATE, acc, Kb, 1, dp, m0, D - 1, Xt, GDN_SP, 1, 0, GDN_DV - 1, 0, GDN_C);
@@ -351,8 +351,9 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
     const int warp = tid >> 5, wm = warp & 3, wn = warp >> 2, m0 = 16 * wm, n0 = 32 * wn;
     const int lg = (tid & 31) >> 2, lq = tid & 3;
     const int upper = n0 >= m0 + 16; /* the warp tile lies right of the diagonal */
-    const float *S0 = state_save + ci * D * D, *dSc = dSbuf + ci * D * D;
-    const float *Wc = Wbuf + ci * GDN_C * D, *Xc = Xbuf + ci * GDN_C * D;
+    const int Dp = gdn_r4(D);
+    const float *S0 = state_save + ci * D * D, *dSc = dSbuf + ci * D * Dp;
+    const float *Wc = Wbuf + ci * GDN_C * Dp, *Xc = Xbuf + ci * GDN_C * Dp;
 
     for (int e = tid; e < GDN_B3_DOTS; e += GDN_NT) dots[e] = 0.0f;
     gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
@@ -397,8 +398,8 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
             const int pw = gdn_imin(GDN_KP, D - p);
             gdn_load_async(Op, GDN_VP, GDN_C, GDN_KP, dout + tok, rs, L, p, D);
             gdn_load_async(Vp, GDN_VP, GDN_C, GDN_KP, v + tok, rs, L, p, D);
-            gdn_load_async(Xp, GDN_VP, GDN_C, GDN_KP, Xc, D, GDN_C, p, D);
-            gdn_load_async(Wp, GDN_VP, GDN_C, GDN_KP, Wc, D, GDN_C, p, D);
+            gdn_load_async(Xp, GDN_VP, GDN_C, GDN_KP, Xc, Dp, GDN_C, p, D);
+            gdn_load_async(Wp, GDN_VP, GDN_C, GDN_KP, Wc, Dp, GDN_C, p, D);
             gdn_sync();
             if (!upper)
                 gdn_mma_2a(GDN_SPLIT_PAIR, c1, c2, Xp, Op, GDN_VP, 1, m0, GDN_C - 1, Wp, 1, GDN_VP, n0, GDN_C - 1, 0, pw);
@@ -478,64 +479,30 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
     }
 
     /* ---- dq, dk per 64 key columns ip ----
-     * from the pairs: dQs = dQK K, dK = dKK K + dKK^T K + dQK^T Qs;
-     * from the states: ZO = dO S0^T, Z = X S0^T, Y = W dS^T with dQs += e0 ZO and
-     * dK += eL Y - e0 beta Z; and the row sums qs . ZO, k . Z, k . Y, per warp tile over
-     * its columns into dots [3][64][2] (each slot owned by one thread) */
+     * from the states: ZO = dO S0^T, Z = X S0^T, Y = W dS^T, so dQs = e0 ZO and
+     * dK = eL Y - e0 beta Z, and the row sums qs . ZO, k . Z, k . Y, per warp tile over
+     * its columns into dots [3][64][2] (each slot owned by one thread); then, starting from
+     * those, the pairs' terms dQs += dQK K, dK += dKK K + dKK^T K + dQK^T Qs; then one
+     * read-add-write of dq and dk. The row sums take qs and k from the K and Qs panels of
+     * the pairs' products (no second read of q and k). */
     float sds = 0.0f;
     for (int ip = 0; ip < D; ip += 64) {
         const int iw = gdn_imin(64, D - ip), act = n0 < iw;
+        float a1[4][4], a2[4][4]; /* the tile's dQs / scale and dK */
         {
-            float *Kq = reg, *Qq = Kq + GDN_C * GDN_PP;
-            gdn_load_async(Kq, GDN_PP, GDN_C, 64, k + tok, rs, L, ip, D);
-            gdn_load(Qq, GDN_PP, GDN_C, 64, q + tok, rs, L, ip, D, scale);
-            gdn_sync();
-            if (act) {
-                float a1[4][4], a2[4][4];
-                gdn_zero(a1);
-                gdn_zero(a2);
-                gdn_mma_2a(GDN_SPLIT_GRAD, a1, a2, dQK, dKK, GDN_PP, 1, m0, GDN_C - 1, Kq, GDN_PP, 1, n0, 63, 0, m0 + 16);
-                gdn_mma(GDN_SPLIT_GRAD, a2, dKK, 1, GDN_PP, m0, GDN_C - 1, Kq, GDN_PP, 1, n0, 63, m0, GDN_C);
-                gdn_mma(GDN_SPLIT_GRAD, a2, dQK, 1, GDN_PP, m0, GDN_C - 1, Qq, GDN_PP, 1, n0, 63, m0, GDN_C);
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    /* read-add-write, the loads of four elements first; the first write of
-                     * each element, so with set the old values are taken as 0, unread */
-                    float oq[4], ok[4];
-#pragma unroll
-                    for (int r = 0; r < 4; r++) {
-                        const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
-                        const size_t x = tok + (size_t)t * rs + ip + n;
-                        oq[r] = !set && t < L && n < iw ? dq[x] : 0.0f;
-                        ok[r] = !set && t < L && n < iw ? dk[x] : 0.0f;
-                    }
-#pragma unroll
-                    for (int r = 0; r < 4; r++) {
-                        const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
-                        if (t < L && n < iw) {
-                            const size_t x = tok + (size_t)t * rs + ip + n;
-                            dq[x] = oq[r] + scale * a1[j][r];
-                            dk[x] = ok[r] + a2[j][r];
-                        }
-                    }
-                }
-            }
-            gdn_sync();
-        }
-        float zo[4][4], z[4][4], y[4][4];
-        gdn_zero(zo);
-        gdn_zero(z);
-        gdn_zero(y);
-        {
+            float zo[4][4], z[4][4], y[4][4];
+            gdn_zero(zo);
+            gdn_zero(z);
+            gdn_zero(y);
             float *Op = reg, *Xp = Op + GDN_C * GDN_VP, *Wp = Xp + GDN_C * GDN_VP;
             float *Sp = Wp + GDN_C * GDN_VP, *dSp = Sp + GDN_C * GDN_VP;
             for (int jp = 0; jp < D; jp += GDN_KP) {
                 const int jw = gdn_imin(GDN_KP, D - jp);
                 gdn_load_async(Op, GDN_VP, GDN_C, GDN_KP, dout + tok, rs, L, jp, D);
-                gdn_load_async(Xp, GDN_VP, GDN_C, GDN_KP, Xc, D, GDN_C, jp, D);
-                gdn_load_async(Wp, GDN_VP, GDN_C, GDN_KP, Wc, D, GDN_C, jp, D);
+                gdn_load_async(Xp, GDN_VP, GDN_C, GDN_KP, Xc, Dp, GDN_C, jp, D);
+                gdn_load_async(Wp, GDN_VP, GDN_C, GDN_KP, Wc, Dp, GDN_C, jp, D);
                 gdn_load_async(Sp, GDN_VP, 64, GDN_KP, S0 + (size_t)ip * D, D, iw, jp, D);
-                gdn_load_async(dSp, GDN_VP, 64, GDN_KP, dSc + (size_t)ip * D, D, iw, jp, D);
+                gdn_load_async(dSp, GDN_VP, 64, GDN_KP, dSc + (size_t)ip * Dp, Dp, iw, jp, D);
                 gdn_sync();
                 if (act) {
                     gdn_mma_2a(GDN_SPLIT_S0, zo, z, Op, Xp, GDN_VP, 1, m0, GDN_C - 1, Sp, 1, GDN_VP, n0, 63, 0, jw);
@@ -547,51 +514,71 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
                 }
                 gdn_sync();
             }
-        }
-        float pq[2] = {0, 0}, pk[2] = {0, 0}, py[2] = {0, 0};
+            float *Kq = reg, *Qq = Kq + GDN_C * GDN_PP; /* over the panels above (the barrier ordered them) */
+            gdn_load_async(Kq, GDN_PP, GDN_C, 64, k + tok, rs, L, ip, D);
+            gdn_load(Qq, GDN_PP, GDN_C, 64, q + tok, rs, L, ip, D, scale);
+            gdn_sync();
+            float pq[2] = {0, 0}, pk[2] = {0, 0}, py[2] = {0, 0};
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            /* read-add-write, the loads of four elements first */
-            float vq[4], vk[4], oq[4], ok[4];
+            for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int r = 0; r < 4; r++) {
-                const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r), in = t < L && n < iw;
-                const size_t x = tok + (size_t)t * rs + ip + n;
-                vq[r] = in ? q[x] : 0.0f;
-                vk[r] = in ? k[x] : 0.0f;
-                oq[r] = in ? dq[x] : 0.0f;
-                ok[r] = in ? dk[x] : 0.0f;
+                for (int r = 0; r < 4; r++) {
+                    const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
+                    if (t < L && n < iw) {
+                        const float qv = Qq[t * GDN_PP + n], kv = Kq[t * GDN_PP + n];
+                        pq[r >> 1] = fmaf(qv, zo[j][r], pq[r >> 1]);
+                        pk[r >> 1] = fmaf(kv, z[j][r], pk[r >> 1]);
+                        py[r >> 1] = fmaf(kv, y[j][r], py[r >> 1]);
+                    }
+                    a1[j][r] = s.e0[t] * zo[j][r];
+                    a2[j][r] = s.eL[t] * y[j][r] - s.e0[t] * s.bt[t] * z[j][r];
+                }
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int sh = 1; sh <= 2; sh <<= 1) {
+                    pq[i] += __shfl_xor_sync(0xffffffffu, pq[i], sh);
+                    pk[i] += __shfl_xor_sync(0xffffffffu, pk[i], sh);
+                    py[i] += __shfl_xor_sync(0xffffffffu, py[i], sh);
+                }
+            if (lq == 0)
+#pragma unroll
+                for (int i = 0; i < 2; i++) {
+                    const int row = m0 + lg + 8 * i;
+                    dots[row * 2 + wn] += pq[i];
+                    dots[2 * GDN_C + row * 2 + wn] += pk[i];
+                    dots[4 * GDN_C + row * 2 + wn] += py[i];
+                }
+            if (act) {
+                gdn_mma_2a(GDN_SPLIT_GRAD, a1, a2, dQK, dKK, GDN_PP, 1, m0, GDN_C - 1, Kq, GDN_PP, 1, n0, 63, 0, m0 + 16);
+                gdn_mma(GDN_SPLIT_GRAD, a2, dKK, 1, GDN_PP, m0, GDN_C - 1, Kq, GDN_PP, 1, n0, 63, m0, GDN_C);
+                gdn_mma(GDN_SPLIT_GRAD, a2, dQK, 1, GDN_PP, m0, GDN_C - 1, Qq, GDN_PP, 1, n0, 63, m0, GDN_C);
             }
+        }
+        if (act)
 #pragma unroll
-            for (int r = 0; r < 4; r++) {
-                const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
-                if (t < L && n < iw) {
+            for (int j = 0; j < 4; j++) {
+                /* read-add-write (with set the old values are taken as 0, unread), the
+                 * loads of four elements first */
+                float oq[4], ok[4];
+#pragma unroll
+                for (int r = 0; r < 4; r++) {
+                    const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
                     const size_t x = tok + (size_t)t * rs + ip + n;
-                    const float qv = scale * vq[r], kv = vk[r];
-                    dq[x] = oq[r] + scale * (s.e0[t] * zo[j][r]);
-                    dk[x] = ok[r] + (s.eL[t] * y[j][r] - s.e0[t] * s.bt[t] * z[j][r]);
-                    pq[r >> 1] = fmaf(qv, zo[j][r], pq[r >> 1]);
-                    pk[r >> 1] = fmaf(kv, z[j][r], pk[r >> 1]);
-                    py[r >> 1] = fmaf(kv, y[j][r], py[r >> 1]);
+                    oq[r] = !set && t < L && n < iw ? dq[x] : 0.0f;
+                    ok[r] = !set && t < L && n < iw ? dk[x] : 0.0f;
+                }
+#pragma unroll
+                for (int r = 0; r < 4; r++) {
+                    const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
+                    if (t < L && n < iw) {
+                        const size_t x = tok + (size_t)t * rs + ip + n;
+                        dq[x] = oq[r] + scale * a1[j][r];
+                        dk[x] = ok[r] + a2[j][r];
+                    }
                 }
             }
-        }
-#pragma unroll
-        for (int i = 0; i < 2; i++)
-#pragma unroll
-            for (int sh = 1; sh <= 2; sh <<= 1) {
-                pq[i] += __shfl_xor_sync(0xffffffffu, pq[i], sh);
-                pk[i] += __shfl_xor_sync(0xffffffffu, pk[i], sh);
-                py[i] += __shfl_xor_sync(0xffffffffu, py[i], sh);
-            }
-        if (lq == 0)
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                const int row = m0 + lg + 8 * i;
-                dots[row * 2 + wn] += pq[i];
-                dots[2 * GDN_C + row * 2 + wn] += pk[i];
-                dots[4 * GDN_C + row * 2 + wn] += py[i];
-            }
+        gdn_sync(); /* the next pass's panels lie over K and Qs */
     }
 
     /* ---- per-token scalars: dbeta, dG, then dg by segmented suffix sums ---- */
@@ -649,16 +636,16 @@ static size_t gdn_smem_bwd_grads(void)
 }
 
 /* Backward: accumulates into dq, dk, dv, dg, dbeta, or (set) writes them. Scratch: 3
- * [64, D] arrays, 2 [D, D] arrays and a [64] vector per (b, h, chunk). */
+ * [64, gdn_r4(D)] arrays, 2 [D, gdn_r4(D)] arrays and a [64] vector per (b, h, chunk). */
 static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout, const float *q,
                          const float *k, const float *v, const float *g, const float *beta, const float *state_save,
                          const int32_t *doc_start, int B, int T, int H, int D, float scale, int set)
 {
     gdn_check_shape("gdn_backward", B, T, H, D);
     const int nchunk = (T + GDN_C - 1) / GDN_C, BH = B * H;
-    const size_t rows = (size_t)BH * nchunk * GDN_C, states = (size_t)BH * nchunk * D * D;
-    float *Wbuf = (float *)cuda_scratch((3 * rows * D + 2 * states + rows) * sizeof(float));
-    float *Xbuf = Wbuf + rows * D, *Xkbuf = Xbuf + rows * D, *Hcbuf = Xkbuf + rows * D;
+    const size_t Dp = gdn_r4(D), rows = (size_t)BH * nchunk * GDN_C, states = (size_t)BH * nchunk * D * Dp;
+    float *Wbuf = (float *)cuda_scratch((3 * rows * Dp + 2 * states + rows) * sizeof(float));
+    float *Xbuf = Wbuf + rows * Dp, *Xkbuf = Xbuf + rows * Dp, *Hcbuf = Xkbuf + rows * Dp;
     float *dSbuf = Hcbuf + states, *e0buf = dSbuf + states;
     cudaStream_t st = cuda_stream();
     const size_t sm1 = gdn_smem_bwd_prep(D), sm2 = gdn_smem_state(D), sm3 = gdn_smem_bwd_grads();

@@ -23,7 +23,7 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *e0buf, float *eLbuf, const floa
                     int nchunk)
 {
     const int c = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
-    const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_kpitch(D), D8 = gdn_r8(D);
+    const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D);
     const size_t ci = (size_t)bh * nchunk + c, rs = (size_t)H * D;
     const gdn_hdr s = gdn_hdr_at(gdn_smem);
     float *Ks = gdn_smem + GDN_HDR, *Vs = Ks + GDN_C * dp, *As = Vs + GDN_C * dp, *Ts = As + GDN_C * GDN_PP;
@@ -72,7 +72,7 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *e0buf, float *eLbuf, const floa
 
     /* Wv = T (beta V), Uk = T (beta e0 K); T is lower triangular, so the contraction
      * stops at the warp tile's last row */
-    float *wv = Wv + ci * GDN_C * D, *uk = Uk + ci * GDN_C * D;
+    float *wv = Wv + ci * GDN_C * Dp, *uk = Uk + ci * GDN_C * Dp;
     for (int np = 0; np < D; np += 64) {
         if (np + n0 >= D) continue;
         float aw[4][4], au[4][4];
@@ -86,8 +86,8 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *e0buf, float *eLbuf, const floa
             for (int r = 0; r < 4; r++) {
                 const int t = gdn_frow(m0, r), n = np + gdn_fcol(n0, j, r);
                 if (n < D) {
-                    wv[(size_t)t * D + n] = aw[j][r];
-                    uk[(size_t)t * D + n] = au[j][r];
+                    wv[(size_t)t * Dp + n] = aw[j][r];
+                    uk[(size_t)t * Dp + n] = au[j][r];
                 }
             }
     }
@@ -107,7 +107,7 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
                      int H, int D, int nchunk)
 {
     const int j0 = blockIdx.x * GDN_DV, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
-    const int dp = gdn_kpitch(D), D8 = gdn_r8(D), nv = gdn_imin(GDN_DV, D - j0), warp = tid >> 5;
+    const int dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D), nv = gdn_imin(GDN_DV, D - j0), warp = tid >> 5;
     float *S = gdn_smem, *Wt = S + D8 * GDN_SP, *Ub = Wt + GDN_C * GDN_SP, *Kb = Ub + GDN_C * dp;
     float *sc = Kb + GDN_C * dp;
     const size_t rs = (size_t)H * D, DD = (size_t)D * D;
@@ -119,7 +119,7 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
     {
         const size_t ci = (size_t)bh * nchunk;
         const int L = gdn_imin(GDN_C, T);
-        gdn_async_rows(Ub, dp, Uk + ci * GDN_C * D, D, GDN_C, D);
+        gdn_async_rows(Ub, dp, Uk + ci * GDN_C * Dp, Dp, GDN_C, D);
         if (tid < GDN_C) gdn_async_f32(sc + tid, eLbuf + ci * GDN_C + tid, 1);
         if (tid == GDN_C) gdn_async_f32(sc + GDN_C, e0buf + ci * GDN_C + L - 1, 1);
         gdn_async_commit();
@@ -144,14 +144,14 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
         /* W = Wv - Uk S: warp w has rows 16w..16w+15 of [64, 32] */
         {
             const int m0 = 16 * warp;
-            float *wc = Wv + ci * GDN_C * D + j0;
+            float *wc = Wv + ci * GDN_C * Dp + j0;
             float wv[4][4], acc[4][4];
 #pragma unroll
             for (int j = 0; j < 4; j++)
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
                     const int n = gdn_fcol(0, j, r);
-                    wv[j][r] = n < nv ? wc[(size_t)gdn_frow(m0, r) * D + n] : 0.0f;
+                    wv[j][r] = n < nv ? wc[(size_t)gdn_frow(m0, r) * Dp + n] : 0.0f;
                 }
             gdn_zero(acc);
             gdn_mma(GDN_SPLIT_STATE, acc, Ub, dp, 1, m0, GDN_C - 1, S, GDN_SP, 1, 0, GDN_DV - 1, 0, D);
@@ -161,14 +161,14 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
                 for (int r = 0; r < 4; r++) {
                     const int t = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
                     const float w = wv[j][r] - acc[j][r];
-                    if (n < nv) wc[(size_t)t * D + n] = w;
+                    if (n < nv) wc[(size_t)t * Dp + n] = w;
                     Wt[t * GDN_SP + n] = sc[t] * w;
                 }
         }
         __syncthreads();
         if (c + 1 < nchunk) {
             const int L1 = gdn_imin(GDN_C, T - t0 - GDN_C);
-            gdn_async_rows(Ub, dp, Uk + (ci + 1) * GDN_C * D, D, GDN_C, D);
+            gdn_async_rows(Ub, dp, Uk + (ci + 1) * GDN_C * Dp, Dp, GDN_C, D);
             if (tid < GDN_C) gdn_async_f32(sc + tid, eLbuf + (ci + 1) * GDN_C + tid, 1);
             if (tid == GDN_C) gdn_async_f32(sc + GDN_C, e0buf + (ci + 1) * GDN_C + L1 - 1, 1);
         }
@@ -207,13 +207,13 @@ gdn_fwd_out_kernel(float *o, const float *q, const float *k, const float *g, con
                    int H, int D, int nchunk, float scale)
 {
     const int c = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
-    const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_kpitch(D), D8 = gdn_r8(D);
+    const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D);
     const size_t ci = (size_t)bh * nchunk + c, rs = (size_t)H * D;
     const gdn_hdr s = gdn_hdr_at(gdn_smem);
     float *Qs = gdn_smem + GDN_HDR, *Ks = Qs + GDN_C * dp, *Ms = Ks + GDN_C * dp;
     float *Sp = Ms + GDN_C * GDN_PP, *Wp = Sp + GDN_C * GDN_PP;
     const int warp = tid >> 5, m0 = 16 * (warp & 3), n0 = 32 * (warp >> 2);
-    const float *S0 = state_save + ci * D * D, *Wc = Wbuf + ci * GDN_C * D;
+    const float *S0 = state_save + ci * D * D, *Wc = Wbuf + ci * GDN_C * Dp;
 
     gdn_load_async(Ks, dp, GDN_C, D8, k + gdn_row(b, t0, h, T, H, D), rs, L, 0, D); /* in flight during the scan */
     gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
@@ -237,7 +237,7 @@ gdn_fwd_out_kernel(float *o, const float *q, const float *k, const float *g, con
         float am[4][4], aq[4][4];
         gdn_zero(am);
         gdn_zero(aq);
-        gdn_load_async(Wp, GDN_PP, GDN_C, 64, Wc, D, GDN_C, np, D);
+        gdn_load_async(Wp, GDN_PP, GDN_C, 64, Wc, Dp, GDN_C, np, D);
         for (int ip = 0; ip < D; ip += 64) {
             const int iw = gdn_imin(64, D - ip);
             gdn_load_async(Sp, GDN_PP, 64, 64, S0 + (size_t)ip * D, D, iw, np, D);
@@ -275,17 +275,17 @@ extern "C" int cuda_gdn_tf32_plain(void)
 static size_t gdn_smem_fwd_prep(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_kpitch(D) + 2 * GDN_C * GDN_PP); }
 static size_t gdn_smem_fwd_out(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_kpitch(D) + 3 * GDN_C * GDN_PP); }
 
-/* Forward: o overwritten, state_save overwritten. Scratch: 2 [64, D] arrays and 2 [64]
- * vectors per (b, h, chunk). */
+/* Forward: o overwritten, state_save overwritten. Scratch: 2 [64, gdn_r4(D)] arrays and 2
+ * [64] vectors per (b, h, chunk). */
 extern "C" void cuda_gdn_forward(float *o, float *state_save, const float *q, const float *k,
                                  const float *v, const float *g, const float *beta,
                                  const int32_t *doc_start, int B, int T, int H, int D, float scale)
 {
     gdn_check_shape("gdn_forward", B, T, H, D);
     const int nchunk = (T + GDN_C - 1) / GDN_C, BH = B * H;
-    const size_t rows = (size_t)BH * nchunk * GDN_C;
-    float *Wv = (float *)cuda_scratch((2 * rows * D + 2 * rows) * sizeof(float));
-    float *Uk = Wv + rows * D, *e0buf = Uk + rows * D, *eLbuf = e0buf + rows;
+    const size_t rows = (size_t)BH * nchunk * GDN_C, Dp = gdn_r4(D);
+    float *Wv = (float *)cuda_scratch((2 * rows * Dp + 2 * rows) * sizeof(float));
+    float *Uk = Wv + rows * Dp, *e0buf = Uk + rows * Dp, *eLbuf = e0buf + rows;
     cudaStream_t st = cuda_stream();
     const size_t sm1 = gdn_smem_fwd_prep(D), sm2 = gdn_smem_state(D), sm3 = gdn_smem_fwd_out(D);
     gdn_allow_smem((const void *)gdn_fwd_prep_kernel, sm1);

@@ -120,6 +120,10 @@ extern __shared__ __align__(16) float gdn_smem[];
  * spreads a fragment's rows g = 0..7 and columns q = 0..3 over 32 banks */
 static __host__ __device__ __forceinline__ int gdn_r8(int n) { return (n + 7) & ~7; }
 static __host__ __device__ __forceinline__ int gdn_kpitch(int n) { return gdn_r8(n) + 4; }
+/* the row length of the [64, D] and [D, D] scratch arrays in global memory: D rounded up to
+ * a multiple of 4, so that every row starts 16-byte aligned (gdn_load_async's 16-byte
+ * copies); the pad columns are never read */
+static __host__ __device__ __forceinline__ int gdn_r4(int n) { return (n + 3) & ~3; }
 
 static __device__ __forceinline__ int gdn_imin(int a, int b) { return a < b ? a : b; }
 
@@ -474,31 +478,72 @@ static __device__ __forceinline__ void gdn_sync(void)
     __syncthreads();
 }
 
-/* gdn_load with mul = 1 by cp.async: the copies are only issued (zero-filled where r >=
- * rv or c0 + c >= cv), so the loads of several arrays are in flight together; gdn_sync
- * makes them visible. A warp per row, its lanes along the row, as gdn_load. */
-static __device__ __forceinline__ void gdn_load_async(float *dst, int dp, int rows, int cols, const float *src,
-                                                      size_t rs, int rv, int c0, int cv)
+/* one cp.async of 4 bytes (dst, src 4-byte aligned) or 16 bytes (both 16-byte aligned,
+ * through L2 only) to the shared address dst, reading the first `bytes` of src and
+ * zero-filling the rest (bytes 0: nothing is read, src need only be a valid address) */
+static __device__ __forceinline__ void gdn_cp4(unsigned dst, const float *src, int bytes)
 {
-    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    for (int r = threadIdx.x >> 5; r < rows; r += nw) {
-        const int rok = r < rv;
-        for (int c = lane; c < cols; c += 32) {
-            const int ok = rok && c0 + c < cv;
-            gdn_async_f32(dst + r * dp + c, ok ? src + (size_t)r * rs + c0 + c : src, ok);
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+#endif
+}
+
+static __device__ __forceinline__ void gdn_cp16(unsigned dst, const float *src, int bytes)
+{
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+#endif
+}
+
+/* The copies of gdn_load_async, `per` floats each (1 or 4; with 4, src, rs, dst and dp
+ * 16-byte aligned): lane l takes columns per * l, per * (l + 32), ... of rows w, w + nw,
+ * ... (w its warp, nw the warps of the block), each copy's pointers stepped from the
+ * previous row's. */
+static __device__ __forceinline__ void gdn_copy_rows(int per, unsigned dst, int dp, int rows, int cols,
+                                                     const float *src, size_t rs, int rv, int ce)
+{
+    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5, w = threadIdx.x >> 5;
+    const size_t sstep = (size_t)nw * rs;
+    const unsigned dstep = 4u * (unsigned)(nw * dp);
+    for (int cb = per * lane; cb < cols; cb += 32 * per) {
+        const int n = ce - cb < 0 ? 0 : ce - cb > per ? per : ce - cb; /* valid floats of a valid row */
+        const float *sp = src + (size_t)w * rs + cb;
+        unsigned d = dst + 4u * (unsigned)(w * dp + cb);
+        for (int r = w; r < rows; r += nw, sp += sstep, d += dstep) {
+            const int bytes = r < rv ? 4 * n : 0;
+            if (per == 4) gdn_cp16(d, bytes ? sp : src, bytes);
+            else gdn_cp4(d, bytes ? sp : src, bytes);
         }
     }
 }
 
-/* 64 rows of `cols` floats into dst (pitch dp) from src (row stride rs); rows >= rv
- * zero-filled. Issued by all threads, not committed. */
+/* gdn_load with mul = 1 by cp.async: the copies are only issued (zero-filled where r >=
+ * rv or c0 + c >= cv), so the loads of several arrays are in flight together; gdn_sync
+ * makes them visible. A warp per row, its lanes along the row, as gdn_load. Where the
+ * source rows and the destination are 16-byte aligned (src + c0, rs, dst, dp; cols a
+ * multiple of 4: the scratch arrays, whose rows have gdn_r4(D) floats) each copy moves 4
+ * floats, otherwise one. Each thread keeps its copy's pointers and steps them row to
+ * row: computed afresh for every element (a 64-bit row offset, a column, a validity
+ * select), a 4-byte copy took about 20 instructions, half of all the state kernels
+ * executed. */
+static __device__ __forceinline__ void gdn_load_async(float *dst, int dp, int rows, int cols, const float *src,
+                                                      size_t rs, int rv, int c0, int cv)
+{
+    const int ce = gdn_imin(cols, cv - c0);
+    const float *s0 = src + c0;
+    const unsigned d0 = (unsigned)__cvta_generic_to_shared(dst);
+    if ((((size_t)s0 | rs | (size_t)dp | (size_t)cols) & 3) == 0 && ((size_t)s0 & 15) == 0 && (d0 & 15) == 0)
+        gdn_copy_rows(4, d0, dp, rows, cols, s0, rs, rv, ce);
+    else
+        gdn_copy_rows(1, d0, dp, rows, cols, s0, rs, rv, ce);
+}
+
+/* 64 rows of `cols` floats into dst (pitch dp, at least gdn_r4(cols)) from src (row
+ * stride rs); rows >= rv zero-filled, and the columns from cols up to a multiple of 4
+ * zero-filled too. Issued by all threads, not committed. */
 static __device__ __forceinline__ void gdn_async_rows(float *dst, int dp, const float *src, size_t rs, int rv, int cols)
 {
-    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    for (int r = threadIdx.x >> 5; r < GDN_C; r += nw) { /* a warp per row (see gdn_load) */
-        const int ok = r < rv;
-        for (int c = lane; c < cols; c += 32) gdn_async_f32(dst + r * dp + c, ok ? src + (size_t)r * rs + c : src, ok);
-    }
+    gdn_load_async(dst, dp, GDN_C, (cols + 3) & ~3, src, rs, rv, 0, cols);
 }
 
 /* zero columns c0..c1-1 of `rows` rows (pitch dp): the pad columns that cp.async never
