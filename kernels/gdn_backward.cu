@@ -33,7 +33,7 @@ static __host__ __device__ __forceinline__ int gdn_bwd_qpitch(int D)
  * products with them or their transposes contract only over the rows or columns that
  * the tile's rows reach. */
 static __global__ void __launch_bounds__(GDN_NT, 2)
-gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float *e0buf,
+gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float *e0buf,
                     const float *dout, const float *q, const float *k, const float *v,
                     const float *g, const float *beta, const float *state_save,
                     const int32_t *doc_start, int T, int H, int D, int nchunk, float scale)
@@ -54,6 +54,7 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
     gdn_load(Qs, dp, GDN_C, D8, q + tok, rs, L, 0, D, scale);
     if (tid < GDN_C) e0buf[ci * GDN_C + tid] = s.e0[tid];
     gdn_sync();
+    gdn_store_kpad(Kpbuf + ci * GDN_C * Dp, Ks, dp, D);
 
     /* A (into R1) and M from K K^T and Qs K^T */
     {
@@ -102,7 +103,7 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const int n = np + gdn_fcol(n0, j, r);
-                if (n < D) Xkc[(size_t)gdn_frow(m0, r) * Dp + n] = acc[j][r];
+                if (n < D) Xkc[(size_t)gdn_frow(m0, r) * Dp + n] = gdn_state_op(acc[j][r]);
             }
     }
     gdn_sync();
@@ -215,14 +216,14 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Hcbuf, float 
  * forward state kernel: X (Xk, e0, beta) and K; warps as there. */
 static __global__ void __launch_bounds__(GDN_ST)
 gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float *Hcbuf,
-                     const float *k, const float *beta, const float *e0buf,
+                     const float *Kpbuf, const float *beta, const float *e0buf,
                      const int32_t *doc_start, int T, int H, int D, int nchunk)
 {
     const int j0 = blockIdx.x * GDN_DV, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
     const int dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D), nv = gdn_imin(GDN_DV, D - j0), warp = tid >> 5;
     float *dS = gdn_smem, *Xt = dS + D8 * GDN_SP, *Xkb = Xt + GDN_C * GDN_SP, *Kb = Xkb + GDN_C * dp;
     float *sc = Kb + GDN_C * dp;
-    const size_t rs = (size_t)H * D, DD = (size_t)D * Dp;
+    const size_t DD = (size_t)D * Dp;
 
     for (int e = tid; e < D8 * GDN_SP; e += GDN_ST) dS[e] = 0.0f;
     gdn_zero_cols(Xkb, dp, GDN_C, D, dp);
@@ -237,7 +238,7 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
             gdn_async_f32(sc + GDN_C + tid, tid < L ? beta + n : beta, tid < L);
         }
         gdn_async_commit();
-        gdn_async_rows(Kb, dp, k + gdn_row(b, t0, h, T, H, D), rs, L, D);
+        gdn_async_rows(Kb, dp, Kpbuf + ci * GDN_C * Dp, Dp, GDN_C, D);
         gdn_async_commit();
     }
 
@@ -265,7 +266,7 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
                     xo[j][r] = n < nv ? xc[(size_t)gdn_frow(m0, r) * Dp + n] : 0.0f;
                 }
             gdn_zero(acc);
-            gdn_mma(GDN_SPLIT_STATE, acc, Xkb, dp, 1, m0, GDN_C - 1, dS, GDN_SP, 1, 0, GDN_DV - 1, 0, D);
+            gdn_mma(gdn_state_split(0), acc, Xkb, dp, 1, m0, GDN_C - 1, dS, GDN_SP, 1, 0, GDN_DV - 1, 0, D);
 #pragma unroll
             for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -273,7 +274,7 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
                     const int t = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
                     const float x = xo[j][r] + acc[j][r];
                     if (n < nv) xc[(size_t)t * Dp + n] = x;
-                    Xt[t * GDN_SP + n] = sc[t] * sc[GDN_C + t] * x;
+                    Xt[t * GDN_SP + n] = gdn_state_op(sc[t] * sc[GDN_C + t] * x);
                 }
         }
         __syncthreads();
@@ -302,7 +303,7 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
                     hv[j][r] = m < D && n < nv ? hc[(size_t)m * Dp + n] : 0.0f;
                 }
             gdn_zero(acc);
-            gdn_mma(GDN_SPLIT_STATE, acc, Kb, 1, dp, m0, D - 1, Xt, GDN_SP, 1, 0, GDN_DV - 1, 0, GDN_C);
+            gdn_mma(gdn_state_split(1), acc, Kb, 1, dp, m0, D - 1, Xt, GDN_SP, 1, 0, GDN_DV - 1, 0, GDN_C);
 #pragma unroll
             for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -313,7 +314,7 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
                 }
         }
         __syncthreads();
-        if (c > 0) gdn_async_rows(Kb, dp, k + gdn_row(b, t0 - GDN_C, h, T, H, D), rs, GDN_C, D);
+        if (c > 0) gdn_async_rows(Kb, dp, Kpbuf + (ci - 1) * GDN_C * Dp, Dp, GDN_C, D);
         gdn_async_commit();
     }
 }
@@ -555,30 +556,45 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
                 gdn_mma(GDN_SPLIT_GRAD, a2, dQK, 1, GDN_PP, m0, GDN_C - 1, Qq, GDN_PP, 1, n0, 63, m0, GDN_C);
             }
         }
+        /* the tile's dq and dk terms parked over K and Qs, then one coalesced
+         * read-add-write of the panel's rows (with set the old values are taken as 0,
+         * unread), a warp per row */
+        float *Pq = reg, *Pk = Pq + GDN_C * GDN_PP;
+        gdn_sync();
         if (act)
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                /* read-add-write (with set the old values are taken as 0, unread), the
-                 * loads of four elements first */
-                float oq[4], ok[4];
+            for (int j = 0; j < 4; j++)
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
-                    const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
+                    const int x = gdn_frow(m0, r) * GDN_PP + gdn_fcol(n0, j, r);
+                    Pq[x] = scale * a1[j][r];
+                    Pk[x] = a2[j][r];
+                }
+        gdn_sync();
+        for (int t0r = warp; t0r < L; t0r += 2 * (GDN_NT / 32)) {
+            float oq[2][2], ok[2][2];
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int u = 0; u < 2; u++) {
+                    const int t = t0r + i * (GDN_NT / 32), n = (tid & 31) + 32 * u, in = !set && t < L && n < iw;
                     const size_t x = tok + (size_t)t * rs + ip + n;
-                    oq[r] = !set && t < L && n < iw ? dq[x] : 0.0f;
-                    ok[r] = !set && t < L && n < iw ? dk[x] : 0.0f;
+                    oq[i][u] = in ? dq[x] : 0.0f;
+                    ok[i][u] = in ? dk[x] : 0.0f;
                 }
 #pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int u = 0; u < 2; u++) {
+                    const int t = t0r + i * (GDN_NT / 32), n = (tid & 31) + 32 * u;
                     if (t < L && n < iw) {
                         const size_t x = tok + (size_t)t * rs + ip + n;
-                        dq[x] = oq[r] + scale * a1[j][r];
-                        dk[x] = ok[r] + a2[j][r];
+                        dq[x] = oq[i][u] + Pq[t * GDN_PP + n];
+                        dk[x] = ok[i][u] + Pk[t * GDN_PP + n];
                     }
                 }
-            }
-        gdn_sync(); /* the next pass's panels lie over K and Qs */
+        }
+        gdn_sync(); /* the next pass's panels lie over Pq and Pk */
     }
 
     /* ---- per-token scalars: dbeta, dG, then dg by segmented suffix sums ---- */
@@ -635,7 +651,7 @@ static size_t gdn_smem_bwd_grads(void)
     return sizeof(float) * (GDN_HDR + 2 * GDN_C * GDN_PP + GDN_B3_PART + GDN_B3_DOTS + 8 * GDN_C + GDN_NT + GDN_B3_REGION);
 }
 
-/* Backward: accumulates into dq, dk, dv, dg, dbeta, or (set) writes them. Scratch: 3
+/* Backward: accumulates into dq, dk, dv, dg, dbeta, or (set) writes them. Scratch: 4
  * [64, gdn_r4(D)] arrays, 2 [D, gdn_r4(D)] arrays and a [64] vector per (b, h, chunk). */
 static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout, const float *q,
                          const float *k, const float *v, const float *g, const float *beta, const float *state_save,
@@ -644,8 +660,8 @@ static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbet
     gdn_check_shape("gdn_backward", B, T, H, D);
     const int nchunk = (T + GDN_C - 1) / GDN_C, BH = B * H;
     const size_t Dp = gdn_r4(D), rows = (size_t)BH * nchunk * GDN_C, states = (size_t)BH * nchunk * D * Dp;
-    float *Wbuf = (float *)cuda_scratch((3 * rows * Dp + 2 * states + rows) * sizeof(float));
-    float *Xbuf = Wbuf + rows * Dp, *Xkbuf = Xbuf + rows * Dp, *Hcbuf = Xkbuf + rows * Dp;
+    float *Wbuf = (float *)cuda_scratch((4 * rows * Dp + 2 * states + rows) * sizeof(float));
+    float *Xbuf = Wbuf + rows * Dp, *Xkbuf = Xbuf + rows * Dp, *Kpbuf = Xkbuf + rows * Dp, *Hcbuf = Kpbuf + rows * Dp;
     float *dSbuf = Hcbuf + states, *e0buf = dSbuf + states;
     cudaStream_t st = cuda_stream();
     const size_t sm1 = gdn_smem_bwd_prep(D), sm2 = gdn_smem_state(D), sm3 = gdn_smem_bwd_grads();
@@ -653,12 +669,12 @@ static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbet
     gdn_allow_smem((const void *)gdn_bwd_state_kernel, sm2);
     gdn_allow_smem((const void *)gdn_bwd_grads_kernel, sm3);
 
-    gdn_bwd_prep_kernel<<<dim3(nchunk, BH), GDN_NT, sm1, st>>>(Wbuf, Xbuf, Xkbuf, Hcbuf, e0buf, dout, q,
+    gdn_bwd_prep_kernel<<<dim3(nchunk, BH), GDN_NT, sm1, st>>>(Wbuf, Xbuf, Xkbuf, Kpbuf, Hcbuf, e0buf, dout, q,
                                                                k, v, g, beta, state_save, doc_start,
                                                                T, H, D, nchunk, scale);
     LAUNCH_CHECK();
     gdn_bwd_state_kernel<<<dim3((D + GDN_DV - 1) / GDN_DV, BH), GDN_ST, sm2, st>>>(
-        dSbuf, Xbuf, Xkbuf, Hcbuf, k, beta, e0buf, doc_start, T, H, D, nchunk);
+        dSbuf, Xbuf, Xkbuf, Hcbuf, Kpbuf, beta, e0buf, doc_start, T, H, D, nchunk);
     LAUNCH_CHECK();
     gdn_bwd_grads_kernel<<<dim3(nchunk, BH), GDN_NT, sm3, st>>>(dq, dk, dv, dg, dbeta, dout, q, k, v, g,
                                                                 beta, state_save, dSbuf, Wbuf, Xbuf,

@@ -18,7 +18,7 @@
  * Uk = T diag(beta e0) K to Wv, Uk [bh][chunk][64][D].
  * Shared: header, K and V [64, dp] (pad columns zero), A and T [64, GDN_PP]. */
 static __global__ void __launch_bounds__(GDN_NT, 2)
-gdn_fwd_prep_kernel(float *Wv, float *Uk, float *e0buf, float *eLbuf, const float *k, const float *v,
+gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *e0buf, float *eLbuf, const float *k, const float *v,
                     const float *g, const float *beta, const int32_t *doc_start, int T, int H, int D,
                     int nchunk)
 {
@@ -37,6 +37,7 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *e0buf, float *eLbuf, const floa
         eLbuf[ci * GDN_C + tid] = s.eL[tid];
     }
     gdn_sync();
+    gdn_store_kpad(Kp + ci * GDN_C * Dp, Ks, dp, D);
 
     /* A_ts = beta_t E_ts KK_ts below the diagonal (the warp tile right of the diagonal
      * block is all zero and skips the product) */
@@ -87,7 +88,7 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *e0buf, float *eLbuf, const floa
                 const int t = gdn_frow(m0, r), n = np + gdn_fcol(n0, j, r);
                 if (n < D) {
                     wv[(size_t)t * Dp + n] = aw[j][r];
-                    uk[(size_t)t * Dp + n] = au[j][r];
+                    uk[(size_t)t * Dp + n] = gdn_state_op(au[j][r]);
                 }
             }
     }
@@ -102,15 +103,15 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *e0buf, float *eLbuf, const floa
  * soon as the S update is. Warp w computes rows 16w.. of W, and row tiles w, w + 4, ...
  * of S. */
 static __global__ void __launch_bounds__(GDN_ST)
-gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float *k,
+gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float *Kp,
                      const float *e0buf, const float *eLbuf, const int32_t *doc_start, int T,
                      int H, int D, int nchunk)
 {
-    const int j0 = blockIdx.x * GDN_DV, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
+    const int j0 = blockIdx.x * GDN_DV, bh = blockIdx.y, b = bh / H, tid = threadIdx.x;
     const int dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D), nv = gdn_imin(GDN_DV, D - j0), warp = tid >> 5;
     float *S = gdn_smem, *Wt = S + D8 * GDN_SP, *Ub = Wt + GDN_C * GDN_SP, *Kb = Ub + GDN_C * dp;
     float *sc = Kb + GDN_C * dp;
-    const size_t rs = (size_t)H * D, DD = (size_t)D * D;
+    const size_t DD = (size_t)D * D;
 
     for (int e = tid; e < D8 * GDN_SP; e += GDN_ST) S[e] = 0.0f;
     gdn_zero_cols(Ub, dp, GDN_C, D, dp);
@@ -123,7 +124,7 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
         if (tid < GDN_C) gdn_async_f32(sc + tid, eLbuf + ci * GDN_C + tid, 1);
         if (tid == GDN_C) gdn_async_f32(sc + GDN_C, e0buf + ci * GDN_C + L - 1, 1);
         gdn_async_commit();
-        gdn_async_rows(Kb, dp, k + gdn_row(b, 0, h, T, H, D), rs, L, D);
+        gdn_async_rows(Kb, dp, Kp + ci * GDN_C * Dp, Dp, GDN_C, D);
         gdn_async_commit();
     }
 
@@ -154,7 +155,7 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
                     wv[j][r] = n < nv ? wc[(size_t)gdn_frow(m0, r) * Dp + n] : 0.0f;
                 }
             gdn_zero(acc);
-            gdn_mma(GDN_SPLIT_STATE, acc, Ub, dp, 1, m0, GDN_C - 1, S, GDN_SP, 1, 0, GDN_DV - 1, 0, D);
+            gdn_mma(gdn_state_split(0), acc, Ub, dp, 1, m0, GDN_C - 1, S, GDN_SP, 1, 0, GDN_DV - 1, 0, D);
 #pragma unroll
             for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -162,7 +163,7 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
                     const int t = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
                     const float w = wv[j][r] - acc[j][r];
                     if (n < nv) wc[(size_t)t * Dp + n] = w;
-                    Wt[t * GDN_SP + n] = sc[t] * w;
+                    Wt[t * GDN_SP + n] = gdn_state_op(sc[t] * w);
                 }
         }
         __syncthreads();
@@ -180,7 +181,7 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
         for (int m0 = 16 * warp; m0 < D; m0 += 16 * (GDN_ST / 32)) {
             float acc[4][4];
             gdn_zero(acc);
-            gdn_mma(GDN_SPLIT_STATE, acc, Kb, 1, dp, m0, D - 1, Wt, GDN_SP, 1, 0, GDN_DV - 1, 0, GDN_C);
+            gdn_mma(gdn_state_split(1), acc, Kb, 1, dp, m0, D - 1, Wt, GDN_SP, 1, 0, GDN_DV - 1, 0, GDN_C);
 #pragma unroll
             for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -192,7 +193,7 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
         __syncthreads();
         if (c + 1 < nchunk) {
             const int L1 = gdn_imin(GDN_C, T - t0 - GDN_C);
-            gdn_async_rows(Kb, dp, k + gdn_row(b, t0 + GDN_C, h, T, H, D), rs, L1, D);
+            gdn_async_rows(Kb, dp, Kp + (ci + 1) * GDN_C * Dp, Dp, GDN_C, D);
         }
         gdn_async_commit();
     }
@@ -275,7 +276,7 @@ extern "C" int cuda_gdn_tf32_plain(void)
 static size_t gdn_smem_fwd_prep(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_kpitch(D) + 2 * GDN_C * GDN_PP); }
 static size_t gdn_smem_fwd_out(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_kpitch(D) + 3 * GDN_C * GDN_PP); }
 
-/* Forward: o overwritten, state_save overwritten. Scratch: 2 [64, gdn_r4(D)] arrays and 2
+/* Forward: o overwritten, state_save overwritten. Scratch: 3 [64, gdn_r4(D)] arrays and 2
  * [64] vectors per (b, h, chunk). */
 extern "C" void cuda_gdn_forward(float *o, float *state_save, const float *q, const float *k,
                                  const float *v, const float *g, const float *beta,
@@ -284,19 +285,19 @@ extern "C" void cuda_gdn_forward(float *o, float *state_save, const float *q, co
     gdn_check_shape("gdn_forward", B, T, H, D);
     const int nchunk = (T + GDN_C - 1) / GDN_C, BH = B * H;
     const size_t rows = (size_t)BH * nchunk * GDN_C, Dp = gdn_r4(D);
-    float *Wv = (float *)cuda_scratch((2 * rows * Dp + 2 * rows) * sizeof(float));
-    float *Uk = Wv + rows * Dp, *e0buf = Uk + rows * Dp, *eLbuf = e0buf + rows;
+    float *Wv = (float *)cuda_scratch((3 * rows * Dp + 2 * rows) * sizeof(float));
+    float *Uk = Wv + rows * Dp, *Kp = Uk + rows * Dp, *e0buf = Kp + rows * Dp, *eLbuf = e0buf + rows;
     cudaStream_t st = cuda_stream();
     const size_t sm1 = gdn_smem_fwd_prep(D), sm2 = gdn_smem_state(D), sm3 = gdn_smem_fwd_out(D);
     gdn_allow_smem((const void *)gdn_fwd_prep_kernel, sm1);
     gdn_allow_smem((const void *)gdn_fwd_state_kernel, sm2);
     gdn_allow_smem((const void *)gdn_fwd_out_kernel, sm3);
 
-    gdn_fwd_prep_kernel<<<dim3(nchunk, BH), GDN_NT, sm1, st>>>(Wv, Uk, e0buf, eLbuf, k, v, g, beta,
+    gdn_fwd_prep_kernel<<<dim3(nchunk, BH), GDN_NT, sm1, st>>>(Wv, Uk, Kp, e0buf, eLbuf, k, v, g, beta,
                                                                doc_start, T, H, D, nchunk);
     LAUNCH_CHECK();
     gdn_fwd_state_kernel<<<dim3((D + GDN_DV - 1) / GDN_DV, BH), GDN_ST, sm2, st>>>(
-        state_save, Wv, Uk, k, e0buf, eLbuf, doc_start, T, H, D, nchunk);
+        state_save, Wv, Uk, Kp, e0buf, eLbuf, doc_start, T, H, D, nchunk);
     LAUNCH_CHECK();
     gdn_fwd_out_kernel<<<dim3(nchunk, BH), GDN_NT, sm3, st>>>(o, q, k, g, beta, doc_start, state_save,
                                                               Wv, T, H, D, nchunk, scale);

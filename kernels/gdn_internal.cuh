@@ -252,13 +252,39 @@ static __device__ __forceinline__ uint32_t gdn_to_tf32(float x)
     return (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
 }
 
-/* hi (and lo when split is 3) of n floats */
-static __device__ __forceinline__ void gdn_split_n(int split, const float *x, uint32_t *hi, uint32_t *lo, int n)
+/* Operands stored already rounded to TF32 (plain TF32 only): a product's split may carry
+ * GDN_PRE_A and/or GDN_PRE_B, and then that operand's fragments are taken as they lie,
+ * without the two rounding instructions per element (the rounding is idempotent, so the
+ * bits are the same). The state kernels' products take their operands so (see
+ * gdn_state_split): their A operands (Uk, Xk and K, written by the prep kernels) and the
+ * B operand of the state update (eL W or e0 beta X, written by the state kernel), all
+ * stored through gdn_state_op, which rounds them when the state products run in plain
+ * TF32 and leaves them whole for 3xTF32. */
+#define GDN_PRE_A 16
+#define GDN_PRE_B 32
+
+/* the state kernels' split with its pre-rounded operands (GDN_PRE_A: Uk, Xk, K; with
+ * pre_b also GDN_PRE_B) */
+#define GDN_STATE_PRE (GDN_SPLIT_STATE == 1)
+static __host__ __device__ __forceinline__ int gdn_state_split(int pre_b)
+{
+    return GDN_SPLIT_STATE | (GDN_STATE_PRE ? GDN_PRE_A | (pre_b ? GDN_PRE_B : 0) : 0);
+}
+
+/* an operand of the state products as stored (see GDN_PRE_A) */
+static __device__ __forceinline__ float gdn_state_op(float x)
+{
+    return GDN_STATE_PRE ? __uint_as_float(gdn_to_tf32(x)) : x;
+}
+
+/* hi (and lo when split is 3) of n floats; pre: x already TF32 (split 1 only) */
+static __device__ __forceinline__ void gdn_split_n(int split, int pre, const float *x, uint32_t *hi, uint32_t *lo,
+                                                   int n)
 {
 #pragma unroll
     for (int i = 0; i < n; i++) {
-        hi[i] = gdn_to_tf32(x[i]);
-        lo[i] = split == 3 ? gdn_to_tf32(x[i] - __uint_as_float(hi[i])) : 0u;
+        hi[i] = pre ? __float_as_uint(x[i]) : gdn_to_tf32(x[i]);
+        lo[i] = (split & 3) == 3 ? gdn_to_tf32(x[i] - __uint_as_float(hi[i])) : 0u;
     }
 }
 
@@ -274,7 +300,7 @@ static __device__ __forceinline__ void gdn_mma_tf32(float c[4], const uint32_t a
 static __device__ __forceinline__ void gdn_mma_x(int split, float c[4], const uint32_t ah[4], const uint32_t al[4],
                                                  const uint32_t bh[2], const uint32_t bl[2])
 {
-    if (split == 3) {
+    if ((split & 3) == 3) {
         gdn_mma_tf32(c, al, bh);
         gdn_mma_tf32(c, ah, bl);
     }
@@ -319,13 +345,13 @@ static __device__ __forceinline__ void gdn_mpos_step(gdn_mpos *p)
 static __device__ __forceinline__ void gdn_afrag(int split, const float *A, const gdn_mpos *p, uint32_t ah[4], uint32_t al[4])
 {
     const float x[4] = {A[p->a0], A[p->a1], A[p->a0 + p->a4], A[p->a1 + p->a4]};
-    gdn_split_n(split, x, ah, al, 4);
+    gdn_split_n(split, (split & GDN_PRE_A) != 0, x, ah, al, 4);
 }
 
 static __device__ __forceinline__ void gdn_bfrag(int split, const float *B, const gdn_mpos *p, int j, uint32_t bh[2], uint32_t bl[2])
 {
     const float x[2] = {B[p->b[j]], B[p->b[j] + p->b4]};
-    gdn_split_n(split, x, bh, bl, 2);
+    gdn_split_n(split, (split & GDN_PRE_B) != 0, x, bh, bl, 2);
 }
 
 /* acc += A B over the warp tile (m0, n0), k in [kb, ke) */
@@ -497,22 +523,28 @@ static __device__ __forceinline__ void gdn_cp16(unsigned dst, const float *src, 
 
 /* The copies of gdn_load_async, `per` floats each (1 or 4; with 4, src, rs, dst and dp
  * 16-byte aligned): lane l takes columns per * l, per * (l + 32), ... of rows w, w + nw,
- * ... (w its warp, nw the warps of the block), each copy's pointers stepped from the
- * previous row's. */
+ * ... (w its warp, nw the warps of the block). The rows below rv are copied with the
+ * pointers stepped from row to row and a fixed byte count per lane (its valid columns),
+ * the rows from rv on are zero-filled (a copy of no bytes from src). */
 static __device__ __forceinline__ void gdn_copy_rows(int per, unsigned dst, int dp, int rows, int cols,
                                                      const float *src, size_t rs, int rv, int ce)
 {
-    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5, w = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5, w = threadIdx.x >> 5, rl = gdn_imin(rows, rv);
     const size_t sstep = (size_t)nw * rs;
     const unsigned dstep = 4u * (unsigned)(nw * dp);
     for (int cb = per * lane; cb < cols; cb += 32 * per) {
         const int n = ce - cb < 0 ? 0 : ce - cb > per ? per : ce - cb; /* valid floats of a valid row */
-        const float *sp = src + (size_t)w * rs + cb;
+        const float *sp = n ? src + (size_t)w * rs + cb : src;
+        const size_t sst = n ? sstep : 0;
         unsigned d = dst + 4u * (unsigned)(w * dp + cb);
-        for (int r = w; r < rows; r += nw, sp += sstep, d += dstep) {
-            const int bytes = r < rv ? 4 * n : 0;
-            if (per == 4) gdn_cp16(d, bytes ? sp : src, bytes);
-            else gdn_cp4(d, bytes ? sp : src, bytes);
+        int r = w;
+        for (; r < rl; r += nw, sp += sst, d += dstep) {
+            if (per == 4) gdn_cp16(d, sp, 4 * n);
+            else gdn_cp4(d, sp, 4 * n);
+        }
+        for (; r < rows; r += nw, d += dstep) {
+            if (per == 4) gdn_cp16(d, src, 0);
+            else gdn_cp4(d, src, 0);
         }
     }
 }
@@ -544,6 +576,17 @@ static __device__ __forceinline__ void gdn_load_async(float *dst, int dp, int ro
 static __device__ __forceinline__ void gdn_async_rows(float *dst, int dp, const float *src, size_t rs, int rv, int cols)
 {
     gdn_load_async(dst, dp, GDN_C, (cols + 3) & ~3, src, rs, rv, 0, cols);
+}
+
+/* K of the chunk (Ks [64, dp] in shared memory, rows past the sequence end and pad
+ * columns zero) to Kp [64, gdn_r4(D)] in scratch, through gdn_state_op: the state
+ * kernels' copy of K, whose rows start 16-byte aligned (rows of k itself do not when D
+ * is odd) and whose values are already their TF32 operands. All threads; no barrier. */
+static __device__ __forceinline__ void gdn_store_kpad(float *Kp, const float *Ks, int dp, int D)
+{
+    const int Dp = gdn_r4(D), lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int r = threadIdx.x >> 5; r < GDN_C; r += nw)
+        for (int c = lane; c < Dp; c += 32) Kp[(size_t)r * Dp + c] = gdn_state_op(Ks[r * dp + c]);
 }
 
 /* zero columns c0..c1-1 of `rows` rows (pitch dp): the pad columns that cp.async never
