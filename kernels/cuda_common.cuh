@@ -74,6 +74,11 @@ extern "C" void cuda_matmul_forward_bf16x(float *y, const __nv_bfloat16 *xb, con
 extern "C" void cuda_matmul_backward_bf16x(float *dx, float *dw, const float *dy, const __nv_bfloat16 *dyb,
                                            const float *x, const __nv_bfloat16 *xb, const float *w, int N, int in,
                                            int out, float dx_beta);
+/* dxb [N, in] = dy w written in bf16 (the GEMM's fp32 result rounded to nearest even);
+ * dw [out, in] += dy^T xb (dw NULL: skipped); dy fp32, rounded here; xb in bf16. Dies
+ * (fatal_check) off the bf16 path. */
+extern "C" void cuda_matmul_backward_bf16dx(__nv_bfloat16 *dxb, float *dw, const float *dy, const __nv_bfloat16 *xb,
+                                            const float *w, int N, int in, int out);
 /* elementwise.cu's SwiGLU with bf16 outputs, each value rounded as cuda_to_bf16 would
  * round the fp32 op's: out [N, h] = swiglu(in [N, 2h]); din [N, 2h] = its gradient for
  * dout [N, h] (written, as cuda_swiglu_backward_set) */
@@ -84,9 +89,15 @@ extern "C" void cuda_swiglu_backward_set_bf16(__nv_bfloat16 *din, const float *d
 extern "C" void cuda_swiglu_forward_bf16in(__nv_bfloat16 *out, const __nv_bfloat16 *in, int N, int h, int silu_first);
 extern "C" void cuda_swiglu_backward_set_bf16in(__nv_bfloat16 *din, const float *dout, const __nv_bfloat16 *in, int N,
                                                 int h, int silu_first);
+/* and with dout [N, h] in bf16 too (the fused MLP's dact) */
+extern "C" void cuda_swiglu_backward_set_bf16dy(__nv_bfloat16 *din, const __nv_bfloat16 *dout,
+                                                const __nv_bfloat16 *in, int N, int h, int silu_first);
 /* y [N, out] = x [N, in] w [out, in]^T written in bf16 (the GEMM's fp32 result rounded to
  * nearest even); x and w rounded here. Dies (fatal_check) off the bf16 path. */
 extern "C" void cuda_matmul_forward_bf16y(__nv_bfloat16 *y, const float *x, const float *w, int N, int in, int out);
+/* the same with x given in bf16 */
+extern "C" void cuda_matmul_forward_bf16xy(__nv_bfloat16 *y, const __nv_bfloat16 *xb, const float *w, int N, int in,
+                                           int out);
 
 static inline unsigned ceil_div_u(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
 

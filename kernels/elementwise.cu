@@ -495,17 +495,17 @@ static __device__ __forceinline__ float in_load1(const float *in, const __nv_bfl
 static __global__ void swiglu_forward_kernel(float *out, __nv_bfloat16 *outb, const float *in,
                                              const __nv_bfloat16 *inb, int N, int h, int silu_first, int vec)
 {
-    if (vec) {
-        int h4 = h / 4;
-        size_t total = (size_t)N * h4;
-        for (size_t u = gtid(); u < total; u += gstride()) {
-            size_t i = u / h4, j = u % h4;
-            float4 a = in_load4(in, inb, i * 2 * h, j), b = in_load4(in, inb, i * 2 * h, h4 + j);
-            float4 r = make_float4(swiglu1(a.x, b.x, silu_first), swiglu1(a.y, b.y, silu_first),
-                                   swiglu1(a.z, b.z, silu_first), swiglu1(a.w, b.w, silu_first));
-            if (outb) store_bf16x4(outb + 4 * u, r);
-            else ((float4 *)out)[u] = r;
-        }
+    if (vec) { /* blocks take rows, threads four columns at a time (no index division) */
+        const int h4 = h / 4;
+        for (int i = blockIdx.x; i < N; i += gridDim.x)
+            for (int j = threadIdx.x; j < h4; j += blockDim.x) {
+                const size_t u = (size_t)i * h4 + j;
+                float4 a = in_load4(in, inb, (size_t)i * 2 * h, j), b = in_load4(in, inb, (size_t)i * 2 * h, h4 + j);
+                float4 r = make_float4(swiglu1(a.x, b.x, silu_first), swiglu1(a.y, b.y, silu_first),
+                                       swiglu1(a.z, b.z, silu_first), swiglu1(a.w, b.w, silu_first));
+                if (outb) store_bf16x4(outb + 4 * u, r);
+                else ((float4 *)out)[u] = r;
+            }
     } else {
         size_t total = (size_t)N * h;
         for (size_t u = gtid(); u < total; u += gstride()) {
@@ -527,8 +527,8 @@ static void swiglu_forward(float *out, __nv_bfloat16 *outb, const float *in, con
     int in_ok = inb ? (uintptr_t)inb % 8 == 0 : cuda_aligned16(in);
     int vec = h % 4 == 0 && out_ok && in_ok;
     size_t units = (size_t)N * (vec ? h / 4 : h);
-    swiglu_forward_kernel<<<ew_grid(units), EW_THREADS, 0, cuda_stream()>>>(out, outb, in, inb, N, h, silu_first,
-                                                                            vec);
+    unsigned grid = vec ? (unsigned)(N < (int)ew_grid(units) ? N : ew_grid(units)) : ew_grid(units);
+    swiglu_forward_kernel<<<grid, EW_THREADS, 0, cuda_stream()>>>(out, outb, in, inb, N, h, silu_first, vec);
     LAUNCH_CHECK();
 }
 
@@ -549,41 +549,42 @@ extern "C" void cuda_swiglu_forward_bf16in(__nv_bfloat16 *out, const __nv_bfloat
 
 /* acc 1: din += the gradient; acc 0: din = it (din not read); dinb non-NULL (with acc 0):
  * the gradient written in bf16 there instead (din unused), rounded as cuda_to_bf16 would
- * round the fp32 value */
-static __global__ void swiglu_backward_kernel(float *din, __nv_bfloat16 *dinb, const float *dout, const float *in,
+ * round the fp32 value. dout fp32, or bf16 where doutb is non-NULL (then dout is unused). */
+static __global__ void swiglu_backward_kernel(float *din, __nv_bfloat16 *dinb, const float *dout,
+                                              const __nv_bfloat16 *doutb, const float *in,
                                               const __nv_bfloat16 *inb, int N, int h, int silu_first, int vec, int acc)
 {
-    if (vec) {
-        int h4 = h / 4;
-        size_t total = (size_t)N * h4;
-        for (size_t u = gtid(); u < total; u += gstride()) {
-            size_t i = u / h4, j = u % h4;
-            float4 a = in_load4(in, inb, i * 2 * h, j), b = in_load4(in, inb, i * 2 * h, h4 + j);
-            float4 d = __ldg((const float4 *)dout + u);
-            float4 da = make_float4(0.f, 0.f, 0.f, 0.f), db = da;
-            float4 *drow = dinb ? NULL : (float4 *)din + i * 2 * h4;
-            if (acc) da = drow[j], db = drow[h4 + j];
-            swiglu_grad1(&da.x, &db.x, d.x, a.x, b.x, silu_first);
-            swiglu_grad1(&da.y, &db.y, d.y, a.y, b.y, silu_first);
-            swiglu_grad1(&da.z, &db.z, d.z, a.z, b.z, silu_first);
-            swiglu_grad1(&da.w, &db.w, d.w, a.w, b.w, silu_first);
-            if (dinb) {
-                __nv_bfloat16 *brow = dinb + i * 2 * h;
-                store_bf16x4(brow + 4 * j, da);
-                store_bf16x4(brow + h + 4 * j, db);
-            } else {
-                drow[j] = da;
-                drow[h4 + j] = db;
+    if (vec) { /* blocks take rows, threads four columns at a time (no index division) */
+        const int h4 = h / 4;
+        for (int i = blockIdx.x; i < N; i += gridDim.x)
+            for (int j = threadIdx.x; j < h4; j += blockDim.x) {
+                const size_t u = (size_t)i * h4 + j;
+                float4 a = in_load4(in, inb, (size_t)i * 2 * h, j), b = in_load4(in, inb, (size_t)i * 2 * h, h4 + j);
+                float4 d = in_load4(dout, doutb, 0, u);
+                float4 da = make_float4(0.f, 0.f, 0.f, 0.f), db = da;
+                float4 *drow = dinb ? NULL : (float4 *)din + (size_t)i * 2 * h4;
+                if (acc) da = drow[j], db = drow[h4 + j];
+                swiglu_grad1(&da.x, &db.x, d.x, a.x, b.x, silu_first);
+                swiglu_grad1(&da.y, &db.y, d.y, a.y, b.y, silu_first);
+                swiglu_grad1(&da.z, &db.z, d.z, a.z, b.z, silu_first);
+                swiglu_grad1(&da.w, &db.w, d.w, a.w, b.w, silu_first);
+                if (dinb) {
+                    __nv_bfloat16 *brow = dinb + (size_t)i * 2 * h;
+                    store_bf16x4(brow + 4 * j, da);
+                    store_bf16x4(brow + h + 4 * j, db);
+                } else {
+                    drow[j] = da;
+                    drow[h4 + j] = db;
+                }
             }
-        }
     } else {
         size_t total = (size_t)N * h;
         for (size_t u = gtid(); u < total; u += gstride()) {
             size_t i = u / h, j = u % h;
             float *drow = dinb ? NULL : din + i * 2 * h;
             float da = acc ? drow[j] : 0.f, db = acc ? drow[h + j] : 0.f;
-            swiglu_grad1(&da, &db, dout[u], in_load1(in, inb, i * 2 * h + j), in_load1(in, inb, i * 2 * h + h + j),
-                         silu_first);
+            swiglu_grad1(&da, &db, in_load1(dout, doutb, u), in_load1(in, inb, i * 2 * h + j),
+                         in_load1(in, inb, i * 2 * h + h + j), silu_first);
             if (dinb) {
                 dinb[i * 2 * h + j] = __float2bfloat16_rn(da);
                 dinb[i * 2 * h + h + j] = __float2bfloat16_rn(db);
@@ -595,41 +596,50 @@ static __global__ void swiglu_backward_kernel(float *din, __nv_bfloat16 *dinb, c
     }
 }
 
-static void swiglu_backward(float *din, __nv_bfloat16 *dinb, const float *dout, const float *in,
-                            const __nv_bfloat16 *inb, int N, int h, int silu_first, int acc)
+static void swiglu_backward(float *din, __nv_bfloat16 *dinb, const float *dout, const __nv_bfloat16 *doutb,
+                            const float *in, const __nv_bfloat16 *inb, int N, int h, int silu_first, int acc)
 {
     if (N <= 0 || h <= 0) return;
     int din_ok = dinb ? (uintptr_t)dinb % 8 == 0 : cuda_aligned16(din);
     int in_ok = inb ? (uintptr_t)inb % 8 == 0 : cuda_aligned16(in);
-    int vec = h % 4 == 0 && din_ok && cuda_aligned16(dout) && in_ok;
+    int dout_ok = doutb ? (uintptr_t)doutb % 8 == 0 : cuda_aligned16(dout);
+    int vec = h % 4 == 0 && din_ok && dout_ok && in_ok;
     size_t units = (size_t)N * (vec ? h / 4 : h);
-    swiglu_backward_kernel<<<ew_grid(units), EW_THREADS, 0, cuda_stream()>>>(din, dinb, dout, in, inb, N, h,
-                                                                             silu_first, vec, acc);
+    unsigned grid = vec ? (unsigned)(N < (int)ew_grid(units) ? N : ew_grid(units)) : ew_grid(units);
+    swiglu_backward_kernel<<<grid, EW_THREADS, 0, cuda_stream()>>>(din, dinb, dout, doutb, in, inb, N, h,
+                                                                   silu_first, vec, acc);
     LAUNCH_CHECK();
 }
 
 extern "C" void cuda_swiglu_backward(float *din, const float *dout, const float *in, int N, int h, int silu_first)
 {
-    swiglu_backward(din, NULL, dout, in, NULL, N, h, silu_first, 1);
+    swiglu_backward(din, NULL, dout, NULL, in, NULL, N, h, silu_first, 1);
 }
 
 /* as cuda_swiglu_backward, but din is written, not added to */
 extern "C" void cuda_swiglu_backward_set(float *din, const float *dout, const float *in, int N, int h,
                                          int silu_first)
 {
-    swiglu_backward(din, NULL, dout, in, NULL, N, h, silu_first, 0);
+    swiglu_backward(din, NULL, dout, NULL, in, NULL, N, h, silu_first, 0);
 }
 
 /* as cuda_swiglu_backward_set, with din [N, 2h] written in bf16 */
 extern "C" void cuda_swiglu_backward_set_bf16(__nv_bfloat16 *din, const float *dout, const float *in, int N, int h,
                                               int silu_first)
 {
-    swiglu_backward(NULL, din, dout, in, NULL, N, h, silu_first, 0);
+    swiglu_backward(NULL, din, dout, NULL, in, NULL, N, h, silu_first, 0);
 }
 
 /* as cuda_swiglu_backward_set_bf16, with the input in bf16 */
 extern "C" void cuda_swiglu_backward_set_bf16in(__nv_bfloat16 *din, const float *dout, const __nv_bfloat16 *in, int N,
                                                 int h, int silu_first)
 {
-    swiglu_backward(NULL, din, dout, NULL, in, N, h, silu_first, 0);
+    swiglu_backward(NULL, din, dout, NULL, NULL, in, N, h, silu_first, 0);
+}
+
+/* as cuda_swiglu_backward_set_bf16in, with dout in bf16 too (the fused MLP's dact) */
+extern "C" void cuda_swiglu_backward_set_bf16dy(__nv_bfloat16 *din, const __nv_bfloat16 *dout,
+                                                const __nv_bfloat16 *in, int N, int h, int silu_first)
+{
+    swiglu_backward(NULL, din, NULL, dout, NULL, in, N, h, silu_first, 0);
 }

@@ -307,16 +307,33 @@ extern "C" void cuda_matmul_forward_bf16x(float *y, const __nv_bfloat16 *xb, con
     forward_bf16(y, xb, wb, r, N, in, out);
 }
 
-extern "C" void cuda_matmul_forward_bf16y(__nv_bfloat16 *y, const float *x, const float *w, int N, int in, int out)
+/* y = xb w^T in bf16 from x in bf16 (xb) or fp32 (x, rounded here; xb NULL) */
+static void forward_bf16y(__nv_bfloat16 *y, const float *x, const __nv_bfloat16 *xb, const float *w, int N, int in,
+                          int out)
 {
     fatal_check(cuda_matmul_bf16_path(N, in, out));
-    size_t nx = cuda_round8((size_t)N * in), nw = cuda_round8((size_t)out * in);
-    __nv_bfloat16 *xb = bf_reserve(nx + nw), *wb = xb + nx;
-    cuda_to_bf16(xb, x, (size_t)N * in);
+    size_t nx = xb ? 0 : cuda_round8((size_t)N * in), nw = cuda_round8((size_t)out * in);
+    __nv_bfloat16 *buf = bf_reserve(nx + nw), *wb = buf + nx;
+    if (!xb) {
+        cuda_to_bf16(buf, x, (size_t)N * in);
+        xb = buf;
+    }
     cuda_to_bf16(wb, w, (size_t)out * in);
     const float alpha = 1.0f, beta = 0.0f;
     CUBLAS_CHECK(cublasGemmEx(cuda_cublas(), CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, &alpha, wb, CUDA_R_16BF, in, xb,
                               CUDA_R_16BF, in, &beta, y, CUDA_R_16BF, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+extern "C" void cuda_matmul_forward_bf16y(__nv_bfloat16 *y, const float *x, const float *w, int N, int in, int out)
+{
+    forward_bf16y(y, x, NULL, w, N, in, out);
+}
+
+/* as cuda_matmul_forward_bf16y, with x given in bf16 */
+extern "C" void cuda_matmul_forward_bf16xy(__nv_bfloat16 *y, const __nv_bfloat16 *xb, const float *w, int N, int in,
+                                           int out)
+{
+    forward_bf16y(y, NULL, xb, w, N, in, out);
 }
 
 /* The bf16 path of the backward: dx [N, in] = dx_beta dx + dy w (skipped when dx is
@@ -358,6 +375,22 @@ extern "C" void cuda_matmul_backward_bf16x(float *dx, float *dw, const float *dy
     fatal_check(cuda_matmul_bf16_path(N, in, out));
     if (!dx && !dw) return;
     backward_bf16(dx, dw, dy, dyb, x, xb, w, N, in, out, dx_beta);
+}
+
+/* cuda_matmul_backward_bf16x's product with dx written in bf16 (the fused MLP's dact,
+ * which the SwiGLU gradient reads): dx_beta 0, dy in fp32, x in bf16. */
+extern "C" void cuda_matmul_backward_bf16dx(__nv_bfloat16 *dxb, float *dw, const float *dy, const __nv_bfloat16 *xb,
+                                            const float *w, int N, int in, int out)
+{
+    fatal_check(cuda_matmul_bf16_path(N, in, out));
+    const size_t ny = cuda_round8((size_t)N * out);
+    __nv_bfloat16 *dyb = bf_reserve(ny + cuda_round8((size_t)out * in)), *wb = dyb + ny;
+    cuda_to_bf16(dyb, dy, (size_t)N * out);
+    cuda_to_bf16(wb, w, (size_t)out * in);
+    const float alpha = 1.0f, beta = 0.0f;
+    CUBLAS_CHECK(cublasGemmEx(cuda_cublas(), CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, &alpha, wb, CUDA_R_16BF, in, dyb,
+                              CUDA_R_16BF, out, &beta, dxb, CUDA_R_16BF, in, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (dw) cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, in, out, N, xb, in, dyb, out, 1.0f, dw, in);
 }
 
 /* dx [N, in] = dx_beta dx + dy [N, out] w [out, in] (skipped when dx is NULL);

@@ -12,15 +12,18 @@
  *   forward   gu (bf16, saved) = x W_gu^T            the GEMM writes bf16
  *             act (bf16, saved) = swiglu(gu)
  *             out = resid + act W_down^T             cuBLASLt, C = resid, D = out
- *   backward  dact (fp32, scratch) = dout W_down     dout, W_down rounded once
+ *   backward  dact (bf16, scratch) = dout W_down     dout, W_down rounded once
  *             dW_down += dout^T act                  the saved bf16 act as it is
  *             dgu (bf16, scratch) = swiglu'(dact, gu)
- *             dx (+)= dgu W_gu; dW_gu += dgu^T x     W_gu, x rounded once
+ *             dx (+)= dgu W_gu; dW_gu += dgu^T x     W_gu rounded once, x as the forward
+ *                                                    rounded it (mlp_x_stash)
  * Every GEMM operand is the bf16 value the op-by-op sequence would have used, so the
  * results are that sequence's up to cuBLAS's choice of algorithm, except that the SwiGLU
  * and its gradient read gu rounded to bf16, as a bf16-autocast PyTorch MLP keeps it: the
  * fp32 gu was a 512 MB write and two 512 MB reads per MLP per step at N = 16384, h =
- * 4096 (tests/gpu/test_gpu_dense.c holds both paths to the CPU oracle).
+ * 4096; and that the SwiGLU gradient reads dact rounded to bf16 (as autocast does too),
+ * which halves that GEMM's output and the gradient kernel's read of it (256 MB each at
+ * those sizes). tests/gpu/test_gpu_dense.c holds both paths to the CPU oracle.
  *
  * Shapes whose down projection is not on the bf16 path (small or skinny: cuda_matmul_
  * bf16_path(N, h, d) false; the gate/up projection, twice as wide, is then on it too or
@@ -42,6 +45,18 @@ extern "C" {
 /* act and dgu in bf16 (1) or the separate fp32 ops (0) */
 static int mlp_fused(int N, int d, int h) { return cuda_matmul_bf16_path(N, h, d); }
 
+/* Where the fused forward keeps x's bf16 rounding for the backward's dW_gu: in gu's
+ * storage (N*2h floats) past gu's bf16 values (N*2h of them, the first half), from a
+ * multiple of 128 elements; NULL where it does not fit (d > 2h, about). The backward then
+ * multiplies the copy the forward made instead of rounding x again (a pass over
+ * 96 MiB per MLP at N = 16384, d = 1024). */
+static __nv_bfloat16 *mlp_x_stash(const float *gu, int N, int d, int h)
+{
+    const size_t at = ((size_t)N * 2 * h + 127) & ~(size_t)127;
+    if (at + (size_t)N * d > (size_t)N * 4 * h) return NULL;
+    return (__nv_bfloat16 *)gu + at;
+}
+
 /* out [N, d] = resid [N, d] + swiglu(x [N, d] w_gu [2h, d]^T) w_down [d, h]^T; gu [N, 2h]
  * and act (N*h floats of storage) saved for the backward; resid may be out. Device
  * pointers. */
@@ -55,8 +70,13 @@ extern "C" void cuda_mlp_forward(float *out, float *gu, float *act, const float 
         return;
     }
     /* gu [N, 2h] and act [N, h] in bf16, each in the first half of its storage */
-    __nv_bfloat16 *gu_b = (__nv_bfloat16 *)gu, *act_b = (__nv_bfloat16 *)act;
-    cuda_matmul_forward_bf16y(gu_b, x, w_gu, N, d, 2 * h);
+    __nv_bfloat16 *gu_b = (__nv_bfloat16 *)gu, *act_b = (__nv_bfloat16 *)act, *x_b = mlp_x_stash(gu, N, d, h);
+    if (x_b) {
+        cuda_to_bf16(x_b, x, (size_t)N * d);
+        cuda_matmul_forward_bf16xy(gu_b, x_b, w_gu, N, d, 2 * h);
+    } else {
+        cuda_matmul_forward_bf16y(gu_b, x, w_gu, N, d, 2 * h);
+    }
     cuda_swiglu_forward_bf16in(act_b, gu_b, N, h, silu_first);
     cuda_matmul_forward_bf16x(out, act_b, w_down, resid, N, h, d);
 }
@@ -75,10 +95,10 @@ static void mlp_backward(float *dx, float *dw_gu, float *dw_down, const float *d
         else cuda_matmul_backward(dx, dw_gu, dgu, x, w_gu, N, d, 2 * h);
         return;
     }
-    __nv_bfloat16 *dgu_b = (__nv_bfloat16 *)(scratch + mlp_scratch_dgu_offset(N, h));
-    cuda_matmul_backward_bf16x(dact, dw_down, dout, NULL, NULL, (const __nv_bfloat16 *)act, w_down, N, h, d, 0.0f);
-    cuda_swiglu_backward_set_bf16in(dgu_b, dact, (const __nv_bfloat16 *)gu, N, h, silu_first);
-    cuda_matmul_backward_bf16x(dx, dw_gu, NULL, dgu_b, x, NULL, w_gu, N, d, 2 * h, dx_beta);
+    __nv_bfloat16 *dgu_b = (__nv_bfloat16 *)(scratch + mlp_scratch_dgu_offset(N, h)), *dact_b = (__nv_bfloat16 *)dact;
+    cuda_matmul_backward_bf16dx(dact_b, dw_down, dout, (const __nv_bfloat16 *)act, w_down, N, h, d);
+    cuda_swiglu_backward_set_bf16dy(dgu_b, dact_b, (const __nv_bfloat16 *)gu, N, h, silu_first);
+    cuda_matmul_backward_bf16x(dx, dw_gu, NULL, dgu_b, x, mlp_x_stash(gu, N, d, h), w_gu, N, d, 2 * h, dx_beta);
 }
 
 /* dx [N, d] += dgu w_gu; dw_gu [2h, d] += dgu^T x; dw_down [d, h] += dout^T act, dgu the

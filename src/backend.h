@@ -140,7 +140,9 @@ typedef struct backend {
      * the saved pre-activation and activation, in the backend's own format, which only
      * mlp_backward reads: the CPU keeps gu and swiglu(gu) in fp32; CUDA keeps their bf16
      * roundings (act is the operand its GEMMs use) in the first half of each storage
-     * wherever the down projection runs on bf16 copies, fp32 elsewhere; the choice
+     * wherever the down projection runs on bf16 copies, fp32 elsewhere, and there also
+     * x's bf16 rounding in the second half of gu's storage where it fits (so its backward
+     * multiplies x as the forward saw it: x must not change in between); the choice
      * depends on N, d, h alone, so a backward always reads what the forward of the same
      * shape wrote.
      * Backward (dout [N, d], the gradient of out): dact = dout w_down,
