@@ -42,8 +42,9 @@ extern "C" {
  * and writes all of dwte (V x C fp32, 412 MB at moe-1b), so fewer, larger chunks move
  * less: 7 chunks of 2668 rows per 16384 instead of 25 of 667 */
 #define CHUNK_FLOATS ((size_t)1 << 27)
-/* threads per row; a power of two, a multiple of 32 */
-#define ROW_THREADS 256
+/* threads per row; a power of two, a multiple of 32, at most 1024 (the block reductions
+ * take one warp's worth of warp partials) */
+#define ROW_THREADS 1024
 
 /* bf16 copies: wte [V, C], then one chunk's h [rows, C] and dlogits [rows, V] */
 static void *bf_buf;
@@ -78,13 +79,17 @@ static __device__ void lse_merge(float *m1, float *s1, float m2, float s2)
 
 /* The statistics of one block's row z (row i of the batch, target t): lse[i] = log sum_v
  * exp(z_v), loss[i] = lse - z[t] (0 for an ignored target, NaN for an out-of-range one),
- * written by thread 0; every thread gets lse back. All threads of the block call it. */
-static __device__ float ce_row_forward(float *loss, float *lse, const float *z, int t, int i, int V)
+ * written by thread 0; every thread gets lse back. All threads of the block call it.
+ * keep: NULL, or shared memory for the row, which each thread fills with the values it
+ * reads (for ce_row_backward, which then reads them there). */
+static __device__ float ce_row_forward(float *loss, float *lse, const float *z, int t, int i, int V, float *keep)
 {
     __shared__ float sh_m[ROW_THREADS / 32], sh_s[ROW_THREADS / 32], sh_lse;
     float m = -FLT_MAX, s = 0.0f;
+#pragma unroll 4
     for (int v = threadIdx.x; v < V; v += ROW_THREADS) {
         const float zv = z[v];
+        if (keep) keep[v] = zv;
         if (zv > m) {
             s = s * expf(m - zv) + 1.0f;
             m = zv;
@@ -127,7 +132,7 @@ static __global__ void ce_forward_kernel(float *loss, float *lse, const float *l
                                          const int32_t *targets, int row0, int V)
 {
     const int r = blockIdx.x, i = row0 + r;
-    ce_row_forward(loss, lse, logits + (size_t)r * V, targets[i], i, V);
+    ce_row_forward(loss, lse, logits + (size_t)r * V, targets[i], i, V, NULL);
 }
 
 /* dlogits element v of row r: fp32 in place over the logits, or rounded to bf16 (to
@@ -144,8 +149,11 @@ static __device__ __forceinline__ void ce_put(float *z, __nv_bfloat16 *zb, int v
  * in place (fp32, for the small-head path's fp32 GEMMs); with it, dlogits go straight to
  * the bf16 copy the GEMMs read, so the fp32 dlogits are never written and read back (two
  * passes over 512 MiB per chunk, about 2.5 ms a step at moe-1b). */
-/* dlogits of row z (target t, lse l) into z itself or its bf16 row zb (see ce_put) */
-static __device__ void ce_row_backward(float *z, __nv_bfloat16 *zb, int t, float l, float scale, int V)
+/* dlogits of row z (target t, lse l) into z itself or its bf16 row zb (see ce_put), read
+ * from src: z, or the copy of it that ce_row_forward kept (each thread reads what it
+ * wrote there) */
+static __device__ void ce_row_backward(const float *src, float *z, __nv_bfloat16 *zb, int t, float l, float scale,
+                                       int V)
 {
     if (t == IGNORE_INDEX) {
         for (int v = threadIdx.x; v < V; v += ROW_THREADS) ce_put(z, zb, v, 0.0f);
@@ -156,7 +164,7 @@ static __device__ void ce_row_backward(float *z, __nv_bfloat16 *zb, int t, float
         return;
     }
     for (int v = threadIdx.x; v < V; v += ROW_THREADS) {
-        const float d = __fmul_rn(scale, expf(z[v] - l));
+        const float d = __fmul_rn(scale, expf(src[v] - l));
         ce_put(z, zb, v, v == t ? __fsub_rn(d, scale) : d);
     }
 }
@@ -165,19 +173,43 @@ static __global__ void ce_backward_kernel(float *logits, __nv_bfloat16 *out_bf, 
                                           const float *lse, float scale, int row0, int V)
 {
     const int r = blockIdx.x, i = row0 + r;
-    ce_row_backward(logits + (size_t)r * V, out_bf ? out_bf + (size_t)r * V : NULL, targets[i], lse[i], scale, V);
+    float *z = logits + (size_t)r * V;
+    ce_row_backward(z, z, out_bf ? out_bf + (size_t)r * V : NULL, targets[i], lse[i], scale, V);
 }
 
 /* the forward and backward kernels in one (classifier_forward_backward): a block reads
  * its row a second time right after the first, instead of a later kernel reading every
- * row again; the same bits as the two */
-static __global__ void ce_forward_backward_kernel(float *loss, float *lse, float *logits, __nv_bfloat16 *out_bf,
-                                                  const int32_t *targets, float scale, int row0, int V)
+ * row again; the same bits as the two. With keep (dynamic shared memory of V floats,
+ * where it fits: ce_keep_bytes) the second read is of the block's own copy: a row of the
+ * 50304-word vocabulary is 196 KiB, and with a row read twice from DRAM (the rows in
+ * flight far exceed L2) this kernel took 0.51 ms a chunk of 2668 rows. */
+static __global__ void __launch_bounds__(ROW_THREADS)
+ce_forward_backward_kernel(float *loss, float *lse, float *logits, __nv_bfloat16 *out_bf, const int32_t *targets,
+                           float scale, int row0, int V, int keep)
 {
+    extern __shared__ float ce_row[];
     const int r = blockIdx.x, i = row0 + r, t = targets[i];
     float *z = logits + (size_t)r * V;
-    const float l = ce_row_forward(loss, lse, z, t, i, V);
-    ce_row_backward(z, out_bf ? out_bf + (size_t)r * V : NULL, t, l, scale, V);
+    const float l = ce_row_forward(loss, lse, z, t, i, V, keep ? ce_row : NULL);
+    ce_row_backward(keep ? ce_row : z, z, out_bf ? out_bf + (size_t)r * V : NULL, t, l, scale, V);
+}
+
+/* dynamic shared memory of ce_forward_backward_kernel for a row of V logits, 0 where it
+ * does not fit (the kernel then reads the row twice from global memory) */
+static size_t ce_keep_bytes(int V)
+{
+    static int limit = -1;
+    if (limit < 0) {
+        int dev = 0;
+        CUDA_CHECK(cudaGetDevice(&dev));
+        CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+        limit -= 1024; /* the reductions' static shared memory */
+        if (limit > 48 * 1024)
+            CUDA_CHECK(cudaFuncSetAttribute((const void *)ce_forward_backward_kernel,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
+    }
+    const size_t bytes = (size_t)V * sizeof(float);
+    return bytes <= (size_t)limit ? bytes : 0;
 }
 
 /* The head over chunks of rows. fwd: loss [N], lse [N] = cross-entropy of logits_i =
@@ -199,8 +231,8 @@ static void head_run(int fwd, int bwd, float *loss, float *lse, float *dh, float
             const float *hc = h + (size_t)i0 * C;
             cuda_matmul_forward(logits, hc, wte, nr, C, V);
             if (fwd && bwd)
-                ce_forward_backward_kernel<<<nr, ROW_THREADS, 0, st>>>(loss, lse, logits, NULL, targets, dloss_scale,
-                                                                       i0, V);
+                ce_forward_backward_kernel<<<nr, ROW_THREADS, ce_keep_bytes(V), st>>>(
+                    loss, lse, logits, NULL, targets, dloss_scale, i0, V, ce_keep_bytes(V) > 0);
             else if (fwd)
                 ce_forward_kernel<<<nr, ROW_THREADS, 0, st>>>(loss, lse, logits, targets, i0, V);
             else
@@ -218,7 +250,9 @@ static void head_run(int fwd, int bwd, float *loss, float *lse, float *dh, float
         cuda_to_bf16(hb, h + (size_t)i0 * C, (size_t)nr * C);
         cuda_gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, V, nr, C, wb, C, hb, C, 0.0f, logits, V);
         if (fwd && bwd)
-            ce_forward_backward_kernel<<<nr, ROW_THREADS, 0, st>>>(loss, lse, logits, db, targets, dloss_scale, i0, V);
+            ce_forward_backward_kernel<<<nr, ROW_THREADS, ce_keep_bytes(V), st>>>(loss, lse, logits, db, targets,
+                                                                                  dloss_scale, i0, V,
+                                                                                  ce_keep_bytes(V) > 0);
         else if (fwd)
             ce_forward_kernel<<<nr, ROW_THREADS, 0, st>>>(loss, lse, logits, targets, i0, V);
         else
