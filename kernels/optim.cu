@@ -138,19 +138,44 @@ static __device__ double block_sum(double v)
 
 /* one torch.optim.AdamW step per element: decoupled decay, then the bias-corrected
  * Adam step (step_size = lr / bc1, denom = sqrt(v) / sqrt(bc2) + eps) */
+static __device__ __forceinline__ void adamw1(float *p, float g, float *m, float *v, float beta1, float beta2,
+                                              float one_b1, float one_b2, float eps, float step_size, float bc2_sqrt,
+                                              float decay)
+{
+    const float mi = beta1 * *m + one_b1 * g;
+    const float vi = beta2 * *v + one_b2 * g * g;
+    *m = mi;
+    *v = vi;
+    const float denom = sqrtf(vi) / bc2_sqrt + eps;
+    *p = decay * *p - step_size * mi / denom;
+}
+
+/* vec: all four arrays 16-byte aligned, so that elements go four at a time (float4 loads
+ * and stores: the scalar loop ran at about half the copy bandwidth); the same arithmetic
+ * per element either way */
 static __global__ void adamw_kernel(float *p, const float *g, float *m, float *v, size_t n, float beta1,
                                     float beta2, float one_b1, float one_b2, float eps, float step_size,
-                                    float bc2_sqrt, float decay)
+                                    float bc2_sqrt, float decay, int vec)
 {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const float gi = g[i];
-        const float mi = beta1 * m[i] + one_b1 * gi;
-        const float vi = beta2 * v[i] + one_b2 * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        const float denom = sqrtf(vi) / bc2_sqrt + eps;
-        p[i] = decay * p[i] - step_size * mi / denom;
+    const size_t stride = (size_t)gridDim.x * blockDim.x, i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    size_t done = 0;
+    if (vec) {
+        const size_t n4 = n / 4;
+        for (size_t i = i0; i < n4; i += stride) {
+            float4 pi = ((const float4 *)p)[i], mi = ((const float4 *)m)[i], vi = ((const float4 *)v)[i];
+            const float4 gi = __ldg((const float4 *)g + i);
+            adamw1(&pi.x, gi.x, &mi.x, &vi.x, beta1, beta2, one_b1, one_b2, eps, step_size, bc2_sqrt, decay);
+            adamw1(&pi.y, gi.y, &mi.y, &vi.y, beta1, beta2, one_b1, one_b2, eps, step_size, bc2_sqrt, decay);
+            adamw1(&pi.z, gi.z, &mi.z, &vi.z, beta1, beta2, one_b1, one_b2, eps, step_size, bc2_sqrt, decay);
+            adamw1(&pi.w, gi.w, &mi.w, &vi.w, beta1, beta2, one_b1, one_b2, eps, step_size, bc2_sqrt, decay);
+            ((float4 *)p)[i] = pi;
+            ((float4 *)m)[i] = mi;
+            ((float4 *)v)[i] = vi;
+        }
+        done = 4 * n4;
     }
+    for (size_t i = done + i0; i < n; i += stride)
+        adamw1(p + i, g[i], m + i, v + i, beta1, beta2, one_b1, one_b2, eps, step_size, bc2_sqrt, decay);
 }
 
 /* the matrices of one Muon batch (blockIdx.y picks one) */
@@ -342,9 +367,10 @@ extern "C" void cuda_adamw_update(float *p, const float *g, float *m, float *v, 
     const double bc2_sqrt = sqrt(1.0 - pow(b2, step));
     const double step_size = (double)lr / bc1;
     const double decay = 1.0 - (double)lr * (double)wd;
-    adamw_kernel<<<grid_for(n), THREADS, 0, cuda_stream()>>>(p, g, m, v, n, beta1, beta2, (float)(1.0 - b1),
-                                                              (float)(1.0 - b2), eps, (float)step_size,
-                                                              (float)bc2_sqrt, (float)decay);
+    const int vec = cuda_aligned16(p) && cuda_aligned16(g) && cuda_aligned16(m) && cuda_aligned16(v);
+    adamw_kernel<<<grid_for(vec ? (n + 3) / 4 : n), THREADS, 0, cuda_stream()>>>(
+        p, g, m, v, n, beta1, beta2, (float)(1.0 - b1), (float)(1.0 - b2), eps, (float)step_size, (float)bc2_sqrt,
+        (float)decay, vec);
     LAUNCH_CHECK();
 }
 
