@@ -3,6 +3,7 @@
 # the multi-GPU parts shrink to what is there). Writes into OUT_DIR (default ./figures):
 #   step.txt          bench_step, moe-1b on one GPU: tokens/s, MFU, per-family times vs floors
 #   step_gc.txt       the same with --gradient_checkpointing (memory against speed)
+#   kernels.txt       benchmarks/kernel_trace.sh: every kernel of one step, summed by name (ncu)
 #   mixers.txt        bench_mixers: Gated DeltaNet and MLA attention alone at the shapes
 #   dist.csv          benchmarks/bench_dist.sh cuda: 1, 2, 4 GPUs, data / expert parallel, ZeRO-1
 #   alltoall.txt      bench_alltoall: the all-to-all alone on 2 and 4 GPUs, 64 and 192 MiB
@@ -20,6 +21,7 @@ size=(--size moe-1b --deltanet_latent_dim 256 --deltanet_share_qk --mla_q_lora_r
 build/bench/bench_step "${size[@]}" --device cuda --bench_steps 5 --bench_warmup 2 >"$out/step.txt" 2>&1
 build/bench/bench_step "${size[@]}" --device cuda --bench_steps 5 --bench_warmup 2 --gradient_checkpointing \
     >"$out/step_gc.txt" 2>&1
+bash benchmarks/kernel_trace.sh "$out/trace" >/dev/null 2>&1 && cp "$out/trace/kernels.txt" "$out/kernels.txt"
 build/bench/bench_mixers --device cuda >"$out/mixers.txt" 2>&1
 BENCH_DIR=$(mktemp -d) bash benchmarks/bench_dist.sh cuda "$data" >"$out/dist.csv"
 : >"$out/alltoall.txt"

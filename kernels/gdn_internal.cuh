@@ -24,8 +24,9 @@
  * Three kernels run the forward (gdn_forward.cu lists them) and three the backward
  * (gdn_backward.cu).
  * Per-chunk intermediates live in cuda_scratch with 64 rows per chunk (rows past the
- * sequence end are zero): forward Wv/W and Uk; backward W, Xo/X, Xk ([64, D] each), Hc and
- * dS ([D, D] each), and the per-token decays e0, eL.
+ * sequence end are zero), each row gdn_r4(D) floats long: forward Wv/W, Uk and the state
+ * kernel's copy of K; backward W, Xo/X, Xk, the copy of K ([64, D] each), Hc and dS ([D,
+ * D] each), and the per-token decays e0, eL.
  *
  * Every product runs on the tensor cores: mma.sync m16n8k8 with TF32 operands (10-bit
  * mantissa) and fp32 accumulation; scalars, decays and the forward substitution stay
@@ -62,31 +63,34 @@
  * so two runs give the same bits.
  *
  * Cost at B = 8, T = 2048, H = 12, D = 85 (3072 chunks), measured on an H100 by
- * benchmarks/bench_mixers.c: forward 0.98 ms, backward 2.29 ms (Nsight Compute, at its
- * locked clocks: forward prep 0.34, state 0.48, out 0.35 ms; backward prep 0.76, state
- * 0.52, grads 1.37 ms). Before the cp.async loads, the division-free copy loops and the
- * warp scan of G it was 1.40 + 2.97 ms (5.66 ms in all with 3xTF32 products and a
- * backward prep block of 118 KB, one per SM; 2.30 + 6.11 ms for the fp32 FMA version
- * these kernels replaced), and Nsight Compute gave forward prep 0.47, state 0.60, out
- * 0.51 ms; backward prep 1.01, state 0.66, grads 1.68 ms. The tensor-core work itself
- * (about 40 G multiply-adds) is a small part of that: the kernels are bound by
- * instruction issue and latency. The state kernels' warps then issued an instruction
- * every 4.4 cycles with 3 warps per scheduler, half of the gaps fixed-latency
- * dependencies: they run many more instructions per chunk step than their mma products
- * need. Per-chunk blocks (256 threads, 2 per SM at
- * D = 85, 23-25% occupancy) wait at barriers while two warps run the column-wise forward
- * substitution of T, and on global loads (before the cp.async loads, the grads kernel's
- * panels were 39% of its stalls); the backward writes and rereads Hc and dS ([D, D] per
- * chunk). The state kernels (288 blocks of 4 warps, 3 per SM, so one partial wave) are a
- * serial chain of 32 chunk steps, each a few dependent mma products and a cp.async
- * refill; loading each step's Wv, Xo and Hc tiles a chunk ahead into registers was
- * tried and made them 3-9% slower. Reaching 1.5 ms would take: T by blocked inversion
- * on the tensor cores, fusing prep and out (and prep and
- * grads) so that K, Q and the pair matrices are loaded and built once, dropping the Hc
- * buffer (the state kernel can form Qs^T diag(e0) dO itself), the grads kernel's panels
- * double-buffered by cp.async within two blocks per SM, and more value columns per
- * state block with fewer, larger cp.async copies (16-byte copies need rows padded to a
- * multiple of 4 floats in the scratch arrays).
+ * benchmarks/bench_mixers.c: forward 0.88 ms, backward 1.93 ms (Nsight Compute, at its
+ * locked clocks: forward prep 0.32, state 0.33, out 0.35 ms; backward prep 0.75, state
+ * 0.38, grads 1.03-1.08 ms). The tensor-core work itself (about 40 G multiply-adds) is a
+ * small part of that: the kernels are bound by instruction issue and latency. Nsight
+ * Compute's per-instruction counts (--page source --print-source sass) showed where
+ * the instructions went: in the state kernels, half of them were the address arithmetic
+ * of 4-byte cp.async copies (about 20 instructions a copy, computed per element), and
+ * only 3% were mma. The copies now step each thread's pointers from row to row
+ * (gdn_copy_rows) and move 16 bytes where rows are aligned: the scratch arrays have
+ * rows of gdn_r4(D) floats and the prep kernels write an aligned copy of K for the state
+ * kernels (rows of k itself start anywhere when D is odd), which also take their
+ * operands pre-rounded (GDN_PRE_A). That took the op from 3.28 to 2.82 ms (from 4.82 to
+ * 3.43 ms at B 2, T 8192). Earlier steps: 4.37 ms before the integer TF32 rounding, the
+ * division-free copy loops, the warp scan of G and the cp.async loads; 5.66 ms with
+ * 3xTF32 products; 8.41 ms for the fp32 FMA version these kernels replaced.
+ * Per-chunk blocks (256 threads, 2 per SM at D = 85, about 24% occupancy) wait at
+ * barriers while two warps run the column-wise forward substitution of T; doing T by 16 x
+ * 16 diagonal blocks and then block rows on all eight warps (the same multiply-adds in
+ * more, shorter chains) made the prep kernels slower (0.34 -> 0.40 ms forward), so the
+ * two-warp form stays. The state kernels (288 blocks of 4 warps, 3 per SM, so one
+ * partial wave) are a serial chain of 32 chunk steps, each a few dependent mma products
+ * and a cp.async refill; loading each step's Wv, Xo and Hc tiles a chunk ahead into
+ * registers was tried and made them 3-9% slower. Reaching 1.5 ms would take fusing prep
+ * and out (and prep and grads) so that K, Q and the pair matrices are loaded and built
+ * once, dropping the Hc buffer (the state kernel can form Qs^T diag(e0) dO itself), the
+ * grads kernel's panels double-buffered by cp.async within two blocks per SM, more value
+ * columns per state block, and state_save with aligned rows (its layout is part of the
+ * op's contract with the CPU backend; its rows are copied 4 bytes at a time).
  */
 #ifndef DELTAMLA_GDN_INTERNAL_CUH
 #define DELTAMLA_GDN_INTERNAL_CUH

@@ -203,6 +203,22 @@ static __device__ void smem_to_partial(float *part, const float *acc, int nwarps
     }
 }
 
+/* four channels of the RMSNorm backward: dx += r d g - k v, the dw slice += d (v r) */
+static __device__ __forceinline__ void rms_bwd4(float4 *dx, float4 *acc, float4 d, float4 g, float4 v, float r, float k)
+{
+    float4 o = *dx, a = *acc;
+    o.x += r * d.x * g.x - k * v.x;
+    o.y += r * d.y * g.y - k * v.y;
+    o.z += r * d.z * g.z - k * v.z;
+    o.w += r * d.w * g.w - k * v.w;
+    a.x += d.x * (v.x * r);
+    a.y += d.y * (v.y * r);
+    a.z += d.z * (v.z * r);
+    a.w += d.w * (v.w * r);
+    *dx = o;
+    *acc = a;
+}
+
 /* dx += r dout w - r^3 x mean(dout w x); dw partials of dout (x r) into part [grid][C].
  * Dynamic shared: [warps][C] floats. */
 static __global__ void rmsnorm_backward_kernel(float *dx, float *part, const float *dout, const float *x,
@@ -245,20 +261,7 @@ static __global__ void rmsnorm_backward_kernel(float *dx, float *part, const flo
 #pragma unroll
             for (int u = 0; u < NORM_CACHE; u++) {
                 const int c = lane + 32 * u;
-                if (c < C4) {
-                    const float4 d = dv[u], g = wv[u], v = xv[u];
-                    float4 o = dxi4[c], a = my4[c];
-                    o.x += r * d.x * g.x - k * v.x;
-                    o.y += r * d.y * g.y - k * v.y;
-                    o.z += r * d.z * g.z - k * v.z;
-                    o.w += r * d.w * g.w - k * v.w;
-                    a.x += d.x * (v.x * r);
-                    a.y += d.y * (v.y * r);
-                    a.z += d.z * (v.z * r);
-                    a.w += d.w * (v.w * r);
-                    dxi4[c] = o;
-                    my4[c] = a;
-                }
+                if (c < C4) rms_bwd4(dxi4 + c, my4 + c, dv[u], wv[u], xv[u], r, k);
             }
         }
         __syncthreads();
@@ -285,18 +288,7 @@ static __global__ void rmsnorm_backward_kernel(float *dx, float *part, const flo
         float4 *dxi4 = (float4 *)dxi;
 #pragma unroll 4
         for (int c = lane; c < C4; c += 32) {
-            float4 d = __ldg(di4 + c), g = __ldg(w4 + c), v = __ldg(xi4 + c);
-            float4 o = dxi4[c], a = my4[c];
-            o.x += r * d.x * g.x - k * v.x;
-            o.y += r * d.y * g.y - k * v.y;
-            o.z += r * d.z * g.z - k * v.z;
-            o.w += r * d.w * g.w - k * v.w;
-            a.x += d.x * (v.x * r);
-            a.y += d.y * (v.y * r);
-            a.z += d.z * (v.z * r);
-            a.w += d.w * (v.w * r);
-            dxi4[c] = o;
-            my4[c] = a;
+            rms_bwd4(dxi4 + c, my4 + c, __ldg(di4 + c), __ldg(w4 + c), __ldg(xi4 + c), r, k);
         }
         for (int c = 4 * C4 + lane; c < C; c += 32) {
             dxi[c] += r * di[c] * w[c] - k * xi[c];
