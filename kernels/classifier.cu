@@ -42,8 +42,9 @@ extern "C" {
  * and writes all of dwte (V x C fp32, 412 MB at moe-1b), so fewer, larger chunks move
  * less: 7 chunks of 2668 rows per 16384 instead of 25 of 667 */
 #define CHUNK_FLOATS ((size_t)1 << 27)
-/* threads per row; a power of two, a multiple of 32, at most 1024 (the block reductions
- * take one warp's worth of warp partials) */
+/* threads per row, in all three cross-entropy kernels (the fused op then gives the bits
+ * of the forward and backward kernels run apart); a power of two, a multiple of 32, at
+ * most 1024 (the block reductions take one warp's worth of warp partials) */
 #define ROW_THREADS 1024
 
 /* bf16 copies: wte [V, C], then one chunk's h [rows, C] and dlogits [rows, V] */
@@ -223,6 +224,7 @@ static void head_run(int fwd, int bwd, float *loss, float *lse, float *dh, float
 {
     if (N <= 0 || V <= 0) return;
     const int rows = cuda_classifier_chunk_rows(N, V);
+    const size_t keep = fwd && bwd ? ce_keep_bytes(V) : 0;
     float *logits = (float *)cuda_scratch((size_t)rows * V * sizeof(float));
     cudaStream_t st = cuda_stream();
     if (small_head(N, V, C)) {
@@ -231,8 +233,8 @@ static void head_run(int fwd, int bwd, float *loss, float *lse, float *dh, float
             const float *hc = h + (size_t)i0 * C;
             cuda_matmul_forward(logits, hc, wte, nr, C, V);
             if (fwd && bwd)
-                ce_forward_backward_kernel<<<nr, ROW_THREADS, ce_keep_bytes(V), st>>>(
-                    loss, lse, logits, NULL, targets, dloss_scale, i0, V, ce_keep_bytes(V) > 0);
+                ce_forward_backward_kernel<<<nr, ROW_THREADS, keep, st>>>(loss, lse, logits, NULL, targets,
+                                                                          dloss_scale, i0, V, keep > 0);
             else if (fwd)
                 ce_forward_kernel<<<nr, ROW_THREADS, 0, st>>>(loss, lse, logits, targets, i0, V);
             else
@@ -250,9 +252,8 @@ static void head_run(int fwd, int bwd, float *loss, float *lse, float *dh, float
         cuda_to_bf16(hb, h + (size_t)i0 * C, (size_t)nr * C);
         cuda_gemm_bf16(CUBLAS_OP_T, CUBLAS_OP_N, V, nr, C, wb, C, hb, C, 0.0f, logits, V);
         if (fwd && bwd)
-            ce_forward_backward_kernel<<<nr, ROW_THREADS, ce_keep_bytes(V), st>>>(loss, lse, logits, db, targets,
-                                                                                  dloss_scale, i0, V,
-                                                                                  ce_keep_bytes(V) > 0);
+            ce_forward_backward_kernel<<<nr, ROW_THREADS, keep, st>>>(loss, lse, logits, db, targets, dloss_scale, i0,
+                                                                      V, keep > 0);
         else if (fwd)
             ce_forward_kernel<<<nr, ROW_THREADS, 0, st>>>(loss, lse, logits, targets, i0, V);
         else

@@ -489,20 +489,37 @@ static __device__ __forceinline__ float in_load1(const float *in, const __nv_bfl
     return inb ? __bfloat162float(inb[at]) : in[at];
 }
 
+/* The four-wide SwiGLU kernels go over rows i by blocks and four columns 4 j.. by threads
+ * (no index division); the gate half a and the up half b of row i of the input [N, 2h] */
+static __device__ __forceinline__ void swiglu_in4(const float *in, const __nv_bfloat16 *inb, int i, int h, int j,
+                                                  float4 *a, float4 *b)
+{
+    *a = in_load4(in, inb, (size_t)i * 2 * h, j);
+    *b = in_load4(in, inb, (size_t)i * 2 * h, h / 4 + j);
+}
+
+/* blocks of the SwiGLU kernels: rows for the four-wide form (at most ew_grid's cap) */
+static unsigned swiglu_grid(int N, size_t units, int vec)
+{
+    const unsigned g = ew_grid(units);
+    return vec && (unsigned)N < g ? (unsigned)N : g;
+}
+
 /* out [N, h] in fp32, or in bf16 when outb is non-NULL (then out is unused): the
  * rounding cuda_to_bf16 would give the fp32 value, without the fp32 pass in between.
  * The input from in (fp32) or inb (bf16, when non-NULL). */
 static __global__ void swiglu_forward_kernel(float *out, __nv_bfloat16 *outb, const float *in,
                                              const __nv_bfloat16 *inb, int N, int h, int silu_first, int vec)
 {
-    if (vec) { /* blocks take rows, threads four columns at a time (no index division) */
+    if (vec) { /* see swiglu_in4 */
         const int h4 = h / 4;
         for (int i = blockIdx.x; i < N; i += gridDim.x)
             for (int j = threadIdx.x; j < h4; j += blockDim.x) {
                 const size_t u = (size_t)i * h4 + j;
-                float4 a = in_load4(in, inb, (size_t)i * 2 * h, j), b = in_load4(in, inb, (size_t)i * 2 * h, h4 + j);
-                float4 r = make_float4(swiglu1(a.x, b.x, silu_first), swiglu1(a.y, b.y, silu_first),
-                                       swiglu1(a.z, b.z, silu_first), swiglu1(a.w, b.w, silu_first));
+                float4 a, b;
+                swiglu_in4(in, inb, i, h, j, &a, &b);
+                const float4 r = make_float4(swiglu1(a.x, b.x, silu_first), swiglu1(a.y, b.y, silu_first),
+                                             swiglu1(a.z, b.z, silu_first), swiglu1(a.w, b.w, silu_first));
                 if (outb) store_bf16x4(outb + 4 * u, r);
                 else ((float4 *)out)[u] = r;
             }
@@ -527,8 +544,8 @@ static void swiglu_forward(float *out, __nv_bfloat16 *outb, const float *in, con
     int in_ok = inb ? (uintptr_t)inb % 8 == 0 : cuda_aligned16(in);
     int vec = h % 4 == 0 && out_ok && in_ok;
     size_t units = (size_t)N * (vec ? h / 4 : h);
-    unsigned grid = vec ? (unsigned)(N < (int)ew_grid(units) ? N : ew_grid(units)) : ew_grid(units);
-    swiglu_forward_kernel<<<grid, EW_THREADS, 0, cuda_stream()>>>(out, outb, in, inb, N, h, silu_first, vec);
+    swiglu_forward_kernel<<<swiglu_grid(N, units, vec), EW_THREADS, 0, cuda_stream()>>>(out, outb, in, inb, N, h,
+                                                                                      silu_first, vec);
     LAUNCH_CHECK();
 }
 
@@ -554,13 +571,14 @@ static __global__ void swiglu_backward_kernel(float *din, __nv_bfloat16 *dinb, c
                                               const __nv_bfloat16 *doutb, const float *in,
                                               const __nv_bfloat16 *inb, int N, int h, int silu_first, int vec, int acc)
 {
-    if (vec) { /* blocks take rows, threads four columns at a time (no index division) */
+    if (vec) { /* see swiglu_in4 */
         const int h4 = h / 4;
         for (int i = blockIdx.x; i < N; i += gridDim.x)
             for (int j = threadIdx.x; j < h4; j += blockDim.x) {
                 const size_t u = (size_t)i * h4 + j;
-                float4 a = in_load4(in, inb, (size_t)i * 2 * h, j), b = in_load4(in, inb, (size_t)i * 2 * h, h4 + j);
-                float4 d = in_load4(dout, doutb, 0, u);
+                float4 a, b;
+                swiglu_in4(in, inb, i, h, j, &a, &b);
+                const float4 d = in_load4(dout, doutb, 0, u);
                 float4 da = make_float4(0.f, 0.f, 0.f, 0.f), db = da;
                 float4 *drow = dinb ? NULL : (float4 *)din + (size_t)i * 2 * h4;
                 if (acc) da = drow[j], db = drow[h4 + j];
@@ -605,9 +623,8 @@ static void swiglu_backward(float *din, __nv_bfloat16 *dinb, const float *dout, 
     int dout_ok = doutb ? (uintptr_t)doutb % 8 == 0 : cuda_aligned16(dout);
     int vec = h % 4 == 0 && din_ok && dout_ok && in_ok;
     size_t units = (size_t)N * (vec ? h / 4 : h);
-    unsigned grid = vec ? (unsigned)(N < (int)ew_grid(units) ? N : ew_grid(units)) : ew_grid(units);
-    swiglu_backward_kernel<<<grid, EW_THREADS, 0, cuda_stream()>>>(din, dinb, dout, doutb, in, inb, N, h,
-                                                                   silu_first, vec, acc);
+    swiglu_backward_kernel<<<swiglu_grid(N, units, vec), EW_THREADS, 0, cuda_stream()>>>(
+        din, dinb, dout, doutb, in, inb, N, h, silu_first, vec, acc);
     LAUNCH_CHECK();
 }
 

@@ -464,16 +464,28 @@ static __device__ __forceinline__ void gdn_load(float *dst, int dp, int rows, in
         }
 }
 
-/* ---- cp.async (4-byte copies, zero-fill when !valid; src must be a valid address) ---- */
-static __device__ __forceinline__ void gdn_async_f32(float *dst, const float *src, int valid)
+/* ---- cp.async ---- */
+/* one cp.async of 4 bytes (dst, src 4-byte aligned) or 16 bytes (both 16-byte aligned,
+ * through L2 only) to the shared address dst, reading the first `bytes` of src and
+ * zero-filling the rest (bytes 0: nothing is read, src need only be a valid address) */
+static __device__ __forceinline__ void gdn_cp4(unsigned dst, const float *src, int bytes)
 {
 #ifdef __CUDA_ARCH__
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0)
-                 : "memory");
-#else
-    *dst = valid ? *src : 0.0f;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
 #endif
+}
+
+static __device__ __forceinline__ void gdn_cp16(unsigned dst, const float *src, int bytes)
+{
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+#endif
+}
+
+/* one float by cp.async, zero-filled when !valid (src must still be a valid address) */
+static __device__ __forceinline__ void gdn_async_f32(float *dst, const float *src, int valid)
+{
+    gdn_cp4((unsigned)__cvta_generic_to_shared(dst), src, valid ? 4 : 0);
 }
 
 static __device__ __forceinline__ void gdn_async_commit(void)
@@ -506,23 +518,6 @@ static __device__ __forceinline__ void gdn_sync(void)
 {
     gdn_async_wait_all();
     __syncthreads();
-}
-
-/* one cp.async of 4 bytes (dst, src 4-byte aligned) or 16 bytes (both 16-byte aligned,
- * through L2 only) to the shared address dst, reading the first `bytes` of src and
- * zero-filling the rest (bytes 0: nothing is read, src need only be a valid address) */
-static __device__ __forceinline__ void gdn_cp4(unsigned dst, const float *src, int bytes)
-{
-#ifdef __CUDA_ARCH__
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-#endif
-}
-
-static __device__ __forceinline__ void gdn_cp16(unsigned dst, const float *src, int bytes)
-{
-#ifdef __CUDA_ARCH__
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-#endif
 }
 
 /* The copies of gdn_load_async, `per` floats each (1 or 4; with 4, src, rs, dst and dp

@@ -111,6 +111,16 @@ extern "C" void cuda_gemm_bf16(cublasOperation_t ta, cublasOperation_t tb, int m
                               &beta, c, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+/* cuda_gemm_bf16 with C written in bf16 (the fp32 accumulators rounded to nearest even),
+ * beta 0 */
+static void gemm_bf16_to_bf16(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const __nv_bfloat16 *a,
+                              int lda, const __nv_bfloat16 *b, int ldb, __nv_bfloat16 *c, int ldc)
+{
+    const float alpha = 1.0f, beta = 0.0f;
+    CUBLAS_CHECK(cublasGemmEx(cuda_cublas(), ta, tb, m, n, k, &alpha, a, CUDA_R_16BF, lda, b, CUDA_R_16BF, ldb, &beta,
+                              c, CUDA_R_16BF, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
 #define MATMUL_BF16_MIN_MACS ((size_t)1 << 27)
 
 /* products with a width (in or out) this narrow are skinny: see skinny_product */
@@ -319,9 +329,7 @@ static void forward_bf16y(__nv_bfloat16 *y, const float *x, const __nv_bfloat16 
         xb = buf;
     }
     cuda_to_bf16(wb, w, (size_t)out * in);
-    const float alpha = 1.0f, beta = 0.0f;
-    CUBLAS_CHECK(cublasGemmEx(cuda_cublas(), CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, &alpha, wb, CUDA_R_16BF, in, xb,
-                              CUDA_R_16BF, in, &beta, y, CUDA_R_16BF, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    gemm_bf16_to_bf16(CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, wb, in, xb, in, y, out);
 }
 
 extern "C" void cuda_matmul_forward_bf16y(__nv_bfloat16 *y, const float *x, const float *w, int N, int in, int out)
@@ -337,22 +345,25 @@ extern "C" void cuda_matmul_forward_bf16xy(__nv_bfloat16 *y, const __nv_bfloat16
 }
 
 /* The bf16 path of the backward: dx [N, in] = dx_beta dx + dy w (skipped when dx is
- * NULL), dw [out, in] += dy^T x (skipped when dw is NULL). dy and x each come either as
- * fp32 (dy, x: rounded here into bf_buf) or already rounded (dyb, xb non-NULL: used as
- * they are, the fp32 pointer ignored). Copies are packed dy, w, x as they always were. */
-static void backward_bf16(float *dx, float *dw, const float *dy, const __nv_bfloat16 *dyb, const float *x,
-                          const __nv_bfloat16 *xb, const float *w, int N, int in, int out, float dx_beta)
+ * NULL; written in bf16 to dxb instead when dxb is non-NULL, beta 0), dw [out, in] +=
+ * dy^T x (skipped when dw is NULL). dy and x each come either as fp32 (dy, x: rounded
+ * here into bf_buf) or already rounded (dyb, xb non-NULL: used as they are, the fp32
+ * pointer ignored). Copies are packed dy, w, x as they always were. */
+static void backward_bf16(float *dx, __nv_bfloat16 *dxb, float *dw, const float *dy, const __nv_bfloat16 *dyb,
+                          const float *x, const __nv_bfloat16 *xb, const float *w, int N, int in, int out,
+                          float dx_beta)
 {
     size_t ny = dyb ? 0 : cuda_round8((size_t)N * out), nx = dw && !xb ? cuda_round8((size_t)N * in) : 0;
-    size_t nw = dx ? cuda_round8((size_t)out * in) : 0;
+    size_t nw = dx || dxb ? cuda_round8((size_t)out * in) : 0;
     __nv_bfloat16 *buf = bf_reserve(ny + nx + nw), *rest = buf + ny;
     if (!dyb) {
         cuda_to_bf16(buf, dy, (size_t)N * out);
         dyb = buf;
     }
-    if (dx) {
+    if (dx || dxb) {
         cuda_to_bf16(rest, w, (size_t)out * in);
-        cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, rest, in, dyb, out, dx_beta, dx, in);
+        if (dxb) gemm_bf16_to_bf16(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, rest, in, dyb, out, dxb, in);
+        else cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, rest, in, dyb, out, dx_beta, dx, in);
         rest += nw;
     }
     if (dw) {
@@ -374,7 +385,7 @@ extern "C" void cuda_matmul_backward_bf16x(float *dx, float *dw, const float *dy
 {
     fatal_check(cuda_matmul_bf16_path(N, in, out));
     if (!dx && !dw) return;
-    backward_bf16(dx, dw, dy, dyb, x, xb, w, N, in, out, dx_beta);
+    backward_bf16(dx, NULL, dw, dy, dyb, x, xb, w, N, in, out, dx_beta);
 }
 
 /* cuda_matmul_backward_bf16x's product with dx written in bf16 (the fused MLP's dact,
@@ -383,14 +394,7 @@ extern "C" void cuda_matmul_backward_bf16dx(__nv_bfloat16 *dxb, float *dw, const
                                             const float *w, int N, int in, int out)
 {
     fatal_check(cuda_matmul_bf16_path(N, in, out));
-    const size_t ny = cuda_round8((size_t)N * out);
-    __nv_bfloat16 *dyb = bf_reserve(ny + cuda_round8((size_t)out * in)), *wb = dyb + ny;
-    cuda_to_bf16(dyb, dy, (size_t)N * out);
-    cuda_to_bf16(wb, w, (size_t)out * in);
-    const float alpha = 1.0f, beta = 0.0f;
-    CUBLAS_CHECK(cublasGemmEx(cuda_cublas(), CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, &alpha, wb, CUDA_R_16BF, in, dyb,
-                              CUDA_R_16BF, out, &beta, dxb, CUDA_R_16BF, in, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    if (dw) cuda_gemm_bf16(CUBLAS_OP_N, CUBLAS_OP_T, in, out, N, xb, in, dyb, out, 1.0f, dw, in);
+    backward_bf16(NULL, dxb, dw, dy, NULL, NULL, xb, w, N, in, out, 0.0f);
 }
 
 /* dx [N, in] = dx_beta dx + dy [N, out] w [out, in] (skipped when dx is NULL);
@@ -414,7 +418,7 @@ static void matmul_backward(float *dx, float *dw, const float *dy, const float *
         if (dw) gemm_f32(CUBLAS_OP_N, CUBLAS_OP_T, in, out, N, x, in, dy, out, 1.0f, dw, in, tf32);
         return;
     }
-    backward_bf16(dx, dw, dy, NULL, x, NULL, w, N, in, out, dx_beta);
+    backward_bf16(dx, NULL, dw, dy, NULL, x, NULL, w, N, in, out, dx_beta);
 }
 
 /* dx [N, in] += dy [N, out] w [out, in] (skipped when dx is NULL);
