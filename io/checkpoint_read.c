@@ -470,7 +470,7 @@ void ckpt_read_weights(const char *path, ckpt_weights *w)
         die("cannot read checkpoint %s: %s", path, why);
     w->cfg = h.cfg;
     params_build(&w->table, &w->cfg);
-    w->params = xmalloc(w->table.total * sizeof(float));
+    w->params = xcalloc(w->table.total, sizeof(float)); /* zeros between tensors */
     w->n_moe = count_moe(&w->cfg);
     w->router_bias = xcalloc((size_t)w->n_moe * (size_t)(w->cfg.use_moe ? w->cfg.moe_E : 0) + 1, sizeof(float));
     int n;

@@ -176,7 +176,7 @@ int ckpt_cmd_import(const ckpt_args *a)
         }
     }
 
-    float *params = xmalloc(table.total * sizeof(float));
+    float *params = xcalloc(table.total, sizeof(float)); /* zeros between tensors */
     for (int i = 0; i < table.count; i++) {
         const param_info *p = &table.items[i];
         st_read_f32(f, st_find(f, p->name), params + p->offset);

@@ -140,7 +140,8 @@ static int unit_order(const void *pa, const void *pb)
 /* The units of the update and their lanes (optim_init_lanes), and each lane's share of
  * the Muon scratch; returns the scratch floats in all. AdamW runs are runs of held
  * tensors adjacent in one region (0 dense, 1 experts: the table interleaves them) with
- * one weight decay, a run ending at a gap (a Muon matrix, another rank's tensor). */
+ * one weight decay, a run ending at a gap (a Muon matrix, another rank's tensor); the
+ * alignment gaps between tensors (params.h) run with them, zeros that stay zero. */
 static size_t plan_units(optimizer *o, const model *m, int lanes)
 {
     const param_table *t = &m->table;
@@ -157,8 +158,8 @@ static size_t plan_units(optimizer *o, const model *m, int lanes)
             if (p && ((p->kind == PARAM_EXPERTS) != region || (o->muon_mode && params_is_muon(p)))) continue;
             if (p && !optim_state(o, o->m, p->offset)) continue; /* another rank's shard */
             float wd = p && (o->muon_mode || params_adamw_decays(p)) ? c->weight_decay : 0.0f;
-            if (p && hi > lo && p->offset == hi && wd == run_wd) {
-                hi += p->numel;
+            if (p && hi > lo && p->offset == params_align_up(hi) && wd == run_wd) { /* across the zero gap */
+                hi = p->offset + p->numel;
                 continue;
             }
             if (hi > lo)

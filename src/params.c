@@ -46,7 +46,10 @@ static int add(param_table *t, param_kind kind, param_init init, int layer, int 
     return t->count++;
 }
 
-/* Offsets: the dense region in table order, then the expert stacks in table order. */
+size_t params_align_up(size_t off) { return (off + PARAM_ALIGN - 1) / PARAM_ALIGN * PARAM_ALIGN; }
+
+/* Offsets: the dense region in table order, then the expert stacks in table order, each
+ * tensor starting at a multiple of PARAM_ALIGN floats (params.h says why). */
 static void layout(param_table *t)
 {
     size_t off = 0;
@@ -55,7 +58,7 @@ static void layout(param_table *t)
             param_info *p = &t->items[i];
             if ((p->kind == PARAM_EXPERTS) != pass) continue;
             p->offset = off;
-            off += p->numel;
+            off = params_align_up(off + p->numel);
         }
         if (pass == 0) t->dense_total = off;
     }
@@ -194,6 +197,7 @@ int params_find(const param_table *t, const char *name)
 
 void params_init(const param_table *t, float *w, uint64_t seed)
 {
+    memset(w, 0, t->total * sizeof *w); /* the gaps between tensors */
     for (int i = 0; i < t->count; i++) {
         const param_info *p = &t->items[i];
         float *x = w + p->offset;

@@ -8,7 +8,8 @@
  * buffers must equal the per-tensor loop's bit for bit, in muon and in adamw mode. The
  * batch plan itself is checked too: every held Muon matrix in exactly one batch, each
  * batch of one shape and at most MUON_BATCH_MAX matrices, and so is the lane plan
- * (check_lanes), on one lane and on OPTIM_LANES.
+ * (check_lanes), on one lane and on OPTIM_LANES, and so is the buffer's layout
+ * (check_layout).
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -66,6 +67,23 @@ static void check_lanes(const char *name, const optimizer *o, const model *m, in
     free(covered);
 }
 
+/* the flat buffer's layout (params.h): every tensor at a multiple of PARAM_ALIGN floats,
+ * none overlapping the next, and zeros in the gaps of the initialised weights */
+static void check_layout(const char *name, const model *m)
+{
+    const param_table *t = &m->table;
+    char *in_tensor = xcalloc(t->total, 1);
+    int ok = 1;
+    for (int i = 0; i < t->count; i++) {
+        const param_info *p = &t->items[i];
+        ok &= p->offset % PARAM_ALIGN == 0 && p->offset + p->numel <= t->total;
+        for (size_t e = p->offset; e < p->offset + p->numel && e < t->total; e++) ok &= !in_tensor[e]++;
+    }
+    for (size_t e = 0; e < t->total; e++) ok &= in_tensor[e] || m->params[e] == 0.0f;
+    check(ok, "%s: %d tensors %d-float aligned, disjoint, zeros between them", name, t->count, PARAM_ALIGN);
+    free(in_tensor);
+}
+
 static void run_case(const char *name, const char *flags, int lanes)
 {
     config c;
@@ -75,6 +93,7 @@ static void run_case(const char *name, const char *flags, int lanes)
     model_init(&m, &c, be, 1, 8);
     const param_table *t = &m.table;
     const size_t total = t->total;
+    check_layout(name, &m);
     optimizer o;
     optim_init_lanes(&o, &m, lanes);
     check_lanes(name, &o, &m, lanes);
@@ -110,7 +129,11 @@ static void run_case(const char *name, const char *flags, int lanes)
     memcpy(ref_p, m.params, total * sizeof(float));
     const double lr = 3e-3;
     for (int step = 1; step <= 3; step++) {
-        for (size_t e = 0; e < total; e++) m.grads[e] = (float)(rng_uniform(100 + step, e) - 0.5);
+        /* gradients in the tensors; the alignment gaps between them hold zeros (params.h),
+         * and the comparisons below include the gaps: they must stay zero */
+        for (int i = 0; i < t->count; i++)
+            for (size_t e = t->items[i].offset; e < t->items[i].offset + t->items[i].numel; e++)
+                m.grads[e] = (float)(rng_uniform(100 + step, e) - 0.5);
         optim_step(&o, &m, lr);
         for (int i = 0; i < t->count; i++) {
             const param_info *p = &t->items[i];
