@@ -157,11 +157,11 @@ build/gpu_tests/%: tests/gpu/%.c tests/gpu/gpu_test.c build/libdeltamla.a
 gpu-tests-build: bin/deltamla $(GPU_TESTS) build/bench/bench_step build/bench/bench_alltoall build/bench/bench_mixers
 
 # benchmarks
-build/bench/bench_step: benchmarks/bench_step.c benchmarks/timed_backend.c benchmarks/ceilings.c build/libdeltamla.a
+build/bench/bench_step: benchmarks/bench_step.c benchmarks/timed_backend.c benchmarks/op_costs.c benchmarks/ceilings.c build/libdeltamla.a
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) -Isrc -Ibenchmarks -o $@ $(filter %.c %.o %.a,$^) $(LDLIBS)
 
-build/bench/bench_mixers: benchmarks/bench_mixers.c benchmarks/timed_backend.c benchmarks/ceilings.c build/libdeltamla.a
+build/bench/bench_mixers: benchmarks/bench_mixers.c benchmarks/timed_backend.c benchmarks/op_costs.c benchmarks/ceilings.c build/libdeltamla.a
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) -Isrc -Ibenchmarks -o $@ $(filter %.c %.o %.a,$^) $(LDLIBS)
 

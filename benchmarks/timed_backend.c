@@ -1,8 +1,8 @@
 /* timed_backend.c: see timed_backend.h. The wrappers follow backend.h member by
- * member; the cost_* functions state, per op, the matrix FLOPs and the minimum bytes
- * (each input read once, each output written once, fp32) that its floor is computed
- * from. */
+ * member; each times its op and charges the op's cost (op_costs.c) to the op's family. */
 #include "timed_backend.h"
+
+#include "op_costs.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -68,167 +68,12 @@ static void end(op_family f, double t0)
     current = f;
 }
 
-static void charge(double flops, double bytes)
+/* op_costs.h: the cost functions charge each op's FLOPs and bytes here, to the family
+ * just timed */
+void timed_charge(double flops, double bytes)
 {
     stats[current].flops += flops;
     stats[current].bytes += bytes;
-}
-
-#define F4 4.0 /* bytes per float */
-
-static void cost_zero(void *p, size_t bytes) { charge(0, (double)bytes); }
-static void cost_copy(void *d, const void *s, size_t bytes) { charge(0, 2.0 * bytes); }
-static void cost_add_inplace(float *y, const float *x, size_t n) { charge(0, 3 * F4 * n); }
-static void cost_scale_inplace(float *x, float s, size_t n) { charge(0, 2 * F4 * n); }
-static void cost_sumsq(const float *x, size_t n) { charge(0, F4 * n); }
-static void cost_embedding_forward(float *o, const int32_t *t, const float *w, int N, int C) { charge(0, 2 * F4 * N * C); }
-static void cost_embedding_backward(float *dw, const float *d, const int32_t *t, int N, int C) { charge(0, 3 * F4 * N * C); }
-static void cost_matmul_forward(float *y, const float *x, const float *w, int N, int in, int out)
-{
-    charge(2.0 * N * in * out, F4 * ((double)N * in + (double)in * out + (double)N * out));
-}
-/* the forward's bytes plus one read of the residual r (C of the GEMM) */
-static void cost_matmul_forward_add(float *y, const float *x, const float *w, const float *r, int N, int in, int out)
-{
-    cost_matmul_forward(y, x, w, N, in, out);
-    charge(0, F4 * (double)N * out);
-}
-static void cost_matmul_backward(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out)
-{
-    double f = 0, b = F4 * (double)N * out;
-    if (dx) { f += 2.0 * N * in * out; b += F4 * ((double)in * out + 2.0 * N * in); }
-    if (dw) { f += 2.0 * N * in * out; b += F4 * ((double)N * in + 2.0 * in * out); }
-    charge(f, b);
-}
-static void cost_matmul_backward_set(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out)
-{
-    cost_matmul_backward(dx, dw, dy, x, w, N, in, out);
-    if (dx) charge(0, -F4 * (double)N * in); /* dx written, not read */
-}
-/* several Linear layers on one x: x read once, each weight and output once (the
- * backward: dy's and weights read, dx written or read and written, dw's read and
- * written, x read once for the dw's) */
-static int multi_outs(const matmul_part *p, int n)
-{
-    int S = 0;
-    for (int i = 0; i < n; i++) S += p[i].out;
-    return S;
-}
-static void cost_matmul_forward_multi(const matmul_part *p, int n, int N, int in)
-{
-    const double S = multi_outs(p, n);
-    charge(2.0 * N * in * S, F4 * ((double)N * in + in * S + N * S));
-}
-static void cost_matmul_backward_multi(const matmul_part *p, int n, int dx_set, int N, int in)
-{
-    double dws = 0;
-    for (int i = 0; i < n; i++)
-        if (p[i].dw) dws += p[i].out;
-    const double S = multi_outs(p, n);
-    charge(2.0 * N * in * (S + dws), F4 * (N * S + in * S + (dx_set ? 1.0 : 2.0) * N * in +
-                                           (dws > 0 ? (double)N * in + 2.0 * in * dws : 0.0)));
-}
-/* The fused SwiGLU MLP: its two GEMMs' FLOPs, and the bytes of its inputs and outputs
- * (x, both weights, resid; gu, act, out). The SwiGLU between the GEMMs (no FLOPs counted,
- * bytes only through gu and act) is charged to the GEMM family with them rather than
- * split off to elementwise: the op is timed as one, and the split would be a guess. */
-static double mlp_gemm_flops(int N, int d, int h) { return 2.0 * N * d * 2.0 * h + 2.0 * N * (double)h * d; }
-static void cost_mlp_forward(int N, int d, int h)
-{
-    charge(mlp_gemm_flops(N, d, h),
-           F4 * (2.0 * N * d + 3.0 * h * (double)d + 3.0 * N * (double)h + (double)N * d));
-}
-/* backward: twice the forward's FLOPs (dx and dW of each GEMM); reads dout, x, gu, act
- * and both weights, adds into both weight gradients (read and written) and dx (written
- * only by the _set form) */
-static void cost_mlp_backward(int N, int d, int h, int dx_set)
-{
-    charge(2.0 * mlp_gemm_flops(N, d, h),
-           F4 * (2.0 * N * d + 3.0 * N * (double)h + 3.0 * h * (double)d + 6.0 * h * (double)d +
-                 (dx_set ? 1.0 : 2.0) * N * d));
-}
-static void cost_rmsnorm_forward(float *o, float *r, const float *x, const float *w, int N, int C) { charge(0, F4 * (2.0 * N * C + N)); }
-static void cost_rmsnorm_backward(float *dx, float *dw, const float *d, const float *x, const float *w, const float *r, int N, int C) { charge(0, F4 * 4.0 * N * C); }
-static void cost_layernorm_forward(float *o, float *m, float *r, const float *x, const float *w, const float *b, int N, int C) { charge(0, F4 * (2.0 * N * C + 2 * N)); }
-static void cost_layernorm_backward(float *dx, float *dw, float *db, const float *d, const float *x, const float *w, const float *m, const float *r, int N, int C) { charge(0, F4 * 4.0 * N * C); }
-static void cost_swiglu_forward(float *o, const float *in, int N, int h, int s) { charge(0, F4 * 3.0 * N * h); }
-static void cost_swiglu_backward(float *di, const float *d, const float *in, int N, int h, int s) { charge(0, F4 * 6.0 * N * h); }
-static void cost_swiglu_backward_set(float *di, const float *d, const float *in, int N, int h, int s) { charge(0, F4 * 5.0 * N * h); }
-static void cost_conv_forward(float *y, const float *x, const float *w, const float *b, const int32_t *ds, int B, int T, int C) { charge(0, F4 * 2.0 * B * T * C); }
-static void cost_conv_backward(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w, const int32_t *ds, int B, int T, int C) { charge(0, F4 * 4.0 * B * T * C); }
-static void cost_gates_forward(float *g, float *b, const float *gr, const float *br, size_t n) { charge(0, F4 * 4.0 * n); }
-static void cost_gates_backward(float *dg, float *db, const float *g, const float *b, const float *gr, const float *br, size_t n) { charge(0, F4 * 6.0 * n); }
-static void cost_l2norm_forward(float *y, float *r, const float *x, int n, int D) { charge(0, F4 * 2.0 * n * D); }
-static void cost_l2norm_backward(float *dx, const float *dy, const float *x, const float *r, int n, int D) { charge(0, F4 * 4.0 * n * D); }
-/* chunked GDN per (b, h, chunk of C): K K^T, Q K^T (C^2 D each), the triangular solve
- * (C^2 D / 2 for each of the two right-hand sides), S0 terms K S0, Q S0 and the state update
- * (C D^2 each): about 4 C^2 D + 6 C D^2 multiply-adds per chunk; backward about twice that. */
-static double gdn_flops(int B, int T, int H, int D)
-{
-    double C = GDN_CHUNK, chunks = (T + GDN_CHUNK - 1) / GDN_CHUNK;
-    return 2.0 * B * H * chunks * (4 * C * C * D + 6 * C * (double)D * D);
-}
-static void cost_gdn_forward(float *o, float *s, const float *q, const float *k, const float *v, const float *g, const float *b, const int32_t *ds, int B, int T, int H, int D, float sc)
-{
-    charge(gdn_flops(B, T, H, D), F4 * ((double)B * T * H * (4.0 * D + 2) + gdn_state_floats(B, T, H, D)));
-}
-static void cost_gdn_backward(float *dq, float *dk, float *dv, float *dg, float *db, const float *d, const float *q, const float *k, const float *v, const float *g, const float *b, const float *s, const int32_t *ds, int B, int T, int H, int D, float sc)
-{
-    charge(2 * gdn_flops(B, T, H, D), F4 * ((double)B * T * H * (8.0 * D + 4) + gdn_state_floats(B, T, H, D)));
-}
-static void cost_mla_prep_forward(float *qh, float *kh, float *vh, const float *q, const float *kv, const float *kpe, int ks, const int32_t *pos, int B, int T, int H, int dn, int dr, int dv, float th)
-{
-    double N = (double)B * T;
-    charge(0, F4 * N * (2.0 * H * (dn + dr) + H * (dn + dv) + dr + H * (dn + dr) + H * dv));
-}
-static void cost_mla_prep_backward(float *dq, float *dkv, float *dkpe, int ks, const float *dqh, const float *dkh, const float *dvh, const int32_t *pos, int B, int T, int H, int dn, int dr, int dv, float th)
-{
-    double N = (double)B * T;
-    charge(0, F4 * N * (2.0 * H * (dn + dr) + H * (dn + dv) + dr + H * (dn + dr) + H * dv));
-}
-/* causal: half of the T x T score matrix; forward QK^T and PV */
-static double attn_flops(int B, int T, int H, int Dk, int Dv) { return 2.0 * B * H * ((double)T * T / 2) * (Dk + Dv); }
-static void cost_attention_forward(float *o, float *l, const float *q, const float *k, const float *v, const int32_t *di, int B, int T, int H, int Dk, int Dv, float sc)
-{
-    charge(attn_flops(B, T, H, Dk, Dv), F4 * (double)B * T * H * (2.0 * Dk + 2.0 * Dv + 1));
-}
-/* backward: recompute QK^T, then dV, dP, dQ, dK: 2.5 x the forward */
-static void cost_attention_backward(float *dq, float *dk, float *dv, const float *d, const float *o, const float *l, const float *q, const float *k, const float *v, const int32_t *di, int B, int T, int H, int Dk, int Dv, float sc)
-{
-    charge(2.5 * attn_flops(B, T, H, Dk, Dv), F4 * (double)B * T * H * (4.0 * Dk + 4.0 * Dv + 1));
-}
-static void cost_moe_route_forward(int32_t *i, float *g, int32_t *c, float *z, const float *zz, const float *b, int N, int E, int k, float zc) { charge(0, F4 * ((double)N * E + 2.0 * N * k)); }
-static void cost_moe_route_backward(float *dz, const float *dg, float dzl, const float *z, const int32_t *i, int N, int E, int k, float zc) { charge(0, F4 * (3.0 * N * E + 2.0 * N * k)); }
-static void cost_moe_experts_forward(float *y, float *s, const float *x, const int32_t *i, const float *g, const float *w1, const float *w2, int N, int E, int k, int in, int h, int out)
-{
-    charge(2.0 * N * k * ((double)in * 2 * h + (double)h * out),
-           F4 * ((double)N * in + (double)E * (in * 2.0 * h + (double)h * out) + (double)N * out + 3.0 * N * k * h));
-}
-static void cost_moe_experts_backward(float *dx, float *dg, float *dw1, float *dw2, const float *dy, const float *s, const float *x, const int32_t *i, const float *g, const float *w1, const float *w2, int N, int E, int k, int in, int h, int out)
-{
-    charge(4.0 * N * k * ((double)in * 2 * h + (double)h * out),
-           F4 * (2.0 * N * in + 3.0 * E * (in * 2.0 * h + (double)h * out) + (double)N * out + 3.0 * N * k * h));
-}
-static void cost_classifier_forward(float *l, float *lse, const float *h, const float *w, const int32_t *t, int N, int V, int C)
-{
-    charge(2.0 * N * V * C, F4 * ((double)N * C + (double)V * C + 2.0 * N));
-}
-/* backward recomputes the logits, then dh and dwte */
-static void cost_classifier_backward(float *dh, float *dw, const float *h, const float *w, const int32_t *t, const float *lse, float s, int N, int V, int C)
-{
-    charge(6.0 * N * V * C, F4 * (3.0 * N * C + 3.0 * V * C + N));
-}
-static void cost_adamw_update(float *p, const float *g, float *m, float *v, size_t n, float lr, float b1, float b2, float eps, float wd, int step) { charge(0, F4 * 7.0 * n); }
-/* NS5 on the m x n orientation (m <= n): per iteration X X^T (2 m^2 n), A A (2 m^3), B X (2 m^2 n) */
-static void cost_muon_update(float *p, const float *g, float *b, float *w, int rows, int cols, float lr, float mu, float wd)
-{
-    double m = rows < cols ? rows : cols, n = rows < cols ? cols : rows;
-    charge(5 * (4 * m * m * n + 2 * m * m * m), F4 * 6.0 * m * n);
-}
-
-static void cost_muon_update_batch(float *const *p, const float *const *g, float *const *b, float *w, int count, int rows, int cols, float lr, float mu, float wd)
-{
-    for (int i = 0; i < count; i++) cost_muon_update(p[i], g[i], b[i], w, rows, cols, lr, mu, wd);
 }
 
 static void t_zero(void *p, size_t bytes)
@@ -588,6 +433,26 @@ static void t_attention_backward_set(float *dq, float *dk, float *dv, const floa
     cost_attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc_id, B, T, H, Dk, Dv, scale);
 }
 
+/* the fused MLA attention: timed with the attention, charged prep's bytes and the
+ * attention's cost (the fp32 bytes of the separate ops: a loose floor for the fused op) */
+static void t_mla_attention_forward(float *out, float *lse, float *save, const float *q, const float *kv, const float *kpe, int kpe_stride, const int32_t *pos, const int32_t *doc_id, int B, int T, int H, int dn, int dr, int dv, float theta, float scale)
+{
+    double t0 = begin();
+    inner->mla_attention_forward(out, lse, save, q, kv, kpe, kpe_stride, pos, doc_id, B, T, H, dn, dr, dv, theta, scale);
+    end(FAM_ATTN_FWD, t0);
+    cost_mla_prep_forward(save, save, save, q, kv, kpe, kpe_stride, pos, B, T, H, dn, dr, dv, theta);
+    cost_attention_forward(out, lse, save, save, save, doc_id, B, T, H, dn + dr, dv, scale);
+}
+
+static void t_mla_attention_backward_set(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dout, const float *out, const float *lse, const float *save, float *scratch, const int32_t *pos, const int32_t *doc_id, int B, int T, int H, int dn, int dr, int dv, float theta, float scale)
+{
+    double t0 = begin();
+    inner->mla_attention_backward_set(dq, dkv, dkpe, kpe_stride, dout, out, lse, save, scratch, pos, doc_id, B, T, H, dn, dr, dv, theta, scale);
+    end(FAM_ATTN_BWD, t0);
+    cost_mla_prep_backward(dq, dkv, dkpe, kpe_stride, scratch, scratch, scratch, pos, B, T, H, dn, dr, dv, theta);
+    cost_attention_backward(scratch, scratch, scratch, dout, out, lse, save, save, save, doc_id, B, T, H, dn + dr, dv, scale);
+}
+
 static void t_moe_route_forward(int32_t *idx, float *gate, int32_t *counts, float *zloss_out, const float *z, const float *bias, int N, int E, int k, float zcoef)
 {
     double t0 = begin();
@@ -601,7 +466,7 @@ static void t_add_i32(int32_t *y, const int32_t *x, size_t n)
     double t0 = begin();
     inner->add_i32(y, x, n);
     end(FAM_MOE_ROUTE, t0);
-    charge(0, 12.0 * n);
+    timed_charge(0, 12.0 * n);
 }
 
 static void t_router_bias_update(float *bias, const int32_t *loads, int rows, int E, int64_t tokens, int k, float rate)
@@ -609,7 +474,7 @@ static void t_router_bias_update(float *bias, const int32_t *loads, int rows, in
     double t0 = begin();
     inner->router_bias_update(bias, loads, rows, E, tokens, k, rate);
     end(FAM_MOE_ROUTE, t0);
-    charge(0, 12.0 * rows * E);
+    timed_charge(0, 12.0 * rows * E);
 }
 
 static void t_rows_gather(float *dst, const float *src, const int32_t *rows, int n, int width)
@@ -617,7 +482,7 @@ static void t_rows_gather(float *dst, const float *src, const int32_t *rows, int
     double t0 = begin();
     inner->rows_gather(dst, src, rows, n, width);
     end(FAM_MOE_EXPERTS_FWD, t0);
-    charge(0, F4 * 2.0 * n * width + 4.0 * n);
+    timed_charge(0, F4 * 2.0 * n * width + 4.0 * n);
 }
 
 static void t_moe_combine_forward(float *y, const float *vals, const int32_t *pos, const float *gate, int N, int k, int width)
@@ -625,7 +490,7 @@ static void t_moe_combine_forward(float *y, const float *vals, const int32_t *po
     double t0 = begin();
     inner->moe_combine_forward(y, vals, pos, gate, N, k, width);
     end(FAM_MOE_EXPERTS_FWD, t0);
-    charge(0, F4 * ((double)N * k * width + 2.0 * N * width + 2.0 * N * k));
+    timed_charge(0, F4 * ((double)N * k * width + 2.0 * N * width + 2.0 * N * k));
 }
 
 static void t_moe_combine_backward(float *dvals, float *dgate, const float *dy, const float *vals, const int32_t *pos, const float *gate, int N, int k, int width)
@@ -633,7 +498,7 @@ static void t_moe_combine_backward(float *dvals, float *dgate, const float *dy, 
     double t0 = begin();
     inner->moe_combine_backward(dvals, dgate, dy, vals, pos, gate, N, k, width);
     end(FAM_MOE_EXPERTS_BWD, t0);
-    charge(0, F4 * ((dgate ? 2.0 : 1.0) * N * k * width + N * width + 3.0 * N * k));
+    timed_charge(0, F4 * ((dgate ? 2.0 : 1.0) * N * k * width + N * width + 3.0 * N * k));
 }
 
 static void t_moe_route_backward(float *dz, const float *dgate, float dzloss, const float *z, const int32_t *idx, int N, int E, int k, float zcoef)
@@ -685,7 +550,7 @@ static void t_classifier_forward_backward(float *loss, float *lse, float *dh, fl
     double t0 = begin();
     inner->classifier_forward_backward(loss, lse, dh, dwte, h, wte, targets, dloss_scale, N, V, C);
     end(FAM_HEAD_LOSS_BWD, t0);
-    charge(6.0 * N * V * C, F4 * (3.0 * N * C + 3.0 * V * C + 3.0 * N));
+    timed_charge(6.0 * N * V * C, F4 * (3.0 * N * C + 3.0 * V * C + 3.0 * N));
 }
 
 static void t_adamw_update(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1, float beta2, float eps, float wd, int step)
@@ -769,6 +634,8 @@ const backend *timed_backend(const backend *in)
     timed.attention_forward = t_attention_forward;
     timed.attention_backward = t_attention_backward;
     timed.attention_backward_set = t_attention_backward_set;
+    timed.mla_attention_forward = t_mla_attention_forward;
+    timed.mla_attention_backward_set = t_mla_attention_backward_set;
     timed.moe_route_forward = t_moe_route_forward;
     timed.moe_route_backward = t_moe_route_backward;
     timed.add_i32 = t_add_i32;

@@ -11,7 +11,9 @@
  *
  * Layout and precision. The op's q, k [B, T, H, Dk], v, out, dout [B, T, H, Dv] are fp32;
  * each is rounded once to a bf16 copy in the same layout, which cuDNN reads as
- * [B, H, T, D] through strides (no transpose pass). lse [B, H, T] is cuDNN's Stats
+ * [B, H, T, D] through strides (no transpose pass). The fused MLA attention
+ * (attention_prep.cu) has its operands in bf16 already and calls the bf16 forms
+ * (attn_cudnn_forward_bf16, attn_cudnn_backward_bf16), which the fp32 ones wrap. lse [B, H, T] is cuDNN's Stats
  * tensor as it is: fp32, natural log of the sum of exponentials of the scaled scores,
  * the op's own convention, so a forward of either implementation feeds a backward of
  * either. out is written from cuDNN's bf16 O; dq, dk, dv (accumulated into, as the op
@@ -67,7 +69,7 @@ struct sdpa_plan {
 static cudnnHandle_t handle;
 static std::vector<sdpa_plan> plans;
 static int use_cudnn = -1; /* -1: not decided yet (DELTAMLA_ATTENTION read on first use) */
-static void *buf;          /* bf16 copies and cuDNN's workspace */
+static void *buf;          /* cuDNN's workspace */
 static size_t buf_bytes;
 
 static int calls; /* op calls cuDNN served (for the tests) */
@@ -181,25 +183,70 @@ static void run_plan(const sdpa_plan *p, std::unordered_map<int64_t, void *> &pa
 
 static size_t up256(size_t bytes) { return (bytes + 255) & ~(size_t)255; }
 
+/* cuDNN's graph for one direction, or NULL where it is not to run (DELTAMLA_ATTENTION=own,
+ * or a shape it refused) */
+static const sdpa_plan *wanted_plan(int backward, int B, int T, int H, int Dk, int Dv, float scale)
+{
+    return cudnn_wanted() ? get_plan(backward, B, T, H, Dk, Dv, scale) : NULL;
+}
+
+/* whether attn_cudnn_forward_bf16 and attn_cudnn_backward_bf16 both run this shape */
+extern "C" int attn_cudnn_bf16_ok(int B, int T, int H, int Dk, int Dv, float scale)
+{
+    return wanted_plan(0, B, T, H, Dk, Dv, scale) && wanted_plan(1, B, T, H, Dk, Dv, scale);
+}
+
+/* The forward on bf16 operands in the op's [B, T, H, D] layout: ob = attention(qb, kb,
+ * vb) in bf16, lse in fp32. 0 where cuDNN does not run it (nothing written). */
+extern "C" int attn_cudnn_forward_bf16(bf16 *ob, float *lse, const bf16 *qb, const bf16 *kb, const bf16 *vb, int B,
+                                       int T, int H, int Dk, int Dv, float scale)
+{
+    const sdpa_plan *p = wanted_plan(0, B, T, H, Dk, Dv, scale);
+    if (!p) return 0;
+    void *workspace = cuda_grow(&buf, &buf_bytes, (size_t)p->workspace);
+    std::unordered_map<int64_t, void *> pack = {
+        {UID_Q, (void *)qb}, {UID_K, (void *)kb}, {UID_V, (void *)vb}, {UID_O, ob}, {UID_STATS, lse}};
+    run_plan(p, pack, workspace, "cuda_attention_forward");
+    calls++;
+    return 1;
+}
+
+/* The backward on bf16 operands: dqb, dkb, dvb written in bf16. 0 where cuDNN does not
+ * run it (nothing written). */
+extern "C" int attn_cudnn_backward_bf16(bf16 *dqb, bf16 *dkb, bf16 *dvb, const bf16 *dob, const bf16 *ob,
+                                        const float *lse, const bf16 *qb, const bf16 *kb, const bf16 *vb, int B, int T,
+                                        int H, int Dk, int Dv, float scale)
+{
+    const sdpa_plan *p = wanted_plan(1, B, T, H, Dk, Dv, scale);
+    if (!p) return 0;
+    void *workspace = cuda_grow(&buf, &buf_bytes, (size_t)p->workspace);
+    std::unordered_map<int64_t, void *> pack = {
+        {UID_Q, (void *)qb},  {UID_K, (void *)kb},   {UID_V, (void *)vb}, {UID_O, (void *)ob},
+        {UID_DO, (void *)dob}, {UID_STATS, (void *)lse}, {UID_DQ, dqb},      {UID_DK, dkb}, {UID_DV, dvb}};
+    run_plan(p, pack, workspace, "cuda_attention_backward");
+    calls++;
+    return 1;
+}
+
+/* The fp32 op: each operand rounded to a bf16 copy (in copies, kept apart from cuDNN's
+ * workspace), then the bf16 form. */
+static void *copies;
+static size_t copies_bytes;
+
 extern "C" int attn_cudnn_forward(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T,
                                   int H, int Dk, int Dv, float scale)
 {
-    if (!cudnn_wanted()) return 0;
-    const sdpa_plan *p = get_plan(0, B, T, H, Dk, Dv, scale);
-    if (!p) return 0;
+    if (!wanted_plan(0, B, T, H, Dk, Dv, scale)) return 0;
     const size_t nk = (size_t)B * T * H * Dk, nv = (size_t)B * T * H * Dv;
     const size_t sk = up256(nk * sizeof(bf16)), sv = up256(nv * sizeof(bf16));
-    char *base = (char *)cuda_grow(&buf, &buf_bytes, 2 * sk + 2 * sv + (size_t)p->workspace);
+    char *base = (char *)cuda_grow(&copies, &copies_bytes, 2 * sk + 2 * sv);
     bf16 *qb = (bf16 *)base, *kb = (bf16 *)(base + sk), *vb = (bf16 *)(base + 2 * sk);
     bf16 *ob = (bf16 *)(base + 2 * sk + sv);
     cuda_to_bf16(qb, q, nk);
     cuda_to_bf16(kb, k, nk);
     cuda_to_bf16(vb, v, nv);
-    std::unordered_map<int64_t, void *> pack = {
-        {UID_Q, qb}, {UID_K, kb}, {UID_V, vb}, {UID_O, ob}, {UID_STATS, lse}};
-    run_plan(p, pack, base + 2 * sk + 2 * sv, "cuda_attention_forward");
+    attn_cudnn_forward_bf16(ob, lse, qb, kb, vb, B, T, H, Dk, Dv, scale);
     attn_from_bf16(out, ob, nv, 0);
-    calls++;
     return 1;
 }
 
@@ -207,12 +254,10 @@ extern "C" int attn_cudnn_backward(float *dq, float *dk, float *dv, const float 
                                    const float *lse, const float *q, const float *k, const float *v, int B, int T,
                                    int H, int Dk, int Dv, float scale, int set)
 {
-    if (!cudnn_wanted()) return 0;
-    const sdpa_plan *p = get_plan(1, B, T, H, Dk, Dv, scale);
-    if (!p) return 0;
+    if (!wanted_plan(1, B, T, H, Dk, Dv, scale)) return 0;
     const size_t nk = (size_t)B * T * H * Dk, nv = (size_t)B * T * H * Dv;
     const size_t sk = up256(nk * sizeof(bf16)), sv = up256(nv * sizeof(bf16));
-    char *base = (char *)cuda_grow(&buf, &buf_bytes, 4 * sk + 5 * sv + (size_t)p->workspace);
+    char *base = (char *)cuda_grow(&copies, &copies_bytes, 4 * sk + 5 * sv);
     bf16 *qb = (bf16 *)base, *kb = (bf16 *)(base + sk), *dqb = (bf16 *)(base + 2 * sk);
     bf16 *dkb = (bf16 *)(base + 3 * sk), *vb = (bf16 *)(base + 4 * sk), *ob = (bf16 *)(base + 4 * sk + sv);
     bf16 *dob = (bf16 *)(base + 4 * sk + 2 * sv), *dvb = (bf16 *)(base + 4 * sk + 3 * sv);
@@ -221,13 +266,9 @@ extern "C" int attn_cudnn_backward(float *dq, float *dk, float *dv, const float 
     cuda_to_bf16(vb, v, nv);
     cuda_to_bf16(ob, out, nv);
     cuda_to_bf16(dob, dout, nv);
-    std::unordered_map<int64_t, void *> pack = {{UID_Q, qb},   {UID_K, kb},   {UID_V, vb},
-                                                {UID_O, ob},   {UID_DO, dob}, {UID_STATS, (void *)lse},
-                                                {UID_DQ, dqb}, {UID_DK, dkb}, {UID_DV, dvb}};
-    run_plan(p, pack, base + 4 * sk + 5 * sv, "cuda_attention_backward");
+    attn_cudnn_backward_bf16(dqb, dkb, dvb, dob, ob, lse, qb, kb, vb, B, T, H, Dk, Dv, scale);
     attn_from_bf16(dq, dqb, nk, !set);
     attn_from_bf16(dk, dkb, nk, !set);
     attn_from_bf16(dv, dvb, nv, !set);
-    calls++;
     return 1;
 }

@@ -211,6 +211,16 @@ extern "C" int attn_cudnn_forward(float *out, float *lse, const float *q, const 
 extern "C" int attn_cudnn_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
                                    const float *lse, const float *q, const float *k, const float *v, int B, int T,
                                    int H, int Dk, int Dv, float scale, int set);
+/* The same on operands already in bf16, in the op's [B, T, H, D] layout (the fused MLA
+ * attention, attention_prep.cu): the forward writes ob in bf16, the backward dqb, dkb,
+ * dvb; 0 when declined, as above. attn_cudnn_bf16_ok: whether both directions run for
+ * this shape (the fused op picks its save format by it). */
+extern "C" int attn_cudnn_bf16_ok(int B, int T, int H, int Dk, int Dv, float scale);
+extern "C" int attn_cudnn_forward_bf16(bf16 *ob, float *lse, const bf16 *qb, const bf16 *kb, const bf16 *vb, int B,
+                                       int T, int H, int Dk, int Dv, float scale);
+extern "C" int attn_cudnn_backward_bf16(bf16 *dqb, bf16 *dkb, bf16 *dvb, const bf16 *dob, const bf16 *ob,
+                                        const float *lse, const bf16 *qb, const bf16 *kb, const bf16 *vb, int B, int T,
+                                        int H, int Dk, int Dv, float scale);
 /* dst = src (acc 0) or dst += src (acc 1): bf16 -> fp32, n elements, on the backend stream */
 extern "C" void attn_from_bf16(float *dst, const bf16 *src, size_t n, int acc);
 

@@ -12,14 +12,22 @@
  * double exactly as the CPU does (pow, sincos: both correctly rounded to about 1 ulp of
  * double), once per (token, pair) in shared memory and reused by every head; only the
  * final value is rounded to float. The double work is dr/2 sincos per token, negligible.
+ *
+ * The fused MLA attention (mla_attention_*, backend.h) runs prep and attention as one op.
+ * Where cuDNN's attention runs both directions (no document mask), the forward's prep
+ * writes the bf16 roundings of qh, kh, vh straight into the op's save, cuDNN reads them
+ * there and leaves out's bf16 copy beside them, and the backward's prep reads cuDNN's
+ * bf16 gradients as they are. The separate ops instead write fp32 that the attention then
+ * rounds to bf16 copies, and read fp32 gradients converted from bf16: four to seven
+ * extra passes over [N, H, 128..192] per direction, 0.75 ms per layer at moe-1b's shapes.
+ * The values are the same: each bf16 here is the rounding of the fp32 value the separate
+ * ops would store (float first, then bf16, the order cuda_to_bf16 sees them in), and a
+ * bf16 read as float is exact. Elsewhere (document masks, DELTAMLA_ATTENTION=own, shapes
+ * cuDNN refuses) the fused op is the two separate ops with fp32 in save.
  */
 #include <math.h>
 
-#include "cuda_common.cuh"
-
-extern "C" {
-#include "cuda_ops.h"
-}
+#include "attention_internal.cuh"
 
 #define PREP_THREADS 128
 
@@ -40,8 +48,16 @@ static __device__ void rope_table(double *rot, const int32_t *pos, int i, int T,
     __syncthreads();
 }
 
-/* One block per token i: qh, kh [N, H, dn+dr], vh [N, H, dv]; shared memory dr doubles. */
-static __global__ void prep_fwd_kernel(float *qh, float *kh, float *vh, const float *q, const float *kv,
+/* a prep output element: fp32, or the bf16 rounding of that fp32 value */
+static __device__ __forceinline__ void prep_put(float *p, float x) { *p = x; }
+static __device__ __forceinline__ void prep_put(bf16 *p, float x) { *p = __float2bfloat16_rn(x); }
+static __device__ __forceinline__ float prep_get(const float *p) { return *p; }
+static __device__ __forceinline__ float prep_get(const bf16 *p) { return __bfloat162float(*p); }
+
+/* One block per token i: qh, kh [N, H, dn+dr], vh [N, H, dv] in fp32 or bf16 (OutT);
+ * shared memory dr doubles. */
+template <typename OutT>
+static __global__ void prep_fwd_kernel(OutT *qh, OutT *kh, OutT *vh, const float *q, const float *kv,
                                        const float *kpe, int kpe_stride, const int32_t *pos, int T, int H,
                                        int dn, int dr, int dv, double theta)
 {
@@ -50,31 +66,33 @@ static __global__ void prep_fwd_kernel(float *qh, float *kh, float *vh, const fl
     rope_table(rot, pos, i, T, dr, theta);
     const float *qi = q + (size_t)i * H * dk, *kvi = kv + (size_t)i * H * dkv;
     const float *kpi = kpe + (size_t)i * kpe_stride;
-    float *qhi = qh + (size_t)i * H * dk, *khi = kh + (size_t)i * H * dk, *vhi = vh + (size_t)i * H * dv;
+    OutT *qhi = qh + (size_t)i * H * dk, *khi = kh + (size_t)i * H * dk, *vhi = vh + (size_t)i * H * dv;
     for (int e = threadIdx.x; e < H * dk; e += blockDim.x) {
         const int h = e / dk, col = e - h * dk;
         if (col < dn) {
-            qhi[e] = qi[e];
-            khi[e] = kvi[h * dkv + col];
+            prep_put(qhi + e, qi[e]);
+            prep_put(khi + e, kvi[h * dkv + col]);
         } else {
             const int j = (col - dn) >> 1, odd = (col - dn) & 1;
             const double cs = rot[j], sn = rot[half + j];
             const double x0 = qi[h * dk + dn + 2 * j], x1 = qi[h * dk + dn + 2 * j + 1];
             const double k0 = kpi[2 * j], k1 = kpi[2 * j + 1];
-            qhi[e] = (float)(odd ? x1 * cs + x0 * sn : x0 * cs - x1 * sn);
-            khi[e] = (float)(odd ? k1 * cs + k0 * sn : k0 * cs - k1 * sn);
+            prep_put(qhi + e, (float)(odd ? x1 * cs + x0 * sn : x0 * cs - x1 * sn));
+            prep_put(khi + e, (float)(odd ? k1 * cs + k0 * sn : k0 * cs - k1 * sn));
         }
     }
     for (int e = threadIdx.x; e < H * dv; e += blockDim.x) {
         const int h = e / dv, col = e - h * dv;
-        vhi[e] = kvi[h * dkv + dn + col];
+        prep_put(vhi + e, kvi[h * dkv + dn + col]);
     }
 }
 
-/* One block per token i: the adjoint of prep_fwd_kernel, accumulating. dkpe sums the
- * heads in order 0..H-1 in double, one thread per pair. */
-static __global__ void prep_bwd_kernel(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dqh,
-                                       const float *dkh, const float *dvh, const int32_t *pos, int T, int H,
+/* One block per token i: the adjoint of prep_fwd_kernel, accumulating; the gradients
+ * dqh, dkh, dvh in fp32 or bf16 (InT). dkpe sums the heads in order 0..H-1 in double,
+ * one thread per pair. */
+template <typename InT>
+static __global__ void prep_bwd_kernel(float *dq, float *dkv, float *dkpe, int kpe_stride, const InT *dqh,
+                                       const InT *dkh, const InT *dvh, const int32_t *pos, int T, int H,
                                        int dn, int dr, int dv, double theta, int set)
 {
     /* each output element is touched once: added to, or with set written (old unread) */
@@ -83,28 +101,28 @@ static __global__ void prep_bwd_kernel(float *dq, float *dkv, float *dkpe, int k
     rope_table(rot, pos, i, T, dr, theta);
     float *dqi = dq + (size_t)i * H * dk, *dkvi = dkv + (size_t)i * H * dkvw;
     float *dkpi = dkpe + (size_t)i * kpe_stride;
-    const float *gq = dqh + (size_t)i * H * dk, *gk = dkh + (size_t)i * H * dk, *gv = dvh + (size_t)i * H * dv;
+    const InT *gq = dqh + (size_t)i * H * dk, *gk = dkh + (size_t)i * H * dk, *gv = dvh + (size_t)i * H * dv;
     for (int e = threadIdx.x; e < H * dk; e += blockDim.x) {
         const int h = e / dk, col = e - h * dk;
         if (col < dn) {
-            dqi[e] = (set ? 0.0f : dqi[e]) + gq[e];
-            dkvi[h * dkvw + col] = (set ? 0.0f : dkvi[h * dkvw + col]) + gk[e];
+            dqi[e] = (set ? 0.0f : dqi[e]) + prep_get(gq + e);
+            dkvi[h * dkvw + col] = (set ? 0.0f : dkvi[h * dkvw + col]) + prep_get(gk + e);
         } else {
             const int j = (col - dn) >> 1, odd = (col - dn) & 1;
             const double cs = rot[j], sn = rot[half + j];
-            const double y0 = gq[h * dk + dn + 2 * j], y1 = gq[h * dk + dn + 2 * j + 1];
+            const double y0 = prep_get(gq + h * dk + dn + 2 * j), y1 = prep_get(gq + h * dk + dn + 2 * j + 1);
             dqi[e] = (set ? 0.0f : dqi[e]) + (float)(odd ? y1 * cs - y0 * sn : y0 * cs + y1 * sn);
         }
     }
     for (int e = threadIdx.x; e < H * dv; e += blockDim.x) {
         const int h = e / dv, col = e - h * dv;
-        dkvi[h * dkvw + dn + col] = (set ? 0.0f : dkvi[h * dkvw + dn + col]) + gv[e];
+        dkvi[h * dkvw + dn + col] = (set ? 0.0f : dkvi[h * dkvw + dn + col]) + prep_get(gv + e);
     }
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
         double s0 = 0, s1 = 0;
         for (int h = 0; h < H; h++) {
-            s0 += gk[h * dk + dn + 2 * j];
-            s1 += gk[h * dk + dn + 2 * j + 1];
+            s0 += prep_get(gk + h * dk + dn + 2 * j);
+            s1 += prep_get(gk + h * dk + dn + 2 * j + 1);
         }
         const double cs = rot[j], sn = rot[half + j];
         dkpi[2 * j] = (set ? 0.0f : dkpi[2 * j]) + (float)(s0 * cs + s1 * sn);
@@ -123,17 +141,18 @@ extern "C" void cuda_mla_prep_forward(float *qh, float *kh, float *vh, const flo
                                       int B, int T, int H, int dn, int dr, int dv, float theta)
 {
     prep_check("cuda_mla_prep_forward", B, T, H, dn, dr, dv);
-    prep_fwd_kernel<<<B * T, PREP_THREADS, dr * sizeof(double), cuda_stream()>>>(
+    prep_fwd_kernel<float><<<B * T, PREP_THREADS, dr * sizeof(double), cuda_stream()>>>(
         qh, kh, vh, q, kv, kpe, kpe_stride, pos, T, H, dn, dr, dv, (double)theta);
     LAUNCH_CHECK();
 }
 
-static void mla_prep_backward(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dqh, const float *dkh,
-                              const float *dvh, const int32_t *pos, int B, int T, int H, int dn, int dr, int dv,
+template <typename InT>
+static void mla_prep_backward(float *dq, float *dkv, float *dkpe, int kpe_stride, const InT *dqh, const InT *dkh,
+                              const InT *dvh, const int32_t *pos, int B, int T, int H, int dn, int dr, int dv,
                               float theta, int set)
 {
     prep_check("cuda_mla_prep_backward", B, T, H, dn, dr, dv);
-    prep_bwd_kernel<<<B * T, PREP_THREADS, dr * sizeof(double), cuda_stream()>>>(
+    prep_bwd_kernel<InT><<<B * T, PREP_THREADS, dr * sizeof(double), cuda_stream()>>>(
         dq, dkv, dkpe, kpe_stride, dqh, dkh, dvh, pos, T, H, dn, dr, dv, (double)theta, set);
     LAUNCH_CHECK();
 }
@@ -153,3 +172,76 @@ extern "C" void cuda_mla_prep_backward_set(float *dq, float *dkv, float *dkpe, i
     mla_prep_backward(dq, dkv, dkpe, kpe_stride, dqh, dkh, dvh, pos, B, T, H, dn, dr, dv, theta, 1);
 }
 
+
+/* ------------------------------------------------------ fused MLA attention ---- */
+
+#ifdef DELTAMLA_HAVE_CUDNN
+/* The bf16 layout of the fused op's save (and of its backward's scratch): four arrays
+ * of B*T*H rows, widths dk, dk, dv, dv (save: qh, kh, vh, out; scratch: dqh, dkh, dvh,
+ * dout), each from a 256-byte boundary. mla_attention_save_floats leaves room for it. */
+static void bf16_parts(bf16 **part, void *base, size_t rows, int dk, int dv)
+{
+    const size_t n[4] = {rows * dk, rows * dk, rows * dv, rows * dv};
+    char *at = (char *)base;
+    for (int i = 0; i < 4; i++) {
+        part[i] = (bf16 *)at;
+        at += (n[i] * sizeof(bf16) + 255) & ~(size_t)255;
+    }
+}
+
+/* the bf16 form runs: no document mask and cuDNN takes both directions of this shape */
+static int fused_bf16(const int32_t *doc_id, int B, int T, int H, int dk, int dv, float scale)
+{
+    return !doc_id && attn_cudnn_bf16_ok(B, T, H, dk, dv, scale);
+}
+#endif
+
+extern "C" void cuda_mla_attention_forward(float *out, float *lse, float *save, const float *q, const float *kv,
+                                           const float *kpe, int kpe_stride, const int32_t *pos,
+                                           const int32_t *doc_id, int B, int T, int H, int dn, int dr, int dv,
+                                           float theta, float scale)
+{
+    const int dk = dn + dr;
+    const size_t rows = (size_t)B * T * H;
+#ifdef DELTAMLA_HAVE_CUDNN
+    if (fused_bf16(doc_id, B, T, H, dk, dv, scale)) {
+        prep_check("cuda_mla_attention_forward", B, T, H, dn, dr, dv);
+        bf16 *p[4];
+        bf16_parts(p, save, rows, dk, dv);
+        prep_fwd_kernel<bf16><<<B * T, PREP_THREADS, dr * sizeof(double), cuda_stream()>>>(
+            p[0], p[1], p[2], q, kv, kpe, kpe_stride, pos, T, H, dn, dr, dv, (double)theta);
+        LAUNCH_CHECK();
+        fatal_check(attn_cudnn_forward_bf16(p[3], lse, p[0], p[1], p[2], B, T, H, dk, dv, scale));
+        attn_from_bf16(out, p[3], rows * dv, 0);
+        return;
+    }
+#endif
+    float *qh = save, *kh = save + rows * dk, *vh = save + 2 * rows * dk;
+    cuda_mla_prep_forward(qh, kh, vh, q, kv, kpe, kpe_stride, pos, B, T, H, dn, dr, dv, theta);
+    cuda_attention_forward(out, lse, qh, kh, vh, doc_id, B, T, H, dk, dv, scale);
+}
+
+extern "C" void cuda_mla_attention_backward_set(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dout,
+                                                const float *out, const float *lse, const float *save,
+                                                float *scratch, const int32_t *pos, const int32_t *doc_id, int B,
+                                                int T, int H, int dn, int dr, int dv, float theta, float scale)
+{
+    const int dk = dn + dr;
+    const size_t rows = (size_t)B * T * H;
+#ifdef DELTAMLA_HAVE_CUDNN
+    if (fused_bf16(doc_id, B, T, H, dk, dv, scale)) {
+        bf16 *p[4], *g[4];
+        bf16_parts(p, (void *)save, rows, dk, dv);
+        bf16_parts(g, scratch, rows, dk, dv);
+        cuda_to_bf16(g[3], dout, rows * dv);
+        fatal_check(attn_cudnn_backward_bf16(g[0], g[1], g[2], g[3], p[3], lse, p[0], p[1], p[2], B, T, H, dk, dv,
+                                             scale));
+        mla_prep_backward<bf16>(dq, dkv, dkpe, kpe_stride, g[0], g[1], g[2], pos, B, T, H, dn, dr, dv, theta, 1);
+        return;
+    }
+#endif
+    const float *qh = save, *kh = save + rows * dk, *vh = save + 2 * rows * dk;
+    float *dqh = scratch, *dkh = scratch + rows * dk, *dvh = scratch + 2 * rows * dk;
+    cuda_attention_backward_set(dqh, dkh, dvh, dout, out, lse, qh, kh, vh, doc_id, B, T, H, dk, dv, scale);
+    mla_prep_backward<float>(dq, dkv, dkpe, kpe_stride, dqh, dkh, dvh, pos, B, T, H, dn, dr, dv, theta, 1);
+}

@@ -263,6 +263,8 @@ extern "C" const backend *backend_cuda(int device)
     b.attention_forward = cuda_attention_forward;
     b.attention_backward = cuda_attention_backward;
     b.attention_backward_set = cuda_attention_backward_set;
+    b.mla_attention_forward = cuda_mla_attention_forward;
+    b.mla_attention_backward_set = cuda_mla_attention_backward_set;
     b.moe_route_forward = cuda_moe_route_forward;
     b.moe_route_backward = cuda_moe_route_backward;
     b.add_i32 = cuda_add_i32;

@@ -109,6 +109,13 @@ void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout,
 void cuda_attention_backward_set(float *dq, float *dk, float *dv, const float *dout, const float *out,
                                  const float *lse, const float *q, const float *k, const float *v,
                                  const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale);
+void cuda_mla_attention_forward(float *out, float *lse, float *save, const float *q, const float *kv, const float *kpe,
+                                int kpe_stride, const int32_t *pos, const int32_t *doc_id, int B, int T, int H, int dn,
+                                int dr, int dv, float theta, float scale);
+void cuda_mla_attention_backward_set(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dout,
+                                    const float *out, const float *lse, const float *save, float *scratch,
+                                    const int32_t *pos, const int32_t *doc_id, int B, int T, int H, int dn, int dr,
+                                    int dv, float theta, float scale);
 /* 1: attention without document masking through cuDNN's fused kernels where the build has
  * them (the default unless DELTAMLA_ATTENTION=own); 0: deltamla's own kernels always */
 void cuda_attention_use_cudnn(int on);

@@ -236,6 +236,29 @@ typedef struct backend {
                                    const float *lse, const float *q, const float *k, const float *v,
                                    const int32_t *doc_id, int B, int T, int H, int Dk, int Dv, float scale);
 
+    /* ---- MLA attention, fused: mla_prep and causal attention as one op ----
+     * Forward: qh, kh, vh = mla_prep_forward(q, kv, kpe, pos, theta); out, lse =
+     * attention_forward(qh, kh, vh, doc_id, scale), all as in those ops (Dk = dn + dr,
+     * Dv = dv). qh, kh and vh go to save (mla_attention_save_floats floats), in the
+     * backend's own format, which only mla_attention_backward_set reads: the CPU keeps
+     * them in fp32; CUDA keeps their bf16 roundings and out's, the operands of its
+     * attention kernels, where cuDNN's attention runs (no doc_id), fp32 copies elsewhere.
+     * The choice depends on the shape, doc_id and the attention kernel setting, so a
+     * backward reads what the forward of the same call pattern wrote.
+     * Backward: dqh, dkh, dvh = attention_backward_set(dout, out, lse, qh, kh, vh);
+     * dq, dkv, dkpe = mla_prep_backward_set(dqh, dkh, dvh): written, not added to (dkpe:
+     * its dr columns of each kpe_stride row, the rest untouched). scratch:
+     * mla_attention_save_floats floats, contents on entry unread. On the CPU the bits
+     * equal those op sequences; on CUDA too, since its attention rounds its operands to
+     * bf16 either way. */
+    void (*mla_attention_forward)(float *out, float *lse, float *save, const float *q, const float *kv,
+                                  const float *kpe, int kpe_stride, const int32_t *pos, const int32_t *doc_id,
+                                  int B, int T, int H, int dn, int dr, int dv, float theta, float scale);
+    void (*mla_attention_backward_set)(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dout,
+                                       const float *out, const float *lse, const float *save, float *scratch,
+                                       const int32_t *pos, const int32_t *doc_id, int B, int T, int H, int dn,
+                                       int dr, int dv, float theta, float scale);
+
     /* ---- mixture of experts (MODEL.md section 5) ---- */
     /* Router: z [N,E] logits. aff = sigmoid(z); select top-k of aff + bias (ties: lower
      * expert index first); gate = aff_sel / (sum aff_sel + 1e-9).
@@ -334,6 +357,10 @@ size_t gdn_state_floats(int B, int T, int H, int D);
 size_t mlp_scratch_floats(int N, int h);
 /* where dgu starts in that scratch, in floats from its start (both backends' layout) */
 size_t mlp_scratch_dgu_offset(int N, int h);
+/* floats of save (and of scratch) for mla_attention_forward/backward_set: qh, kh
+ * [N, H, dn + dr] and vh [N, H, dv] in fp32, N = B*T, and 256 more (room for a backend
+ * to align its own layout) */
+size_t mla_attention_save_floats(int N, int H, int dn, int dr, int dv);
 /* scratch floats muon_update needs for a rows x cols matrix */
 size_t muon_work_floats(int rows, int cols);
 /* the most matrices one muon_update_batch call takes */

@@ -139,6 +139,35 @@ static void cpu_attention_backward_set(float *dq, float *dk, float *dv, const fl
     cpu_attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc_id, B, T, H, Dk, Dv, scale);
 }
 
+size_t mla_attention_save_floats(int N, int H, int dn, int dr, int dv)
+{
+    return (size_t)N * H * (2 * (size_t)(dn + dr) + (size_t)dv) + 256;
+}
+
+/* the fused MLA attention (backend.h): save and scratch hold qh, kh, vh (and their
+ * gradients) in fp32, one after the other */
+static void cpu_mla_attention_forward(float *out, float *lse, float *save, const float *q, const float *kv,
+                                      const float *kpe, int kpe_stride, const int32_t *pos, const int32_t *doc_id,
+                                      int B, int T, int H, int dn, int dr, int dv, float theta, float scale)
+{
+    const size_t nk = (size_t)B * T * H * (dn + dr);
+    float *qh = save, *kh = save + nk, *vh = save + 2 * nk;
+    cpu_mla_prep_forward(qh, kh, vh, q, kv, kpe, kpe_stride, pos, B, T, H, dn, dr, dv, theta);
+    cpu_attention_forward(out, lse, qh, kh, vh, doc_id, B, T, H, dn + dr, dv, scale);
+}
+
+static void cpu_mla_attention_backward_set(float *dq, float *dkv, float *dkpe, int kpe_stride, const float *dout,
+                                           const float *out, const float *lse, const float *save, float *scratch,
+                                           const int32_t *pos, const int32_t *doc_id, int B, int T, int H, int dn,
+                                           int dr, int dv, float theta, float scale)
+{
+    const size_t nk = (size_t)B * T * H * (dn + dr);
+    const float *qh = save, *kh = save + nk, *vh = save + 2 * nk;
+    float *dqh = scratch, *dkh = scratch + nk, *dvh = scratch + 2 * nk;
+    cpu_attention_backward_set(dqh, dkh, dvh, dout, out, lse, qh, kh, vh, doc_id, B, T, H, dn + dr, dv, scale);
+    cpu_mla_prep_backward_set(dq, dkv, dkpe, kpe_stride, dqh, dkh, dvh, pos, B, T, H, dn, dr, dv, theta);
+}
+
 static const backend cpu_backend = {
     .name = "cpu",
     .alloc = cpu_alloc,
@@ -192,6 +221,8 @@ static const backend cpu_backend = {
     .attention_forward = cpu_attention_forward,
     .attention_backward = cpu_attention_backward,
     .attention_backward_set = cpu_attention_backward_set,
+    .mla_attention_forward = cpu_mla_attention_forward,
+    .mla_attention_backward_set = cpu_mla_attention_backward_set,
     .moe_route_forward = cpu_moe_route_forward,
     .moe_route_backward = cpu_moe_route_backward,
     .add_i32 = cpu_add_i32,

@@ -55,7 +55,7 @@ typedef struct gdn_acts {
 /* saved activations of an MLA block */
 typedef struct mla_acts {
     float *ln1, *rstd1, *qa, *qa_n, *qa_mean, *qa_rstd, *q, *ckv, *kpe, *ckv_n, *kv_mean, *kv_rstd;
-    float *kv, *qh, *kh, *vh, *att, *lse, *xmid, *ln2, *rstd2;
+    float *kv, *asave, *att, *lse, *xmid, *ln2, *rstd2; /* asave: mla_attention_forward's save */
     float *gu, *act;                          /* dense FFN */
     float *z, *gate, *sh_gu[16], *sh_act[16], *lat, *ey, *esave;
     int32_t *idx;

@@ -5,7 +5,7 @@
  *   q  = u Wq^T, or LayerNorm(u Wqa^T) Wqb^T                      [N, H(dn+dr)]
  *   c_kv = u Wkva[0:rkv]^T, k_pe = u Wkva[rkv:]^T                 (the two row blocks of wkv_a)
  *   kv = LayerNorm(c_kv) Wkvb^T                                   [N, H(dn+dv)]
- *   qh, kh, vh = per-head assembly with RoPE (mla_prep); causal attention; wo
+ *   qh, kh, vh = per-head assembly with RoPE, then causal attention (mla_attention); wo
  *   x_mid = x + that ; out = x_mid + FFN(RMSNorm2(x_mid))
  *   MoE FFN: z = u2 Wr^T; route; shared experts on u2; routed experts on u2 (standard) or
  *   on down(u2) followed by up (LatentMoE).
@@ -74,9 +74,7 @@ void mla_plan(model *m, int l, arena *a)
     A->kv_mean = ARENA_F(a, N);
     A->kv_rstd = ARENA_F(a, N);
     A->kv = ARENA_F(a, (size_t)N * H * (dn + dv));
-    A->qh = ARENA_F(a, (size_t)N * H * (dn + dr));
-    A->kh = ARENA_F(a, (size_t)N * H * (dn + dr));
-    A->vh = ARENA_F(a, (size_t)N * H * dv);
+    A->asave = ARENA_F(a, mla_attention_save_floats(N, H, dn, dr, dv));
     A->att = ARENA_F(a, (size_t)N * H * dv);
     A->lse = ARENA_F(a, (size_t)N * H);
     A->xmid = ARENA_F(a, (size_t)N * d);
@@ -190,9 +188,8 @@ void mla_forward(model *m, int l, const float *x, float *out)
     }
     be->layernorm_forward(A->ckv_n, A->kv_mean, A->kv_rstd, A->ckv, PW(mi->kv_norm_w), PW(mi->kv_norm_b), N, rkv);
     be->matmul_forward(A->kv, A->ckv_n, PW(mi->wkv_b), N, rkv, H * (dn + dv));
-    be->mla_prep_forward(A->qh, A->kh, A->vh, A->q, A->kv, A->kpe, dr, m->pos, B, T, H, dn, dr, dv, c->rope_theta);
-    be->attention_forward(A->att, A->lse, A->qh, A->kh, A->vh, m->doc_id, B, T, H, dn + dr, dv,
-                          1.0f / sqrtf((float)(dn + dr)));
+    be->mla_attention_forward(A->att, A->lse, A->asave, A->q, A->kv, A->kpe, dr, m->pos, m->doc_id, B, T, H, dn, dr,
+                              dv, c->rope_theta, 1.0f / sqrtf((float)(dn + dr)));
     be->matmul_forward_add(A->xmid, A->att, PW(mi->wo), x, N, H * dv, d); /* xmid = x + attention */
 
     be->rmsnorm_forward(A->ln2, A->rstd2, A->xmid, PW(mi->ffn_norm), N, d);
@@ -268,13 +265,12 @@ void mla_backward(model *m, int l, const float *x, float *dx, arena *s)
     s->used = 0;
     dln = ARENA_F(s, Nd);
     float *datt = ARENA_F(s, (size_t)N * H * dv);
-    float *dqh = ARENA_F(s, (size_t)N * Dq), *dkh = ARENA_F(s, (size_t)N * Dq), *dvh = ARENA_F(s, (size_t)N * H * dv);
+    float *att_scratch = ARENA_F(s, mla_attention_save_floats(N, H, dn, dr, dv));
     float *dq = ARENA_F(s, (size_t)N * Dq), *dkv = ARENA_F(s, (size_t)N * H * (dn + dv));
     float *dkpe = ARENA_F(s, (size_t)N * dr), *dckv_n = ARENA_F(s, (size_t)N * rkv), *dckv = ARENA_F(s, (size_t)N * rkv);
     be->matmul_backward_set(datt, GW(mi->wo), dx, A->att, PW(mi->wo), N, H * dv, d);
-    be->attention_backward_set(dqh, dkh, dvh, datt, A->att, A->lse, A->qh, A->kh, A->vh, m->doc_id, B, T, H, dn + dr, dv,
-                           1.0f / sqrtf((float)(dn + dr)));
-    be->mla_prep_backward_set(dq, dkv, dkpe, dr, dqh, dkh, dvh, m->pos, B, T, H, dn, dr, dv, c->rope_theta);
+    be->mla_attention_backward_set(dq, dkv, dkpe, dr, datt, A->att, A->lse, A->asave, att_scratch, m->pos, m->doc_id,
+                                   B, T, H, dn, dr, dv, c->rope_theta, 1.0f / sqrtf((float)(dn + dr)));
     be->matmul_backward_set(dckv_n, GW(mi->wkv_b), dkv, A->ckv_n, PW(mi->wkv_b), N, rkv, H * (dn + dv));
     be->zero(dckv, (size_t)N * rkv * sizeof(float));
     be->layernorm_backward(dckv, GW(mi->kv_norm_w), GW(mi->kv_norm_b), dckv_n, A->ckv, PW(mi->kv_norm_w),

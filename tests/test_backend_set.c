@@ -6,8 +6,8 @@
  * for bit; the weight gradients of matmul_backward_set and conv_backward_set still
  * accumulate. The model (src/model_gdn.c, src/model_mla.c) uses them where it used to
  * zero a buffer first. Also the multi forms of the Linear layer (several parts on one
- * input), against the single ops. The
- * CUDA twins are checked against the CPU on the GPU (tests/gpu/test_gpu_dense.c,
+ * input), against the single ops, and the fused MLA attention against the op sequence it
+ * stands for. The CUDA twins are checked against the CPU on the GPU (tests/gpu/test_gpu_dense.c,
  * test_gpu_basic.c, test_gpu_attention.c, test_gpu_gdn.c).
  */
 #include <math.h>
@@ -207,6 +207,47 @@ static void test_small_ops(const backend *be)
     free(gq), free(gk), free(gv), free(pos), free(rq), free(rkv), free(rc), free(sq), free(skv), free(sc);
 }
 
+/* mla_attention_forward / backward_set: the op sequences they stand for (backend.h),
+ * bitwise, with and without documents; the backward's gradients over NaN */
+static void test_mla_attention(const backend *be, int docs)
+{
+    const int B = 2, T = 23, H = 3, dn = 8, dr = 4, dv = 6, dk = dn + dr, stride = dr + 3, N = B * T; /* k_pe at column 3 */
+    const size_t nq = (size_t)N * H * dk, nkv = (size_t)N * H * (dn + dv), nv = (size_t)N * H * dv;
+    const size_t nc = (size_t)N * stride, ns = mla_attention_save_floats(N, H, dn, dr, dv);
+    const uint64_t key = rng_key(7, "mla_attention") + (uint64_t)docs;
+    float *q = random_buf(key, nq), *kv = random_buf(key + 1, nkv), *c = random_buf(key + 2, nc);
+    float *dout = random_buf(key + 3, nv);
+    int32_t doc[B * T];
+    for (int i = 0; i < N; i++) doc[i] = (i % T) / 7;
+    const int32_t *d = docs ? doc : NULL;
+    const float scale = 0.3f, theta = 10000.0f;
+    /* the sequence */
+    float *qh = xmalloc(nq * sizeof(float)), *kh = xmalloc(nq * sizeof(float)), *vh = xmalloc(nv * sizeof(float));
+    float *out = xmalloc(nv * sizeof(float)), *lse = xmalloc((size_t)N * H * sizeof(float));
+    float *gq = xmalloc(nq * sizeof(float)), *gk = xmalloc(nq * sizeof(float)), *gv = xmalloc(nv * sizeof(float));
+    float *dq = filled(nq, NAN), *dkv = filled(nkv, NAN), *dc = random_buf(key + 4, nc);
+    be->mla_prep_forward(qh, kh, vh, q, kv, c + 3, stride, NULL, B, T, H, dn, dr, dv, theta);
+    be->attention_forward(out, lse, qh, kh, vh, d, B, T, H, dk, dv, scale);
+    be->attention_backward_set(gq, gk, gv, dout, out, lse, qh, kh, vh, d, B, T, H, dk, dv, scale);
+    be->mla_prep_backward_set(dq, dkv, dc + 3, stride, gq, gk, gv, NULL, B, T, H, dn, dr, dv, theta);
+    /* the fused op */
+    float *fout = xmalloc(nv * sizeof(float)), *flse = xmalloc((size_t)N * H * sizeof(float));
+    float *save = xmalloc(ns * sizeof(float)), *scratch = filled(ns, NAN);
+    float *fdq = filled(nq, NAN), *fdkv = filled(nkv, NAN), *fdc = random_buf(key + 4, nc);
+    be->mla_attention_forward(fout, flse, save, q, kv, c + 3, stride, NULL, d, B, T, H, dn, dr, dv, theta, scale);
+    be->mla_attention_backward_set(fdq, fdkv, fdc + 3, stride, dout, fout, flse, save, scratch, NULL, d, B, T, H, dn,
+                                   dr, dv, theta, scale);
+    check(!memcmp(out, fout, nv * sizeof(float)) && !memcmp(lse, flse, (size_t)N * H * sizeof(float)),
+          "mla_attention_forward%s: out and lse bitwise as mla_prep_forward + attention_forward", docs ? " docs" : "");
+    check(!memcmp(dq, fdq, nq * sizeof(float)) && !memcmp(dkv, fdkv, nkv * sizeof(float)) &&
+              !memcmp(dc, fdc, nc * sizeof(float)),
+          "mla_attention_backward_set%s: dq, dkv, dkpe over NaN bitwise as attention_backward_set + "
+          "mla_prep_backward_set, the rest of each row untouched", docs ? " docs" : "");
+    free(q), free(kv), free(c), free(dout), free(qh), free(kh), free(vh), free(out), free(lse), free(gq), free(gk);
+    free(gv), free(dq), free(dkv), free(dc), free(fout), free(flse), free(save), free(scratch), free(fdq), free(fdkv);
+    free(fdc);
+}
+
 int main(void)
 {
     const backend *be = backend_cpu();
@@ -229,6 +270,8 @@ int main(void)
     test_small_ops(be);
     test_attention(be, 2, 19, 3, 24, 16);
     test_attention(be, 1, 70, 2, 40, 8);
+    test_mla_attention(be, 0);
+    test_mla_attention(be, 1);
     printf("# %d failure(s)\n", failures);
     return failures != 0;
 }

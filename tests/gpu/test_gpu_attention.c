@@ -12,6 +12,8 @@
  *     tiles, some of length 1) and with ids that repeat across separate runs; a
  *     "sharp" variant with larger q, k so that the running max moves between tiles.
  *     The backward of both backends gets identical inputs (the CPU's out and lse).
+ *   - the fused MLA attention (mla_attention_*: prep and attention in one op) against
+ *     the CPU at bf16 tolerance, and bitwise against the GPU's separate ops.
  * Forward outputs are poisoned with NaN first (an unwritten element fails). Gradient
  * buffers start at PREFILL on both sides and (result - PREFILL) is compared, which
  * checks that backward accumulates. Every GPU op runs twice from identical states and
@@ -448,6 +450,90 @@ static void time_attention(gt_ctx *g, int B, int T, int H, int Dk, int Dv, int d
     g->gpu->free(out), g->gpu->free(lse), g->gpu->free(dq), g->gpu->free(dk), g->gpu->free(dv);
 }
 
+/* ------------------------------------------------- fused MLA attention ---------- */
+
+/* mla_attention_forward / backward_set against the CPU (bf16 tolerance) and against the
+ * GPU's own separate ops (mla_prep, then attention; attention_backward_set, then
+ * mla_prep_backward_set) on the same inputs, which it must match bit for bit: the
+ * fused op only leaves out the fp32 round trips between them. k_pe strided in c as in
+ * test_prep; gradients written over NaN, c's c_kv columns untouched. */
+static void test_mla_attention(gt_ctx *g, int B, int T, int H, int dn, int dr, int dv, int docs)
+{
+    const int N = B * T, dk = dn + dr, rkv = 5, stride = rkv + dr;
+    const size_t nq = (size_t)N * H * dk, nkv = (size_t)N * H * (dn + dv), nv = (size_t)N * H * dv;
+    const size_t nc = (size_t)N * stride, nl = (size_t)N * H, ns = mla_attention_save_floats(N, H, dn, dr, dv);
+    const float scale = 1.0f / sqrtf((float)dk);
+    char name[160], what[256];
+    snprintf(name, sizeof name, "B=%d T=%d H=%d dn=%d dr=%d dv=%d%s%s", B, T, H, dn, dr, dv, doc_name[docs], impl);
+    const layout Lq = {B, T, H, dk, 0}, Lkv = {B, T, H, dn + dv, 0}, Lv = {B, T, H, dv, 0};
+    const layout Ll = {B, T, H, 1, 1}, Lc = {B, T, 1, stride, 0};
+    float *q = gt_rand(g, nq, -1.5f, 1.5f), *kv = gt_rand(g, nkv, -1.5f, 1.5f), *c = gt_rand(g, nc, -1.5f, 1.5f);
+    float *dout = gt_rand(g, nv, -1, 1);
+    int32_t *doc_h = docs ? make_docs(g, B, T, 40, docs) : NULL, *doc_d = doc_h ? gt_up_int(g, doc_h, N) : NULL;
+
+    /* the CPU: forward, then the backward of its own forward */
+    float *out = xmalloc(nv * sizeof *out), *lse = xmalloc(nl * sizeof *lse), *save = xmalloc(ns * sizeof *save);
+    float *scr = xmalloc(ns * sizeof *scr), *dq = filled(nq, NAN), *dkv = filled(nkv, NAN), *dc = filled(nc, PREFILL);
+    g->cpu->mla_attention_forward(out, lse, save, q, kv, c + rkv, stride, NULL, doc_h, B, T, H, dn, dr, dv, THETA, scale);
+    g->cpu->mla_attention_backward_set(dq, dkv, dc + rkv, stride, dout, out, lse, save, scr, NULL, doc_h, B, T, H, dn,
+                                       dr, dv, THETA, scale);
+
+    /* the GPU: fused (f) and separate (s), each gradient over NaN (c: its dkpe columns) */
+    float *d_q = gt_up(g, q, nq), *d_kv = gt_up(g, kv, nkv), *d_c = gt_up(g, c, nc), *d_dout = gt_up(g, dout, nv);
+    float *d_save = g->gpu->alloc(ns * sizeof(float)), *d_scr = g->gpu->alloc(ns * sizeof(float));
+    float *d_qh = d_scr, *d_kh = d_scr + nq, *d_vh = d_scr + 2 * nq; /* the separate ops' buffers */
+    float *d_g = g->gpu->alloc(ns * sizeof(float));
+    float *res[2][5]; /* out, lse, dq, dkv, c */
+    for (int fused = 1; fused >= 0; fused--) {
+        float *d_out = up_filled(g, nv, NAN), *d_lse = up_filled(g, nl, NAN), *d_dq = up_filled(g, nq, NAN);
+        float *d_dkv = up_filled(g, nkv, NAN), *d_dc = up_filled(g, nc, PREFILL);
+        float *c0 = filled(nc, PREFILL);
+        for (int i = 0; i < N; i++)
+            for (int j = 0; j < dr; j++) c0[(size_t)i * stride + rkv + j] = NAN;
+        g->gpu->from_host(d_dc, c0, nc * sizeof(float));
+        if (fused) {
+            g->gpu->mla_attention_forward(d_out, d_lse, d_save, d_q, d_kv, d_c + rkv, stride, NULL, doc_d, B, T, H, dn,
+                                          dr, dv, THETA, scale);
+            gt_poison(g, d_scr, ns);
+            g->gpu->mla_attention_backward_set(d_dq, d_dkv, d_dc + rkv, stride, d_dout, d_out, d_lse, d_save, d_scr,
+                                               NULL, doc_d, B, T, H, dn, dr, dv, THETA, scale);
+        } else {
+            g->gpu->mla_prep_forward(d_qh, d_kh, d_vh, d_q, d_kv, d_c + rkv, stride, NULL, B, T, H, dn, dr, dv, THETA);
+            g->gpu->attention_forward(d_out, d_lse, d_qh, d_kh, d_vh, doc_d, B, T, H, dk, dv, scale);
+            g->gpu->attention_backward_set(d_g, d_g + nq, d_g + 2 * nq, d_dout, d_out, d_lse, d_qh, d_kh, d_vh, doc_d,
+                                           B, T, H, dk, dv, scale);
+            g->gpu->mla_prep_backward_set(d_dq, d_dkv, d_dc + rkv, stride, d_g, d_g + nq, d_g + 2 * nq, NULL, B, T, H,
+                                          dn, dr, dv, THETA);
+        }
+        nodoc_calls += docs ? 0 : 2;
+        res[fused][0] = gt_down(g, d_out, nv), res[fused][1] = gt_down(g, d_lse, nl);
+        res[fused][2] = gt_down(g, d_dq, nq), res[fused][3] = gt_down(g, d_dkv, nkv), res[fused][4] = gt_down(g, d_dc, nc);
+        g->gpu->free(d_out), g->gpu->free(d_lse), g->gpu->free(d_dq), g->gpu->free(d_dkv), g->gpu->free(d_dc);
+        free(c0);
+    }
+    snprintf(what, sizeof what, "mla_attention_forward %s: out", name);
+    compare(what, res[1][0], out, nv, ATT_TOL, &Lv);
+    snprintf(what, sizeof what, "mla_attention_forward %s: lse", name);
+    compare(what, res[1][1], lse, nl, ATT_TOL, &Ll);
+    snprintf(what, sizeof what, "mla_attention_backward_set %s: dq over NaN", name);
+    compare(what, res[1][2], dq, nq, ATT_TOL, &Lq);
+    snprintf(what, sizeof what, "mla_attention_backward_set %s: dkv over NaN", name);
+    compare(what, res[1][3], dkv, nkv, ATT_TOL, &Lkv);
+    snprintf(what, sizeof what, "mla_attention_backward_set %s: dkpe written in c, c_kv columns untouched", name);
+    compare(what, res[1][4], dc, nc, ATT_TOL, &Lc);
+    static const char *part[] = {"out", "lse", "dq", "dkv", "c with dkpe"};
+    const size_t len[] = {nv, nl, nq, nkv, nc};
+    for (int i = 0; i < 5; i++) {
+        snprintf(what, sizeof what, "mla_attention %s: %s bitwise as the separate GPU ops'", name, part[i]);
+        same_bits(what, res[1][i], res[0][i], len[i]);
+        free(res[0][i]), free(res[1][i]);
+    }
+    g->gpu->free(d_q), g->gpu->free(d_kv), g->gpu->free(d_c), g->gpu->free(d_dout), g->gpu->free(doc_d);
+    g->gpu->free(d_save), g->gpu->free(d_scr), g->gpu->free(d_g);
+    free(q), free(kv), free(c), free(dout), free(doc_h), free(out), free(lse), free(save), free(scr);
+    free(dq), free(dkv), free(dc);
+}
+
 int main(void)
 {
     gt_ctx g;
@@ -472,6 +558,10 @@ int main(void)
         test_attention(&g, 2, 200, 2, 48, 24, DOCS_PACKED, 1.5f); /* the GPU step test's head dims */
         test_attention(&g, 1, 1024, 12, 192, 128, DOCS_NONE, 1.5f);
         test_attention(&g, 1, 1024, 12, 192, 128, DOCS_PACKED, 1.5f);
+
+        test_mla_attention(&g, 1, 37, 2, 16, 8, 16, DOCS_NONE);
+        test_mla_attention(&g, 2, 130, 3, 128, 64, 128, DOCS_NONE);
+        test_mla_attention(&g, 2, 130, 3, 128, 64, 128, DOCS_PACKED);
 
         time_attention(&g, 8, 2048, 12, 192, 128, 0, 5);
         time_attention(&g, 8, 2048, 12, 192, 128, 1, 5);
