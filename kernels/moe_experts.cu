@@ -17,11 +17,14 @@
  * and "weight gradient" (K = the tokens of one expert, one block per output tile of one
  * expert, so every dw element is one thread's sum in a fixed order). Epilogues do the
  * rest: the output tile is parked in shared memory and written row by row with wide
- * coalesced accesses. The first forward GEMM writes save = [g | u | silu(g) u] in
- * (token, slot) order and act (bf16, sorted order) for the second; the first backward
- * GEMM (w2 dy) applies the SwiGLU backward, writes dpre and gate act (bf16, sorted
- * order: the operands of the later GEMMs, which round them to bf16 anyway) and per-tile
- * partial dot products for dgate. Outputs per assignment go to (token, slot)-ordered
+ * coalesced accesses. The first forward GEMM writes [g | u] of save in (token, slot)
+ * order (the CPU's layout, [g | u | silu(g) u] per assignment, whose third part CUDA
+ * leaves unwritten: the backward recomputes silu(g) u from g and u with the forward's
+ * expression, and 200 MB a layer at moe-1b's shapes are neither written nor read) and
+ * act (bf16, sorted order) for the second; the first backward GEMM (w2 dy) applies the
+ * SwiGLU backward, writes dpre and gate act (bf16, sorted order: the operands of the
+ * later GEMMs, which round them to bf16 anyway) and per-tile partial dot products for
+ * dgate. Outputs per assignment go to (token, slot)-ordered
  * buffers and are combined per token in slot order, so every result is deterministic.
  * Operands are rounded to bf16, so results differ from the fp32 oracle by about 2e-3 to
  * 5e-3 relative (norm of the difference over norm of the result); the pre-activations in
@@ -372,7 +375,7 @@ extern "C" void cuda_moe_experts_forward(float *y, float *save, const float *x, 
     gather_bf16(w2b, outP, w2, out, NULL, (size_t)E * h, out);
     zero_pad(actb, hP, h, (size_t)nk);
 
-    /* [g | u] = x w1[e], then save = [g | u | silu(g) u] per assignment, act in sorted order */
+    /* [g | u] = x w1[e] into save per assignment, act = silu(g) u in sorted order */
     gm_args g1 = gm_args_init(GM_ROWS, EPI_SWIGLU, &s, E);
     g1.a = gm_op(xs, 0, 1, inP, 0, inP);
     g1.b = gm_op(w1i, (long long)in * np1, 0, np1, 1, np1);

@@ -220,19 +220,16 @@ static __global__ void __launch_bounds__(GM_THREADS, 2) grouped_gemm_kernel(cons
                 if ((h & 1) == 0 && unit + 1 < h) {
                     *(float2 *)(sv + unit) = gv;
                     *(float2 *)(sv + h + unit) = uv;
-                    *(float2 *)(sv + 2 * h + unit) = make_float2(a0, a1);
                     *(__nv_bfloat162 *)(av + unit) = __floats2bfloat162_rn(a0, a1);
                 } else {
                     if (unit < h) {
                         sv[unit] = gv.x;
                         sv[h + unit] = uv.x;
-                        sv[2 * h + unit] = a0;
                         av[unit] = __float2bfloat16_rn(a0);
                     }
                     if (unit + 1 < h) {
                         sv[unit + 1] = gv.y;
                         sv[h + unit + 1] = uv.y;
-                        sv[2 * h + unit + 1] = a1;
                         av[unit + 1] = __float2bfloat16_rn(a1);
                     }
                 }
@@ -269,22 +266,22 @@ static __global__ void __launch_bounds__(GM_THREADS, 2) grouped_gemm_kernel(cons
                 float gg[4], uu[4], aa[4], dg[4], du[4];
                 const int nv = h - m < 4 ? h - m : 4; /* valid of the 4 (<= 0: none) */
                 if ((h & 3) == 0 && nv == 4) {
-                    const float4 g4 = *(const float4 *)(sv + m), u4 = *(const float4 *)(sv + h + m),
-                                 a4 = *(const float4 *)(sv + 2 * h + m);
+                    const float4 g4 = *(const float4 *)(sv + m), u4 = *(const float4 *)(sv + h + m);
                     gg[0] = g4.x, gg[1] = g4.y, gg[2] = g4.z, gg[3] = g4.w;
                     uu[0] = u4.x, uu[1] = u4.y, uu[2] = u4.z, uu[3] = u4.w;
-                    aa[0] = a4.x, aa[1] = a4.y, aa[2] = a4.z, aa[3] = a4.w;
                 } else {
 #pragma unroll
                     for (int u = 0; u < 4; u++) {
                         gg[u] = u < nv ? sv[m + u] : 0.f;
                         uu[u] = u < nv ? sv[h + m + u] : 0.f;
-                        aa[u] = u < nv ? sv[2 * h + m + u] : 0.f;
                     }
                 }
                 float dot = 0.f;
 #pragma unroll
                 for (int u = 0; u < 4; u++) {
+                    /* the activation as EPI_SWIGLU computes it (0 in the padding, where
+                     * g = u = 0) */
+                    aa[u] = gg[u] / (1.f + expf(-gg[u])) * uu[u];
                     const float sg = 1.f / (1.f + expf(-gg[u]));
                     const float da = gt * d0[u];
                     dg[u] = da * uu[u] * sg * (1.f + gg[u] * (1.f - sg));

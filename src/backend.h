@@ -279,7 +279,9 @@ typedef struct backend {
     void (*router_bias_update)(float *bias, const int32_t *loads, int rows, int E, int64_t tokens, int k, float rate);
     /* Routed SwiGLU experts, stacks as stored by the reference: w1 [E, in, 2h] (x @ w1,
      * columns [g | u]), w2 [E, h, out]. y[N,out] = sum_j gate[i,j] * expert_idx[i,j](x_i),
-     * expert(x) = (silu(x w1_g) * (x w1_u)) w2. save: N*k*3h floats. */
+     * expert(x) = (silu(x w1_g) * (x w1_u)) w2. save: N*k*3h floats, per assignment (row
+     * i*k + j) [g | u | silu(g) u] on the CPU; CUDA writes only [g | u] and recomputes the
+     * rest from them in the backward, which alone reads save. */
     void (*moe_experts_forward)(float *y, float *save, const float *x, const int32_t *idx,
                                 const float *gate, const float *w1, const float *w2,
                                 int N, int E, int k, int in, int h, int out);
