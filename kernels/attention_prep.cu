@@ -53,13 +53,24 @@ static __device__ __forceinline__ void prep_put(float *p, float x) { *p = x; }
 static __device__ __forceinline__ void prep_put(bf16 *p, float x) { *p = __float2bfloat16_rn(x); }
 static __device__ __forceinline__ float prep_get(const float *p) { return *p; }
 static __device__ __forceinline__ float prep_get(const bf16 *p) { return __bfloat162float(*p); }
+/* two adjacent elements at an even offset (8 bytes in fp32, 4 in bf16, aligned) */
+static __device__ __forceinline__ void prep_put2(float *p, float x, float y) { *(float2 *)p = make_float2(x, y); }
+static __device__ __forceinline__ void prep_put2(bf16 *p, float x, float y)
+{
+    *(__nv_bfloat162 *)p = __floats2bfloat162_rn(x, y);
+}
+static __device__ __forceinline__ float2 prep_get2(const float *p) { return *(const float2 *)p; }
+static __device__ __forceinline__ float2 prep_get2(const bf16 *p)
+{
+    return __bfloat1622float2(*(const __nv_bfloat162 *)p);
+}
 
 /* One block per token i: qh, kh [N, H, dn+dr], vh [N, H, dv] in fp32 or bf16 (OutT);
  * shared memory dr doubles. */
 template <typename OutT>
 static __global__ void prep_fwd_kernel(OutT *qh, OutT *kh, OutT *vh, const float *q, const float *kv,
                                        const float *kpe, int kpe_stride, const int32_t *pos, int T, int H,
-                                       int dn, int dr, int dv, double theta)
+                                       int dn, int dr, int dv, double theta, int pairs)
 {
     extern __shared__ double rot[];
     const int i = blockIdx.x, half = dr / 2, dk = dn + dr, dkv = dn + dv;
@@ -67,6 +78,29 @@ static __global__ void prep_fwd_kernel(OutT *qh, OutT *kh, OutT *vh, const float
     const float *qi = q + (size_t)i * H * dk, *kvi = kv + (size_t)i * H * dkv;
     const float *kpi = kpe + (size_t)i * kpe_stride;
     OutT *qhi = qh + (size_t)i * H * dk, *khi = kh + (size_t)i * H * dk, *vhi = vh + (size_t)i * H * dv;
+    if (pairs) { /* dn, dv even, rows aligned: two adjacent columns a thread, a RoPE pair at once */
+        for (int e = 2 * threadIdx.x; e < H * dk; e += 2 * blockDim.x) {
+            const int h = e / dk, col = e - h * dk;
+            const float2 x = prep_get2(qi + e);
+            if (col < dn) {
+                const float2 kk = prep_get2(kvi + h * dkv + col);
+                prep_put2(qhi + e, x.x, x.y);
+                prep_put2(khi + e, kk.x, kk.y);
+            } else {
+                const int j = (col - dn) >> 1;
+                const double cs = rot[j], sn = rot[half + j], x0 = x.x, x1 = x.y;
+                const double k0 = kpi[2 * j], k1 = kpi[2 * j + 1];
+                prep_put2(qhi + e, (float)(x0 * cs - x1 * sn), (float)(x1 * cs + x0 * sn));
+                prep_put2(khi + e, (float)(k0 * cs - k1 * sn), (float)(k1 * cs + k0 * sn));
+            }
+        }
+        for (int e = 2 * threadIdx.x; e < H * dv; e += 2 * blockDim.x) {
+            const int h = e / dv, col = e - h * dv;
+            const float2 v = prep_get2(kvi + h * dkv + dn + col);
+            prep_put2(vhi + e, v.x, v.y);
+        }
+        return;
+    }
     for (int e = threadIdx.x; e < H * dk; e += blockDim.x) {
         const int h = e / dk, col = e - h * dk;
         if (col < dn) {
@@ -93,7 +127,7 @@ static __global__ void prep_fwd_kernel(OutT *qh, OutT *kh, OutT *vh, const float
 template <typename InT>
 static __global__ void prep_bwd_kernel(float *dq, float *dkv, float *dkpe, int kpe_stride, const InT *dqh,
                                        const InT *dkh, const InT *dvh, const int32_t *pos, int T, int H,
-                                       int dn, int dr, int dv, double theta, int set)
+                                       int dn, int dr, int dv, double theta, int set, int pairs)
 {
     /* each output element is touched once: added to, or with set written (old unread) */
     extern __shared__ double rot[];
@@ -102,21 +136,45 @@ static __global__ void prep_bwd_kernel(float *dq, float *dkv, float *dkpe, int k
     float *dqi = dq + (size_t)i * H * dk, *dkvi = dkv + (size_t)i * H * dkvw;
     float *dkpi = dkpe + (size_t)i * kpe_stride;
     const InT *gq = dqh + (size_t)i * H * dk, *gk = dkh + (size_t)i * H * dk, *gv = dvh + (size_t)i * H * dv;
-    for (int e = threadIdx.x; e < H * dk; e += blockDim.x) {
-        const int h = e / dk, col = e - h * dk;
-        if (col < dn) {
-            dqi[e] = (set ? 0.0f : dqi[e]) + prep_get(gq + e);
-            dkvi[h * dkvw + col] = (set ? 0.0f : dkvi[h * dkvw + col]) + prep_get(gk + e);
-        } else {
-            const int j = (col - dn) >> 1, odd = (col - dn) & 1;
-            const double cs = rot[j], sn = rot[half + j];
-            const double y0 = prep_get(gq + h * dk + dn + 2 * j), y1 = prep_get(gq + h * dk + dn + 2 * j + 1);
-            dqi[e] = (set ? 0.0f : dqi[e]) + (float)(odd ? y1 * cs - y0 * sn : y0 * cs + y1 * sn);
+    if (pairs) { /* as in prep_fwd_kernel: two adjacent columns a thread */
+        for (int e = 2 * threadIdx.x; e < H * dk; e += 2 * blockDim.x) {
+            const int h = e / dk, col = e - h * dk;
+            const float2 y = prep_get2(gq + e), z = set ? make_float2(0.0f, 0.0f) : *(const float2 *)(dqi + e);
+            if (col < dn) {
+                float *o = dkvi + h * dkvw + col;
+                const float2 gkv = prep_get2(gk + e), w = set ? make_float2(0.0f, 0.0f) : *(const float2 *)o;
+                *(float2 *)(dqi + e) = make_float2(z.x + y.x, z.y + y.y);
+                *(float2 *)o = make_float2(w.x + gkv.x, w.y + gkv.y);
+            } else {
+                const int j = (col - dn) >> 1;
+                const double cs = rot[j], sn = rot[half + j], y0 = y.x, y1 = y.y;
+                *(float2 *)(dqi + e) =
+                    make_float2(z.x + (float)(y0 * cs + y1 * sn), z.y + (float)(y1 * cs - y0 * sn));
+            }
         }
-    }
-    for (int e = threadIdx.x; e < H * dv; e += blockDim.x) {
-        const int h = e / dv, col = e - h * dv;
-        dkvi[h * dkvw + dn + col] = (set ? 0.0f : dkvi[h * dkvw + dn + col]) + prep_get(gv + e);
+        for (int e = 2 * threadIdx.x; e < H * dv; e += 2 * blockDim.x) {
+            const int h = e / dv, col = e - h * dv;
+            float *o = dkvi + h * dkvw + dn + col;
+            const float2 g = prep_get2(gv + e), w = set ? make_float2(0.0f, 0.0f) : *(const float2 *)o;
+            *(float2 *)o = make_float2(w.x + g.x, w.y + g.y);
+        }
+    } else {
+        for (int e = threadIdx.x; e < H * dk; e += blockDim.x) {
+            const int h = e / dk, col = e - h * dk;
+            if (col < dn) {
+                dqi[e] = (set ? 0.0f : dqi[e]) + prep_get(gq + e);
+                dkvi[h * dkvw + col] = (set ? 0.0f : dkvi[h * dkvw + col]) + prep_get(gk + e);
+            } else {
+                const int j = (col - dn) >> 1, odd = (col - dn) & 1;
+                const double cs = rot[j], sn = rot[half + j];
+                const double y0 = prep_get(gq + h * dk + dn + 2 * j), y1 = prep_get(gq + h * dk + dn + 2 * j + 1);
+                dqi[e] = (set ? 0.0f : dqi[e]) + (float)(odd ? y1 * cs - y0 * sn : y0 * cs + y1 * sn);
+            }
+        }
+        for (int e = threadIdx.x; e < H * dv; e += blockDim.x) {
+            const int h = e / dv, col = e - h * dv;
+            dkvi[h * dkvw + dn + col] = (set ? 0.0f : dkvi[h * dkvw + dn + col]) + prep_get(gv + e);
+        }
     }
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
         double s0 = 0, s1 = 0;
@@ -136,14 +194,37 @@ static void prep_check(const char *who, int B, int T, int H, int dn, int dr, int
         die("%s: bad shape B=%d T=%d H=%d dn=%d dr=%d dv=%d (dr must be even and >= 2)", who, B, T, H, dn, dr, dv);
 }
 
+/* whether the kernels may take two adjacent columns at once: dn and dv even (so no pair
+ * straddles the nope/rope or key/value boundary) and every row array's pointer aligned
+ * to two of its elements (the fp32 arrays f, the fp32 or bf16 arrays t; NULL skipped) */
+template <typename T>
+static int prep_pairs(int dn, int dv, const float *f0, const float *f1, const T *t0, const T *t1, const T *t2)
+{
+    const void *fp[2] = {f0, f1};
+    const void *tp[3] = {t0, t1, t2};
+    int ok = dn % 2 == 0 && dv % 2 == 0;
+    for (int i = 0; i < 2; i++) ok &= (uintptr_t)fp[i] % (2 * sizeof(float)) == 0;
+    for (int i = 0; i < 3; i++) ok &= (uintptr_t)tp[i] % (2 * sizeof(T)) == 0;
+    return ok;
+}
+
+template <typename OutT>
+static void mla_prep_forward(OutT *qh, OutT *kh, OutT *vh, const float *q, const float *kv, const float *kpe,
+                             int kpe_stride, const int32_t *pos, int B, int T, int H, int dn, int dr, int dv,
+                             float theta)
+{
+    prep_check("cuda_mla_prep_forward", B, T, H, dn, dr, dv);
+    const int pairs = prep_pairs(dn, dv, q, kv, qh, kh, vh);
+    prep_fwd_kernel<OutT><<<B * T, PREP_THREADS, dr * sizeof(double), cuda_stream()>>>(
+        qh, kh, vh, q, kv, kpe, kpe_stride, pos, T, H, dn, dr, dv, (double)theta, pairs);
+    LAUNCH_CHECK();
+}
+
 extern "C" void cuda_mla_prep_forward(float *qh, float *kh, float *vh, const float *q, const float *kv,
                                       const float *kpe, int kpe_stride, const int32_t *pos,
                                       int B, int T, int H, int dn, int dr, int dv, float theta)
 {
-    prep_check("cuda_mla_prep_forward", B, T, H, dn, dr, dv);
-    prep_fwd_kernel<float><<<B * T, PREP_THREADS, dr * sizeof(double), cuda_stream()>>>(
-        qh, kh, vh, q, kv, kpe, kpe_stride, pos, T, H, dn, dr, dv, (double)theta);
-    LAUNCH_CHECK();
+    mla_prep_forward<float>(qh, kh, vh, q, kv, kpe, kpe_stride, pos, B, T, H, dn, dr, dv, theta);
 }
 
 template <typename InT>
@@ -152,8 +233,9 @@ static void mla_prep_backward(float *dq, float *dkv, float *dkpe, int kpe_stride
                               float theta, int set)
 {
     prep_check("cuda_mla_prep_backward", B, T, H, dn, dr, dv);
+    const int pairs = prep_pairs(dn, dv, dq, dkv, dqh, dkh, dvh);
     prep_bwd_kernel<InT><<<B * T, PREP_THREADS, dr * sizeof(double), cuda_stream()>>>(
-        dq, dkv, dkpe, kpe_stride, dqh, dkh, dvh, pos, T, H, dn, dr, dv, (double)theta, set);
+        dq, dkv, dkpe, kpe_stride, dqh, dkh, dvh, pos, T, H, dn, dr, dv, (double)theta, set, pairs);
     LAUNCH_CHECK();
 }
 
@@ -205,12 +287,9 @@ extern "C" void cuda_mla_attention_forward(float *out, float *lse, float *save, 
     const size_t rows = (size_t)B * T * H;
 #ifdef DELTAMLA_HAVE_CUDNN
     if (fused_bf16(doc_id, B, T, H, dk, dv, scale)) {
-        prep_check("cuda_mla_attention_forward", B, T, H, dn, dr, dv);
         bf16 *p[4];
         bf16_parts(p, save, rows, dk, dv);
-        prep_fwd_kernel<bf16><<<B * T, PREP_THREADS, dr * sizeof(double), cuda_stream()>>>(
-            p[0], p[1], p[2], q, kv, kpe, kpe_stride, pos, T, H, dn, dr, dv, (double)theta);
-        LAUNCH_CHECK();
+        mla_prep_forward<bf16>(p[0], p[1], p[2], q, kv, kpe, kpe_stride, pos, B, T, H, dn, dr, dv, theta);
         fatal_check(attn_cudnn_forward_bf16(p[3], lse, p[0], p[1], p[2], B, T, H, dk, dv, scale));
         attn_from_bf16(out, p[3], rows * dv, 0);
         return;

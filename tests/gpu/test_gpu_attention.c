@@ -1,11 +1,11 @@
 /* test_gpu_attention.c: the MLA ops of the CUDA backend (kernels/attention_*.cu) against
  * the CPU backend (src/cpu/cpu_mla.c), plus a rough timing at the model's real shape.
  *
- *   - mla_prep forward and backward, (B,T,H,dn,dr,dv) = (2,37,3,16,8,16) and
- *     (1,2048,12,128,64,128), positions implicit (pos NULL) and explicit (random in
- *     [0, 8192), where an fp32 angle would already miss the tolerance): fp32 tolerance
- *     1e-5. The k_pe rows live strided inside a c = [c_kv | k_pe] buffer, and the c_kv
- *     columns of its gradient must stay untouched.
+ *   - mla_prep forward and backward, (B,T,H,dn,dr,dv) = (2,37,3,16,8,16), (2,37,3,15,8,13)
+ *     (odd: the kernels' one-column path) and (1,2048,12,128,64,128), positions implicit
+ *     (pos NULL) and explicit (random in [0, 8192), where an fp32 angle would already
+ *     miss the tolerance): fp32 tolerance 1e-5. The k_pe rows live strided inside a
+ *     c = [c_kv | k_pe] buffer, and the c_kv columns of its gradient must stay untouched.
  *   - attention forward (out, lse) and backward (dq, dk, dv) with bf16 tensor cores:
  *     tolerance 1e-2. Shapes (1,37,2,24,16), (2,130,3,192,128), (1,1024,12,192,128),
  *     without documents, with packed documents (increasing ids, boundaries inside
@@ -541,6 +541,7 @@ int main(void)
 
     test_prep(&g, 2, 37, 3, 16, 8, 16, 0);
     test_prep(&g, 2, 37, 3, 16, 8, 16, 1);
+    test_prep(&g, 2, 37, 3, 15, 8, 13, 1); /* odd dn, dv: one column a thread */
     test_prep(&g, 1, 2048, 12, 128, 64, 128, 0);
     test_prep(&g, 1, 2048, 12, 128, 64, 128, 1);
 
