@@ -586,6 +586,8 @@ static void t_muon_update_batch(float *const *p, const float *const *g, float *c
 static void t_lanes_fork(int n) {}
 static void t_lane(int i) {}
 static void t_lanes_join(void) {}
+/* every op runs (and is timed) one by one: no replay */
+static void t_graph_run(const void *key, size_t key_bytes, void (*fn)(void *ctx), void *ctx) { fn(ctx); }
 
 const backend *timed_backend(const backend *in)
 {
@@ -595,6 +597,7 @@ const backend *timed_backend(const backend *in)
     timed.lanes_fork = t_lanes_fork;
     timed.lane = t_lane;
     timed.lanes_join = t_lanes_join;
+    timed.graph_run = t_graph_run;
     timed.copy = t_copy;
     timed.add_inplace = t_add_inplace;
     timed.scale_inplace = t_scale_inplace;

@@ -1,8 +1,10 @@
 /* backend_cuda.cu: the CUDA backend's op table, device selection, memory, the stream,
  * the cuBLAS handle and a growing scratch buffer. The ops live in the other files of
- * kernels/ (one per op family, declared in cuda_ops.h). */
+ * kernels/ (one per op family, declared in cuda_ops.h); graph_run replays repeated op
+ * sequences as CUDA graphs. */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cuda_common.cuh"
 
@@ -44,6 +46,72 @@ extern "C" int cuda_graphs(void)
     return graphs_on;
 }
 extern "C" void cuda_set_graphs(int on) { graphs_on = on != 0; }
+
+/* graph_run (backend.h): per key, the first call runs directly (buffers grow, plans are
+ * made), the second is captured into a CUDA graph and launched, later ones launch it; a
+ * graph captured under another memory generation is captured anew. Keys are kept in a
+ * small table, the oldest entry giving way when it is full. */
+#define RUN_GRAPHS 16
+#define RUN_KEY_MAX 128
+typedef struct run_graph {
+    unsigned char key[RUN_KEY_MAX];
+    size_t key_bytes;
+    int seen;
+    cudaGraphExec_t exec;
+    unsigned long long generation;
+} run_graph;
+static run_graph run_graphs[RUN_GRAPHS];
+static int n_run_graphs, run_graph_next;
+static unsigned long long run_graph_launches; /* for the tests */
+
+extern "C" unsigned long long cuda_run_graph_launches(void) { return run_graph_launches; }
+
+static run_graph *run_graph_entry(const void *key, size_t key_bytes)
+{
+    for (int i = 0; i < n_run_graphs; i++)
+        if (run_graphs[i].key_bytes == key_bytes && !memcmp(run_graphs[i].key, key, key_bytes)) return &run_graphs[i];
+    run_graph *e;
+    if (n_run_graphs < RUN_GRAPHS) {
+        e = &run_graphs[n_run_graphs++];
+    } else {
+        e = &run_graphs[run_graph_next];
+        run_graph_next = (run_graph_next + 1) % RUN_GRAPHS;
+        if (e->exec) CUDA_CHECK(cudaGraphExecDestroy(e->exec));
+    }
+    memset(e, 0, sizeof *e);
+    memcpy(e->key, key, key_bytes);
+    e->key_bytes = key_bytes;
+    return e;
+}
+
+static void gpu_graph_run(const void *key, size_t key_bytes, void (*fn)(void *ctx), void *ctx)
+{
+    if (!cuda_graphs() || key_bytes > RUN_KEY_MAX || cur_lane != 0) {
+        fn(ctx);
+        return;
+    }
+    run_graph *e = run_graph_entry(key, key_bytes);
+    if (e->exec && e->generation != memory_generation) {
+        CUDA_CHECK(cudaGraphExecDestroy(e->exec));
+        e->exec = NULL;
+    }
+    if (!e->exec) {
+        if (!e->seen) {
+            e->seen = 1;
+            fn(ctx);
+            return;
+        }
+        cudaGraph_t graph;
+        CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+        fn(ctx);
+        CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+        CUDA_CHECK(cudaGraphInstantiate(&e->exec, graph, 0));
+        CUDA_CHECK(cudaGraphDestroy(graph));
+        e->generation = memory_generation;
+    }
+    CUDA_CHECK(cudaGraphLaunch(e->exec, stream));
+    run_graph_launches++;
+}
 
 extern "C" void *cuda_grow(void **buf, size_t *cap, size_t bytes)
 {
@@ -223,6 +291,7 @@ extern "C" const backend *backend_cuda(int device)
     b.lane = gpu_lane;
     b.lanes_join = gpu_lanes_join;
     b.mem_peak = gpu_mem_peak;
+    b.graph_run = gpu_graph_run;
     b.host_alloc = gpu_host_alloc;
     b.host_free = gpu_host_free;
     b.add_inplace = cuda_add_inplace;

@@ -59,6 +59,14 @@ typedef struct backend {
     void (*lane)(int i);
     void (*lanes_join)(void);
     size_t (*mem_peak)(void);                     /* most bytes held through alloc at once */
+    /* Run fn(ctx), a sequence of this backend's ops on lane 0. A backend may record the
+     * ops of one call and, for a later call with the same key (key_bytes bytes, compared
+     * bitwise), replay the record instead of calling fn: so the key must fix every op,
+     * pointer, shape and host scalar that fn issues, and fn must neither read device
+     * results on the host, nor allocate, nor free. CUDA runs a key's first call directly,
+     * captures its second as a CUDA graph (launched at once) and launches that graph for
+     * later calls (capturing anew after device memory moved); the CPU calls fn. */
+    void (*graph_run)(const void *key, size_t key_bytes, void (*fn)(void *ctx), void *ctx);
     /* host memory that from_host/to_host move fastest (page-locked on CUDA, plain on the
      * CPU); dies on failure */
     void *(*host_alloc)(size_t bytes);

@@ -139,6 +139,13 @@ static void cpu_attention_backward_set(float *dq, float *dk, float *dv, const fl
     cpu_attention_backward(dq, dk, dv, dout, out, lse, q, k, v, doc_id, B, T, H, Dk, Dv, scale);
 }
 
+/* nothing to replay: every call runs the ops */
+static void cpu_graph_run(const void *key, size_t key_bytes, void (*fn)(void *ctx), void *ctx)
+{
+    (void)key, (void)key_bytes;
+    fn(ctx);
+}
+
 size_t mla_attention_save_floats(int N, int H, int dn, int dr, int dv)
 {
     return (size_t)N * H * (2 * (size_t)(dn + dr) + (size_t)dv) + 256;
@@ -181,6 +188,7 @@ static const backend cpu_backend = {
     .lane = cpu_lane,
     .lanes_join = cpu_lanes_join,
     .mem_peak = cpu_mem_peak,
+    .graph_run = cpu_graph_run,
     .host_alloc = cpu_host_alloc,
     .host_free = cpu_host_free,
     .add_inplace = cpu_add_inplace,

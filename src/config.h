@@ -69,6 +69,7 @@ typedef struct config {
     int zero;                   /* 1: shard optimizer state over the data-parallel ranks (ZeRO-1) */
     int bucket_mb;              /* gradient-reduction bucket size, MiB */
     int comm_timing;            /* bool: time collectives (synchronising) and log the split */
+    int cuda_graph;             /* bool: forward and backward through backend graph_run (CUDA graphs) */
     int doc_mask;               /* bool: attention, GDN state, convs and RoPE restart per document */
     char val_data[CONFIG_PATH_MAX];   /* validation data, or "" */
     float val_fraction;         /* hold out this fraction of --data's rows when no --val_data */

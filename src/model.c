@@ -181,11 +181,57 @@ static float head_dloss(const model *m, float scale, int valid)
     return n_valid > 0 ? scale / (float)n_valid : 0.0f;
 }
 
+/* The ops of a forward or a backward, through graph_run (backend.h) when --cuda_graph is
+ * on: their key is the model, the phase and every host value they pass to an op (the
+ * head's loss scale, the z-loss scale); what varies from call to call in device memory
+ * (tokens, targets, documents) is uploaded before. Not with expert parallelism (its
+ * exchange talks to the other ranks) nor, in the backward, with a grads_ready hook. */
+typedef struct ops_key {
+    const model *m;
+    int phase;        /* 0 forward, 1 backward */
+    int head_fused;   /* the forward ran the head's backward */
+    float dloss, zscale;
+} ops_key;
+
+static void run_ops(model *m, int phase, float dloss, int head_fused, int direct, void (*fn)(void *ctx))
+{
+    if (!m->cfg.cuda_graph || m->ep > 1 || direct) {
+        fn(m);
+        return;
+    }
+    ops_key k;
+    memset(&k, 0, sizeof k); /* padding too: the key is compared bytewise */
+    k.m = m;
+    k.phase = phase;
+    k.head_fused = head_fused;
+    k.dloss = dloss;
+    k.zscale = phase ? m->zscale : 0.0f; /* the backward's z-loss scale (moe_route_backward) */
+    m->be->graph_run(&k, sizeof k, fn, m);
+}
+
+static void forward_ops(void *ctx)
+{
+    model *m = ctx;
+    const backend *be = m->be;
+    const config *c = &m->cfg;
+    int N = m->B * m->T, d = c->n_embd, V = c->vocab_size;
+    be->embedding_forward(resid_at(m, 0), m->tokens, model_param(m, m->wte), N, d);
+    for (int l = 0; l < c->n_layer; l++) block_forward(m, l);
+    be->rmsnorm_forward(m->lnf, m->lnf_rstd, resid_at(m, c->n_layer), model_param(m, m->ln_f), N, d);
+    if (m->head_dloss >= 0) { /* the head's backward now, with the dloss model_backward will use */
+        be->zero(m->dlnf, (size_t)N * d * sizeof(float));
+        be->classifier_forward_backward(m->loss, m->lse, m->dlnf, model_grad(m, m->wte), m->lnf,
+                                        model_param(m, m->wte), m->targets, m->head_dloss, N, V, d);
+    } else {
+        be->classifier_forward(m->loss, m->lse, m->lnf, model_param(m, m->wte), m->targets, N, V, d);
+    }
+}
+
 double model_forward(model *m, const int32_t *inputs, const int32_t *targets, double *zloss)
 {
     const backend *be = m->be;
     const config *c = &m->cfg;
-    int N = m->B * m->T, d = c->n_embd, V = c->vocab_size;
+    int N = m->B * m->T, V = c->vocab_size;
     for (int i = 0; i < N; i++) {
         if (inputs[i] < 0 || inputs[i] >= V)
             die("token %d at position %d is outside the vocabulary (vocab_size %d)", inputs[i], i, V);
@@ -199,19 +245,8 @@ double model_forward(model *m, const int32_t *inputs, const int32_t *targets, do
 
     int valid = 0;
     for (int i = 0; i < N; i++) valid += targets[i] != -100;
-
-    be->embedding_forward(resid_at(m, 0), m->tokens, model_param(m, m->wte), N, d);
-    for (int l = 0; l < c->n_layer; l++) block_forward(m, l);
-    be->rmsnorm_forward(m->lnf, m->lnf_rstd, resid_at(m, c->n_layer), model_param(m, m->ln_f), N, d);
-    m->head_dloss = -1.0f;
-    if (m->head_scale > 0) { /* the head's backward now, with the dloss model_backward will use */
-        m->head_dloss = head_dloss(m, m->head_scale, valid);
-        be->zero(m->dlnf, (size_t)N * d * sizeof(float));
-        be->classifier_forward_backward(m->loss, m->lse, m->dlnf, model_grad(m, m->wte), m->lnf,
-                                        model_param(m, m->wte), m->targets, m->head_dloss, N, V, d);
-    } else {
-        be->classifier_forward(m->loss, m->lse, m->lnf, model_param(m, m->wte), m->targets, N, V, d);
-    }
+    m->head_dloss = m->head_scale > 0 ? head_dloss(m, m->head_scale, valid) : -1.0f;
+    run_ops(m, 0, m->head_dloss, m->head_dloss >= 0, 0, forward_ops);
 
     be->to_host(m->host_loss, m->loss, (size_t)N * sizeof(float));
     double sum = 0;
@@ -232,25 +267,20 @@ double model_forward(model *m, const int32_t *inputs, const int32_t *targets, do
     return valid ? sum / valid : 0.0;
 }
 
-void model_backward(model *m, float scale, float zscale)
+/* the backward's ops; m->bwd_dloss: the head's loss scale when the forward did not run the
+ * head's backward, else negative */
+static void backward_ops(void *ctx)
 {
+    model *m = ctx;
     const backend *be = m->be;
     const config *c = &m->cfg;
     int N = m->B * m->T, d = c->n_embd, V = c->vocab_size;
     size_t Nd = (size_t)N * d;
-    m->zscale = zscale;
-
-    const float dloss = head_dloss(m, scale, m->last_valid);
-    if (m->head_dloss >= 0) { /* the forward ran the head's backward (head_scale) */
-        if (dloss != m->head_dloss)
-            die("model_backward: scale %g differs from the head_scale %g the forward ran the head's backward with",
-                (double)scale, (double)m->head_scale);
-    } else {
+    if (m->bwd_dloss >= 0) {
         be->zero(m->dlnf, Nd * sizeof(float));
         be->classifier_backward(m->dlnf, model_grad(m, m->wte), m->lnf, model_param(m, m->wte), m->targets,
-                                m->lse, dloss, N, V, d);
+                                m->lse, m->bwd_dloss, N, V, d);
     }
-    m->head_dloss = -1.0f;
     be->zero(m->dx, Nd * sizeof(float));
     be->rmsnorm_backward(m->dx, model_grad(m, m->ln_f), m->dlnf, resid_at(m, c->n_layer),
                          model_param(m, m->ln_f), m->lnf_rstd, N, d);
@@ -263,6 +293,19 @@ void model_backward(model *m, float scale, float zscale)
     }
     be->embedding_backward(model_grad(m, m->wte), m->dx, m->tokens, N, d);
     if (m->grads_ready) m->grads_ready(m->grads_ready_ctx, -1);
+}
+
+void model_backward(model *m, float scale, float zscale)
+{
+    m->zscale = zscale;
+    const float dloss = head_dloss(m, scale, m->last_valid);
+    const int fused = m->head_dloss >= 0;
+    if (fused && dloss != m->head_dloss) /* the forward ran the head's backward (head_scale) */
+        die("model_backward: scale %g differs from the head_scale %g the forward ran the head's backward with",
+            (double)scale, (double)m->head_scale);
+    m->head_dloss = -1.0f;
+    m->bwd_dloss = fused ? -1.0f : dloss;
+    run_ops(m, 1, m->bwd_dloss, fused, m->grads_ready != NULL, backward_ops);
 }
 
 void model_zero_grad(model *m) { m->be->zero(m->grads, m->table.total * sizeof(float)); }

@@ -64,6 +64,7 @@ typedef struct model {
      * be set before the forward where it is used. 0: forward only. */
     float head_scale;
     float head_dloss;     /* the dloss_scale the last forward's head ran with, -1: none */
+    float bwd_dloss;      /* the backward's head dloss_scale when it runs the head, -1: not */
     /* called after each layer's backward with its index, and with -1 after the
      * embedding's: from then on that layer's (resp. every) gradient is final */
     void (*grads_ready)(void *ctx, int layer);

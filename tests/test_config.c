@@ -525,6 +525,7 @@ static const char *const all_fields[] = {
     "gradient_accumulation_steps", "max_iters", "warmup_iters", "learning_rate", "min_lr",
     "weight_decay", "grad_clip", "optimizer_type", "log_interval", "seed", "data", "output_dir",
     "device", "gradient_checkpointing", "skip_nonfinite", "threads", "ep", "zero", "bucket_mb", "comm_timing",
+    "cuda_graph",
     "doc_mask", "val_data", "val_fraction",
     "eval_interval", "eval_iters", "resume", "checkpoint_interval", "keep_checkpoints", "head_dim", "gdn_proj_dim",
     "moe_E", "moe_k", "moe_latent", "moe_hidden", "moe_in",

@@ -7,7 +7,9 @@
  * gradient checkpointing and with --doc_mask. Then five steps
  * twice on the GPU from the same seed: the losses must be bit-identical; and again with
  * the optimizer's update on one lane instead of OPTIM_LANES: losses and parameters
- * bit-identical too (the lanes only reorder independent updates).
+ * bit-identical too (the lanes only reorder independent updates); and with --cuda_graph
+ * (forward and backward replayed as CUDA graphs from the second step): bit-identical,
+ * and the graphs really launched.
  */
 #include <math.h>
 #include <stdio.h>
@@ -18,6 +20,9 @@
 #include "model_internal.h"
 #include "rng.h"
 #include "train.h"
+
+/* kernels/backend_cuda.cu: graph_run's graph launches so far */
+unsigned long long cuda_run_graph_launches(void);
 #include "util.h"
 #include "../test_flags.h"
 
@@ -144,15 +149,20 @@ static void determinism(gt_ctx *g, const char *flags)
 {
     config c;
     parse_flags(&c, flags);
-    double losses[3][5];
+    double losses[4][5];
     int n = c.batch_size * c.block_size;
     int32_t *in = xmalloc(n * sizeof *in), *tgt = xmalloc(n * sizeof *tgt);
-    float *params[3];
+    float *params[4];
     size_t total = 0;
-    /* runs 0 and 1 with the optimizer's default lanes, run 2 with its update on one lane */
-    for (int run = 0; run < 3; run++) {
+    unsigned long long graphs = 0;
+    /* runs 0 and 1 with the optimizer's default lanes, run 2 with its update on one lane,
+     * run 3 with --cuda_graph */
+    for (int run = 0; run < 4; run++) {
+        config rc = c;
+        rc.cuda_graph = run == 3;
         trainer t;
-        trainer_init(&t, &c, g->gpu);
+        trainer_init(&t, &rc, g->gpu);
+        if (run == 3) graphs = cuda_run_graph_launches();
         if (run == 2) {
             optim_free(&t.opt);
             optim_init_lanes(&t.opt, &t.model, 1);
@@ -166,13 +176,20 @@ static void determinism(gt_ctx *g, const char *flags)
         }
         total = t.model.table.total;
         params[run] = gt_down(g, t.model.params, total);
+        if (run == 3) graphs = cuda_run_graph_launches() - graphs;
         trainer_free(&t);
     }
     gt_same_bits("same seed twice on the GPU: 5 bit-identical losses", losses[0], losses[1], sizeof losses[0]);
     gt_same_bits("optimizer on 4 lanes and on 1: 5 bit-identical losses", losses[0], losses[2], sizeof losses[0]);
     gt_same_bits("optimizer on 4 lanes and on 1: bit-identical parameters after 5 steps", params[0], params[2],
                  total * sizeof(float));
-    for (int run = 0; run < 3; run++) free(params[run]);
+    /* five steps: forward and backward run directly, then are captured, then replayed */
+    char detail[64];
+    snprintf(detail, sizeof detail, "%llu graph launches", graphs);
+    gt_report("--cuda_graph: forward and backward replayed as graphs from the second step", graphs == 8, detail);
+    gt_same_bits("--cuda_graph: 5 bit-identical losses", losses[0], losses[3], sizeof losses[0]);
+    gt_same_bits("--cuda_graph: bit-identical parameters after 5 steps", params[0], params[3], total * sizeof(float));
+    for (int run = 0; run < 4; run++) free(params[run]);
     free(in);
     free(tgt);
 }
