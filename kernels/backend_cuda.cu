@@ -346,6 +346,7 @@ extern "C" const backend *backend_cuda(int device)
     b.classifier_forward = cuda_classifier_forward;
     b.classifier_backward = cuda_classifier_backward;
     b.classifier_forward_backward = cuda_classifier_forward_backward;
+    b.grad_scale = cuda_grad_scale;
     b.adamw_update = cuda_adamw_update;
     b.muon_update = cuda_muon_update;
     b.muon_update_batch = cuda_muon_update_batch;

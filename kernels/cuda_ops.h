@@ -160,6 +160,7 @@ int cuda_narrow_ok(int in, int out, const float *x, const float *w);
 void cuda_narrow_forward(float *y, const float *x, const float *w, const float *r, int N, int in, int out);
 
 /* optimizers */
+void cuda_grad_scale(float s);
 void cuda_adamw_update(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
                        float beta2, float eps, float wd, int step);
 void cuda_muon_update(float *p, const float *g, float *buf, float *work, int rows, int cols, float lr,

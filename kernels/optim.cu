@@ -136,6 +136,33 @@ static __device__ double block_sum(double v)
     return v;
 }
 
+/* grad_scale (backend.h): the scale in device memory, where the update kernels read it
+ * (a Newton-Schulz graph replays its momentum launch with the pointer, not the value);
+ * set by a one-thread kernel on the calling lane, so the lanes forked after see it */
+static float *grad_scale_buf;
+static float grad_scale_now = 1.0f;
+
+static __global__ void set_scalar_kernel(float *dst, float v) { *dst = v; }
+
+static const float *grad_scale_dev(void)
+{
+    if (!grad_scale_buf) {
+        CUDA_CHECK(cudaMalloc(&grad_scale_buf, sizeof(float)));
+        set_scalar_kernel<<<1, 1, 0, cuda_stream()>>>(grad_scale_buf, grad_scale_now);
+        LAUNCH_CHECK();
+    }
+    return grad_scale_buf;
+}
+
+extern "C" void cuda_grad_scale(float s)
+{
+    grad_scale_dev();
+    if (s == grad_scale_now) return;
+    grad_scale_now = s;
+    set_scalar_kernel<<<1, 1, 0, cuda_stream()>>>(grad_scale_buf, s);
+    LAUNCH_CHECK();
+}
+
 /* one torch.optim.AdamW step per element: decoupled decay, then the bias-corrected
  * Adam step (step_size = lr / bc1, denom = sqrt(v) / sqrt(bc2) + eps) */
 static __device__ __forceinline__ void adamw1(float *p, float g, float *m, float *v, float beta1, float beta2,
@@ -155,19 +182,24 @@ static __device__ __forceinline__ void adamw1(float *p, float g, float *m, float
  * per element either way */
 static __global__ void adamw_kernel(float *p, const float *g, float *m, float *v, size_t n, float beta1,
                                     float beta2, float one_b1, float one_b2, float eps, float step_size,
-                                    float bc2_sqrt, float decay, int vec)
+                                    float bc2_sqrt, float decay, const float *gscale, int vec)
 {
     const size_t stride = (size_t)gridDim.x * blockDim.x, i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const float gs = *gscale;
     size_t done = 0;
     if (vec) {
         const size_t n4 = n / 4;
         for (size_t i = i0; i < n4; i += stride) {
             float4 pi = ((const float4 *)p)[i], mi = ((const float4 *)m)[i], vi = ((const float4 *)v)[i];
             const float4 gi = __ldg((const float4 *)g + i);
-            adamw1(&pi.x, gi.x, &mi.x, &vi.x, beta1, beta2, one_b1, one_b2, eps, step_size, bc2_sqrt, decay);
-            adamw1(&pi.y, gi.y, &mi.y, &vi.y, beta1, beta2, one_b1, one_b2, eps, step_size, bc2_sqrt, decay);
-            adamw1(&pi.z, gi.z, &mi.z, &vi.z, beta1, beta2, one_b1, one_b2, eps, step_size, bc2_sqrt, decay);
-            adamw1(&pi.w, gi.w, &mi.w, &vi.w, beta1, beta2, one_b1, one_b2, eps, step_size, bc2_sqrt, decay);
+            adamw1(&pi.x, __fmul_rn(gi.x, gs), &mi.x, &vi.x, beta1, beta2, one_b1, one_b2, eps, step_size, bc2_sqrt,
+                   decay);
+            adamw1(&pi.y, __fmul_rn(gi.y, gs), &mi.y, &vi.y, beta1, beta2, one_b1, one_b2, eps, step_size, bc2_sqrt,
+                   decay);
+            adamw1(&pi.z, __fmul_rn(gi.z, gs), &mi.z, &vi.z, beta1, beta2, one_b1, one_b2, eps, step_size, bc2_sqrt,
+                   decay);
+            adamw1(&pi.w, __fmul_rn(gi.w, gs), &mi.w, &vi.w, beta1, beta2, one_b1, one_b2, eps, step_size, bc2_sqrt,
+                   decay);
             ((float4 *)p)[i] = pi;
             ((float4 *)m)[i] = mi;
             ((float4 *)v)[i] = vi;
@@ -175,7 +207,8 @@ static __global__ void adamw_kernel(float *p, const float *g, float *m, float *v
         done = 4 * n4;
     }
     for (size_t i = done + i0; i < n; i += stride)
-        adamw1(p + i, g[i], m + i, v + i, beta1, beta2, one_b1, one_b2, eps, step_size, bc2_sqrt, decay);
+        adamw1(p + i, __fmul_rn(g[i], gs), m + i, v + i, beta1, beta2, one_b1, one_b2, eps, step_size, bc2_sqrt,
+               decay);
 }
 
 /* the matrices of one Muon batch (blockIdx.y picks one) */
@@ -189,14 +222,15 @@ typedef struct muon_ptrs {
  * partial[y * gridDim.x + block] = sum of x^2 over the block's elements. Explicit _rn
  * operations keep the oracle's separate roundings. x of matrix y at x0 + y * sx. */
 static __global__ void muon_momentum_kernel(muon_ptrs ptr, float *x0, size_t sx, double *partial, size_t n,
-                                            float mu, float one_mu)
+                                            float mu, float one_mu, const float *gscale)
 {
     const int y = blockIdx.y;
     float *buf = ptr.buf[y], *x = x0 + y * sx;
     const float *g = ptr.g[y];
+    const float gs = *gscale; /* read at run time: a captured graph (below) replays this launch */
     double ss = 0;
     for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
-        const float ge = g[e];
+        const float ge = __fmul_rn(g[e], gs);
         const float b = __fadd_rn(__fmul_rn(mu, buf[e]), __fmul_rn(one_mu, ge));
         const float xe = __fadd_rn(__fmul_rn(one_mu, ge), __fmul_rn(mu, b));
         buf[e] = b;
@@ -370,7 +404,7 @@ extern "C" void cuda_adamw_update(float *p, const float *g, float *m, float *v, 
     const int vec = cuda_aligned16(p) && cuda_aligned16(g) && cuda_aligned16(m) && cuda_aligned16(v);
     adamw_kernel<<<grid_for(vec ? (n + 3) / 4 : n), THREADS, 0, cuda_stream()>>>(
         p, g, m, v, n, beta1, beta2, (float)(1.0 - b1), (float)(1.0 - b2), eps, (float)step_size, (float)bc2_sqrt,
-        (float)decay, vec);
+        (float)decay, grad_scale_dev(), vec);
     LAUNCH_CHECK();
 }
 
@@ -418,7 +452,8 @@ static const void *muon_ns(const muon_ptrs *ptr, int count, float *work, size_t 
     double *partial = (double *)cuda_scratch(((size_t)count * nparts + count) * sizeof(double));
     float *norm = (float *)(partial + (size_t)count * nparts);
 
-    muon_momentum_kernel<<<dim3(nparts, count), THREADS, 0, s>>>(*ptr, x, sx, partial, total, mu, 1.0f - mu);
+    muon_momentum_kernel<<<dim3(nparts, count), THREADS, 0, s>>>(*ptr, x, sx, partial, total, mu, 1.0f - mu,
+                                                                 grad_scale_dev());
     LAUNCH_CHECK();
     muon_norm_kernel<<<count, THREADS, 0, s>>>(norm, partial, (int)nparts);
     LAUNCH_CHECK();

@@ -340,6 +340,12 @@ typedef struct backend {
                                         int C);
 
     /* ---- optimizers (MODEL.md section 9) ---- */
+    /* From this call on, adamw_update, muon_update and muon_update_batch read each
+     * gradient element g as s g (the product rounded to fp32, as scale_inplace rounds it:
+     * the same bits as scaling the gradients first). 1 at the start. The clipping of a
+     * step sets it, on lane 0 before the update's lanes_fork, so that the gradients are
+     * not rewritten; the gradient buffers themselves are left as they are. */
+    void (*grad_scale)(float s);
     /* torch.optim.AdamW for one tensor; step is 1-based */
     void (*adamw_update)(float *p, const float *g, float *m, float *v, size_t n, float lr,
                          float beta1, float beta2, float eps, float wd, int step);

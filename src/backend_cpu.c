@@ -243,6 +243,7 @@ static const backend cpu_backend = {
     .classifier_forward = cpu_classifier_forward,
     .classifier_backward = cpu_classifier_backward,
     .classifier_forward_backward = cpu_classifier_forward_backward,
+    .grad_scale = cpu_grad_scale,
     .adamw_update = cpu_adamw_update,
     .muon_update = cpu_muon_update,
     .muon_update_batch = cpu_muon_update_batch,

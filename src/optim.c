@@ -279,10 +279,11 @@ double optim_grad_norm(const model *m)
 
 void optim_clip(model *m, double norm)
 {
-    if (m->cfg.grad_clip <= 0) return;
-    double coef = m->cfg.grad_clip / (norm + 1e-6);
-    if (coef >= 1.0) return; /* torch multiplies by the clamped 1.0: the same values */
-    m->be->scale_inplace(m->grads, (float)coef, m->table.total);
+    double coef = m->cfg.grad_clip > 0 ? m->cfg.grad_clip / (norm + 1e-6) : 1.0;
+    if (coef >= 1.0) coef = 1.0; /* torch multiplies by the clamped 1.0: the same values */
+    /* the update reads each gradient times coef (backend.h: grad_scale), the bits of
+     * scaling the gradients first without the pass over them */
+    m->be->grad_scale((float)coef);
 }
 
 /* one unit of the update on the backend's current lane */

@@ -83,8 +83,9 @@ double optim_lr(const config *c, int it);
  * experts, so all ranks get the norm of the whole model's gradient). */
 double optim_grad_norm(const model *m);
 
-/* Scale every gradient by min(1, grad_clip / (norm + 1e-6)) (torch's clip_grad_norm_);
- * no-op when grad_clip is 0. */
+/* Clip the gradients by min(1, grad_clip / (norm + 1e-6)) (torch's clip_grad_norm_; 1
+ * when grad_clip is 0) for the next optim_step: the backend's grad_scale, which the
+ * optimizer ops apply as they read each gradient (the buffer keeps the unclipped ones). */
 void optim_clip(model *m, double norm);
 
 /* One update of every parameter with schedule lr `lr` (AdamW groups use lr, Muon 200 lr).

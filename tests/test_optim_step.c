@@ -9,7 +9,8 @@
  * batch plan itself is checked too: every held Muon matrix in exactly one batch, each
  * batch of one shape and at most MUON_BATCH_MAX matrices, and so is the lane plan
  * (check_lanes), on one lane and on OPTIM_LANES, and so is the buffer's layout
- * (check_layout).
+ * (check_layout). And the clipping's grad_scale against scaling the gradients first
+ * (check_grad_scale).
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -159,6 +160,40 @@ static void run_case(const char *name, const char *flags, int lanes)
     model_free(&m);
 }
 
+/* grad_scale (backend.h; optim_clip sets it) against scaling the gradients first with
+ * scale_inplace: two steps of optim_step, new gradients and a new scale each, the same
+ * parameters and optimizer state bit for bit */
+static void check_grad_scale(const char *name, const char *flags)
+{
+    config c;
+    parse_flags(&c, flags);
+    const backend *be = backend_cpu();
+    model a, b;
+    model_init(&a, &c, be, 1, 8);
+    model_init(&b, &c, be, 1, 8);
+    optimizer oa, ob;
+    optim_init(&oa, &a);
+    optim_init(&ob, &b);
+    const param_table *t = &a.table;
+    static const float scales[2] = {0.375f, 0.8f};
+    for (int step = 1; step <= 2; step++) {
+        for (int i = 0; i < t->count; i++)
+            for (size_t e = t->items[i].offset; e < t->items[i].offset + t->items[i].numel; e++)
+                a.grads[e] = b.grads[e] = (float)(rng_uniform(300 + step, e) - 0.5);
+        be->grad_scale(scales[step - 1]);
+        optim_step(&oa, &a, 3e-3);
+        be->grad_scale(1.0f);
+        be->scale_inplace(b.grads, scales[step - 1], t->total);
+        optim_step(&ob, &b, 3e-3);
+    }
+    const size_t st = optim_state_floats(&oa) * sizeof(float);
+    check(!memcmp(a.params, b.params, t->total * sizeof(float)) && !memcmp(oa.m, ob.m, st) &&
+              !memcmp(oa.v, ob.v, st),
+          "%s: grad_scale over 2 steps: parameters and state bitwise as on gradients scaled first", name);
+    optim_free(&oa), optim_free(&ob);
+    model_free(&a), model_free(&b);
+}
+
 int main(void)
 {
     const char *base = "--size tiny --n_layer 3 --n_embd 48 --n_head 5 --block_size 8";
@@ -171,5 +206,8 @@ int main(void)
                  base);
         run_case("muon, standard MoE with 2 shared experts", flags, lanes);
     }
+    check_grad_scale("muon", base);
+    snprintf(flags, sizeof flags, "%s --optimizer_type adamw", base);
+    check_grad_scale("adamw", flags);
     return failures != 0;
 }

@@ -131,7 +131,8 @@ void cpu_classifier_backward(real *dh, real *dwte, const real *h, const real *wt
                              const int32_t *targets, const real *lse, real dloss_scale,
                              int N, int V, int C);
 
-/* optimizers */
+/* optimizers; cpu_grad_scale: backend.h's grad_scale */
+void cpu_grad_scale(real s);
 void cpu_adamw_update(real *p, const real *g, real *m, real *v, size_t n, real lr, real beta1,
                       real beta2, real eps, real wd, int step);
 void cpu_muon_update(real *p, const real *g, real *buf, real *work, int rows, int cols, real lr,

@@ -21,6 +21,11 @@
 #define NS_STEPS 5
 #define NS_EPS 1e-7
 
+/* the gradient scale of backend.h's grad_scale: each g read as (real)(g * cpu_grad_scale) */
+static real cpu_grad_scale_now = 1;
+void cpu_grad_scale(real s) { cpu_grad_scale_now = s; }
+static inline real scaled(real g) { return cpu_grad_scale_now == 1 ? g : (real)(g * cpu_grad_scale_now); }
+
 /* p, g, m, v [n]: one torch.optim.AdamW step (decoupled weight decay first, then the
  * bias-corrected Adam step); step is 1-based. Updates p, m, v in place. */
 void cpu_adamw_update(real *p, const real *g, real *m, real *v, size_t n, real lr, real beta1,
@@ -33,7 +38,7 @@ void cpu_adamw_update(real *p, const real *g, real *m, real *v, size_t n, real l
     const double decay = 1.0 - (double)lr * (double)wd;
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
-        const double gi = g[i];
+        const double gi = scaled(g[i]);
         m[i] = (real)(b1 * m[i] + (1.0 - b1) * gi);
         v[i] = (real)(b2 * v[i] + (1.0 - b2) * gi * gi);
         const double denom = sqrt((double)v[i]) / bc2_sqrt + (double)eps;
@@ -125,8 +130,9 @@ void cpu_muon_update(real *p, const real *g, real *buf, real *work, int rows, in
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < cols; c++) {
             const size_t e = (size_t)r * cols + c;
-            buf[e] = mu * buf[e] + one_mu * g[e];
-            x[tall ? (size_t)c * rows + r : e] = one_mu * g[e] + mu * buf[e];
+            const real ge = scaled(g[e]);
+            buf[e] = mu * buf[e] + one_mu * ge;
+            x[tall ? (size_t)c * rows + r : e] = one_mu * ge + mu * buf[e];
         }
 
     /* the Frobenius norm is one sum over all elements: serial keeps its order fixed */

@@ -6,7 +6,8 @@
  * Newton-Schulz runs on tensor cores (TF32, or fp16 scaled by 2^12 for matrices of 2^20
  * elements and more), so its update p - p0 is held to 2e-2 and its momentum buffer, which
  * is elementwise, to 1e-6. Every op runs twice and must reproduce its bits, and the
- * Newton-Schulz CUDA graphs must reproduce the direct launches' bits. (Split from
+ * Newton-Schulz CUDA graphs must reproduce the direct launches' bits; grad_scale must give
+ * the bits of gradients scaled beforehand (test_grad_scale). (Split from
  * test_gpu_dense.c, the dense layers' test.)
  */
 #include <math.h>
@@ -306,6 +307,59 @@ static void test_muon_graph(gt_ctx *g, int count, int rows, int cols)
     free(p0);
 }
 
+/* grad_scale (the clipping's scale, applied as the update reads each gradient) against
+ * scaling a copy of the gradients with scale_inplace first: bitwise, over four steps
+ * with a new scale each (AdamW; a Muon batch, whose Newton-Schulz graph is captured on
+ * the second step and replayed after, so the scale must be read at run time). */
+static void test_grad_scale(gt_ctx *g, int count, int rows, int cols)
+{
+    static const float scales[4] = {0.5f, 0.3f, 0.8f, 0.7f};
+    const size_t n = (size_t)rows * cols, all = (size_t)count * n;
+    const size_t nwork = muon_batch_work_floats(count, rows, cols);
+    float *p0 = gt_rand(g, all, -0.1f, 0.1f);
+    muon_dev d = muon_dev_alloc(g, p0, all, nwork, 2);
+    float *g2 = g->gpu->alloc(fbytes(all)), *am[2], *av[2], *ap[2];
+    for (int c = 0; c < 2; c++) {
+        ap[c] = gt_up(g, p0, all);
+        am[c] = g->gpu->alloc(fbytes(all)), av[c] = g->gpu->alloc(fbytes(all));
+    }
+    float *dp[MUON_BATCH_MAX], *db[MUON_BATCH_MAX];
+    const float *dg_[MUON_BATCH_MAX];
+    for (int step = 1; step <= 4; step++) {
+        float *grad = gt_rand(g, all, -1, 1);
+        g->gpu->from_host(d.g_d, grad, fbytes(all));
+        g->gpu->copy(g2, d.g_d, fbytes(all));
+        g->gpu->scale_inplace(g2, scales[step - 1], all);
+        for (int c = 0; c < 2; c++) { /* c 0: grad_scale on d.g_d; c 1: the scaled copy g2 */
+            g->gpu->grad_scale(c ? 1.0f : scales[step - 1]);
+            const float *gr = c ? g2 : d.g_d;
+            g->gpu->adamw_update(ap[c], gr, am[c], av[c], all, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, step);
+            batch_ptrs(dp, db, dg_, d.gp[c], d.gb[c], gr, count, n);
+            g->gpu->muon_update_batch(dp, dg_, db, d.work_d, count, rows, cols, 0.02f, 0.95f, 0.1f);
+        }
+        g->gpu->grad_scale(1.0f);
+        free(grad);
+    }
+    float *h[2][5];
+    for (int c = 0; c < 2; c++) {
+        h[c][0] = gt_down(g, ap[c], all), h[c][1] = gt_down(g, am[c], all), h[c][2] = gt_down(g, av[c], all);
+        h[c][3] = gt_down(g, d.gp[c], all), h[c][4] = gt_down(g, d.gb[c], all);
+    }
+    int same = 1;
+    for (int i = 0; i < 5; i++) same &= !memcmp(h[0][i], h[1][i], fbytes(all));
+    char name[200];
+    snprintf(name, sizeof name, "grad_scale: AdamW (p, m, v) and Muon %d x %dx%d (p, buf) over 4 steps as on "
+             "gradients scaled first", count, rows, cols);
+    gt_report(name, same, "bitwise");
+    for (int c = 0; c < 2; c++) {
+        for (int i = 0; i < 5; i++) free(h[c][i]);
+        g->gpu->free(ap[c]), g->gpu->free(am[c]), g->gpu->free(av[c]);
+    }
+    g->gpu->free(g2);
+    muon_dev_free(g, &d);
+    free(p0);
+}
+
 int main(void)
 {
     gt_ctx g;
@@ -328,6 +382,7 @@ int main(void)
     test_muon_batch(&g, 1, 300, 300);  /* a batch of one */
     test_muon_graph(&g, 5, 256, 1024); /* TF32 */
     test_muon_graph(&g, 2, 1024, 1024); /* scaled fp16 */
+    test_grad_scale(&g, 3, 256, 1024);
 
     printf("# test_gpu_optim: %d failure(s)\n", gt_failures());
     return gt_failures() != 0;
