@@ -43,6 +43,53 @@ static __global__ void row_dot_kernel(float *Dvec, const float *dout, const floa
     }
 }
 
+/* acc += A B^T on one warp's 16 x 32 tile: rows rq.. of A and kc.. of B (both [row][k]
+ * bf16 in shared memory, pitch ld), over the first nsteps of at most MAXSTEPS k-steps of
+ * 16 */
+template <int MAXSTEPS>
+static __device__ __forceinline__ void warp_abt(float acc[4][4], const bf16 *sA, const bf16 *sB, int ld, int nsteps,
+                                                int rq, int kc, int lane)
+{
+#pragma unroll
+    for (int kk = 0; kk < MAXSTEPS; kk++) {
+        if (kk < nsteps) {
+            uint32_t a[4];
+            ldsm_x4(a, sA + (rq + (lane & 15)) * ld + kk * 16 + ((lane >> 4) << 3));
+#pragma unroll
+            for (int np = 0; np < 2; np++) {
+                uint32_t b[4];
+                ldsm_x4(b, sB + (kc + np * 16 + (lane & 7) + ((lane >> 4) << 3)) * ld + kk * 16 +
+                               (((lane >> 3) & 1) << 3));
+                mma_bf16(acc[2 * np], a, b[0], b[1]);
+                mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+    }
+}
+
+/* row[col] += scale * acc (rounded product, then sum: no fma), for the columns this lane
+ * holds in row half `half` of its accumulator fragments acc[2 p + nn] (p < nmine of at
+ * most NP column pairs of 16 from pair p0, below D); with set the old values are taken as
+ * 0 (not read) */
+template <int NP>
+static __device__ __forceinline__ void add_scaled_row(float *row, const float (*acc)[4], int half, int nmine, int p0,
+                                                      int D, float scale, int set, int c)
+{
+#pragma unroll
+    for (int p = 0; p < NP; p++) {
+        if (p < nmine) {
+#pragma unroll
+            for (int nn = 0; nn < 2; nn++) {
+                const int col = (p0 + p) * 16 + nn * 8 + 2 * c;
+                if (col < D) row[col] = __fadd_rn(set ? 0.0f : row[col], __fmul_rn(scale, acc[2 * p + nn][2 * half]));
+                if (col + 1 < D)
+                    row[col + 1] =
+                        __fadd_rn(set ? 0.0f : row[col + 1], __fmul_rn(scale, acc[2 * p + nn][2 * half + 1]));
+            }
+        }
+    }
+}
+
 /* Phase 1 of both backward kernels, all 8 warps: for one 64-query x 64-key tile,
  * P = exp(scale q.k - lse) (0 where masked or the query row is past T) and
  * dS = P (dO.v - D), written as bf16 to sP (skipped when NULL) and sdS, [query][key]
@@ -58,36 +105,8 @@ static __device__ __forceinline__ void bwd_probs(bf16 *sP, bf16 *sdS, const bf16
     float s[4][4], dp[4][4];
 #pragma unroll
     for (int n = 0; n < 4; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < ATT_KSTEPS; kk++) {
-        if (kk < nkq) {
-            uint32_t a[4];
-            ldsm_x4(a, sQ + (rq + (lane & 15)) * pk + kk * 16 + ((lane >> 4) << 3));
-#pragma unroll
-            for (int np = 0; np < 2; np++) {
-                uint32_t bk[4];
-                ldsm_x4(bk, sK + (kc + np * 16 + (lane & 7) + ((lane >> 4) << 3)) * pk + kk * 16 +
-                                (((lane >> 3) & 1) << 3));
-                mma_bf16(s[2 * np], a, bk[0], bk[1]);
-                mma_bf16(s[2 * np + 1], a, bk[2], bk[3]);
-            }
-        }
-    }
-#pragma unroll
-    for (int kk = 0; kk < ATT_VSTEPS; kk++) {
-        if (kk < nvp) {
-            uint32_t a[4];
-            ldsm_x4(a, sdO + (rq + (lane & 15)) * pv + kk * 16 + ((lane >> 4) << 3));
-#pragma unroll
-            for (int np = 0; np < 2; np++) {
-                uint32_t bv[4];
-                ldsm_x4(bv, sV + (kc + np * 16 + (lane & 7) + ((lane >> 4) << 3)) * pv + kk * 16 +
-                                (((lane >> 3) & 1) << 3));
-                mma_bf16(dp[2 * np], a, bv[0], bv[1]);
-                mma_bf16(dp[2 * np + 1], a, bv[2], bv[3]);
-            }
-        }
-    }
+    warp_abt<ATT_KSTEPS>(s, sQ, sK, pk, nkq, rq, kc, lane);   /* S = Q K^T */
+    warp_abt<ATT_VSTEPS>(dp, sdO, sV, pv, nvp, rq, kc, lane); /* dP = dO V^T */
     const int ra = rq + g, rb = ra + 8;
     const float lsa = slse[ra] * ATT_LOG2E, lsb = slse[rb] * ATT_LOG2E, Da = sD[ra], Db = sD[rb];
 #pragma unroll
@@ -237,20 +256,7 @@ static __global__ void __launch_bounds__(BWD_THREADS, 1)
         if (s >= T) continue;
         float *dkr = dk + (((size_t)b * T + s) * H + h) * Dk;
         float *dvr = dv + (((size_t)b * T + s) * H + h) * Dv;
-#pragma unroll
-        for (int p = 0; p < ATT_KSTEPS / 2; p++) {
-            if (p < nkmine) {
-#pragma unroll
-                for (int nn = 0; nn < 2; nn++) {
-                    const int col = (kp0 + p) * 16 + nn * 8 + 2 * c;
-                    if (col < Dk)
-                        dkr[col] = __fadd_rn(set ? 0.0f : dkr[col], __fmul_rn(scale, dka[2 * p + nn][2 * half]));
-                    if (col + 1 < Dk)
-                        dkr[col + 1] =
-                            __fadd_rn(set ? 0.0f : dkr[col + 1], __fmul_rn(scale, dka[2 * p + nn][2 * half + 1]));
-                }
-            }
-        }
+        add_scaled_row<ATT_KSTEPS / 2>(dkr, dka, half, nkmine, kp0, Dk, scale, set, c);
 #pragma unroll
         for (int p = 0; p < ATT_VSTEPS / 2; p++) {
             if (p < nvmine) {
@@ -361,20 +367,7 @@ static __global__ void __launch_bounds__(BWD_THREADS, 1)
         const int t = t0 + rq + g + 8 * half;
         if (t >= T) continue;
         float *dqr = dq + (((size_t)b * T + t) * H + h) * Dk;
-#pragma unroll
-        for (int p = 0; p < ATT_KSTEPS / 2; p++) {
-            if (p < nkmine) {
-#pragma unroll
-                for (int nn = 0; nn < 2; nn++) {
-                    const int col = (kp0 + p) * 16 + nn * 8 + 2 * c;
-                    if (col < Dk)
-                        dqr[col] = __fadd_rn(set ? 0.0f : dqr[col], __fmul_rn(scale, dqa[2 * p + nn][2 * half]));
-                    if (col + 1 < Dk)
-                        dqr[col + 1] =
-                            __fadd_rn(set ? 0.0f : dqr[col + 1], __fmul_rn(scale, dqa[2 * p + nn][2 * half + 1]));
-                }
-            }
-        }
+        add_scaled_row<ATT_KSTEPS / 2>(dqr, dqa, half, nkmine, kp0, Dk, scale, set, c);
     }
 }
 

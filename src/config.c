@@ -121,7 +121,7 @@ static const option_entry options[] = {
     FLAG(zero, "ZeRO stage: 1 shards optimizer state over the data-parallel ranks, 0 keeps it whole on every rank"),
     FLAG(bucket_mb, "gradient-reduction bucket size in MiB (reductions start as buckets fill during the backward)"),
     BOOL_FLAG(comm_timing, "log the step split into compute, gradient reduction and expert all-to-all (synchronises)"),
-    BOOL_FLAG(cuda_graph, "replay each micro-batch's forward and backward as CUDA graphs (--device cuda; with data parallelism the forward only, with --ep neither)"),
+    BOOL_FLAG(cuda_graph, "replay forward and backward as CUDA graphs (cuda; data parallel: the forward; not --ep)"),
 
     SECTION("seed flags accepted so its command lines run; they have no effect here"),
     IGNORED_FLAG("compile", OPT_BOOL, "torch.compile (deltamla is compiled ahead of time)"),
