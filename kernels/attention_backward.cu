@@ -44,14 +44,13 @@ static __global__ void row_dot_kernel(float *Dvec, const float *dout, const floa
 }
 
 /* acc += A B^T on one warp's 16 x 32 tile: rows rq.. of A and kc.. of B (both [row][k]
- * bf16 in shared memory, pitch ld), over the first nsteps of at most MAXSTEPS k-steps of
- * 16 */
-template <int MAXSTEPS>
-static __device__ __forceinline__ void warp_abt(float acc[4][4], const bf16 *sA, const bf16 *sB, int ld, int nsteps,
-                                                int rq, int kc, int lane)
+ * bf16 in shared memory, pitch ld), over the first nsteps of at most maxsteps k-steps of
+ * 16 (a constant at every call, so the loop unrolls) */
+static __device__ __forceinline__ void warp_abt(float acc[4][4], const bf16 *sA, const bf16 *sB, int ld, int maxsteps,
+                                                int nsteps, int rq, int kc, int lane)
 {
 #pragma unroll
-    for (int kk = 0; kk < MAXSTEPS; kk++) {
+    for (int kk = 0; kk < maxsteps; kk++) {
         if (kk < nsteps) {
             uint32_t a[4];
             ldsm_x4(a, sA + (rq + (lane & 15)) * ld + kk * 16 + ((lane >> 4) << 3));
@@ -69,14 +68,13 @@ static __device__ __forceinline__ void warp_abt(float acc[4][4], const bf16 *sA,
 
 /* row[col] += scale * acc (rounded product, then sum: no fma), for the columns this lane
  * holds in row half `half` of its accumulator fragments acc[2 p + nn] (p < nmine of at
- * most NP column pairs of 16 from pair p0, below D); with set the old values are taken as
- * 0 (not read) */
-template <int NP>
-static __device__ __forceinline__ void add_scaled_row(float *row, const float (*acc)[4], int half, int nmine, int p0,
-                                                      int D, float scale, int set, int c)
+ * most np column pairs of 16 from pair p0, below D; np a constant at every call); with
+ * set the old values are taken as 0 (not read) */
+static __device__ __forceinline__ void add_scaled_row(float *row, const float (*acc)[4], int np, int half, int nmine,
+                                                      int p0, int D, float scale, int set, int c)
 {
 #pragma unroll
-    for (int p = 0; p < NP; p++) {
+    for (int p = 0; p < np; p++) {
         if (p < nmine) {
 #pragma unroll
             for (int nn = 0; nn < 2; nn++) {
@@ -105,8 +103,8 @@ static __device__ __forceinline__ void bwd_probs(bf16 *sP, bf16 *sdS, const bf16
     float s[4][4], dp[4][4];
 #pragma unroll
     for (int n = 0; n < 4; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.f;
-    warp_abt<ATT_KSTEPS>(s, sQ, sK, pk, nkq, rq, kc, lane);   /* S = Q K^T */
-    warp_abt<ATT_VSTEPS>(dp, sdO, sV, pv, nvp, rq, kc, lane); /* dP = dO V^T */
+    warp_abt(s, sQ, sK, pk, ATT_KSTEPS, nkq, rq, kc, lane);   /* S = Q K^T */
+    warp_abt(dp, sdO, sV, pv, ATT_VSTEPS, nvp, rq, kc, lane); /* dP = dO V^T */
     const int ra = rq + g, rb = ra + 8;
     const float lsa = slse[ra] * ATT_LOG2E, lsb = slse[rb] * ATT_LOG2E, Da = sD[ra], Db = sD[rb];
 #pragma unroll
@@ -256,7 +254,7 @@ static __global__ void __launch_bounds__(BWD_THREADS, 1)
         if (s >= T) continue;
         float *dkr = dk + (((size_t)b * T + s) * H + h) * Dk;
         float *dvr = dv + (((size_t)b * T + s) * H + h) * Dv;
-        add_scaled_row<ATT_KSTEPS / 2>(dkr, dka, half, nkmine, kp0, Dk, scale, set, c);
+        add_scaled_row(dkr, dka, ATT_KSTEPS / 2, half, nkmine, kp0, Dk, scale, set, c);
 #pragma unroll
         for (int p = 0; p < ATT_VSTEPS / 2; p++) {
             if (p < nvmine) {
@@ -367,7 +365,7 @@ static __global__ void __launch_bounds__(BWD_THREADS, 1)
         const int t = t0 + rq + g + 8 * half;
         if (t >= T) continue;
         float *dqr = dq + (((size_t)b * T + t) * H + h) * Dk;
-        add_scaled_row<ATT_KSTEPS / 2>(dqr, dqa, half, nkmine, kp0, Dk, scale, set, c);
+        add_scaled_row(dqr, dqa, ATT_KSTEPS / 2, half, nkmine, kp0, Dk, scale, set, c);
     }
 }
 
