@@ -13,7 +13,8 @@
  * over reps. The floor is the larger of FLOPs over the GEMM rate and bytes over the copy
  * bandwidth, both measured at the start. With the CUDA build, attention runs twice: on
  * the default implementation (cuDNN's fused attention where the build has it) and on our
- * own kernels. Inputs are random in the model's ranges (GDN keys L2-normalised per head,
+ * own kernels. The GDN backward is timed both ways: accumulating into the gradients, and
+ * writing them (gdn_backward_set, what the model calls). Inputs are random in the model's ranges (GDN keys L2-normalised per head,
  * gates logsigmoid of N(0, 1), beta in (0, 1)).
  */
 #include <math.h>
@@ -107,6 +108,10 @@ static void bench_gdn(const backend *be, const backend *tb, int B, int T, int H,
         be->gdn_backward(dq, dk, dv, dg, db, dout, q, k, v, g, beta, st, NULL, B, T, H, D, scale);
     be->sync();
     double t2 = wall_time();
+    for (int r = 0; r < reps; r++)
+        be->gdn_backward_set(dq, dk, dv, dg, db, dout, q, k, v, g, beta, st, NULL, B, T, H, D, scale);
+    be->sync();
+    double t3 = wall_time();
     char what[96];
     snprintf(what, sizeof what, "gdn forward   B %d T %d H %d D %d", B, T, H, D);
     report(what, (t1 - t0) / reps, ff, bf);
@@ -114,6 +119,11 @@ static void bench_gdn(const backend *be, const backend *tb, int B, int T, int H,
     report(what, (t2 - t1) / reps, fb, bb);
     snprintf(what, sizeof what, "gdn fwd + bwd B %d T %d H %d D %d", B, T, H, D);
     report(what, (t2 - t0) / reps, ff + fb, bf + bb);
+    /* the model's call: gradients written, not accumulated (bytes charged as above) */
+    snprintf(what, sizeof what, "gdn backward_set (the model's) B %d T %d", B, T);
+    report(what, (t3 - t2) / reps, fb, bb);
+    snprintf(what, sizeof what, "gdn fwd + bwd_set B %d T %d H %d D %d", B, T, H, D);
+    report(what, (t1 - t0 + t3 - t2) / reps, ff + fb, bf + bb);
     float *bufs[] = {q, k, v, g, beta, dout, o, st, dq, dk, dv, dg, db};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be->free(bufs[i]);
 }

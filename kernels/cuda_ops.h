@@ -79,6 +79,8 @@ void cuda_l2norm_backward(float *dx, const float *dy, const float *x, const floa
 void cuda_l2norm_backward_set(float *dx, const float *dy, const float *x, const float *rnorm, int n, int D);
 /* 1 when some GDN product runs in plain TF32 (the default build), 0 when all run in 3xTF32 */
 int cuda_gdn_tf32_plain(void);
+/* the GDN state kernels' warps: 0 (by the grid, the default), 4 or 8; returns the old one */
+int cuda_gdn_set_state_warps(int n);
 void cuda_gdn_forward(float *o, float *state_save, const float *q, const float *k, const float *v,
                       const float *g, const float *beta, const int32_t *doc_start,
                       int B, int T, int H, int D, float scale);

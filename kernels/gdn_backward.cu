@@ -20,22 +20,21 @@ static __host__ __device__ __forceinline__ int gdn_bwd_qpitch(int D)
     return gdn_kpitch(D) > GDN_PP ? gdn_kpitch(D) : GDN_PP;
 }
 
-/* Per (chunk, b*h), from the saved S0: e0 to e0buf; Xk = T^T diag(eL) K; Hc =
- * Qs^T diag(e0) dO [D, D]; Xo = T^T M^T dO; W = T diag(beta) (V - diag(e0) K S0).
+/* Per (chunk, b*h): e0 to e0buf; Xk = T^T diag(eL) K; Hc = Qs^T diag(e0) dO [D, D];
+ * Xo = T^T M^T dO. (W is the forward's, from state_save.)
  * Shared: header, K [64, dp] and Qs [64, dp] (pad columns zero), three [64, GDN_PP]
- * tiles: R1 (A, then T^T's factor diag(eL) T, then panels of dO or S0), T and M. P2 (M^T
- * dO, then the right-hand side) lies over Qs once Hc is done with it, which keeps the
- * block at 101 KB for D = 85, so two blocks share an SM (with a fourth tile of its own,
- * 118 KB, one block did: 1.17 ms for this kernel at B 8, T 2048, H 12 on an H100). The Hc
+ * tiles: R1 (A, then T^T's factor diag(eL) T, then panels of dO), T and M. P2 (M^T dO)
+ * lies over Qs once Hc is done with it, which keeps the block at 101 KB for D = 85, so
+ * two blocks share an SM (with a fourth tile of its own, 118 KB, one block did: 1.17 ms
+ * for this kernel at B 8, T 2048, H 12 on an H100). The Hc
  * passes run first over the dO panels; the Xo passes then take them in reverse order, so
  * the last panel is used twice without a reload. Warp w computes the warp tile
  * (16 (w % 4), 32 (w / 4)) of each [64, 64] result; T and M are lower triangular, so
  * products with them or their transposes contract only over the rows or columns that
  * the tile's rows reach. */
 static __global__ void __launch_bounds__(GDN_NT, 2)
-gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float *e0buf,
-                    const float *dout, const float *q, const float *k, const float *v,
-                    const float *g, const float *beta, const float *state_save,
+gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float *e0buf, const float *dout,
+                    const float *q, const float *k, const float *g, const float *beta,
                     const int32_t *doc_start, int T, int H, int D, int nchunk, float scale)
 {
     const int c = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
@@ -45,8 +44,7 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Kpbuf, float 
     float *Ks = gdn_smem + GDN_HDR, *Qs = Ks + GDN_C * dp, *R1 = Qs + GDN_C * gdn_bwd_qpitch(D);
     float *Ts = R1 + GDN_C * GDN_PP, *Ms = Ts + GDN_C * GDN_PP, *P2 = Qs;
     const int warp = tid >> 5, m0 = 16 * (warp & 3), n0 = 32 * (warp >> 2);
-    const float *S0 = state_save + ci * D * D;
-    float *Wc = Wbuf + ci * GDN_C * Dp, *Xc = Xbuf + ci * GDN_C * Dp, *Xkc = Xkbuf + ci * GDN_C * Dp;
+    float *Xc = Xbuf + ci * GDN_C * Dp, *Xkc = Xkbuf + ci * GDN_C * Dp;
     float *Hc = Hcbuf + ci * D * Dp;
 
     gdn_load_async(Ks, dp, GDN_C, D8, k + tok, rs, L, 0, D); /* in flight during the scan */
@@ -162,50 +160,6 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Kpbuf, float 
         }
         gdn_sync();
     }
-
-    /* per 64 value columns: U = K S0 over 64-row panels of S0, the right-hand side
-     * beta (V - e0 U) into P2, W = T P2 */
-    for (int jp = 0; jp < D; jp += 64) {
-        const int jw = gdn_imin(64, D - jp), act = n0 < jw;
-        float au[4][4];
-        gdn_zero(au);
-        for (int ip = 0; ip < D; ip += 64) {
-            const int iw = gdn_imin(64, D - ip);
-            gdn_load_async(R1, GDN_PP, 64, 64, S0 + (size_t)ip * D, D, iw, jp, D);
-            gdn_sync();
-            if (act) gdn_mma(GDN_SPLIT_S0, au, Ks + ip, dp, 1, m0, GDN_C - 1, R1, GDN_PP, 1, n0, 63, 0, iw);
-            gdn_sync();
-        }
-        float vv[4][4]; /* all loads first (the P2 stores would order them) */
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
-                vv[j][r] = t < L && n < jw ? v[tok + (size_t)t * rs + jp + n] : 0.0f;
-            }
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
-                P2[t * GDN_PP + n] = s.bt[t] * (vv[j][r] - s.e0[t] * au[j][r]);
-            }
-        gdn_sync();
-        if (act) {
-            float aw[4][4];
-            gdn_zero(aw);
-            gdn_mma(GDN_SPLIT_SOLVE, aw, Ts, GDN_PP, 1, m0, GDN_C - 1, P2, GDN_PP, 1, n0, 63, 0, m0 + 16);
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    const int n = gdn_fcol(n0, j, r);
-                    if (n < jw) Wc[(size_t)gdn_frow(m0, r) * Dp + jp + n] = aw[j][r];
-                }
-        }
-        /* the next pass writes P2 only after the barriers of its S0 loop */
-    }
 }
 
 /* Per (32 value columns j0.., b*h), chunks last to first: dS [D, 32] starts at 0; per
@@ -214,7 +168,7 @@ gdn_bwd_prep_kernel(float *Wbuf, float *Xbuf, float *Xkbuf, float *Kpbuf, float 
  * document. Shared: dS [r8(D), GDN_SP] (rows past D zero), e0 beta X [64, GDN_SP], Xk and
  * K of the chunk [64, dp] (pad columns zero), e0 and beta [128]. Groups as in the
  * forward state kernel: X (Xk, e0, beta) and K; warps as there. */
-static __global__ void __launch_bounds__(GDN_ST)
+static __global__ void __launch_bounds__(GDN_ST, 3)
 gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float *Hcbuf,
                      const float *Kpbuf, const float *beta, const float *e0buf,
                      const int32_t *doc_start, int T, int H, int D, int nchunk)
@@ -225,7 +179,7 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
     float *sc = Kb + GDN_C * dp;
     const size_t DD = (size_t)D * Dp;
 
-    for (int e = tid; e < D8 * GDN_SP; e += GDN_ST) dS[e] = 0.0f;
+    for (int e = tid; e < D8 * GDN_SP; e += (int)blockDim.x) dS[e] = 0.0f;
     gdn_zero_cols(Xkb, dp, GDN_C, D, dp);
     gdn_zero_cols(Kb, dp, GDN_C, D, dp);
     {
@@ -251,11 +205,13 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
         const int reset0 = doc_start && doc_start[(size_t)b * T + t0];
         float *ds = dSbuf + ci * DD + j0;
         if ((tid & 31) < nv)
-            for (int r = warp; r < D; r += GDN_ST / 32) ds[(size_t)r * Dp + (tid & 31)] = dS[r * GDN_SP + (tid & 31)];
+            for (int r = warp; r < D; r += (int)(blockDim.x >> 5)) ds[(size_t)r * Dp + (tid & 31)] = dS[r * GDN_SP + (tid & 31)];
 
-        /* X = Xo + Xk dS */
+        /* X = Xo + Xk dS (halves of the contraction as in the forward) */
         {
-            const int m0 = 16 * warp;
+            const int m0 = 16 * (warp & 3), lower = warp < 4;
+            int kb, ke;
+            gdn_state_krange(D, &kb, &ke);
             float *xc = Xbuf + ci * GDN_C * Dp + j0;
             float xo[4][4], acc[4][4];
 #pragma unroll
@@ -263,19 +219,22 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
                     const int n = gdn_fcol(0, j, r);
-                    xo[j][r] = n < nv ? xc[(size_t)gdn_frow(m0, r) * Dp + n] : 0.0f;
+                    xo[j][r] = lower && n < nv ? xc[(size_t)gdn_frow(m0, r) * Dp + n] : 0.0f;
                 }
             gdn_zero(acc);
-            gdn_mma(gdn_state_split(0), acc, Xkb, dp, 1, m0, GDN_C - 1, dS, GDN_SP, 1, 0, GDN_DV - 1, 0, D);
+            gdn_mma(gdn_state_split(0), acc, Xkb, dp, 1, m0, GDN_C - 1, dS, GDN_SP, 1, 0, GDN_DV - 1,
+                    kb, ke);
+            gdn_state_half(acc, Xt, m0);
+            if (lower)
 #pragma unroll
-            for (int j = 0; j < 4; j++)
+                for (int j = 0; j < 4; j++)
 #pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    const int t = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
-                    const float x = xo[j][r] + acc[j][r];
-                    if (n < nv) xc[(size_t)t * Dp + n] = x;
-                    Xt[t * GDN_SP + n] = gdn_state_op(sc[t] * sc[GDN_C + t] * x);
-                }
+                    for (int r = 0; r < 4; r++) {
+                        const int t = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
+                        const float x = xo[j][r] + acc[j][r];
+                        if (n < nv) xc[(size_t)t * Dp + n] = x;
+                        Xt[t * GDN_SP + n] = gdn_state_op(sc[t] * sc[GDN_C + t] * x);
+                    }
         }
         __syncthreads();
         if (c > 0) {
@@ -293,7 +252,7 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
 
         /* dS = e0L dS + Hc - K^T (e0 beta X) */
         const float *hc = Hcbuf + ci * DD + j0;
-        for (int m0 = 16 * warp; m0 < D; m0 += 16 * (GDN_ST / 32)) {
+        for (int m0 = 16 * warp; m0 < D; m0 += 16 * (int)(blockDim.x >> 5)) {
             float hv[4][4], acc[4][4];
 #pragma unroll
             for (int j = 0; j < 4; j++)
@@ -651,8 +610,9 @@ static size_t gdn_smem_bwd_grads(void)
     return sizeof(float) * (GDN_HDR + 2 * GDN_C * GDN_PP + GDN_B3_PART + GDN_B3_DOTS + 8 * GDN_C + GDN_NT + GDN_B3_REGION);
 }
 
-/* Backward: accumulates into dq, dk, dv, dg, dbeta, or (set) writes them. Scratch: 4
- * [64, gdn_r4(D)] arrays, 2 [D, gdn_r4(D)] arrays and a [64] vector per (b, h, chunk). */
+/* Backward: accumulates into dq, dk, dv, dg, dbeta, or (set) writes them. W comes from
+ * state_save. Scratch: 3 [64, gdn_r4(D)] arrays, 2 [D, gdn_r4(D)] arrays and a [64]
+ * vector per (b, h, chunk). */
 static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout, const float *q,
                          const float *k, const float *v, const float *g, const float *beta, const float *state_save,
                          const int32_t *doc_start, int B, int T, int H, int D, float scale, int set)
@@ -660,8 +620,10 @@ static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbet
     gdn_check_shape("gdn_backward", B, T, H, D);
     const int nchunk = (T + GDN_C - 1) / GDN_C, BH = B * H;
     const size_t Dp = gdn_r4(D), rows = (size_t)BH * nchunk * GDN_C, states = (size_t)BH * nchunk * D * Dp;
-    float *Wbuf = (float *)cuda_scratch((4 * rows * Dp + 2 * states + rows) * sizeof(float));
-    float *Xbuf = Wbuf + rows * Dp, *Xkbuf = Xbuf + rows * Dp, *Kpbuf = Xkbuf + rows * Dp, *Hcbuf = Kpbuf + rows * Dp;
+    fatal_check(gdn_w_pitch(D) == (int)Dp);
+    const float *Wbuf = state_save + gdn_state_w_offset(B, T, H, D);
+    float *Xbuf = (float *)cuda_scratch((3 * rows * Dp + 2 * states + rows) * sizeof(float));
+    float *Xkbuf = Xbuf + rows * Dp, *Kpbuf = Xkbuf + rows * Dp, *Hcbuf = Kpbuf + rows * Dp;
     float *dSbuf = Hcbuf + states, *e0buf = dSbuf + states;
     cudaStream_t st = cuda_stream();
     const size_t sm1 = gdn_smem_bwd_prep(D), sm2 = gdn_smem_state(D), sm3 = gdn_smem_bwd_grads();
@@ -669,11 +631,11 @@ static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbet
     gdn_allow_smem((const void *)gdn_bwd_state_kernel, sm2);
     gdn_allow_smem((const void *)gdn_bwd_grads_kernel, sm3);
 
-    gdn_bwd_prep_kernel<<<dim3(nchunk, BH), GDN_NT, sm1, st>>>(Wbuf, Xbuf, Xkbuf, Kpbuf, Hcbuf, e0buf, dout, q,
-                                                               k, v, g, beta, state_save, doc_start,
-                                                               T, H, D, nchunk, scale);
+    gdn_bwd_prep_kernel<<<dim3(nchunk, BH), GDN_NT, sm1, st>>>(Xbuf, Xkbuf, Kpbuf, Hcbuf, e0buf, dout, q, k, g,
+                                                               beta, doc_start, T, H, D, nchunk, scale);
     LAUNCH_CHECK();
-    gdn_bwd_state_kernel<<<dim3((D + GDN_DV - 1) / GDN_DV, BH), GDN_ST, sm2, st>>>(
+    const int nsb = (D + GDN_DV - 1) / GDN_DV;
+    gdn_bwd_state_kernel<<<dim3(nsb, BH), gdn_state_threads(nsb * BH), sm2, st>>>(
         dSbuf, Xbuf, Xkbuf, Hcbuf, Kpbuf, beta, e0buf, doc_start, T, H, D, nchunk);
     LAUNCH_CHECK();
     gdn_bwd_grads_kernel<<<dim3(nchunk, BH), GDN_NT, sm3, st>>>(dq, dk, dv, dg, dbeta, dout, q, k, v, g,

@@ -89,6 +89,8 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *e0buf, float *eLbuf,
                 if (n < D) {
                     wv[(size_t)t * Dp + n] = aw[j][r];
                     uk[(size_t)t * Dp + n] = gdn_state_op(au[j][r]);
+                } else if (n < Dp) {
+                    wv[(size_t)t * Dp + n] = 0.0f; /* W's pad columns in state_save */
                 }
             }
     }
@@ -102,7 +104,7 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *e0buf, float *eLbuf,
  * e0L) is refilled for the next chunk as soon as the W product is done with it, K as
  * soon as the S update is. Warp w computes rows 16w.. of W, and row tiles w, w + 4, ...
  * of S. */
-static __global__ void __launch_bounds__(GDN_ST)
+static __global__ void __launch_bounds__(GDN_ST, 3)
 gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float *Kp,
                      const float *e0buf, const float *eLbuf, const int32_t *doc_start, int T,
                      int H, int D, int nchunk)
@@ -113,7 +115,7 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
     float *sc = Kb + GDN_C * dp;
     const size_t DD = (size_t)D * D;
 
-    for (int e = tid; e < D8 * GDN_SP; e += GDN_ST) S[e] = 0.0f;
+    for (int e = tid; e < D8 * GDN_SP; e += (int)blockDim.x) S[e] = 0.0f;
     gdn_zero_cols(Ub, dp, GDN_C, D, dp);
     gdn_zero_cols(Kb, dp, GDN_C, D, dp);
     /* groups U(0), K(0) */
@@ -135,16 +137,19 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
         __syncthreads();
         const float e0L = sc[GDN_C];
         if (doc_start && doc_start[(size_t)b * T + t0]) {
-            for (int e = tid; e < D * GDN_SP; e += GDN_ST) S[e] = 0.0f;
+            for (int e = tid; e < D * GDN_SP; e += (int)blockDim.x) S[e] = 0.0f;
             __syncthreads();
         }
         float *ss = state_save + ci * DD + j0;
         if ((tid & 31) < nv)
-            for (int r = warp; r < D; r += GDN_ST / 32) ss[(size_t)r * D + (tid & 31)] = S[r * GDN_SP + (tid & 31)];
+            for (int r = warp; r < D; r += (int)(blockDim.x >> 5)) ss[(size_t)r * D + (tid & 31)] = S[r * GDN_SP + (tid & 31)];
 
-        /* W = Wv - Uk S: warp w has rows 16w..16w+15 of [64, 32] */
+        /* W = Wv - Uk S: row tile 16 (w % 4) of [64, 32], the contraction in two halves
+         * (gdn_state_half; Wt holds the upper half's sums until warps 0-3 overwrite it) */
         {
-            const int m0 = 16 * warp;
+            const int m0 = 16 * (warp & 3), lower = warp < 4;
+            int kb, ke;
+            gdn_state_krange(D, &kb, &ke);
             float *wc = Wv + ci * GDN_C * Dp + j0;
             float wv[4][4], acc[4][4];
 #pragma unroll
@@ -152,19 +157,21 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
                     const int n = gdn_fcol(0, j, r);
-                    wv[j][r] = n < nv ? wc[(size_t)gdn_frow(m0, r) * Dp + n] : 0.0f;
+                    wv[j][r] = lower && n < nv ? wc[(size_t)gdn_frow(m0, r) * Dp + n] : 0.0f;
                 }
             gdn_zero(acc);
-            gdn_mma(gdn_state_split(0), acc, Ub, dp, 1, m0, GDN_C - 1, S, GDN_SP, 1, 0, GDN_DV - 1, 0, D);
+            gdn_mma(gdn_state_split(0), acc, Ub, dp, 1, m0, GDN_C - 1, S, GDN_SP, 1, 0, GDN_DV - 1, kb, ke);
+            gdn_state_half(acc, Wt, m0);
+            if (lower)
 #pragma unroll
-            for (int j = 0; j < 4; j++)
+                for (int j = 0; j < 4; j++)
 #pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    const int t = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
-                    const float w = wv[j][r] - acc[j][r];
-                    if (n < nv) wc[(size_t)t * Dp + n] = w;
-                    Wt[t * GDN_SP + n] = gdn_state_op(sc[t] * w);
-                }
+                    for (int r = 0; r < 4; r++) {
+                        const int t = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
+                        const float w = wv[j][r] - acc[j][r];
+                        if (n < nv) wc[(size_t)t * Dp + n] = w;
+                        Wt[t * GDN_SP + n] = gdn_state_op(sc[t] * w);
+                    }
         }
         __syncthreads();
         if (c + 1 < nchunk) {
@@ -178,7 +185,7 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
         __syncthreads();
 
         /* S = e0L S + K^T (eL W): row tiles of 16 of [D, 32] */
-        for (int m0 = 16 * warp; m0 < D; m0 += 16 * (GDN_ST / 32)) {
+        for (int m0 = 16 * warp; m0 < D; m0 += 16 * (int)(blockDim.x >> 5)) {
             float acc[4][4];
             gdn_zero(acc);
             gdn_mma(gdn_state_split(1), acc, Kb, 1, dp, m0, D - 1, Wt, GDN_SP, 1, 0, GDN_DV - 1, 0, GDN_C);
@@ -272,11 +279,29 @@ extern "C" int cuda_gdn_tf32_plain(void)
            GDN_SPLIT_GRAD == 1;
 }
 
+/* the state kernels' warps: 0 chooses by the number of blocks (gdn_state_threads), 4 or 8
+ * forces that many (for the tests and benchmarks); returns the previous setting */
+static int gdn_state_warps;
+extern "C" int cuda_gdn_set_state_warps(int n)
+{
+    if (n != 0 && n != 4 && n != 8) die("gdn: state kernels with %d warps (0 for the default, 4 or 8)", n);
+    const int old = gdn_state_warps;
+    gdn_state_warps = n;
+    return old;
+}
+
+int gdn_state_threads(int blocks)
+{
+    if (gdn_state_warps) return 32 * gdn_state_warps;
+    return blocks <= cuda_num_sms() ? GDN_ST : GDN_ST / 2;
+}
+
 /* dynamic shared memory of each kernel, in bytes (the state kernel's: gdn_internal.cuh) */
 static size_t gdn_smem_fwd_prep(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_kpitch(D) + 2 * GDN_C * GDN_PP); }
 static size_t gdn_smem_fwd_out(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_kpitch(D) + 3 * GDN_C * GDN_PP); }
 
-/* Forward: o overwritten, state_save overwritten. Scratch: 3 [64, gdn_r4(D)] arrays and 2
+/* Forward: o overwritten, state_save overwritten (its W rows are the prep kernel's Wv,
+ * turned into W in place by the state kernel). Scratch: 2 [64, gdn_r4(D)] arrays and 2
  * [64] vectors per (b, h, chunk). */
 extern "C" void cuda_gdn_forward(float *o, float *state_save, const float *q, const float *k,
                                  const float *v, const float *g, const float *beta,
@@ -285,8 +310,10 @@ extern "C" void cuda_gdn_forward(float *o, float *state_save, const float *q, co
     gdn_check_shape("gdn_forward", B, T, H, D);
     const int nchunk = (T + GDN_C - 1) / GDN_C, BH = B * H;
     const size_t rows = (size_t)BH * nchunk * GDN_C, Dp = gdn_r4(D);
-    float *Wv = (float *)cuda_scratch((3 * rows * Dp + 2 * rows) * sizeof(float));
-    float *Uk = Wv + rows * Dp, *Kp = Uk + rows * Dp, *e0buf = Kp + rows * Dp, *eLbuf = e0buf + rows;
+    fatal_check(gdn_w_pitch(D) == (int)Dp);
+    float *Wv = state_save + gdn_state_w_offset(B, T, H, D);
+    float *Uk = (float *)cuda_scratch((2 * rows * Dp + 2 * rows) * sizeof(float));
+    float *Kp = Uk + rows * Dp, *e0buf = Kp + rows * Dp, *eLbuf = e0buf + rows;
     cudaStream_t st = cuda_stream();
     const size_t sm1 = gdn_smem_fwd_prep(D), sm2 = gdn_smem_state(D), sm3 = gdn_smem_fwd_out(D);
     gdn_allow_smem((const void *)gdn_fwd_prep_kernel, sm1);
@@ -296,7 +323,8 @@ extern "C" void cuda_gdn_forward(float *o, float *state_save, const float *q, co
     gdn_fwd_prep_kernel<<<dim3(nchunk, BH), GDN_NT, sm1, st>>>(Wv, Uk, Kp, e0buf, eLbuf, k, v, g, beta,
                                                                doc_start, T, H, D, nchunk);
     LAUNCH_CHECK();
-    gdn_fwd_state_kernel<<<dim3((D + GDN_DV - 1) / GDN_DV, BH), GDN_ST, sm2, st>>>(
+    const int nsb = (D + GDN_DV - 1) / GDN_DV;
+    gdn_fwd_state_kernel<<<dim3(nsb, BH), gdn_state_threads(nsb * BH), sm2, st>>>(
         state_save, Wv, Uk, Kp, e0buf, eLbuf, doc_start, T, H, D, nchunk);
     LAUNCH_CHECK();
     gdn_fwd_out_kernel<<<dim3(nchunk, BH), GDN_NT, sm3, st>>>(o, q, k, g, beta, doc_start, state_save,

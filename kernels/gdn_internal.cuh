@@ -24,9 +24,12 @@
  * Three kernels run the forward (gdn_forward.cu lists them) and three the backward
  * (gdn_backward.cu).
  * Per-chunk intermediates live in cuda_scratch with 64 rows per chunk (rows past the
- * sequence end are zero), each row gdn_r4(D) floats long: forward Wv/W, Uk and the state
- * kernel's copy of K; backward W, Xo/X, Xk, the copy of K ([64, D] each), Hc and dS ([D,
- * D] each), and the per-token decays e0, eL.
+ * sequence end are zero), each row gdn_r4(D) floats long: forward Uk and the state
+ * kernel's copy of K; backward Xo/X, Xk, the copy of K ([64, D] each), Hc and dS ([D, D]
+ * each), and the per-token decays e0, eL. W (Wv, then W) lives in state_save, after the
+ * start states (backend.h): the forward writes it there and the backward reads it, where
+ * its prep kernel used to solve for it again from S0 (2.84 -> 2.64 ms forward + backward
+ * at the shape below).
  *
  * Every product runs on the tensor cores: mma.sync m16n8k8 with TF32 operands (10-bit
  * mantissa) and fp32 accumulation; scalars, decays and the forward substitution stay
@@ -63,9 +66,12 @@
  * so two runs give the same bits.
  *
  * Cost at B = 8, T = 2048, H = 12, D = 85 (3072 chunks), measured on an H100 by
- * benchmarks/bench_mixers.c: forward 0.88 ms, backward 1.93 ms (Nsight Compute, at its
- * locked clocks: forward prep 0.32, state 0.33, out 0.35 ms; backward prep 0.75, state
- * 0.38, grads 1.03-1.08 ms). The tensor-core work itself (about 40 G multiply-adds) is a
+ * benchmarks/bench_mixers.c: forward 0.88 ms, backward 1.75 ms (1.66 ms writing the
+ * gradients, as the model does). Before W was saved by the forward the backward took
+ * 1.94 ms (Nsight Compute, at its locked clocks: forward prep 0.32, state 0.33, out
+ * 0.35 ms; backward prep 0.75, state 0.38, grads 1.10 ms, which read 1.15 GB from DRAM
+ * where its inputs are about 0.55 GB: the dq, dk passes read dO, X and W again, and
+ * between a block's reads other blocks evict them from L2). The tensor-core work itself (about 40 G multiply-adds) is a
  * small part of that: the kernels are bound by instruction issue and latency. Nsight
  * Compute's per-instruction counts (--page source --print-source sass) showed where
  * the instructions went: in the state kernels, half of them were the address arithmetic
@@ -85,7 +91,14 @@
  * two-warp form stays. The state kernels (288 blocks of 4 warps, 3 per SM, so one
  * partial wave) are a serial chain of 32 chunk steps, each a few dependent mma products
  * and a cp.async refill; loading each step's Wv, Xo and Hc tiles a chunk ahead into
- * registers was tried and made them 3-9% slower. Reaching 1.5 ms would take fusing prep
+ * registers was tried and made them 3-9% slower. Tried this session and dropped, at
+ * B 8, T 2048: running the three kernels of a pass over four groups of (b, h) rows on
+ * separate streams, so that the state kernel of one group overlaps the per-chunk kernels
+ * of the others (2.84 -> 2.77 ms with two groups, 2.89 with four: the per-chunk kernels
+ * already fill the SMs); the grads kernel's panels 16 columns wide, double-buffered by
+ * cp.async in the same shared memory (backward 1.94 -> 2.20 ms: the exposed load latency
+ * it hid cost less than the loop overhead it added); <S0, dS> unrolled and v . X on all
+ * warps (no change). Reaching 1.5 ms would take fusing prep
  * and out (and prep and grads) so that K, Q and the pair matrices are loaded and built
  * once, dropping the Hc buffer (the state kernel can form Qs^T diag(e0) dO itself), the
  * grads kernel's panels double-buffered by cp.async within two blocks per SM, more value
@@ -105,7 +118,7 @@ extern "C" {
 #define GDN_C 64        /* tokens per chunk (GDN_CHUNK; checked below) */
 #define GDN_PP 68       /* row pitch of a [64, 64] tile in shared memory (4 mod 8) */
 #define GDN_NT 256      /* threads of the per-chunk kernels: 8 warps, 4 x 2 warp tiles of [16, 32] */
-#define GDN_ST 128      /* threads of the state kernels: 4 warps */
+#define GDN_ST 256      /* threads of the state kernels: at most 8 warps (gdn_state_threads) */
 #define GDN_DV 32       /* value columns of S per state-kernel block */
 #define GDN_SP 40       /* row pitch of the state kernels' 32-wide rows (8 mod 16) */
 #define GDN_VP 36       /* row pitch of the grads kernel's 32-wide panels (4 mod 8) */
@@ -616,7 +629,52 @@ static __device__ __forceinline__ void gdn_invert_column(float *Ts, const float 
     for (int t = 0; t < GDN_C; t++) Ts[t * GDN_PP + c] = x[t];
 }
 
+/* The state kernels run with 4 or 8 warps. With 4, warp w computes row tile w of their
+ * [64, 32] product (W = Wv - Uk S, X = Xo + Xk dS) over the whole contraction. With 8,
+ * warp w takes row tile w % 4 over half of it, k < gdn_state_kmid(D) for warps 0-3, the
+ * rest for warps 4-7, which park their partial sums in the block's [64, GDN_SP] tile for
+ * warps 0-3 to add (gdn_state_half); the other product's row tiles spread over 8 warps.
+ * Eight warps shorten each chunk step's chain of dependent products, which is what
+ * bounds a block that has an SM to itself: at B 2, T 8192, H 12, D 85 (72 blocks) the op
+ * took 3.05 instead of 3.25 ms forward + backward. Where blocks share SMs they are bound
+ * by the SMs' throughput instead, and the extra sums cost: at B 8, T 2048 (288 blocks)
+ * 2.68 against 2.64 ms. So 8 warps run where the blocks fit on the SMs one each
+ * (gdn_state_threads). */
+static __host__ __device__ __forceinline__ int gdn_state_kmid(int D) { return 8 * ((gdn_r8(D) / 8 + 1) / 2); }
+
+/* acc (the thread's fragment of row tile m0) += the other half's partial sums from tile
+ * P (pitch GDN_SP): warps 4-7 store theirs, barrier, warps 0-3 add them. All threads. */
+static __device__ __forceinline__ void gdn_state_half(float acc[4][4], float *P, int m0)
+{
+    if (blockDim.x <= 128) return; /* 4 warps: no halves */
+    const int upper = threadIdx.x >= 128;
+    if (upper)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) P[gdn_frow(m0, r) * GDN_SP + gdn_fcol(0, j, r)] = acc[j][r];
+    __syncthreads();
+    if (!upper)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) acc[j][r] += P[gdn_frow(m0, r) * GDN_SP + gdn_fcol(0, j, r)];
+}
+
+/* the contraction range [kb, ke) of the calling warp in a state kernel's [64, 32] product
+ * over k < D (the whole of it with 4 warps) */
+static __device__ __forceinline__ void gdn_state_krange(int D, int *kb, int *ke)
+{
+    const int kmid = gdn_imin(gdn_state_kmid(D), D), upper = blockDim.x > 128 && threadIdx.x >= 128;
+    *kb = upper ? kmid : 0;
+    *ke = upper || blockDim.x <= 128 ? D : kmid;
+}
+
 /* ---- host side, shared by the two launchers ---- */
+
+/* threads of the state kernels for `blocks` blocks: 8 warps where every block can have an
+ * SM to itself, else 4 (see gdn_state_half); cuda_gdn_set_state_warps forces either */
+int gdn_state_threads(int blocks);
 
 static inline size_t gdn_smem_state(int D)
 {

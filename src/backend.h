@@ -194,8 +194,11 @@ typedef struct backend {
     /* The gated delta rule (MODEL.md section 3), chunked, per (b, h):
      * q,k,v,o [B,T,H,D]; g,beta [B,T,H]; q is multiplied by `scale` inside.
      * S <- exp(g_t) S; w = beta_t (v_t - S^T k_t); S <- S + k_t w^T; o_t = S^T (scale q_t).
-     * state_save: gdn_state_floats(B,T,H,D) floats, laid out [B, H, ceil(T/64), D, D]: the
- * state entering each chunk (after any reset at the chunk's first token).
+     * state_save: gdn_state_floats(B,T,H,D) floats, written by the forward for the
+     * backward: first [B, H, ceil(T/64), D, D], the state entering each chunk (after any
+     * reset at the chunk's first token); then, from gdn_state_w_offset, the chunk's W
+     * (the per-token w above) [B, H, ceil(T/64), 64, gdn_w_pitch(D)], zero in the rows past
+     * the sequence end and in the pad columns D.. of each row.
      * doc_start: NULL or int32 [B,T], 1 where the state resets to 0 (before token t). */
     void (*gdn_forward)(float *o, float *state_save, const float *q, const float *k, const float *v,
                         const float *g, const float *beta, const int32_t *doc_start,
@@ -365,8 +368,13 @@ typedef struct backend {
                               int count, int rows, int cols, float lr, float mu, float wd);
 } backend;
 
-/* floats of state_save for gdn_forward: one D x D state per (b, h, chunk start) */
+/* floats of state_save for gdn_forward: per (b, h, chunk) its D x D start state and its
+ * 64 rows of W (layout at gdn_forward) */
 size_t gdn_state_floats(int B, int T, int H, int D);
+/* where the W rows start in state_save, in floats, and their row length: D rounded up to
+ * a multiple of 4, so that every row starts 16-byte aligned (for the CUDA kernels' copies) */
+size_t gdn_state_w_offset(int B, int T, int H, int D);
+int gdn_w_pitch(int D);
 /* scratch floats mlp_backward needs for N rows of hidden width h: dact [N, h] in fp32,
  * then, from the next multiple of 64 floats (256 bytes), dgu [N, 2h] in fp32 (the CPU)
  * or bf16 (CUDA's bf16 path) */

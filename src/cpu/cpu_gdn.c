@@ -15,7 +15,9 @@
  *
  * Layouts: q, k, v, o and their gradients [B, T, H, D] (element (b, t, h, j) at
  * ((b*T + t)*H + h)*D + j); g, beta [B, T, H]; doc_start NULL or [B, T];
- * state_save [B, H, ceil(T / GDN_CHUNK), D, D].
+ * state_save (backend.h): [B, H, ceil(T / GDN_CHUNK), D, D] chunk start states, then every
+ * chunk's W [64, gdn_w_pitch(D)] in the same order. The CUDA backward reads that W where
+ * the CPU's rebuilds it (gdn_chunk_prepare, the same bits as the forward's).
  *
  * Parallelism: one OpenMP iteration per (b, h) pair, which owns every output element of
  * that pair and sums in a fixed order, so results are bit-identical run after run.
@@ -92,12 +94,21 @@ static void *gdn_alloc(size_t bytes)
 
 static real gdn_exp(real x) { return (real)exp((double)x); }
 
-/* One D x D state per (b, h, chunk); declared in backend.h for every backend, which all
- * use this layout so that the size is defined in one place. */
-size_t gdn_state_floats(int B, int T, int H, int D)
+/* state_save: one D x D state per (b, h, chunk), then the chunks' W rows; declared in
+ * backend.h for every backend, which all use this layout so that it is defined in one
+ * place. */
+int gdn_w_pitch(int D) { return (D + 3) & ~3; }
+
+size_t gdn_state_w_offset(int B, int T, int H, int D)
 {
     size_t nchunk = ((size_t)T + GDN_CHUNK - 1) / GDN_CHUNK;
     return (size_t)B * (size_t)H * nchunk * (size_t)D * (size_t)D;
+}
+
+size_t gdn_state_floats(int B, int T, int H, int D)
+{
+    size_t nchunk = ((size_t)T + GDN_CHUNK - 1) / GDN_CHUNK;
+    return gdn_state_w_offset(B, T, H, D) + (size_t)B * (size_t)H * nchunk * GDN_CHUNK * (size_t)gdn_w_pitch(D);
 }
 
 /* index of (b, t, h) in a [B, T, H] array; times D for a [B, T, H, D] array */
@@ -447,13 +458,15 @@ static void gdn_chunk_output(gdn_chunk *c, real *S, real *o, const real *k, int 
 
 /* o [B, T, H, D] overwritten; state_save (gdn_state_floats(B, T, H, D) reals, caller
  * owned) overwritten with the state entering every chunk, reset at the chunk's first
- * token already applied. Per-thread scratch is allocated and freed inside. */
+ * token already applied, and every chunk's W. Per-thread scratch is allocated and freed
+ * inside. */
 void cpu_gdn_forward(real *o, real *state_save, const real *q, const real *k, const real *v,
                      const real *g, const real *beta, const int32_t *doc_start,
                      int B, int T, int H, int D, real scale)
 {
-    const size_t DD = (size_t)D * D;
+    const size_t DD = (size_t)D * D, Dw = (size_t)gdn_w_pitch(D);
     const int nchunk = (T + GDN_CHUNK - 1) / GDN_CHUNK;
+    real *wsave = state_save + gdn_state_w_offset(B, T, H, D);
 #pragma omp parallel
     {
         gdn_chunk c;
@@ -469,6 +482,9 @@ void cpu_gdn_forward(real *o, real *state_save, const real *q, const real *k, co
                 if (doc_start && doc_start[(size_t)b * T + t0]) memset(S, 0, DD * sizeof(real));
                 memcpy(state_save + ((size_t)bh * nchunk + ci) * DD, S, DD * sizeof(real));
                 gdn_chunk_prepare(&c, S, q, k, v, g, beta, doc_start, b, t0, L, h, T, H, scale);
+                real *w = wsave + ((size_t)bh * nchunk + ci) * GDN_CHUNK * Dw;
+                memset(w, 0, GDN_CHUNK * Dw * sizeof(real));
+                for (int t = 0; t < L; t++) memcpy(w + t * Dw, c.W + (size_t)t * D, (size_t)D * sizeof(real));
                 gdn_chunk_output(&c, S, o, k, b, t0, h, T, H);
             }
         }

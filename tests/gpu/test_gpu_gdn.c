@@ -29,7 +29,8 @@
  * product: -DGDN_SPLIT_*=3, reported by cuda_gdn_tf32_plain() == 0) is held to the fp32
  * tolerance, 1e-5, which it met on every case.
  *
- * The kernels' speed is measured by benchmarks/bench_mixers.c, not here.
+ * Every case runs twice: with the state kernels on 4 warps and on 8 (which the op picks by
+ * the grid's size). The kernels' speed is measured by benchmarks/bench_mixers.c, not here.
  */
 #include <math.h>
 #include <stdio.h>
@@ -41,6 +42,9 @@
 
 /* kernels/gdn_forward.cu: 1 when some GDN product runs in plain TF32 (the default) */
 int cuda_gdn_tf32_plain(void);
+/* the state kernels' warps: 0 by the grid (the default), 4 or 8; returns the old one */
+int cuda_gdn_set_state_warps(int n);
+static int state_warps; /* what this pass of the cases forces */
 
 #define TOL_TF32 2e-3
 static double tol; /* TOL_TF32, or GT_TOL_FP32 for a 3xTF32 build */
@@ -137,8 +141,8 @@ static void in_make(gdn_in *in, const gdn_case *c)
     in->ns = (size_t)c->B * c->T * c->H;
     in->nv = in->ns * c->D;
     in->nst = gdn_state_floats(c->B, c->T, c->H, c->D);
-    snprintf(in->name, sizeof in->name, "gdn B=%d T=%d H=%d D=%d docs=%s gates=%s", c->B, c->T, c->H, c->D,
-             doc_names[c->docs], gate_names[c->gates]);
+    snprintf(in->name, sizeof in->name, "gdn B=%d T=%d H=%d D=%d docs=%s gates=%s state-warps=%d", c->B, c->T, c->H,
+             c->D, doc_names[c->docs], gate_names[c->gates], state_warps);
 
     in->q = gt_rand(&G, in->nv, -1, 1);
     in->k = gt_rand(&G, in->nv, -1, 1);
@@ -322,7 +326,13 @@ int main(void)
         {2, 64, 12, 85, DOCS_EARLY, GATES_UNIFORM},   /* two documents in one chunk */
         {1, 2048, 1, 64, DOCS_RANDOM, GATES_LOGSIG},  /* random starts along a long row */
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
+    /* every case with each form of the state kernels (kernels/gdn_internal.cuh): 4 warps,
+     * each over a whole contraction, and 8, which split it in halves */
+    for (state_warps = 4; state_warps <= 8; state_warps += 4) {
+        cuda_gdn_set_state_warps(state_warps);
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
+    }
+    cuda_gdn_set_state_warps(0);
     printf("# %d failures\n", gt_failures());
     return gt_failures() != 0;
 }

@@ -7,7 +7,7 @@
  * starts inside chunks and at their edges. Document masking is also checked the direct
  * way: a packed row must give what each of its documents gives run alone.
  */
-#include "backend.h" /* GDN_CHUNK only: the ops under test are the cpu_ops.h ones */
+#include "backend.h" /* GDN_CHUNK, the state_save layout: the ops under test are the cpu_ops.h ones */
 #include "cpu_ops.h"
 #include "gradcheck.h"
 
@@ -108,10 +108,7 @@ static void grads_free(gdn_grads *gr)
     free(gr->dbeta);
 }
 
-static size_t state_floats(const gdn_case *c)
-{
-    return (size_t)c->B * c->H * (size_t)((c->T + GDN_CHUNK - 1) / GDN_CHUNK) * c->D * c->D;
-}
+static size_t state_floats(const gdn_case *c) { return gdn_state_floats(c->B, c->T, c->H, c->D); }
 
 static void run_forward(const gdn_case *c, int chunked, double *o)
 {
@@ -456,6 +453,68 @@ static void test_accumulate(void)
     case_free(&c);
 }
 
+/* state_save against the token loop run here: each chunk's start state, and its W rows
+ * (the loop's w_t), with zeros in the rows past the sequence end and in the pad columns;
+ * a ragged last chunk, D = 5 (rows padded to 8), document starts inside a chunk and on a
+ * chunk boundary. */
+static void test_saved_state(void)
+{
+    gdn_case c;
+    case_init(&c, 2, 150, 2, 5, 6001, -0.3, -0.01, 0);
+    c.doc = test_alloc((size_t)c.B * c.T * sizeof(int32_t));
+    c.doc[40] = 1;
+    c.doc[c.T + 64] = 1;
+    double *o = dalloc(c.nv), *save = dalloc(state_floats(&c));
+    cpu_gdn_forward(o, save, c.q, c.k, c.v, c.g, c.beta, c.doc, c.B, c.T, c.H, c.D, c.scale);
+    const int D = c.D, Dw = gdn_w_pitch(D), nchunk = (c.T + GDN_CHUNK - 1) / GDN_CHUNK;
+    const double *wsave = save + gdn_state_w_offset(c.B, c.T, c.H, D);
+    double *S = dalloc((size_t)D * D), *w = dalloc((size_t)D);
+    double err_s = 0, err_w = 0, scale_s = 0, scale_w = 0;
+    int pads_zero = 1;
+    for (int b = 0; b < c.B; b++)
+        for (int h = 0; h < c.H; h++) {
+            const size_t bh = (size_t)b * c.H + h;
+            memset(S, 0, (size_t)D * D * sizeof(double));
+            for (int t = 0; t < c.T; t++) {
+                const size_t n = ((size_t)b * c.T + t) * c.H + h;
+                if (c.doc[(size_t)b * c.T + t]) memset(S, 0, (size_t)D * D * sizeof(double));
+                const int ci = t / GDN_CHUNK, r = t % GDN_CHUNK;
+                if (r == 0)
+                    for (int e = 0; e < D * D; e++) {
+                        err_s = fmax(err_s, fabs(save[(bh * nchunk + ci) * D * D + e] - S[e]));
+                        scale_s = fmax(scale_s, fabs(S[e]));
+                    }
+                const double a = exp(c.g[n]);
+                for (int e = 0; e < D * D; e++) S[e] *= a;
+                for (int j = 0; j < D; j++) {
+                    double sk = 0;
+                    for (int i = 0; i < D; i++) sk += S[i * D + j] * c.k[n * D + i];
+                    w[j] = c.beta[n] * (c.v[n * D + j] - sk);
+                }
+                for (int i = 0; i < D; i++)
+                    for (int j = 0; j < D; j++) S[i * D + j] += c.k[n * D + i] * w[j];
+                const double *row = wsave + ((bh * nchunk + ci) * GDN_CHUNK + r) * Dw;
+                for (int j = 0; j < D; j++) {
+                    err_w = fmax(err_w, fabs(row[j] - w[j]));
+                    scale_w = fmax(scale_w, fabs(w[j]));
+                }
+                for (int j = D; j < Dw; j++) pads_zero &= row[j] == 0;
+            }
+            for (int r = c.T - (nchunk - 1) * GDN_CHUNK; r < GDN_CHUNK; r++)
+                for (int j = 0; j < Dw; j++) pads_zero &= wsave[((bh * nchunk + nchunk - 1) * GDN_CHUNK + r) * Dw + j] == 0;
+        }
+    char detail[160];
+    snprintf(detail, sizeof detail, "max |error| %.2e (states, scale %.2f), %.2e (W, scale %.2f)", err_s, scale_s,
+             err_w, scale_w);
+    gc_report("state_save holds each chunk's start state and W as the token loop has them", err_s <= 1e-12 * fmax(1, scale_s) && err_w <= 1e-12 * fmax(1, scale_w) && scale_s > 0.1, detail);
+    gc_report("state_save's W rows are zero past the sequence end and in the pad columns", pads_zero, NULL);
+    free(S);
+    free(w);
+    free(o);
+    free(save);
+    case_free(&c);
+}
+
 int main(void)
 {
     test_shapes();
@@ -463,5 +522,6 @@ int main(void)
     test_finite_differences();
     test_doc_starts();
     test_accumulate();
+    test_saved_state();
     return gc_failures() != 0;
 }
