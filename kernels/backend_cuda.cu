@@ -47,18 +47,44 @@ extern "C" int cuda_graphs(void)
 }
 extern "C" void cuda_set_graphs(int on) { graphs_on = on != 0; }
 
-/* graph_run (backend.h): per key, the first call runs directly (buffers grow, plans are
- * made), the second is captured into a CUDA graph and launched, later ones launch it; a
- * graph captured under another memory generation is captured anew. Keys are kept in a
- * small table, the oldest entry giving way when it is full. */
+extern "C" void cuda_graph_slot_free(cuda_graph_slot *g)
+{
+    if (g->exec) CUDA_CHECK(cudaGraphExecDestroy(g->exec));
+    memset(g, 0, sizeof *g);
+}
+
+extern "C" int cuda_graph_replay(cuda_graph_slot *g, cudaStream_t s, void (*fn)(void *ctx), void *ctx)
+{
+    if (g->exec && g->generation != memory_generation) {
+        CUDA_CHECK(cudaGraphExecDestroy(g->exec));
+        g->exec = NULL;
+    }
+    if (!g->exec) {
+        if (!g->seen) {
+            g->seen = 1;
+            fn(ctx);
+            return 0;
+        }
+        cudaGraph_t graph;
+        CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+        fn(ctx);
+        CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+        CUDA_CHECK(cudaGraphInstantiate(&g->exec, graph, 0));
+        CUDA_CHECK(cudaGraphDestroy(graph));
+        g->generation = memory_generation;
+    }
+    CUDA_CHECK(cudaGraphLaunch(g->exec, s));
+    return 1;
+}
+
+/* graph_run (backend.h): a cuda_graph_replay slot per key. Keys are kept in a small
+ * table, the oldest entry giving way when it is full. */
 #define RUN_GRAPHS 16
 #define RUN_KEY_MAX 128
 typedef struct run_graph {
     unsigned char key[RUN_KEY_MAX];
     size_t key_bytes;
-    int seen;
-    cudaGraphExec_t exec;
-    unsigned long long generation;
+    cuda_graph_slot slot;
 } run_graph;
 static run_graph run_graphs[RUN_GRAPHS];
 static int n_run_graphs, run_graph_next;
@@ -76,7 +102,7 @@ static run_graph *run_graph_entry(const void *key, size_t key_bytes)
     } else {
         e = &run_graphs[run_graph_next];
         run_graph_next = (run_graph_next + 1) % RUN_GRAPHS;
-        if (e->exec) CUDA_CHECK(cudaGraphExecDestroy(e->exec));
+        cuda_graph_slot_free(&e->slot);
     }
     memset(e, 0, sizeof *e);
     memcpy(e->key, key, key_bytes);
@@ -90,27 +116,7 @@ static void gpu_graph_run(const void *key, size_t key_bytes, void (*fn)(void *ct
         fn(ctx);
         return;
     }
-    run_graph *e = run_graph_entry(key, key_bytes);
-    if (e->exec && e->generation != memory_generation) {
-        CUDA_CHECK(cudaGraphExecDestroy(e->exec));
-        e->exec = NULL;
-    }
-    if (!e->exec) {
-        if (!e->seen) {
-            e->seen = 1;
-            fn(ctx);
-            return;
-        }
-        cudaGraph_t graph;
-        CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-        fn(ctx);
-        CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-        CUDA_CHECK(cudaGraphInstantiate(&e->exec, graph, 0));
-        CUDA_CHECK(cudaGraphDestroy(graph));
-        e->generation = memory_generation;
-    }
-    CUDA_CHECK(cudaGraphLaunch(e->exec, stream));
-    run_graph_launches++;
+    run_graph_launches += cuda_graph_replay(&run_graph_entry(key, key_bytes)->slot, stream, fn, ctx);
 }
 
 extern "C" void *cuda_grow(void **buf, size_t *cap, size_t bytes)

@@ -49,6 +49,19 @@ extern "C" unsigned long long cuda_memory_generation(void);
 /* whether ops may replay repeated work as CUDA graphs (DELTAMLA_CUDA_GRAPHS=0: never) */
 extern "C" int cuda_graphs(void);
 
+/* One repeated op sequence replayed as a CUDA graph (graph_run, the Newton-Schulz graphs of
+ * optim.cu): cuda_graph_replay runs fn(ctx) directly at its first call (buffers grow, plans
+ * are made), captures it into the slot at its second and launches it, and launches it
+ * after; a graph captured under another cuda_memory_generation is captured anew. Returns
+ * 1 when it launched the graph. A zeroed slot is empty; cuda_graph_slot_free empties one. */
+typedef struct cuda_graph_slot {
+    int seen; /* ran directly once */
+    cudaGraphExec_t exec;
+    unsigned long long generation;
+} cuda_graph_slot;
+extern "C" int cuda_graph_replay(cuda_graph_slot *g, cudaStream_t s, void (*fn)(void *ctx), void *ctx);
+extern "C" void cuda_graph_slot_free(cuda_graph_slot *g);
+
 /* n rounded up to a multiple of 8 (bf16 operands packed one after another stay 16-byte aligned) */
 static inline size_t cuda_round8(size_t n) { return (n + 7) & ~(size_t)7; }
 

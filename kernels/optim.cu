@@ -480,19 +480,16 @@ static const void *muon_ns(const muon_ptrs *ptr, int count, float *work, size_t 
 /* Stages 1-4 as a CUDA graph per call site (see the top): the optimizer repeats each
  * batch every step with the same buffers, and the ~25 launches of a small batch, 15 of
  * them cuBLAS calls, cost the host more time than the GPU needs to run them. An entry is
- * the batch's pointers, shape and lane; its first call runs directly (the GEMM plans and
- * the scratch buffers settle), the second is captured and launched, later ones launch
- * the graph. A graph captured under another cuda_memory_generation() is captured anew. */
+ * the batch's pointers, shape and lane, with its cuda_graph_replay slot and muon_ns's
+ * result (the same pointer and precision every call). */
 typedef struct ns_graph {
     muon_ptrs ptr;
     float *work;
     size_t sx, sa;
     int count, rows, cols, lane;
     float mu;
-    int seen;                   /* ran directly once */
-    cudaGraphExec_t exec;       /* NULL until captured */
-    unsigned long long generation;
-    const void *out;            /* muon_ns's result and its precision */
+    cuda_graph_slot slot;
+    const void *out; /* muon_ns's result and its precision */
     int half;
 } ns_graph;
 #define NS_GRAPHS 256
@@ -519,7 +516,7 @@ static ns_graph *ns_graph_entry(const muon_ptrs *ptr, int count, float *work, si
     } else { /* full: reuse the entries in turn */
         e = &ns_graphs[ns_graph_next_evict];
         ns_graph_next_evict = (ns_graph_next_evict + 1) % NS_GRAPHS;
-        if (e->exec) CUDA_CHECK(cudaGraphExecDestroy(e->exec));
+        cuda_graph_slot_free(&e->slot);
     }
     memset(e, 0, sizeof *e);
     e->ptr = *ptr;
@@ -530,31 +527,19 @@ static ns_graph *ns_graph_entry(const muon_ptrs *ptr, int count, float *work, si
     return e;
 }
 
+/* stages 1-4 of an entry's batch, its result kept in the entry (cuda_graph_replay's fn) */
+static void ns_graph_stages(void *ctx)
+{
+    ns_graph *e = (ns_graph *)ctx;
+    e->out = muon_ns(&e->ptr, e->count, e->work, e->sx, e->sa, e->rows, e->cols, e->mu, &e->half);
+}
+
 static const void *muon_ns_graphed(const muon_ptrs *ptr, int count, float *work, size_t sx, size_t sa, int rows,
                                    int cols, float mu, int *half)
 {
     if (!cuda_graphs()) return muon_ns(ptr, count, work, sx, sa, rows, cols, mu, half);
     ns_graph *e = ns_graph_entry(ptr, count, work, sx, sa, rows, cols, mu);
-    cudaStream_t s = cuda_stream();
-    if (e->exec && e->generation != cuda_memory_generation()) {
-        CUDA_CHECK(cudaGraphExecDestroy(e->exec));
-        e->exec = NULL;
-    }
-    if (!e->exec) {
-        if (!e->seen) {
-            e->seen = 1;
-            return muon_ns(ptr, count, work, sx, sa, rows, cols, mu, half);
-        }
-        cudaGraph_t graph;
-        CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-        e->out = muon_ns(ptr, count, work, sx, sa, rows, cols, mu, &e->half);
-        CUDA_CHECK(cudaStreamEndCapture(s, &graph));
-        CUDA_CHECK(cudaGraphInstantiate(&e->exec, graph, 0));
-        CUDA_CHECK(cudaGraphDestroy(graph));
-        e->generation = cuda_memory_generation();
-    }
-    CUDA_CHECK(cudaGraphLaunch(e->exec, s));
-    ns_graph_launches++;
+    ns_graph_launches += cuda_graph_replay(&e->slot, cuda_stream(), ns_graph_stages, e);
     *half = e->half;
     return e->out;
 }
