@@ -207,33 +207,17 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
         if ((tid & 31) < nv)
             for (int r = warp; r < D; r += (int)(blockDim.x >> 5)) ds[(size_t)r * Dp + (tid & 31)] = dS[r * GDN_SP + (tid & 31)];
 
-        /* X = Xo + Xk dS (halves of the contraction as in the forward) */
+        /* X = Xo + Xk dS (gdn_state_product; Xt then holds e0 beta X) */
         {
-            const int m0 = 16 * (warp & 3), lower = warp < 4;
-            int kb, ke;
-            gdn_state_krange(D, &kb, &ke);
-            float *xc = Xbuf + ci * GDN_C * Dp + j0;
-            float xo[4][4], acc[4][4];
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    const int n = gdn_fcol(0, j, r);
-                    xo[j][r] = lower && n < nv ? xc[(size_t)gdn_frow(m0, r) * Dp + n] : 0.0f;
-                }
-            gdn_zero(acc);
-            gdn_mma(gdn_state_split(0), acc, Xkb, dp, 1, m0, GDN_C - 1, dS, GDN_SP, 1, 0, GDN_DV - 1,
-                    kb, ke);
-            gdn_state_half(acc, Xt, m0);
-            if (lower)
+            float x[4][4];
+            gdn_state_product(x, Xbuf + ci * GDN_C * Dp + j0, Dp, nv, Xkb, dp, dS, Xt, D, 1.0f);
+            if (warp < 4)
 #pragma unroll
                 for (int j = 0; j < 4; j++)
 #pragma unroll
                     for (int r = 0; r < 4; r++) {
-                        const int t = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
-                        const float x = xo[j][r] + acc[j][r];
-                        if (n < nv) xc[(size_t)t * Dp + n] = x;
-                        Xt[t * GDN_SP + n] = gdn_state_op(sc[t] * sc[GDN_C + t] * x);
+                        const int t = gdn_frow(16 * warp, r);
+                        Xt[t * GDN_SP + gdn_fcol(0, j, r)] = gdn_state_op(sc[t] * sc[GDN_C + t] * x[j][r]);
                     }
         }
         __syncthreads();

@@ -144,33 +144,18 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
         if ((tid & 31) < nv)
             for (int r = warp; r < D; r += (int)(blockDim.x >> 5)) ss[(size_t)r * D + (tid & 31)] = S[r * GDN_SP + (tid & 31)];
 
-        /* W = Wv - Uk S: row tile 16 (w % 4) of [64, 32], the contraction in two halves
-         * (gdn_state_half; Wt holds the upper half's sums until warps 0-3 overwrite it) */
+        /* W = Wv - Uk S (gdn_state_product; Wt holds the upper half's sums until warps 0-3
+         * overwrite it with eL W) */
         {
-            const int m0 = 16 * (warp & 3), lower = warp < 4;
-            int kb, ke;
-            gdn_state_krange(D, &kb, &ke);
-            float *wc = Wv + ci * GDN_C * Dp + j0;
-            float wv[4][4], acc[4][4];
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    const int n = gdn_fcol(0, j, r);
-                    wv[j][r] = lower && n < nv ? wc[(size_t)gdn_frow(m0, r) * Dp + n] : 0.0f;
-                }
-            gdn_zero(acc);
-            gdn_mma(gdn_state_split(0), acc, Ub, dp, 1, m0, GDN_C - 1, S, GDN_SP, 1, 0, GDN_DV - 1, kb, ke);
-            gdn_state_half(acc, Wt, m0);
-            if (lower)
+            float w[4][4];
+            gdn_state_product(w, Wv + ci * GDN_C * Dp + j0, Dp, nv, Ub, dp, S, Wt, D, -1.0f);
+            if (warp < 4)
 #pragma unroll
                 for (int j = 0; j < 4; j++)
 #pragma unroll
                     for (int r = 0; r < 4; r++) {
-                        const int t = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
-                        const float w = wv[j][r] - acc[j][r];
-                        if (n < nv) wc[(size_t)t * Dp + n] = w;
-                        Wt[t * GDN_SP + n] = gdn_state_op(sc[t] * w);
+                        const int t = gdn_frow(16 * warp, r);
+                        Wt[t * GDN_SP + gdn_fcol(0, j, r)] = gdn_state_op(sc[t] * w[j][r]);
                     }
         }
         __syncthreads();

@@ -674,6 +674,39 @@ static __device__ __forceinline__ void gdn_state_krange(int D, int *kb, int *ke)
     *ke = upper || blockDim.x <= 128 ? D : kmid;
 }
 
+/* The state kernels' [64, 32] product for the block's value columns: R = Base + sgn A S,
+ * A [64, dp] in shared memory (Uk, Xk), S [r8(D), GDN_SP] (the state or its gradient),
+ * Base the [64, Dp] rows at g in global memory (Wv, Xo), which R overwrites in its nv
+ * valid columns. Warps 0-3 return their row tile of R in r; P is the tile that
+ * gdn_state_half uses. All threads. */
+static __device__ __forceinline__ void gdn_state_product(float r[4][4], float *g, int Dp, int nv, const float *A,
+                                                         int dp, const float *S, float *P, int D, float sgn)
+{
+    const int warp = threadIdx.x >> 5, m0 = 16 * (warp & 3), lower = warp < 4;
+    int kb, ke;
+    gdn_state_krange(D, &kb, &ke);
+    float base[4][4], acc[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int n = gdn_fcol(0, j, i);
+            base[j][i] = lower && n < nv ? g[(size_t)gdn_frow(m0, i) * Dp + n] : 0.0f;
+        }
+    gdn_zero(acc);
+    gdn_mma(gdn_state_split(0), acc, A, dp, 1, m0, GDN_C - 1, S, GDN_SP, 1, 0, GDN_DV - 1, kb, ke);
+    gdn_state_half(acc, P, m0);
+    if (lower)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int n = gdn_fcol(0, j, i);
+                r[j][i] = base[j][i] + sgn * acc[j][i];
+                if (n < nv) g[(size_t)gdn_frow(m0, i) * Dp + n] = r[j][i];
+            }
+}
+
 /* ---- host side, shared by the two launchers ---- */
 
 /* threads of the state kernels for `blocks` blocks: 8 warps where every block can have an
