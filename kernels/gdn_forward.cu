@@ -102,8 +102,9 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *e0buf, float *eLbuf,
  * Shared: S [r8(D), GDN_SP] (rows past D zero), eL W [64, GDN_SP], Uk and K of the chunk
  * [64, dp] (pad columns zero), eL and e0L [65]. Two cp.async groups per chunk: U (Uk, eL,
  * e0L) is refilled for the next chunk as soon as the W product is done with it, K as
- * soon as the S update is. Warp w computes rows 16w.. of W, and row tiles w, w + 4, ...
- * of S. */
+ * soon as the S update is. 4 or 8 warps (gdn_state_threads): warp w computes row tile
+ * w % 4 of W (gdn_state_product; with 8, over half the contraction), and row tiles w,
+ * w + warps, ... of S. */
 static __global__ void __launch_bounds__(GDN_ST, 3)
 gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float *Kp,
                      const float *e0buf, const float *eLbuf, const int32_t *doc_start, int T,
