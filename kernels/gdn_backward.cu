@@ -22,7 +22,8 @@ static __host__ __device__ __forceinline__ int gdn_bwd_qpitch(int D)
 
 /* Per (chunk, b*h): e0 to e0buf; Xk = T^T diag(eL) K; Hc = Qs^T diag(e0) dO [D, D];
  * Xo = T^T M^T dO. (W is the forward's, from state_save.)
- * Shared: header, K [64, dp] and Qs [64, dp] (pad columns zero), three [64, GDN_PP]
+ * Shared: header, K [64, dp] and Qs [64, dp] (q unscaled, then scale e0 q; pad columns
+ * zero), three [64, GDN_PP]
  * tiles: R1 (A, then T^T's factor diag(eL) T, then panels of dO), T and M. P2 (M^T dO)
  * lies over Qs once Hc is done with it, which keeps the block at 101 KB for D = 85, so
  * two blocks share an SM (with a fourth tile of its own, 118 KB, one block did: 1.17 ms
@@ -48,8 +49,8 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
     float *Hc = Hcbuf + ci * D * Dp;
 
     gdn_load_async(Ks, dp, GDN_C, D8, k + tok, rs, L, 0, D); /* in flight during the scan */
+    gdn_load_async(Qs, dp, GDN_C, D8, q + tok, rs, L, 0, D);  /* unscaled: scale is applied to M and e0 Qs */
     gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
-    gdn_load(Qs, dp, GDN_C, D8, q + tok, rs, L, 0, D, scale);
     if (tid < GDN_C) e0buf[ci * GDN_C + tid] = s.e0[tid];
     gdn_sync();
     gdn_store_kpad(Kpbuf + ci * GDN_C * Dp, Ks, dp, D);
@@ -68,17 +69,17 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
                 const int t = gdn_frow(m0, r), u = gdn_fcol(n0, j, r);
                 const float E = gdn_decay(s, t, u, L);
                 R1[t * GDN_PP + u] = u < t ? s.bt[t] * E * ak[j][r] : 0.0f;
-                Ms[t * GDN_PP + u] = E * aq[j][r];
+                Ms[t * GDN_PP + u] = scale * E * aq[j][r];
             }
     }
     gdn_sync();
-    /* T by columns; meanwhile Qs rows become e0 Qs (all Hc needs of them) */
+    /* T by columns; meanwhile Qs rows become scale e0 Qs (all Hc needs of them) */
     if (tid < GDN_C) {
         gdn_invert_column(Ts, R1);
     } else {
         const int lane = tid & 31;
         for (int r = (tid - GDN_C) >> 5; r < GDN_C; r += (GDN_NT - GDN_C) / 32) {
-            const float e0 = s.e0[r];
+            const float e0 = scale * s.e0[r];
             for (int col = lane; col < D; col += 32) Qs[r * dp + col] *= e0;
         }
     }
@@ -162,6 +163,19 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
     }
 }
 
+/* the thread's fragment of row tile m0 of the [D, 32] block of Hc at hc (row stride Dp,
+ * nv valid columns), 0 outside */
+static __device__ __forceinline__ void gdn_state_hc(float hv[4][4], const float *hc, int m0, int D, int Dp, int nv)
+{
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            const int m = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
+            hv[j][r] = m < D && n < nv ? hc[(size_t)m * Dp + n] : 0.0f;
+        }
+}
+
 /* Per (32 value columns j0.., b*h), chunks last to first: dS [D, 32] starts at 0; per
  * chunk: save dS (the gradient at the chunk's end); X = Xo + Xk dS (written over Xo);
  * dS = e0L dS + Hc - K^T diag(e0 beta) X, or 0 if the chunk's first token starts a
@@ -199,6 +213,8 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
     for (int c = nchunk - 1; c >= 0; c--) {
         const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0);
         const size_t ci = (size_t)bh * nchunk + c;
+        float xo[4][4];
+        gdn_state_base(xo, Xbuf + ci * GDN_C * Dp + j0, Dp, nv);
         gdn_async_wait_all_but_newest(); /* X(c) has landed */
         __syncthreads();
         const float e0L = sc[L - 1];
@@ -210,7 +226,7 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
         /* X = Xo + Xk dS (gdn_state_product; Xt then holds e0 beta X) */
         {
             float x[4][4];
-            gdn_state_product(x, Xbuf + ci * GDN_C * Dp + j0, Dp, nv, Xkb, dp, dS, Xt, D, 1.0f);
+            gdn_state_product(x, xo, Xbuf + ci * GDN_C * Dp + j0, Dp, nv, Xkb, dp, dS, Xt, D, 1.0f);
             if (warp < 4)
 #pragma unroll
                 for (int j = 0; j < 4; j++)
@@ -220,6 +236,11 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
                         Xt[t * GDN_SP + gdn_fcol(0, j, r)] = gdn_state_op(sc[t] * sc[GDN_C + t] * x[j][r]);
                     }
         }
+        /* Hc of the warp's first row tile of dS, loaded before the barriers (for their
+         * latency to overlap them); later row tiles load theirs in the loop below */
+        const float *hc = Hcbuf + ci * DD + j0;
+        float hv[4][4];
+        gdn_state_hc(hv, hc, 16 * warp, D, Dp, nv);
         __syncthreads();
         if (c > 0) {
             const size_t cp = ci - 1;
@@ -235,16 +256,9 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
         __syncthreads();
 
         /* dS = e0L dS + Hc - K^T (e0 beta X) */
-        const float *hc = Hcbuf + ci * DD + j0;
         for (int m0 = 16 * warp; m0 < D; m0 += 16 * (int)(blockDim.x >> 5)) {
-            float hv[4][4], acc[4][4];
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    const int m = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
-                    hv[j][r] = m < D && n < nv ? hc[(size_t)m * Dp + n] : 0.0f;
-                }
+            float acc[4][4];
+            if (m0 != 16 * warp) gdn_state_hc(hv, hc, m0, D, Dp, nv);
             gdn_zero(acc);
             gdn_mma(gdn_state_split(1), acc, Kb, 1, dp, m0, D - 1, Xt, GDN_SP, 1, 0, GDN_DV - 1, 0, GDN_C);
 #pragma unroll
@@ -312,7 +326,7 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
         for (int p = 0; p < D; p += GDN_KP) {
             const int pw = gdn_imin(GDN_KP, D - p);
             gdn_load_async(Kp, GDN_VP, GDN_C, GDN_KP, k + tok, rs, L, p, D);
-            gdn_load(Qp, GDN_VP, GDN_C, GDN_KP, q + tok, rs, L, p, D, scale);
+            gdn_load_async(Qp, GDN_VP, GDN_C, GDN_KP, q + tok, rs, L, p, D); /* unscaled (below) */
             gdn_sync();
             if (!upper)
                 gdn_mma_2a(GDN_SPLIT_PAIR, kk, qk, Kp, Qp, GDN_VP, 1, m0, GDN_C - 1, Kp, 1, GDN_VP, n0, GDN_C - 1, 0, pw);
@@ -324,7 +338,7 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
             for (int r = 0; r < 4; r++) {
                 const int x = gdn_frow(m0, r) * GDN_PP + gdn_fcol(n0, j, r);
                 dKK[x] = kk[j][r];
-                dQK[x] = qk[j][r];
+                dQK[x] = scale * qk[j][r];
             }
     }
     /* ---- second pass: C1 = X W^T and C2 = dO W^T; dv += beta X and v . X on the way.
@@ -382,7 +396,7 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
                     dbp = E * kk * c1[j][r];
                 }
                 dKK[x] = dkk;
-                dQK[x] = E * c2[j][r];
+                dQK[x] = scale * E * c2[j][r]; /* scaled: the dk/dq products take q, k unscaled */
                 re[r >> 1] += dee;
                 rb[r >> 1] += dbp;
                 ce[j][r & 1] += dee;
@@ -432,7 +446,7 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
     float sds = 0.0f;
     for (int ip = 0; ip < D; ip += 64) {
         const int iw = gdn_imin(64, D - ip), act = n0 < iw;
-        float a1[4][4], a2[4][4]; /* the tile's dQs / scale and dK */
+        float a1[4][4], a2[4][4]; /* the tile's dQs and dK */
         {
             float zo[4][4], z[4][4], y[4][4];
             gdn_zero(zo);
@@ -460,7 +474,7 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
             }
             float *Kq = reg, *Qq = Kq + GDN_C * GDN_PP; /* over the panels above (the barrier ordered them) */
             gdn_load_async(Kq, GDN_PP, GDN_C, 64, k + tok, rs, L, ip, D);
-            gdn_load(Qq, GDN_PP, GDN_C, 64, q + tok, rs, L, ip, D, scale);
+            gdn_load_async(Qq, GDN_PP, GDN_C, 64, q + tok, rs, L, ip, D); /* unscaled */
             gdn_sync();
             float pq[2] = {0, 0}, pk[2] = {0, 0}, py[2] = {0, 0};
 #pragma unroll
@@ -474,7 +488,7 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
                         pk[r >> 1] = fmaf(kv, z[j][r], pk[r >> 1]);
                         py[r >> 1] = fmaf(kv, y[j][r], py[r >> 1]);
                     }
-                    a1[j][r] = s.e0[t] * zo[j][r];
+                    a1[j][r] = scale * s.e0[t] * zo[j][r];
                     a2[j][r] = s.eL[t] * y[j][r] - s.e0[t] * s.bt[t] * z[j][r];
                 }
 #pragma unroll
@@ -489,7 +503,7 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
 #pragma unroll
                 for (int i = 0; i < 2; i++) {
                     const int row = m0 + lg + 8 * i;
-                    dots[row * 2 + wn] += pq[i];
+                    dots[row * 2 + wn] += scale * pq[i];
                     dots[2 * GDN_C + row * 2 + wn] += pk[i];
                     dots[4 * GDN_C + row * 2 + wn] += py[i];
                 }
@@ -510,7 +524,7 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
                     const int x = gdn_frow(m0, r) * GDN_PP + gdn_fcol(n0, j, r);
-                    Pq[x] = scale * a1[j][r];
+                    Pq[x] = a1[j][r];
                     Pk[x] = a2[j][r];
                 }
         gdn_sync();

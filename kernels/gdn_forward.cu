@@ -134,6 +134,8 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
     for (int c = 0; c < nchunk; c++) {
         const int t0 = c * GDN_C;
         const size_t ci = (size_t)bh * nchunk + c;
+        float wv[4][4];
+        gdn_state_base(wv, Wv + ci * GDN_C * Dp + j0, Dp, nv);
         gdn_async_wait_all_but_newest(); /* U(c) has landed; K(c) may be in flight */
         __syncthreads();
         const float e0L = sc[GDN_C];
@@ -149,7 +151,7 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
          * overwrite it with eL W) */
         {
             float w[4][4];
-            gdn_state_product(w, Wv + ci * GDN_C * Dp + j0, Dp, nv, Ub, dp, S, Wt, D, -1.0f);
+            gdn_state_product(w, wv, Wv + ci * GDN_C * Dp + j0, Dp, nv, Ub, dp, S, Wt, D, -1.0f);
             if (warp < 4)
 #pragma unroll
                 for (int j = 0; j < 4; j++)
@@ -209,9 +211,10 @@ gdn_fwd_out_kernel(float *o, const float *q, const float *k, const float *g, con
     const int warp = tid >> 5, m0 = 16 * (warp & 3), n0 = 32 * (warp >> 2);
     const float *S0 = state_save + ci * D * D, *Wc = Wbuf + ci * GDN_C * Dp;
 
-    gdn_load_async(Ks, dp, GDN_C, D8, k + gdn_row(b, t0, h, T, H, D), rs, L, 0, D); /* in flight during the scan */
+    /* K and Q (unscaled: scale is applied to M and to the e0 Q S0 term) in flight during the scan */
+    gdn_load_async(Ks, dp, GDN_C, D8, k + gdn_row(b, t0, h, T, H, D), rs, L, 0, D);
+    gdn_load_async(Qs, dp, GDN_C, D8, q + gdn_row(b, t0, h, T, H, D), rs, L, 0, D);
     gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
-    gdn_load(Qs, dp, GDN_C, D8, q + gdn_row(b, t0, h, T, H, D), rs, L, 0, D, scale);
     gdn_sync();
     {
         float acc[4][4];
@@ -222,7 +225,7 @@ gdn_fwd_out_kernel(float *o, const float *q, const float *k, const float *g, con
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const int t = gdn_frow(m0, r), u = gdn_fcol(n0, j, r);
-                Ms[t * GDN_PP + u] = gdn_decay(s, t, u, L) * acc[j][r];
+                Ms[t * GDN_PP + u] = scale * gdn_decay(s, t, u, L) * acc[j][r];
             }
     }
     /* (the first barrier of the loop below orders M before its use) */
@@ -248,7 +251,7 @@ gdn_fwd_out_kernel(float *o, const float *q, const float *k, const float *g, con
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const int t = gdn_frow(m0, r), n = np + gdn_fcol(n0, j, r);
-                if (t < L && n < D) o[gdn_row(b, t0 + t, h, T, H, D) + n] = s.e0[t] * aq[j][r] + am[j][r];
+                if (t < L && n < D) o[gdn_row(b, t0 + t, h, T, H, D) + n] = scale * s.e0[t] * aq[j][r] + am[j][r];
             }
     }
 }

@@ -55,8 +55,10 @@
  * banks; column-wise reads meet two-way conflicts. The per-chunk kernels bring their
  * [64, x] operands into shared memory by cp.async (gdn_load_async: every array of a phase
  * in flight at once, the first ones during the G scan; gdn_sync waits and joins), a warp
- * per row; the scaled loads of q go through registers, 12 loads a thread in flight
- * (gdn_load), as do the read-add-write epilogues. No copy loop splits an element index
+ * per row (several rows a warp for panels of 16-byte copies up to 64 columns wide). q too
+ * arrives unscaled by cp.async, and the kernels apply the attention scale to the products
+ * that take it (M, e0 Q S0, dQK): loaded scaled through registers, its loads had been
+ * the longest stall of the grads kernel. No copy loop splits an element index
  * by a runtime row length (about 20 instructions a division): with those divisions gone
  * the op took 3.84 instead of 4.29 ms, with the cp.async loads 3.27 ms (sizes below).
  * The cumulative log decay G is a prefix sum in double per chunk (a warp scan) and every
@@ -66,8 +68,11 @@
  * so two runs give the same bits.
  *
  * Cost at B = 8, T = 2048, H = 12, D = 85 (3072 chunks), measured on an H100 by
- * benchmarks/bench_mixers.c: forward 0.88 ms, backward 1.75 ms (1.66 ms writing the
- * gradients, as the model does). Before W was saved by the forward the backward took
+ * benchmarks/bench_mixers.c: forward 0.84 ms, backward 1.61 ms (1.52 ms writing the
+ * gradients, as the model does); 0.88 and 1.75 ms before the ldmatrix fragments, the
+ * copies of narrow panels on all lanes and q by cp.async (Nsight Compute, unlocked
+ * clocks: grads kernel 0.95 -> 0.82 ms, 388M -> 326M instructions; out 0.29 -> 0.26 ms).
+ * Before W was saved by the forward the backward took
  * 1.94 ms (Nsight Compute, at its locked clocks: forward prep 0.32, state 0.33, out
  * 0.35 ms; backward prep 0.75, state 0.38, grads 1.10 ms, which read 1.15 GB from DRAM
  * where its inputs are about 0.55 GB: the dq, dk passes read dO, X and W again, and
@@ -332,17 +337,30 @@ static __device__ __forceinline__ void gdn_mma_x(int split, float c[4], const ui
  * Rows past mlast and columns past nlast read row mlast and column nlast instead (valid
  * memory; the caller discards those results). The contraction runs over k = kb, kb + 8,
  * ... while k < ke, so it reads up to k = roundup8(ke) - 1: the caller guarantees that
- * this memory exists, holds finite values, and that A or B is zero there. */
+ * this memory exists, holds finite values, and that A or B is zero there.
+ * An operand whose contraction index is contiguous (aks == 1 for A, bks == 1 for B: rows
+ * of A, and rows of B^T, in shared memory; every call site passes its strides as
+ * constants, so the choice is made at compile time) is read by ldmatrix: one
+ * ldmatrix.x4 brings the four 8 x 4 blocks of an A fragment, or the two blocks of each of
+ * two B fragments, where scalar loads took 4 and 8 instructions. ldmatrix moves 8 x 8
+ * blocks of 16-bit elements, so that lane l receives 16-bit elements 2 (l % 4) and
+ * 2 (l % 4) + 1 of row l / 4 of a block: for 32-bit elements that is element l % 4 of row
+ * l / 4 of an 8 x 4 block, which is where mma.m16n8k8.tf32 wants it. It needs each row of
+ * 4 floats 16-byte aligned (row pitches and panel offsets multiples of 4 floats, as all
+ * are here); the pitches of 4 mod 8 that spread the scalar loads over 32 banks do the same
+ * for its 8 rows of 16 bytes. */
 typedef struct gdn_mpos {
     int a0, a1, a4;   /* offsets of rows g and g + 8 at k = kb + q; 4 steps of k */
     int b[4], b4;     /* offsets of column n0 + 8 j + g at k = kb + q; 4 steps of k */
     int a8, b8;
+    int lda, ldb;     /* A, B read by ldmatrix (aks == 1, bks == 1) */
+    int la, lb[2];    /* ldmatrix: offset of the row this lane addresses (A; B n-tiles 0-1, 2-3) */
 } gdn_mpos;
 
 static __device__ __forceinline__ gdn_mpos gdn_mpos_at(int ars, int aks, int m0, int mlast, int bks, int bcs,
                                                        int n0, int nlast, int kb)
 {
-    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3, mi = lane >> 3, rr = lane & 7;
     gdn_mpos p;
     p.a0 = gdn_imin(m0 + g, mlast) * ars + (kb + q) * aks;
     p.a1 = gdn_imin(m0 + g + 8, mlast) * ars + (kb + q) * aks;
@@ -352,6 +370,13 @@ static __device__ __forceinline__ gdn_mpos gdn_mpos_at(int ars, int aks, int m0,
     for (int j = 0; j < 4; j++) p.b[j] = gdn_imin(n0 + 8 * j + g, nlast) * bcs + (kb + q) * bks;
     p.b4 = 4 * bks;
     p.b8 = 8 * bks;
+    p.lda = aks == 1;
+    p.ldb = bks == 1;
+    /* A: blocks (rows 0-7, k 0-3), (rows 8-15, k 0-3), (rows 0-7, k 4-7), (rows 8-15, k 4-7);
+     * B: blocks (n-tile 2h, k 0-3), (n-tile 2h, k 4-7), (n-tile 2h + 1, k 0-3), (2h + 1, k 4-7) */
+    p.la = gdn_imin(m0 + rr + 8 * (mi & 1), mlast) * ars + kb + 4 * (mi >> 1);
+#pragma unroll
+    for (int h = 0; h < 2; h++) p.lb[h] = gdn_imin(n0 + 8 * (2 * h + (mi >> 1)) + rr, nlast) * bcs + kb + 4 * (mi & 1);
     return p;
 }
 
@@ -361,18 +386,60 @@ static __device__ __forceinline__ void gdn_mpos_step(gdn_mpos *p)
     p->a1 += p->a8;
 #pragma unroll
     for (int j = 0; j < 4; j++) p->b[j] += p->b8;
+    p->la += 8;
+    p->lb[0] += 8;
+    p->lb[1] += 8;
+}
+
+/* four 8 x 4 blocks of floats by one ldmatrix.x4: lane l addresses row l % 8 of block l / 8 */
+static __device__ __forceinline__ void gdn_ldsm4(float x[4], const float *row)
+{
+#ifdef __CUDA_ARCH__
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(row);
+    uint32_t r[4];
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+#pragma unroll
+    for (int i = 0; i < 4; i++) x[i] = __uint_as_float(r[i]);
+#else
+    for (int i = 0; i < 4; i++) x[i] = row[i];
+#endif
 }
 
 static __device__ __forceinline__ void gdn_afrag(int split, const float *A, const gdn_mpos *p, uint32_t ah[4], uint32_t al[4])
 {
-    const float x[4] = {A[p->a0], A[p->a1], A[p->a0 + p->a4], A[p->a1 + p->a4]};
+    float x[4];
+    if (p->lda) {
+        gdn_ldsm4(x, A + p->la);
+    } else {
+        x[0] = A[p->a0];
+        x[1] = A[p->a1];
+        x[2] = A[p->a0 + p->a4];
+        x[3] = A[p->a1 + p->a4];
+    }
     gdn_split_n(split, (split & GDN_PRE_A) != 0, x, ah, al, 4);
 }
 
-static __device__ __forceinline__ void gdn_bfrag(int split, const float *B, const gdn_mpos *p, int j, uint32_t bh[2], uint32_t bl[2])
+/* the B fragments of the warp tile's four n-tiles */
+static __device__ __forceinline__ void gdn_bfrags(int split, const float *B, const gdn_mpos *p, uint32_t bh[4][2],
+                                                  uint32_t bl[4][2])
 {
-    const float x[2] = {B[p->b[j]], B[p->b[j] + p->b4]};
-    gdn_split_n(split, (split & GDN_PRE_B) != 0, x, bh, bl, 2);
+#pragma unroll
+    for (int j = 0; j < 4; j += 2) {
+        float x[4];
+        if (p->ldb) {
+            gdn_ldsm4(x, B + p->lb[j >> 1]);
+        } else {
+            x[0] = B[p->b[j]];
+            x[1] = B[p->b[j] + p->b4];
+            x[2] = B[p->b[j + 1]];
+            x[3] = B[p->b[j + 1] + p->b4];
+        }
+        gdn_split_n(split, (split & GDN_PRE_B) != 0, x, bh[j], bl[j], 2);
+        gdn_split_n(split, (split & GDN_PRE_B) != 0, x + 2, bh[j + 1], bl[j + 1], 2);
+    }
 }
 
 /* acc += A B over the warp tile (m0, n0), k in [kb, ke) */
@@ -383,14 +450,11 @@ static __device__ __forceinline__ void gdn_mma(int split, float acc[4][4], const
     gdn_mpos p = gdn_mpos_at(ars, aks, m0, mlast, bks, bcs, n0, nlast, kb);
 #pragma unroll 2
     for (int k = kb; k < ke; k += 8) {
-        uint32_t ah[4], al[4];
+        uint32_t ah[4], al[4], bh[4][2], bl[4][2];
         gdn_afrag(split, A, &p, ah, al);
+        gdn_bfrags(split, B, &p, bh, bl);
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            uint32_t bh[2], bl[2];
-            gdn_bfrag(split, B, &p, j, bh, bl);
-            gdn_mma_x(split, acc[j], ah, al, bh, bl);
-        }
+        for (int j = 0; j < 4; j++) gdn_mma_x(split, acc[j], ah, al, bh[j], bl[j]);
         gdn_mpos_step(&p);
     }
 }
@@ -403,15 +467,14 @@ static __device__ __forceinline__ void gdn_mma_2a(int split, float acc1[4][4], f
     gdn_mpos p = gdn_mpos_at(ars, aks, m0, mlast, bks, bcs, n0, nlast, kb);
 #pragma unroll 1
     for (int k = kb; k < ke; k += 8) {
-        uint32_t ah[4], al[4], eh[4], el[4];
+        uint32_t ah[4], al[4], eh[4], el[4], bh[4][2], bl[4][2];
         gdn_afrag(split, A1, &p, ah, al);
         gdn_afrag(split, A2, &p, eh, el);
+        gdn_bfrags(split, B, &p, bh, bl);
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            uint32_t bh[2], bl[2];
-            gdn_bfrag(split, B, &p, j, bh, bl);
-            gdn_mma_x(split, acc1[j], ah, al, bh, bl);
-            gdn_mma_x(split, acc2[j], eh, el, bh, bl);
+            gdn_mma_x(split, acc1[j], ah, al, bh[j], bl[j]);
+            gdn_mma_x(split, acc2[j], eh, el, bh[j], bl[j]);
         }
         gdn_mpos_step(&p);
     }
@@ -425,15 +488,14 @@ static __device__ __forceinline__ void gdn_mma_2b(int split, float acc1[4][4], f
     gdn_mpos p = gdn_mpos_at(ars, aks, m0, mlast, bks, bcs, n0, nlast, kb);
 #pragma unroll 1
     for (int k = kb; k < ke; k += 8) {
-        uint32_t ah[4], al[4];
+        uint32_t ah[4], al[4], bh[4][2], bl[4][2], ch[4][2], cl[4][2];
         gdn_afrag(split, A, &p, ah, al);
+        gdn_bfrags(split, B1, &p, bh, bl);
+        gdn_bfrags(split, B2, &p, ch, cl);
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            uint32_t bh[2], bl[2], ch[2], cl[2];
-            gdn_bfrag(split, B1, &p, j, bh, bl);
-            gdn_bfrag(split, B2, &p, j, ch, cl);
-            gdn_mma_x(split, acc1[j], ah, al, bh, bl);
-            gdn_mma_x(split, acc2[j], ah, al, ch, cl);
+            gdn_mma_x(split, acc1[j], ah, al, bh[j], bl[j]);
+            gdn_mma_x(split, acc2[j], ah, al, ch[j], cl[j]);
         }
         gdn_mpos_step(&p);
     }
@@ -445,40 +507,6 @@ static __device__ __forceinline__ void gdn_zero(float acc[4][4])
     for (int i = 0; i < 4; i++)
 #pragma unroll
         for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
-}
-
-/* dst[r*dp + c] = mul * src[r*rs + c0 + c] for r < rows, c < cols; 0 where r >= rv or
- * c0 + c >= cv. All threads of the block; no barrier. Warp w takes rows w, w + warps,
- * ..., its lanes consecutive columns (coalesced), with no integer division: an element
- * index split by a runtime row length costs about 20 instructions, and those splits were
- * most of the instructions of the per-chunk kernels. Each thread issues
- * GDN_LOAD_ROWS x GDN_LOAD_COLS global loads before it stores any of them: the loads of
- * one thread are otherwise serialised (the compiler cannot tell that dst in shared memory
- * does not alias src), and their latency is what bounds the per-chunk kernels. */
-#define GDN_LOAD_ROWS 4
-#define GDN_LOAD_COLS 3
-static __device__ __forceinline__ void gdn_load(float *dst, int dp, int rows, int cols, const float *src, size_t rs,
-                                                int rv, int c0, int cv, float mul)
-{
-    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    for (int cb = 0; cb < cols; cb += 32 * GDN_LOAD_COLS)
-        for (int r0 = threadIdx.x >> 5; r0 < rows; r0 += GDN_LOAD_ROWS * nw) {
-            float x[GDN_LOAD_ROWS][GDN_LOAD_COLS];
-#pragma unroll
-            for (int i = 0; i < GDN_LOAD_ROWS; i++)
-#pragma unroll
-                for (int j = 0; j < GDN_LOAD_COLS; j++) {
-                    const int r = r0 + i * nw, c = cb + lane + 32 * j;
-                    x[i][j] = r < rows && r < rv && c < cols && c0 + c < cv ? mul * src[(size_t)r * rs + c0 + c] : 0.0f;
-                }
-#pragma unroll
-            for (int i = 0; i < GDN_LOAD_ROWS; i++)
-#pragma unroll
-                for (int j = 0; j < GDN_LOAD_COLS; j++) {
-                    const int r = r0 + i * nw, c = cb + lane + 32 * j;
-                    if (r < rows && c < cols) dst[r * dp + c] = x[i][j];
-                }
-        }
 }
 
 /* ---- cp.async ---- */
@@ -538,36 +566,51 @@ static __device__ __forceinline__ void gdn_sync(void)
 }
 
 /* The copies of gdn_load_async, `per` floats each (1 or 4; with 4, src, rs, dst and dp
- * 16-byte aligned): lane l takes columns per * l, per * (l + 32), ... of rows w, w + nw,
- * ... (w its warp, nw the warps of the block). The rows below rv are copied with the
- * pointers stepped from row to row and a fixed byte count per lane (its valid columns),
- * the rows from rv on are zero-filled (a copy of no bytes from src). */
+ * 16-byte aligned). A row takes npc = cols / per copies. Where npc > 16, lane l takes
+ * columns per * l, per * (l + 32), ... of rows w, w + nw, ... (w its warp, nw the warps
+ * of the block); where npc <= 16 (16-byte copies of panels up to 64 columns wide) a warp
+ * covers 32 / npc rows at once, lane l the copy l % npc of row l / npc of them, so that
+ * all its lanes copy: 32-column panels had kept 24 of the 32 lanes idle and taken four
+ * times the loop iterations, a quarter of all instructions of the grads kernel. The rows
+ * below rv are copied with the pointers stepped from row to row and a fixed byte count
+ * per lane (its valid columns), the rows from rv on are zero-filled (a copy of no bytes
+ * from src). */
 static __device__ __forceinline__ void gdn_copy_rows(int per, unsigned dst, int dp, int rows, int cols,
                                                      const float *src, size_t rs, int rv, int ce)
 {
     const int lane = threadIdx.x & 31, nw = blockDim.x >> 5, w = threadIdx.x >> 5, rl = gdn_imin(rows, rv);
-    const size_t sstep = (size_t)nw * rs;
-    const unsigned dstep = 4u * (unsigned)(nw * dp);
-    for (int cb = per * lane; cb < cols; cb += 32 * per) {
+    const int npc = (cols + per - 1) / per, rpw = npc <= 16 ? 32 / npc : 1;
+    const int sub = rpw > 1 ? lane / npc : 0, pc = rpw > 1 ? lane - sub * npc : lane;
+    if (sub >= rpw) return; /* lanes past the last whole row of a warp pass */
+    const int r0 = w * rpw + sub;
+    const size_t sstep = (size_t)(nw * rpw) * rs;
+    const unsigned dstep = 4u * (unsigned)(nw * rpw * dp);
+    for (int cb = per * pc; cb < cols; cb += 32 * per) {
         const int n = ce - cb < 0 ? 0 : ce - cb > per ? per : ce - cb; /* valid floats of a valid row */
-        const float *sp = n ? src + (size_t)w * rs + cb : src;
+        const float *sp = n ? src + (size_t)r0 * rs + cb : src;
         const size_t sst = n ? sstep : 0;
-        unsigned d = dst + 4u * (unsigned)(w * dp + cb);
-        int r = w;
-        for (; r < rl; r += nw, sp += sst, d += dstep) {
+        unsigned d = dst + 4u * (unsigned)(r0 * dp + cb);
+        int r = r0;
+#pragma unroll 4
+        for (; r < rl; r += nw * rpw, sp += sst, d += dstep) {
             if (per == 4) gdn_cp16(d, sp, 4 * n);
             else gdn_cp4(d, sp, 4 * n);
         }
-        for (; r < rows; r += nw, d += dstep) {
+#pragma unroll 4
+        for (; r < rows; r += nw * rpw, d += dstep) {
             if (per == 4) gdn_cp16(d, src, 0);
             else gdn_cp4(d, src, 0);
         }
     }
 }
 
-/* gdn_load with mul = 1 by cp.async: the copies are only issued (zero-filled where r >=
- * rv or c0 + c >= cv), so the loads of several arrays are in flight together; gdn_sync
- * makes them visible. A warp per row, its lanes along the row, as gdn_load. Where the
+/* dst[r*dp + c] = src[r*rs + c0 + c] for r < rows, c < cols (0 where r >= rv or c0 + c >=
+ * cv) by cp.async: the copies are only issued, so the loads of several arrays are in
+ * flight together; gdn_sync makes them visible. All threads of the block; no barrier. A
+ * warp per row, its lanes along the row (narrow panels: several rows a warp,
+ * gdn_copy_rows), with no integer division: an element index split by a runtime row
+ * length costs about 20 instructions, and those splits were most of the instructions of
+ * the per-chunk kernels. Where the
  * source rows and the destination are 16-byte aligned (src + c0, rs, dst, dp; cols a
  * multiple of 4: the scratch arrays, whose rows have gdn_r4(D) floats) each copy moves 4
  * floats, otherwise one. Each thread keeps its copy's pointers and steps them row to
@@ -674,18 +717,15 @@ static __device__ __forceinline__ void gdn_state_krange(int D, int *kb, int *ke)
     *ke = upper || blockDim.x <= 128 ? D : kmid;
 }
 
-/* The state kernels' [64, 32] product for the block's value columns: R = Base + sgn A S,
- * A [64, dp] in shared memory (Uk, Xk), S [r8(D), GDN_SP] (the state or its gradient),
- * Base the [64, Dp] rows at g in global memory (Wv, Xo), which R overwrites in its nv
- * valid columns. Warps 0-3 return their row tile of R in r; P is the tile that
- * gdn_state_half uses. All threads. */
-static __device__ __forceinline__ void gdn_state_product(float r[4][4], float *g, int Dp, int nv, const float *A,
-                                                         int dp, const float *S, float *P, int D, float sgn)
+/* The base of the state kernels' [64, 32] product (Wv, Xo): the rows of the calling
+ * thread's fragment (row tile w of warps 0-3) in the nv valid columns of the [64, Dp] rows
+ * at g, 0 elsewhere. The state kernels issue these loads at the top of a chunk step,
+ * before they wait for the chunk's shared operands, so that their latency overlaps the
+ * wait: loaded right before the product, they were the longest stall of the forward state
+ * kernel (9% of its warp samples at the subtraction that waited for them). */
+static __device__ __forceinline__ void gdn_state_base(float base[4][4], const float *g, int Dp, int nv)
 {
     const int warp = threadIdx.x >> 5, m0 = 16 * (warp & 3), lower = warp < 4;
-    int kb, ke;
-    gdn_state_krange(D, &kb, &ke);
-    float base[4][4], acc[4][4];
 #pragma unroll
     for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -693,6 +733,21 @@ static __device__ __forceinline__ void gdn_state_product(float r[4][4], float *g
             const int n = gdn_fcol(0, j, i);
             base[j][i] = lower && n < nv ? g[(size_t)gdn_frow(m0, i) * Dp + n] : 0.0f;
         }
+}
+
+/* The state kernels' [64, 32] product for the block's value columns: R = Base + sgn A S,
+ * A [64, dp] in shared memory (Uk, Xk), S [r8(D), GDN_SP] (the state or its gradient),
+ * Base the thread's fragment of the [64, Dp] rows at g in global memory (Wv, Xo; from
+ * gdn_state_base), which R overwrites in its nv valid columns. Warps 0-3 return their row
+ * tile of R in r; P is the tile that gdn_state_half uses. All threads. */
+static __device__ __forceinline__ void gdn_state_product(float r[4][4], const float base[4][4], float *g, int Dp,
+                                                         int nv, const float *A, int dp, const float *S, float *P,
+                                                         int D, float sgn)
+{
+    const int warp = threadIdx.x >> 5, m0 = 16 * (warp & 3), lower = warp < 4;
+    int kb, ke;
+    gdn_state_krange(D, &kb, &ke);
+    float acc[4][4];
     gdn_zero(acc);
     gdn_mma(gdn_state_split(0), acc, A, dp, 1, m0, GDN_C - 1, S, GDN_SP, 1, 0, GDN_DV - 1, kb, ke);
     gdn_state_half(acc, P, m0);
