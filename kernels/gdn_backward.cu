@@ -20,7 +20,7 @@ static __host__ __device__ __forceinline__ int gdn_bwd_qpitch(int D)
     return gdn_kpitch(D) > GDN_PP ? gdn_kpitch(D) : GDN_PP;
 }
 
-/* Per (chunk, b*h): e0 to e0buf; Xk = T^T diag(eL) K; Hc = Qs^T diag(e0) dO [D, D];
+/* Per (chunk, b*h): e0 and e0 beta to e0buf [bh][chunk][128]; Xk = T^T diag(eL) K; Hc = Qs^T diag(e0) dO [D, D];
  * Xo = T^T M^T dO. (W is the forward's, from state_save.)
  * Shared: header, K [64, dp] and Qs [64, dp] (q unscaled, then scale e0 q; pad columns
  * zero), three [64, GDN_PP]
@@ -45,15 +45,19 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
     float *Ks = gdn_smem + GDN_HDR, *Qs = Ks + GDN_C * dp, *R1 = Qs + GDN_C * gdn_bwd_qpitch(D);
     float *Ts = R1 + GDN_C * GDN_PP, *Ms = Ts + GDN_C * GDN_PP, *P2 = Qs;
     const int warp = tid >> 5, m0 = 16 * (warp & 3), n0 = 32 * (warp >> 2);
-    float *Xc = Xbuf + ci * GDN_C * Dp, *Xkc = Xkbuf + ci * GDN_C * Dp;
+    float *Xc = Xbuf + ci * GDN_C * Dp, *Xkc = Xkbuf + ci * GDN_C * dp;
     float *Hc = Hcbuf + ci * D * Dp;
 
     gdn_load_async(Ks, dp, GDN_C, D8, k + tok, rs, L, 0, D); /* in flight during the scan */
     gdn_load_async(Qs, dp, GDN_C, D8, q + tok, rs, L, 0, D);  /* unscaled: scale is applied to M and e0 Qs */
     gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
-    if (tid < GDN_C) e0buf[ci * GDN_C + tid] = s.e0[tid];
+    if (tid < GDN_C) {
+        e0buf[ci * 2 * GDN_C + tid] = s.e0[tid];
+        e0buf[ci * 2 * GDN_C + GDN_C + tid] = s.e0[tid] * s.bt[tid];
+    }
     gdn_sync();
-    gdn_store_kpad(Kpbuf + ci * GDN_C * Dp, Ks, dp, D);
+    gdn_store_kpad(Kpbuf + ci * GDN_C * dp, Ks, dp, D);
+    gdn_zero_pad(Xkc, dp, D);
 
     /* A (into R1) and M from K K^T and Qs K^T */
     {
@@ -102,7 +106,7 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const int n = np + gdn_fcol(n0, j, r);
-                if (n < D) Xkc[(size_t)gdn_frow(m0, r) * Dp + n] = gdn_state_op(acc[j][r]);
+                if (n < dp) Xkc[(size_t)gdn_frow(m0, r) * dp + n] = n < D ? gdn_state_op(acc[j][r]) : 0.0f; /* gdn_zero_pad */
             }
     }
     gdn_sync();
@@ -180,48 +184,49 @@ static __device__ __forceinline__ void gdn_state_hc(float hv[4][4], const float 
  * chunk: save dS (the gradient at the chunk's end); X = Xo + Xk dS (written over Xo);
  * dS = e0L dS + Hc - K^T diag(e0 beta) X, or 0 if the chunk's first token starts a
  * document. Shared: dS [r8(D), GDN_SP] (rows past D zero), e0 beta X [64, GDN_SP], Xk and
- * K of the chunk [64, dp] (pad columns zero), e0 and beta [128]. Groups as in the
- * forward state kernel: X (Xk, e0, beta) and K; warps as there. */
+ * K of the chunk [64, dp] (pad columns zero), e0 and e0 beta [128], two mbarriers.
+ * Refills as in the forward state kernel: X (Xk, e0, e0 beta) and K; warps as there. */
 static __global__ void __launch_bounds__(GDN_ST, 3)
 gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float *Hcbuf,
-                     const float *Kpbuf, const float *beta, const float *e0buf,
+                     const float *Kpbuf, const float *e0buf,
                      const int32_t *doc_start, int T, int H, int D, int nchunk)
 {
-    const int j0 = blockIdx.x * GDN_DV, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
+    const int j0 = blockIdx.x * GDN_DV, bh = blockIdx.y, b = bh / H, tid = threadIdx.x;
     const int dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D), nv = gdn_imin(GDN_DV, D - j0), warp = tid >> 5;
     float *dS = gdn_smem, *Xt = dS + D8 * GDN_SP, *Xkb = Xt + GDN_C * GDN_SP, *Kb = Xkb + GDN_C * dp;
     float *sc = Kb + GDN_C * dp;
     const size_t DD = (size_t)D * Dp;
 
+    uint64_t *bar = (uint64_t *)(sc + 2 * GDN_C); /* X, K */
+    const unsigned xbytes = gdn_refill_bytes(dp, 1), kbytes = gdn_refill_bytes(dp, 0);
+
     for (int e = tid; e < D8 * GDN_SP; e += (int)blockDim.x) dS[e] = 0.0f;
-    gdn_zero_cols(Xkb, dp, GDN_C, D, dp);
-    gdn_zero_cols(Kb, dp, GDN_C, D, dp);
+    if (tid == 0) {
+        gdn_mbar_init(&bar[0]);
+        gdn_mbar_init(&bar[1]);
+        gdn_mbar_expect(&bar[0], xbytes);
+        gdn_mbar_expect(&bar[1], kbytes);
+    }
+    __syncthreads();
     {
-        const int cl = nchunk - 1, t0 = cl * GDN_C, L = T - t0;
-        const size_t ci = (size_t)bh * nchunk + cl;
-        gdn_async_rows(Xkb, dp, Xkbuf + ci * GDN_C * Dp, Dp, GDN_C, D);
-        if (tid < GDN_C) {
-            const size_t n = ((size_t)b * T + t0 + tid) * H + h;
-            gdn_async_f32(sc + tid, e0buf + ci * GDN_C + tid, 1);
-            gdn_async_f32(sc + GDN_C + tid, tid < L ? beta + n : beta, tid < L);
-        }
-        gdn_async_commit();
-        gdn_async_rows(Kb, dp, Kpbuf + ci * GDN_C * Dp, Dp, GDN_C, D);
-        gdn_async_commit();
+        const size_t ci = (size_t)bh * nchunk + nchunk - 1;
+        gdn_refill(Xkb, Xkbuf + ci * GDN_C * dp, dp, sc, e0buf + ci * 2 * GDN_C, &bar[0]);
+        gdn_refill(Kb, Kpbuf + ci * GDN_C * dp, dp, sc, NULL, &bar[1]);
     }
 
     for (int c = nchunk - 1; c >= 0; c--) {
         const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0);
+        const unsigned par = (unsigned)(nchunk - 1 - c) & 1u; /* phases completed before this chunk's */
         const size_t ci = (size_t)bh * nchunk + c;
+        const int reset0 = doc_start && doc_start[(size_t)b * T + t0];
         float xo[4][4];
         gdn_state_base(xo, Xbuf + ci * GDN_C * Dp + j0, Dp, nv);
-        gdn_async_wait_all_but_newest(); /* X(c) has landed */
+        gdn_mbar_wait(&bar[0], par); /* X(c) has landed */
+        if (tid == 0 && c > 0) gdn_mbar_expect(&bar[0], xbytes);
         __syncthreads();
         const float e0L = sc[L - 1];
-        const int reset0 = doc_start && doc_start[(size_t)b * T + t0];
         float *ds = dSbuf + ci * DD + j0;
-        if ((tid & 31) < nv)
-            for (int r = warp; r < D; r += (int)(blockDim.x >> 5)) ds[(size_t)r * Dp + (tid & 31)] = dS[r * GDN_SP + (tid & 31)];
+        gdn_state_store(ds, Dp, dS, D, nv);
 
         /* X = Xo + Xk dS (gdn_state_product; Xt then holds e0 beta X) */
         {
@@ -233,7 +238,7 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
 #pragma unroll
                     for (int r = 0; r < 4; r++) {
                         const int t = gdn_frow(16 * warp, r);
-                        Xt[t * GDN_SP + gdn_fcol(0, j, r)] = gdn_state_op(sc[t] * sc[GDN_C + t] * x[j][r]);
+                        Xt[t * GDN_SP + gdn_fcol(0, j, r)] = gdn_state_op(sc[GDN_C + t] * x[j][r]);
                     }
         }
         /* Hc of the warp's first row tile of dS, loaded before the barriers (for their
@@ -242,17 +247,9 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
         float hv[4][4];
         gdn_state_hc(hv, hc, 16 * warp, D, Dp, nv);
         __syncthreads();
-        if (c > 0) {
-            const size_t cp = ci - 1;
-            const int tp = t0 - GDN_C;
-            gdn_async_rows(Xkb, dp, Xkbuf + cp * GDN_C * Dp, Dp, GDN_C, D);
-            if (tid < GDN_C) {
-                gdn_async_f32(sc + tid, e0buf + cp * GDN_C + tid, 1);
-                gdn_async_f32(sc + GDN_C + tid, beta + ((size_t)b * T + tp + tid) * H + h, 1);
-            }
-        }
-        gdn_async_commit();
-        gdn_async_wait_all_but_newest(); /* K(c) has landed */
+        if (c > 0) gdn_refill(Xkb, Xkbuf + (ci - 1) * GDN_C * dp, dp, sc, e0buf + (ci - 1) * 2 * GDN_C, &bar[0]);
+        gdn_mbar_wait(&bar[1], par); /* K(c) has landed */
+        if (tid == 0 && c > 0) gdn_mbar_expect(&bar[1], kbytes);
         __syncthreads();
 
         /* dS = e0L dS + Hc - K^T (e0 beta X) */
@@ -271,8 +268,7 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
                 }
         }
         __syncthreads();
-        if (c > 0) gdn_async_rows(Kb, dp, Kpbuf + (ci - 1) * GDN_C * Dp, Dp, GDN_C, D);
-        gdn_async_commit();
+        if (c > 0) gdn_refill(Kb, Kpbuf + (ci - 1) * GDN_C * dp, dp, sc, NULL, &bar[1]);
     }
 }
 
@@ -609,8 +605,9 @@ static size_t gdn_smem_bwd_grads(void)
 }
 
 /* Backward: accumulates into dq, dk, dv, dg, dbeta, or (set) writes them. W comes from
- * state_save. Scratch: 3 [64, gdn_r4(D)] arrays, 2 [D, gdn_r4(D)] arrays and a [64]
- * vector per (b, h, chunk). */
+ * state_save. Scratch: a [64, gdn_r4(D)] array, 2 [64, gdn_kpitch(D)] arrays (the state
+ * kernel's operands in its layout, gdn_refill), 2 [D, gdn_r4(D)] arrays and a [128]
+ * vector (e0, e0 beta) per (b, h, chunk). */
 static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout, const float *q,
                          const float *k, const float *v, const float *g, const float *beta, const float *state_save,
                          const int32_t *doc_start, int B, int T, int H, int D, float scale, int set)
@@ -620,8 +617,9 @@ static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbet
     const size_t Dp = gdn_r4(D), rows = (size_t)BH * nchunk * GDN_C, states = (size_t)BH * nchunk * D * Dp;
     fatal_check(gdn_w_pitch(D) == (int)Dp);
     const float *Wbuf = state_save + gdn_state_w_offset(B, T, H, D);
-    float *Xbuf = (float *)cuda_scratch((3 * rows * Dp + 2 * states + rows) * sizeof(float));
-    float *Xkbuf = Xbuf + rows * Dp, *Kpbuf = Xkbuf + rows * Dp, *Hcbuf = Kpbuf + rows * Dp;
+    const size_t dp = gdn_kpitch(D);
+    float *Xbuf = (float *)cuda_scratch((rows * Dp + 2 * rows * dp + 2 * states + 2 * rows) * sizeof(float));
+    float *Xkbuf = Xbuf + rows * Dp, *Kpbuf = Xkbuf + rows * dp, *Hcbuf = Kpbuf + rows * dp;
     float *dSbuf = Hcbuf + states, *e0buf = dSbuf + states;
     cudaStream_t st = cuda_stream();
     const size_t sm1 = gdn_smem_bwd_prep(D), sm2 = gdn_smem_state(D), sm3 = gdn_smem_bwd_grads();
@@ -634,7 +632,7 @@ static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbet
     LAUNCH_CHECK();
     const int nsb = (D + GDN_DV - 1) / GDN_DV;
     gdn_bwd_state_kernel<<<dim3(nsb, BH), gdn_state_threads(nsb * BH), sm2, st>>>(
-        dSbuf, Xbuf, Xkbuf, Hcbuf, Kpbuf, beta, e0buf, doc_start, T, H, D, nchunk);
+        dSbuf, Xbuf, Xkbuf, Hcbuf, Kpbuf, e0buf, doc_start, T, H, D, nchunk);
     LAUNCH_CHECK();
     gdn_bwd_grads_kernel<<<dim3(nchunk, BH), GDN_NT, sm3, st>>>(dq, dk, dv, dg, dbeta, dout, q, k, v, g,
                                                                 beta, state_save, dSbuf, Wbuf, Xbuf,

@@ -14,11 +14,11 @@
  */
 #include "gdn_internal.cuh"
 
-/* Per (chunk, b*h): e0, eL to e0buf, eLbuf [bh][chunk][64]; Wv = T diag(beta) V and
+/* Per (chunk, b*h): eL and e0 to scal [bh][chunk][128] (eL then e0); Wv = T diag(beta) V and
  * Uk = T diag(beta e0) K to Wv, Uk [bh][chunk][64][D].
  * Shared: header, K and V [64, dp] (pad columns zero), A and T [64, GDN_PP]. */
 static __global__ void __launch_bounds__(GDN_NT, 2)
-gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *e0buf, float *eLbuf, const float *k, const float *v,
+gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *scal, const float *k, const float *v,
                     const float *g, const float *beta, const int32_t *doc_start, int T, int H, int D,
                     int nchunk)
 {
@@ -33,11 +33,11 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *e0buf, float *eLbuf,
     gdn_load_async(Vs, dp, GDN_C, D8, v + gdn_row(b, t0, h, T, H, D), rs, L, 0, D);
     gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
     if (tid < GDN_C) {
-        e0buf[ci * GDN_C + tid] = s.e0[tid];
-        eLbuf[ci * GDN_C + tid] = s.eL[tid];
+        scal[ci * 2 * GDN_C + tid] = s.eL[tid];
+        scal[ci * 2 * GDN_C + GDN_C + tid] = s.e0[tid];
     }
     gdn_sync();
-    gdn_store_kpad(Kp + ci * GDN_C * Dp, Ks, dp, D);
+    gdn_store_kpad(Kp + ci * GDN_C * dp, Ks, dp, D);
 
     /* A_ts = beta_t E_ts KK_ts below the diagonal (the warp tile right of the diagonal
      * block is all zero and skips the product) */
@@ -73,7 +73,8 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *e0buf, float *eLbuf,
 
     /* Wv = T (beta V), Uk = T (beta e0 K); T is lower triangular, so the contraction
      * stops at the warp tile's last row */
-    float *wv = Wv + ci * GDN_C * Dp, *uk = Uk + ci * GDN_C * Dp;
+    float *wv = Wv + ci * GDN_C * Dp, *uk = Uk + ci * GDN_C * dp;
+    gdn_zero_pad(uk, dp, D);
     for (int np = 0; np < D; np += 64) {
         if (np + n0 >= D) continue;
         float aw[4][4], au[4][4];
@@ -88,9 +89,10 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *e0buf, float *eLbuf,
                 const int t = gdn_frow(m0, r), n = np + gdn_fcol(n0, j, r);
                 if (n < D) {
                     wv[(size_t)t * Dp + n] = aw[j][r];
-                    uk[(size_t)t * Dp + n] = gdn_state_op(au[j][r]);
-                } else if (n < Dp) {
-                    wv[(size_t)t * Dp + n] = 0.0f; /* W's pad columns in state_save */
+                    uk[(size_t)t * dp + n] = gdn_state_op(au[j][r]);
+                } else {
+                    if (n < Dp) wv[(size_t)t * Dp + n] = 0.0f; /* W's pad columns in state_save */
+                    if (n < dp) uk[(size_t)t * dp + n] = 0.0f; /* Uk's (gdn_zero_pad) */
                 }
             }
     }
@@ -100,52 +102,53 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *e0buf, float *eLbuf,
  * at 0; per chunk: reset if the chunk's first token starts a document; save S;
  * W = Wv - Uk S (written over Wv); S = e0L S + K^T diag(eL) W.
  * Shared: S [r8(D), GDN_SP] (rows past D zero), eL W [64, GDN_SP], Uk and K of the chunk
- * [64, dp] (pad columns zero), eL and e0L [65]. Two cp.async groups per chunk: U (Uk, eL,
- * e0L) is refilled for the next chunk as soon as the W product is done with it, K as
- * soon as the S update is. 4 or 8 warps (gdn_state_threads): warp w computes row tile
+ * [64, dp] (pad columns zero), eL and e0 [128], two mbarriers. Two refills per chunk, by
+ * bulk copies (gdn_refill): U (Uk, eL, e0) for the next chunk as soon as the W product is
+ * done with it, K as soon as the S update is. 4 or 8 warps (gdn_state_threads): warp w computes row tile
  * w % 4 of W (gdn_state_product; with 8, over half the contraction), and row tiles w,
  * w + warps, ... of S. */
 static __global__ void __launch_bounds__(GDN_ST, 3)
 gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float *Kp,
-                     const float *e0buf, const float *eLbuf, const int32_t *doc_start, int T,
-                     int H, int D, int nchunk)
+                     const float *scal, const int32_t *doc_start, int T, int H, int D, int nchunk)
 {
     const int j0 = blockIdx.x * GDN_DV, bh = blockIdx.y, b = bh / H, tid = threadIdx.x;
     const int dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D), nv = gdn_imin(GDN_DV, D - j0), warp = tid >> 5;
     float *S = gdn_smem, *Wt = S + D8 * GDN_SP, *Ub = Wt + GDN_C * GDN_SP, *Kb = Ub + GDN_C * dp;
     float *sc = Kb + GDN_C * dp;
+    uint64_t *bar = (uint64_t *)(sc + 2 * GDN_C); /* U, K */
     const size_t DD = (size_t)D * D;
+    const unsigned ubytes = gdn_refill_bytes(dp, 1), kbytes = gdn_refill_bytes(dp, 0);
 
     for (int e = tid; e < D8 * GDN_SP; e += (int)blockDim.x) S[e] = 0.0f;
-    gdn_zero_cols(Ub, dp, GDN_C, D, dp);
-    gdn_zero_cols(Kb, dp, GDN_C, D, dp);
-    /* groups U(0), K(0) */
+    if (tid == 0) {
+        gdn_mbar_init(&bar[0]);
+        gdn_mbar_init(&bar[1]);
+        gdn_mbar_expect(&bar[0], ubytes);
+        gdn_mbar_expect(&bar[1], kbytes);
+    }
+    __syncthreads();
     {
         const size_t ci = (size_t)bh * nchunk;
-        const int L = gdn_imin(GDN_C, T);
-        gdn_async_rows(Ub, dp, Uk + ci * GDN_C * Dp, Dp, GDN_C, D);
-        if (tid < GDN_C) gdn_async_f32(sc + tid, eLbuf + ci * GDN_C + tid, 1);
-        if (tid == GDN_C) gdn_async_f32(sc + GDN_C, e0buf + ci * GDN_C + L - 1, 1);
-        gdn_async_commit();
-        gdn_async_rows(Kb, dp, Kp + ci * GDN_C * Dp, Dp, GDN_C, D);
-        gdn_async_commit();
+        gdn_refill(Ub, Uk + ci * GDN_C * dp, dp, sc, scal + ci * 2 * GDN_C, &bar[0]);
+        gdn_refill(Kb, Kp + ci * GDN_C * dp, dp, sc, NULL, &bar[1]);
     }
 
     for (int c = 0; c < nchunk; c++) {
-        const int t0 = c * GDN_C;
+        const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), more = c + 1 < nchunk;
         const size_t ci = (size_t)bh * nchunk + c;
+        const int reset = doc_start && doc_start[(size_t)b * T + t0];
         float wv[4][4];
         gdn_state_base(wv, Wv + ci * GDN_C * Dp + j0, Dp, nv);
-        gdn_async_wait_all_but_newest(); /* U(c) has landed; K(c) may be in flight */
+        gdn_mbar_wait(&bar[0], c & 1); /* U(c) has landed; K(c) may be in flight */
+        if (tid == 0 && more) gdn_mbar_expect(&bar[0], ubytes);
         __syncthreads();
-        const float e0L = sc[GDN_C];
-        if (doc_start && doc_start[(size_t)b * T + t0]) {
+        const float e0L = sc[GDN_C + L - 1];
+        if (reset) {
             for (int e = tid; e < D * GDN_SP; e += (int)blockDim.x) S[e] = 0.0f;
             __syncthreads();
         }
         float *ss = state_save + ci * DD + j0;
-        if ((tid & 31) < nv)
-            for (int r = warp; r < D; r += (int)(blockDim.x >> 5)) ss[(size_t)r * D + (tid & 31)] = S[r * GDN_SP + (tid & 31)];
+        gdn_state_store(ss, D, S, D, nv);
 
         /* W = Wv - Uk S (gdn_state_product; Wt holds the upper half's sums until warps 0-3
          * overwrite it with eL W) */
@@ -162,14 +165,9 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
                     }
         }
         __syncthreads();
-        if (c + 1 < nchunk) {
-            const int L1 = gdn_imin(GDN_C, T - t0 - GDN_C);
-            gdn_async_rows(Ub, dp, Uk + (ci + 1) * GDN_C * Dp, Dp, GDN_C, D);
-            if (tid < GDN_C) gdn_async_f32(sc + tid, eLbuf + (ci + 1) * GDN_C + tid, 1);
-            if (tid == GDN_C) gdn_async_f32(sc + GDN_C, e0buf + (ci + 1) * GDN_C + L1 - 1, 1);
-        }
-        gdn_async_commit();
-        gdn_async_wait_all_but_newest(); /* K(c) has landed */
+        if (more) gdn_refill(Ub, Uk + (ci + 1) * GDN_C * dp, dp, sc, scal + (ci + 1) * 2 * GDN_C, &bar[0]);
+        gdn_mbar_wait(&bar[1], c & 1); /* K(c) has landed */
+        if (tid == 0 && more) gdn_mbar_expect(&bar[1], kbytes);
         __syncthreads();
 
         /* S = e0L S + K^T (eL W): row tiles of 16 of [D, 32] */
@@ -186,11 +184,7 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
                 }
         }
         __syncthreads();
-        if (c + 1 < nchunk) {
-            const int L1 = gdn_imin(GDN_C, T - t0 - GDN_C);
-            gdn_async_rows(Kb, dp, Kp + (ci + 1) * GDN_C * Dp, Dp, GDN_C, D);
-        }
-        gdn_async_commit();
+        if (more) gdn_refill(Kb, Kp + (ci + 1) * GDN_C * dp, dp, sc, NULL, &bar[1]);
     }
 }
 
@@ -290,8 +284,9 @@ static size_t gdn_smem_fwd_prep(int D) { return sizeof(float) * (GDN_HDR + 2 * G
 static size_t gdn_smem_fwd_out(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_kpitch(D) + 3 * GDN_C * GDN_PP); }
 
 /* Forward: o overwritten, state_save overwritten (its W rows are the prep kernel's Wv,
- * turned into W in place by the state kernel). Scratch: 2 [64, gdn_r4(D)] arrays and 2
- * [64] vectors per (b, h, chunk). */
+ * turned into W in place by the state kernel). Scratch: 2 [64, gdn_kpitch(D)] arrays (the
+ * state kernel's operands in its layout, gdn_refill) and a [128] vector (eL, e0) per (b,
+ * h, chunk). */
 extern "C" void cuda_gdn_forward(float *o, float *state_save, const float *q, const float *k,
                                  const float *v, const float *g, const float *beta,
                                  const int32_t *doc_start, int B, int T, int H, int D, float scale)
@@ -301,20 +296,21 @@ extern "C" void cuda_gdn_forward(float *o, float *state_save, const float *q, co
     const size_t rows = (size_t)BH * nchunk * GDN_C, Dp = gdn_r4(D);
     fatal_check(gdn_w_pitch(D) == (int)Dp);
     float *Wv = state_save + gdn_state_w_offset(B, T, H, D);
-    float *Uk = (float *)cuda_scratch((2 * rows * Dp + 2 * rows) * sizeof(float));
-    float *Kp = Uk + rows * Dp, *e0buf = Kp + rows * Dp, *eLbuf = e0buf + rows;
+    const size_t dp = gdn_kpitch(D);
+    float *Uk = (float *)cuda_scratch((2 * rows * dp + 2 * rows) * sizeof(float));
+    float *Kp = Uk + rows * dp, *scal = Kp + rows * dp;
     cudaStream_t st = cuda_stream();
     const size_t sm1 = gdn_smem_fwd_prep(D), sm2 = gdn_smem_state(D), sm3 = gdn_smem_fwd_out(D);
     gdn_allow_smem((const void *)gdn_fwd_prep_kernel, sm1);
     gdn_allow_smem((const void *)gdn_fwd_state_kernel, sm2);
     gdn_allow_smem((const void *)gdn_fwd_out_kernel, sm3);
 
-    gdn_fwd_prep_kernel<<<dim3(nchunk, BH), GDN_NT, sm1, st>>>(Wv, Uk, Kp, e0buf, eLbuf, k, v, g, beta,
+    gdn_fwd_prep_kernel<<<dim3(nchunk, BH), GDN_NT, sm1, st>>>(Wv, Uk, Kp, scal, k, v, g, beta,
                                                                doc_start, T, H, D, nchunk);
     LAUNCH_CHECK();
     const int nsb = (D + GDN_DV - 1) / GDN_DV;
     gdn_fwd_state_kernel<<<dim3(nsb, BH), gdn_state_threads(nsb * BH), sm2, st>>>(
-        state_save, Wv, Uk, Kp, e0buf, eLbuf, doc_start, T, H, D, nchunk);
+        state_save, Wv, Uk, Kp, scal, doc_start, T, H, D, nchunk);
     LAUNCH_CHECK();
     gdn_fwd_out_kernel<<<dim3(nchunk, BH), GDN_NT, sm3, st>>>(o, q, k, g, beta, doc_start, state_save,
                                                               Wv, T, H, D, nchunk, scale);

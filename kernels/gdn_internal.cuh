@@ -24,9 +24,10 @@
  * Three kernels run the forward (gdn_forward.cu lists them) and three the backward
  * (gdn_backward.cu).
  * Per-chunk intermediates live in cuda_scratch with 64 rows per chunk (rows past the
- * sequence end are zero), each row gdn_r4(D) floats long: forward Uk and the state
- * kernel's copy of K; backward Xo/X, Xk, the copy of K ([64, D] each), Hc and dS ([D, D]
- * each), and the per-token decays e0, eL. W (Wv, then W) lives in state_save, after the
+ * sequence end are zero): forward Uk and the state kernel's copy of K, backward Xk and the
+ * copy of K, in the state kernels' shared-memory layout (rows of gdn_kpitch(D) floats,
+ * pad columns zero: gdn_refill); backward Xo/X ([64, D]), Hc and dS ([D, D]) with rows of
+ * gdn_r4(D) floats; and the per-token decays (eL, e0; e0, e0 beta). W (Wv, then W) lives in state_save, after the
  * start states (backend.h): the forward writes it there and the backward reads it, where
  * its prep kernel used to solve for it again from S0 (2.84 -> 2.64 ms forward + backward
  * at the shape below).
@@ -68,10 +69,13 @@
  * so two runs give the same bits.
  *
  * Cost at B = 8, T = 2048, H = 12, D = 85 (3072 chunks), measured on an H100 by
- * benchmarks/bench_mixers.c: forward 0.84 ms, backward 1.61 ms (1.52 ms writing the
+ * benchmarks/bench_mixers.c: forward 0.85 ms, backward 1.59 ms (1.49 ms writing the
  * gradients, as the model does); 0.88 and 1.75 ms before the ldmatrix fragments, the
  * copies of narrow panels on all lanes and q by cp.async (Nsight Compute, unlocked
- * clocks: grads kernel 0.95 -> 0.82 ms, 388M -> 326M instructions; out 0.29 -> 0.26 ms).
+ * clocks: grads kernel 0.95 -> 0.82 ms, 388M -> 326M instructions; out 0.29 -> 0.26 ms)
+ * and the state kernels' bulk copies (state 0.30 + 0.34 -> 0.27 + 0.30 ms, prep 0.27 +
+ * 0.43 -> 0.30 + 0.45 ms: they write the operands with the longer pitch; at B 2, T 8192
+ * the op went 2.98 -> 2.78 ms).
  * Before W was saved by the forward the backward took
  * 1.94 ms (Nsight Compute, at its locked clocks: forward prep 0.32, state 0.33, out
  * 0.35 ms; backward prep 0.75, state 0.38, grads 1.10 ms, which read 1.15 GB from DRAM
@@ -527,27 +531,6 @@ static __device__ __forceinline__ void gdn_cp16(unsigned dst, const float *src, 
 #endif
 }
 
-/* one float by cp.async, zero-filled when !valid (src must still be a valid address) */
-static __device__ __forceinline__ void gdn_async_f32(float *dst, const float *src, int valid)
-{
-    gdn_cp4((unsigned)__cvta_generic_to_shared(dst), src, valid ? 4 : 0);
-}
-
-static __device__ __forceinline__ void gdn_async_commit(void)
-{
-#ifdef __CUDA_ARCH__
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-/* wait until at most the newest committed group of this thread is still in flight */
-static __device__ __forceinline__ void gdn_async_wait_all_but_newest(void)
-{
-#ifdef __CUDA_ARCH__
-    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-#endif
-}
-
 /* wait until every cp.async of this thread has landed */
 static __device__ __forceinline__ void gdn_async_wait_all(void)
 {
@@ -629,31 +612,103 @@ static __device__ __forceinline__ void gdn_load_async(float *dst, int dp, int ro
         gdn_copy_rows(1, d0, dp, rows, cols, s0, rs, rv, ce);
 }
 
-/* 64 rows of `cols` floats into dst (pitch dp, at least gdn_r4(cols)) from src (row
- * stride rs); rows >= rv zero-filled, and the columns from cols up to a multiple of 4
- * zero-filled too. Issued by all threads, not committed. */
-static __device__ __forceinline__ void gdn_async_rows(float *dst, int dp, const float *src, size_t rs, int rv, int cols)
+/* ---- bulk copies (the Hopper copy engine) and mbarriers: the state kernels' loads ----
+ * The prep kernels write the state kernels' per-chunk operands (Uk or Xk, and K) as
+ * [64, dp] arrays with the state kernels' own shared-memory row pitch dp = gdn_kpitch(D)
+ * and zero pad columns, so that each chunk's array is one contiguous 16-byte aligned
+ * block; a state kernel brings it, and the chunk's 128 per-token scalars, into shared
+ * memory by one cp.async.bulk each, issued by one thread and completing on an mbarrier
+ * that counts the bytes. The cp.async loops these replace had issued a 16-byte copy per
+ * lane and row, and with their address stepping they were a fifth of the forward state
+ * kernel's instructions (62M against 72M in all now); a bulk copy per row (64 a refill)
+ * cut as many instructions but made the latency-bound case (B 2, T 8192: one block an SM)
+ * 8% slower. One thread arms the barrier with the byte count of a refill before a
+ * __syncthreads that precedes every copy of that refill, so that no copy can complete on
+ * a phase that is not armed yet; every thread then waits for the phase's parity. */
+static __device__ __forceinline__ unsigned gdn_smem_addr(const void *p)
 {
-    gdn_load_async(dst, dp, GDN_C, (cols + 3) & ~3, src, rs, rv, 0, cols);
+    return (unsigned)__cvta_generic_to_shared(p);
 }
 
-/* K of the chunk (Ks [64, dp] in shared memory, rows past the sequence end and pad
- * columns zero) to Kp [64, gdn_r4(D)] in scratch, through gdn_state_op: the state
- * kernels' copy of K, whose rows start 16-byte aligned (rows of k itself do not when D
- * is odd) and whose values are already their TF32 operands. All threads; no barrier. */
+static __device__ __forceinline__ void gdn_mbar_init(uint64_t *bar)
+{
+#ifdef __CUDA_ARCH__
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(gdn_smem_addr(bar)) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+
+/* one arrival (the barrier's only one) that also expects `bytes` from bulk copies */
+static __device__ __forceinline__ void gdn_mbar_expect(uint64_t *bar, unsigned bytes)
+{
+#ifdef __CUDA_ARCH__
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(gdn_smem_addr(bar)), "r"(bytes)
+                 : "memory");
+#endif
+}
+
+/* wait until the phase of the given parity has completed */
+static __device__ __forceinline__ void gdn_mbar_wait(uint64_t *bar, unsigned parity)
+{
+#ifdef __CUDA_ARCH__
+    asm volatile("{\n"
+                 ".reg .pred done;\n"
+                 "GDN_MBAR_WAIT_%=:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra GDN_MBAR_WAIT_%=;\n"
+                 "}\n" ::"r"(gdn_smem_addr(bar)),
+                 "r"(parity)
+                 : "memory");
+#endif
+}
+
+/* bytes (a multiple of 16; dst, src 16-byte aligned) from global src to shared dst,
+ * completing on bar */
+static __device__ __forceinline__ void gdn_bulk_load(float *dst, const float *src, unsigned bytes, uint64_t *bar)
+{
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                     gdn_smem_addr(dst)),
+                 "l"(src), "r"(bytes), "r"(gdn_smem_addr(bar))
+                 : "memory");
+#endif
+}
+
+/* One refill of a state kernel: the chunk's [64, dp] array at src to dst, and (sv not
+ * NULL) its 128 per-token scalars at sv to sc, each by one bulk copy; gdn_refill_bytes(dp,
+ * sv != NULL) is its byte count for gdn_mbar_expect. */
+static __host__ __device__ __forceinline__ unsigned gdn_refill_bytes(int dp, int scalars)
+{
+    return (unsigned)(sizeof(float) * (GDN_C * dp + (scalars ? 2 * GDN_C : 0)));
+}
+
+static __device__ __forceinline__ void gdn_refill(float *dst, const float *src, int dp, float *sc, const float *sv,
+                                                  uint64_t *bar)
+{
+    if (threadIdx.x == 0) gdn_bulk_load(dst, src, (unsigned)(sizeof(float) * GDN_C * dp), bar);
+    if (threadIdx.x == 32 && sv) gdn_bulk_load(sc, sv, (unsigned)(sizeof(float) * 2 * GDN_C), bar);
+}
+
+/* K of the chunk (Ks [64, dp] in shared memory, rows past the sequence end and columns
+ * D..r8(D)-1 zero) to Kp [64, dp] in scratch, through gdn_state_op: the state kernels'
+ * copy of K, in their shared-memory layout (see gdn_refill; rows of k itself do not even
+ * start 16-byte aligned when D is odd), pad columns zero, values already their TF32
+ * operands. All threads; no barrier. */
 static __device__ __forceinline__ void gdn_store_kpad(float *Kp, const float *Ks, int dp, int D)
 {
-    const int Dp = gdn_r4(D), lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     for (int r = threadIdx.x >> 5; r < GDN_C; r += nw)
-        for (int c = lane; c < Dp; c += 32) Kp[(size_t)r * Dp + c] = gdn_state_op(Ks[r * dp + c]);
+        for (int c = lane; c < dp; c += 32) Kp[(size_t)r * dp + c] = c < D ? gdn_state_op(Ks[r * dp + c]) : 0.0f;
 }
 
-/* zero columns c0..c1-1 of `rows` rows (pitch dp): the pad columns that cp.async never
- * writes. All threads; no barrier. */
-static __device__ void gdn_zero_cols(float *dst, int dp, int rows, int c0, int c1)
+/* The pad columns D..dp-1 of a state-kernel operand in scratch (the [64, dp] rows at g):
+ * the prep kernels' epilogues write those that lie in the warp tile of column D - 1 (up
+ * to the next multiple of 32); this zeroes the rest, if any (D a multiple of 32, or the
+ * pitch reaching past that tile), threads 0..63 a row each; no barrier. */
+static __device__ __forceinline__ void gdn_zero_pad(float *g, int dp, int D)
 {
-    for (int r = threadIdx.x; r < rows; r += blockDim.x)
-        for (int c = c0; c < c1; c++) dst[r * dp + c] = 0.0f;
+    if (threadIdx.x < GDN_C)
+        for (int c = (D + 31) & ~31; c < dp; c++) g[(size_t)threadIdx.x * dp + c] = 0.0f;
 }
 
 /* Column c (the calling thread, c < 64) of T = (I + A)^-1 by forward substitution:
@@ -762,15 +817,32 @@ static __device__ __forceinline__ void gdn_state_product(float r[4][4], const fl
             }
 }
 
+/* Rows 0..D-1 of a state kernel's [r8(D), GDN_SP] tile S, its nv valid columns, to g (row
+ * stride rs): warp w stores rows w, w + warps, ..., lane l column l, with its pointers
+ * stepped from row to row (a 64-bit offset computed afresh for every row had made this
+ * loop an eighth of the forward state kernel's instructions). All threads; no barrier. */
+static __device__ __forceinline__ void gdn_state_store(float *g, size_t rs, const float *S, int D, int nv)
+{
+    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5, w = threadIdx.x >> 5;
+    if (lane >= nv) return;
+    float *gp = g + (size_t)w * rs + lane;
+    const float *sp = S + w * GDN_SP + lane;
+    const size_t gstep = (size_t)nw * rs;
+#pragma unroll 4
+    for (int r = w; r < D; r += nw, gp += gstep, sp += nw * GDN_SP) *gp = *sp;
+}
+
 /* ---- host side, shared by the two launchers ---- */
 
 /* threads of the state kernels for `blocks` blocks: 8 warps where every block can have an
  * SM to itself, else 4 (see gdn_state_half); cuda_gdn_set_state_warps forces either */
 int gdn_state_threads(int blocks);
 
+/* the state kernels' shared memory: S [r8(D), GDN_SP], the product tile [64, GDN_SP], the
+ * two operand arrays [64, dp], 128 per-token scalars and two mbarriers (4 floats) */
 static inline size_t gdn_smem_state(int D)
 {
-    return sizeof(float) * ((size_t)gdn_r8(D) * GDN_SP + GDN_C * GDN_SP + 2 * GDN_C * gdn_kpitch(D) + 2 * GDN_C);
+    return sizeof(float) * ((size_t)gdn_r8(D) * GDN_SP + GDN_C * GDN_SP + 2 * GDN_C * gdn_kpitch(D) + 2 * GDN_C + 4);
 }
 
 /* Allow `bytes` of dynamic shared memory for `kernel` (needed above 48 KB). */
