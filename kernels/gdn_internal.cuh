@@ -111,12 +111,21 @@
  * evict-first policy, so that dO, X and W, which it reads three times, stay in L2 (its
  * DRAM reads 1.15 -> 1.07 GB, its time within 1%); the grads kernel's panels 48 columns
  * wide instead of 32 (two panels for D = 85, fewer barriers and load waits, 110 KB of
- * shared memory: backward 1.75 -> 1.74 ms, within the noise). Reaching 1.5 ms would take fusing prep
- * and out (and prep and grads) so that K, Q and the pair matrices are loaded and built
- * once, dropping the Hc buffer (the state kernel can form Qs^T diag(e0) dO itself), the
- * grads kernel's panels double-buffered by cp.async within two blocks per SM, more value
- * columns per state block, and state_save with aligned rows (its layout is part of the
- * op's contract with the CPU backend; its rows are copied 4 bytes at a time).
+ * shared memory: backward 1.75 -> 1.74 ms, within the noise).
+ * Where the time goes now (Nsight Compute's warp samples at B 8, T 2048): the per-chunk
+ * kernels wait at barriers (the two-warp solve of T in the prep kernels; the panel loops)
+ * and for the loads each panel loop issues and then waits for, with only two blocks an SM
+ * to cover those waits (registers and shared memory); mma instructions are 3-5% of what
+ * they execute. Taking the state kernels' loads away altogether (a measurement, with
+ * wrong results) left 75% of their time: their chain of dependent products per chunk
+ * step, shared by three blocks an SM, is what bounds them. Reaching 1.5 ms would take
+ * fusing prep and out (and prep and grads) so that K, Q and the pair matrices are loaded
+ * and built once, dropping the Hc buffer (the state kernel can form Qs^T diag(e0) dO
+ * itself), the grads kernel's panels double-buffered within two blocks per SM, operands
+ * stored transposed where a product reads them column-wise (ldmatrix needs the
+ * contraction index contiguous), more value columns per state block, and state_save with
+ * aligned rows (its layout is part of the op's contract with the CPU backend; its rows
+ * are copied 4 bytes at a time).
  */
 #ifndef DELTAMLA_GDN_INTERNAL_CUH
 #define DELTAMLA_GDN_INTERNAL_CUH
