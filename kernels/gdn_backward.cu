@@ -200,18 +200,10 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
     uint64_t *bar = (uint64_t *)(sc + 2 * GDN_C); /* X, K */
     const unsigned xbytes = gdn_refill_bytes(dp, 1), kbytes = gdn_refill_bytes(dp, 0);
 
-    for (int e = tid; e < D8 * GDN_SP; e += (int)blockDim.x) dS[e] = 0.0f;
-    if (tid == 0) {
-        gdn_mbar_init(&bar[0]);
-        gdn_mbar_init(&bar[1]);
-        gdn_mbar_expect(&bar[0], xbytes);
-        gdn_mbar_expect(&bar[1], kbytes);
-    }
-    __syncthreads();
     {
         const size_t ci = (size_t)bh * nchunk + nchunk - 1;
-        gdn_refill(Xkb, Xkbuf + ci * GDN_C * dp, dp, sc, e0buf + ci * 2 * GDN_C, &bar[0]);
-        gdn_refill(Kb, Kpbuf + ci * GDN_C * dp, dp, sc, NULL, &bar[1]);
+        gdn_state_start(dS, D, bar, Xkb, Xkbuf + ci * GDN_C * dp, Kb, Kpbuf + ci * GDN_C * dp, dp, sc,
+                        e0buf + ci * 2 * GDN_C);
     }
 
     for (int c = nchunk - 1; c >= 0; c--) {

@@ -119,18 +119,9 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
     const size_t DD = (size_t)D * D;
     const unsigned ubytes = gdn_refill_bytes(dp, 1), kbytes = gdn_refill_bytes(dp, 0);
 
-    for (int e = tid; e < D8 * GDN_SP; e += (int)blockDim.x) S[e] = 0.0f;
-    if (tid == 0) {
-        gdn_mbar_init(&bar[0]);
-        gdn_mbar_init(&bar[1]);
-        gdn_mbar_expect(&bar[0], ubytes);
-        gdn_mbar_expect(&bar[1], kbytes);
-    }
-    __syncthreads();
     {
         const size_t ci = (size_t)bh * nchunk;
-        gdn_refill(Ub, Uk + ci * GDN_C * dp, dp, sc, scal + ci * 2 * GDN_C, &bar[0]);
-        gdn_refill(Kb, Kp + ci * GDN_C * dp, dp, sc, NULL, &bar[1]);
+        gdn_state_start(S, D, bar, Ub, Uk + ci * GDN_C * dp, Kb, Kp + ci * GDN_C * dp, dp, sc, scal + ci * 2 * GDN_C);
     }
 
     for (int c = 0; c < nchunk; c++) {

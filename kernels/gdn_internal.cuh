@@ -698,6 +698,24 @@ static __device__ __forceinline__ void gdn_refill(float *dst, const float *src, 
     if (threadIdx.x == 32 && sv) gdn_bulk_load(sc, sv, (unsigned)(sizeof(float) * 2 * GDN_C), bar);
 }
 
+/* The start of a state kernel: its [r8(D), GDN_SP] tile S zeroed, its two mbarriers
+ * initialised and armed for the first chunk, whose refills it issues: the A operand (Uk
+ * or Xk) at A with the scalars at sv on bar[0], K at K on bar[1]. All threads. */
+static __device__ __forceinline__ void gdn_state_start(float *S, int D, uint64_t *bar, float *Ab, const float *A,
+                                                       float *Kb, const float *K, int dp, float *sc, const float *sv)
+{
+    for (int e = threadIdx.x; e < gdn_r8(D) * GDN_SP; e += (int)blockDim.x) S[e] = 0.0f;
+    if (threadIdx.x == 0) {
+        gdn_mbar_init(&bar[0]);
+        gdn_mbar_init(&bar[1]);
+        gdn_mbar_expect(&bar[0], gdn_refill_bytes(dp, 1));
+        gdn_mbar_expect(&bar[1], gdn_refill_bytes(dp, 0));
+    }
+    __syncthreads();
+    gdn_refill(Ab, A, dp, sc, sv, &bar[0]);
+    gdn_refill(Kb, K, dp, sc, NULL, &bar[1]);
+}
+
 /* K of the chunk (Ks [64, dp] in shared memory, rows past the sequence end and columns
  * D..r8(D)-1 zero) to Kp [64, dp] in scratch, through gdn_state_op: the state kernels'
  * copy of K, in their shared-memory layout (see gdn_refill; rows of k itself do not even
