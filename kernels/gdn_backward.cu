@@ -20,7 +20,8 @@ static __host__ __device__ __forceinline__ int gdn_bwd_qpitch(int D)
     return gdn_kpitch(D) > GDN_PP ? gdn_kpitch(D) : GDN_PP;
 }
 
-/* Per (chunk, b*h): e0 and e0 beta to e0buf [bh][chunk][128]; Xk = T^T diag(eL) K; Hc = Qs^T diag(e0) dO [D, D];
+/* Per (chunk, b*h): e0 and e0 beta to e0buf [bh][chunk][128]; Xk = T^T diag(eL) K (in the
+ * state kernel's layout, [64, dp], pad columns zero); Hc = Qs^T diag(e0) dO [D, D];
  * Xo = T^T M^T dO. (W is the forward's, from state_save.)
  * Shared: header, K [64, dp] and Qs [64, dp] (q unscaled, then scale e0 q; pad columns
  * zero), three [64, GDN_PP]
@@ -106,7 +107,8 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const int n = np + gdn_fcol(n0, j, r);
-                if (n < dp) Xkc[(size_t)gdn_frow(m0, r) * dp + n] = n < D ? gdn_state_op(acc[j][r]) : 0.0f; /* gdn_zero_pad */
+                if (n < dp) /* the pad columns too (gdn_zero_pad) */
+                    Xkc[(size_t)gdn_frow(m0, r) * dp + n] = n < D ? gdn_state_op(acc[j][r]) : 0.0f;
             }
     }
     gdn_sync();

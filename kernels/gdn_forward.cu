@@ -14,9 +14,10 @@
  */
 #include "gdn_internal.cuh"
 
-/* Per (chunk, b*h): eL and e0 to scal [bh][chunk][128] (eL then e0); Wv = T diag(beta) V and
- * Uk = T diag(beta e0) K to Wv, Uk [bh][chunk][64][D].
- * Shared: header, K and V [64, dp] (pad columns zero), A and T [64, GDN_PP]. */
+/* Per (chunk, b*h): eL and e0 to scal [bh][chunk][128] (eL then e0); Wv = T diag(beta) V
+ * to Wv [bh][chunk][64][gdn_r4(D)] (state_save's W rows) and Uk = T diag(beta e0) K to Uk
+ * [bh][chunk][64][dp], the state kernel's layout (pad columns zero), as is its copy of K
+ * in Kp. Shared: header, K and V [64, dp] (pad columns zero), A and T [64, GDN_PP]. */
 static __global__ void __launch_bounds__(GDN_NT, 2)
 gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *scal, const float *k, const float *v,
                     const float *g, const float *beta, const int32_t *doc_start, int T, int H, int D,
@@ -104,9 +105,9 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *scal, const float *k
  * Shared: S [r8(D), GDN_SP] (rows past D zero), eL W [64, GDN_SP], Uk and K of the chunk
  * [64, dp] (pad columns zero), eL and e0 [128], two mbarriers. Two refills per chunk, by
  * bulk copies (gdn_refill): U (Uk, eL, e0) for the next chunk as soon as the W product is
- * done with it, K as soon as the S update is. 4 or 8 warps (gdn_state_threads): warp w computes row tile
- * w % 4 of W (gdn_state_product; with 8, over half the contraction), and row tiles w,
- * w + warps, ... of S. */
+ * done with it, K as soon as the S update is. 4 or 8 warps (gdn_state_threads): warp w
+ * computes row tile w % 4 of W (gdn_state_product; with 8, over half the contraction),
+ * and row tiles w, w + warps, ... of S. */
 static __global__ void __launch_bounds__(GDN_ST, 3)
 gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float *Kp,
                      const float *scal, const int32_t *doc_start, int T, int H, int D, int nchunk)
