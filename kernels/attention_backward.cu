@@ -53,11 +53,11 @@ static __device__ __forceinline__ void warp_abt(float acc[4][4], const bf16 *sA,
     for (int kk = 0; kk < maxsteps; kk++) {
         if (kk < nsteps) {
             uint32_t a[4];
-            ldsm_x4(a, sA + (rq + (lane & 15)) * ld + kk * 16 + ((lane >> 4) << 3));
+            cuda_ldsm4(a, sA + (rq + (lane & 15)) * ld + kk * 16 + ((lane >> 4) << 3));
 #pragma unroll
             for (int np = 0; np < 2; np++) {
                 uint32_t b[4];
-                ldsm_x4(b, sB + (kc + np * 16 + (lane & 7) + ((lane >> 4) << 3)) * ld + kk * 16 +
+                cuda_ldsm4(b, sB + (kc + np * 16 + (lane & 7) + ((lane >> 4) << 3)) * ld + kk * 16 +
                                (((lane >> 3) & 1) << 3));
                 mma_bf16(acc[2 * np], a, b[0], b[1]);
                 mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
@@ -222,13 +222,13 @@ static __global__ void __launch_bounds__(BWD_THREADS, 1)
         for (int kq = 0; kq < 4; kq++) {
             uint32_t ap[4], ad[4];
             const int off = (kq * 16 + (lane & 7) + ((lane >> 4) << 3)) * ATT_PP + rk + (((lane >> 3) & 1) << 3);
-            ldsm_x4_t(ap, sP + off);
-            ldsm_x4_t(ad, sdS + off);
+            cuda_ldsm4_t(ap, sP + off);
+            cuda_ldsm4_t(ad, sdS + off);
 #pragma unroll
             for (int p = 0; p < ATT_VSTEPS / 2; p++) {
                 if (p < nvmine) {
                     uint32_t bv[4];
-                    ldsm_x4_t(bv, cdO + (kq * 16 + (lane & 15)) * pv + (vp0 + p) * 16 + ((lane >> 4) << 3));
+                    cuda_ldsm4_t(bv, cdO + (kq * 16 + (lane & 15)) * pv + (vp0 + p) * 16 + ((lane >> 4) << 3));
                     mma_bf16(dva[2 * p], ap, bv[0], bv[1]);
                     mma_bf16(dva[2 * p + 1], ap, bv[2], bv[3]);
                 }
@@ -237,7 +237,7 @@ static __global__ void __launch_bounds__(BWD_THREADS, 1)
             for (int p = 0; p < ATT_KSTEPS / 2; p++) {
                 if (p < nkmine) {
                     uint32_t bq[4];
-                    ldsm_x4_t(bq, cQ + (kq * 16 + (lane & 15)) * pk + (kp0 + p) * 16 + ((lane >> 4) << 3));
+                    cuda_ldsm4_t(bq, cQ + (kq * 16 + (lane & 15)) * pk + (kp0 + p) * 16 + ((lane >> 4) << 3));
                     mma_bf16(dka[2 * p], ad, bq[0], bq[1]);
                     mma_bf16(dka[2 * p + 1], ad, bq[2], bq[3]);
                 }
@@ -346,12 +346,12 @@ static __global__ void __launch_bounds__(BWD_THREADS, 1)
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
             uint32_t a[4];
-            ldsm_x4(a, sdS + (rq + (lane & 15)) * ATT_PP + kk * 16 + ((lane >> 4) << 3));
+            cuda_ldsm4(a, sdS + (rq + (lane & 15)) * ATT_PP + kk * 16 + ((lane >> 4) << 3));
 #pragma unroll
             for (int p = 0; p < ATT_KSTEPS / 2; p++) {
                 if (p < nkmine) {
                     uint32_t bk[4];
-                    ldsm_x4_t(bk, cK + (kk * 16 + (lane & 15)) * pk + (kp0 + p) * 16 + ((lane >> 4) << 3));
+                    cuda_ldsm4_t(bk, cK + (kk * 16 + (lane & 15)) * pk + (kp0 + p) * 16 + ((lane >> 4) << 3));
                     mma_bf16(dqa[2 * p], a, bk[0], bk[1]);
                     mma_bf16(dqa[2 * p + 1], a, bk[2], bk[3]);
                 }

@@ -82,7 +82,7 @@ static __global__ void __launch_bounds__(FWD_THREADS, 2)
         if (it == 0) {
 #pragma unroll
             for (int kk = 0; kk < ATT_KSTEPS; kk++)
-                if (kk < nkq) ldsm_x4(qf[kk], sQ + (warp * 16 + (lane & 15)) * pk + kk * 16 + ((lane >> 4) << 3));
+                if (kk < nkq) cuda_ldsm4(qf[kk], sQ + (warp * 16 + (lane & 15)) * pk + kk * 16 + ((lane >> 4) << 3));
         }
         const bf16 *cK = sK + buf * ATT_TILE * pk, *cV = sV + buf * ATT_TILE * pv;
         const int *ckd = skd + buf * ATT_TILE;
@@ -97,7 +97,7 @@ static __global__ void __launch_bounds__(FWD_THREADS, 2)
 #pragma unroll
                 for (int np = 0; np < 4; np++) {
                     uint32_t bk[4];
-                    ldsm_x4(bk, cK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * pk + kk * 16 +
+                    cuda_ldsm4(bk, cK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * pk + kk * 16 +
                                     (((lane >> 3) & 1) << 3));
                     mma_bf16(s[2 * np], qf[kk], bk[0], bk[1]);
                     mma_bf16(s[2 * np + 1], qf[kk], bk[2], bk[3]);
@@ -162,7 +162,7 @@ static __global__ void __launch_bounds__(FWD_THREADS, 2)
             for (int dp = 0; dp < ATT_VSTEPS; dp++) {
                 if (dp < nvp) {
                     uint32_t bv[4];
-                    ldsm_x4_t(bv, cV + (kk * 16 + (lane & 15)) * pv + dp * 16 + ((lane >> 4) << 3));
+                    cuda_ldsm4_t(bv, cV + (kk * 16 + (lane & 15)) * pv + dp * 16 + ((lane >> 4) << 3));
                     mma_bf16(o[2 * dp], pa, bv[0], bv[1]);
                     mma_bf16(o[2 * dp + 1], pa, bv[2], bv[3]);
                 }

@@ -53,22 +53,17 @@ typedef __nv_bfloat16 bf16;
 
 /* --------------------------------------------------- tensor-core building blocks ---- */
 
-static __device__ __forceinline__ uint32_t smem_u32(const void *p)
-{
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-
 /* 16 bytes global -> shared, asynchronously; bytes = 0 fills the 16 bytes with zeros
  * (rows past T), reading nothing. */
 static __device__ __forceinline__ void cp_async16(void *dst, const void *src, int bytes)
 {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)),
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(cuda_smem_u32(dst)),
                  "l"((unsigned long long)__cvta_generic_to_global(src)), "r"(bytes));
 }
 
 static __device__ __forceinline__ void cp_async4(void *dst, const void *src, int bytes)
 {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)),
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(cuda_smem_u32(dst)),
                  "l"((unsigned long long)__cvta_generic_to_global(src)), "r"(bytes));
 }
 
@@ -86,23 +81,6 @@ static __device__ __forceinline__ void cp_async_wait_but_newest(void)
 static __device__ __forceinline__ void cp_async_wait_all(void)
 {
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
-
-/* Four 8x8 bf16 matrices from shared memory; lane l gives the address of row l % 8 of
- * matrix l / 8. Plain: register i holds (row lane/4, cols 2(lane%4), +1) of matrix i;
- * trans: (rows 2(lane%4), +1, col lane/4). */
-static __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const bf16 *p)
-{
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p)));
-}
-
-static __device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const bf16 *p)
-{
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p)));
 }
 
 /* c[16x8] += a[16x16] b[16x8], bf16 in, fp32 accumulate. Fragments (g = lane/4,

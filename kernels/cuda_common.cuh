@@ -62,6 +62,31 @@ typedef struct cuda_graph_slot {
 extern "C" int cuda_graph_replay(cuda_graph_slot *g, cudaStream_t s, void (*fn)(void *ctx), void *ctx);
 extern "C" void cuda_graph_slot_free(cuda_graph_slot *g);
 
+/* The shared-memory address of p, for inline PTX. */
+static __device__ __forceinline__ uint32_t cuda_smem_u32(const void *p)
+{
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+/* ldmatrix.x4: four 8x8 matrices of 16-bit elements from shared memory; lane l gives the
+ * address of row l % 8 of matrix l / 8 (16 bytes, 16-byte aligned). Plain: register i
+ * holds (row lane/4, cols 2(lane%4), +1) of matrix i, which for 32-bit elements is
+ * element lane%4 of row lane/4 of an 8x4 matrix; trans: (rows 2(lane%4), +1, col lane/4).
+ * Used by the attention, MoE GEMM and GDN kernels. */
+static __device__ __forceinline__ void cuda_ldsm4(uint32_t r[4], const void *p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(cuda_smem_u32(p)));
+}
+
+static __device__ __forceinline__ void cuda_ldsm4_t(uint32_t r[4], const void *p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(cuda_smem_u32(p)));
+}
+
 /* n rounded up to a multiple of 8 (bf16 operands packed one after another stay 16-byte aligned) */
 static inline size_t cuda_round8(size_t n) { return (n + 7) & ~(size_t)7; }
 

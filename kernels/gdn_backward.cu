@@ -169,19 +169,6 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
     }
 }
 
-/* the thread's fragment of row tile m0 of the [D, 32] block of Hc at hc (row stride Dp,
- * nv valid columns), 0 outside */
-static __device__ __forceinline__ void gdn_state_hc(float hv[4][4], const float *hc, int m0, int D, int Dp, int nv)
-{
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-#pragma unroll
-        for (int r = 0; r < 4; r++) {
-            const int m = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
-            hv[j][r] = m < D && n < nv ? hc[(size_t)m * Dp + n] : 0.0f;
-        }
-}
-
 /* Per (32 value columns j0.., b*h), chunks last to first: dS [D, 32] starts at 0; per
  * chunk: save dS (the gradient at the chunk's end); X = Xo + Xk dS (written over Xo);
  * dS = e0L dS + Hc - K^T diag(e0 beta) X, or 0 if the chunk's first token starts a
@@ -239,7 +226,7 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
          * latency to overlap them); later row tiles load theirs in the loop below */
         const float *hc = Hcbuf + ci * DD + j0;
         float hv[4][4];
-        gdn_state_hc(hv, hc, 16 * warp, D, Dp, nv);
+        gdn_state_tile(hv, hc, Dp, 16 * warp, D, nv);
         __syncthreads();
         if (c > 0) gdn_refill(Xkb, Xkbuf + (ci - 1) * GDN_C * dp, dp, sc, e0buf + (ci - 1) * 2 * GDN_C, &bar[0]);
         gdn_mbar_wait(&bar[1], par); /* K(c) has landed */
@@ -249,7 +236,7 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
         /* dS = e0L dS + Hc - K^T (e0 beta X) */
         for (int m0 = 16 * warp; m0 < D; m0 += 16 * (int)(blockDim.x >> 5)) {
             float acc[4][4];
-            if (m0 != 16 * warp) gdn_state_hc(hv, hc, m0, D, Dp, nv);
+            if (m0 != 16 * warp) gdn_state_tile(hv, hc, Dp, m0, D, nv);
             gdn_zero(acc);
             gdn_mma(gdn_state_split(1), acc, Kb, 1, dp, m0, D - 1, Xt, GDN_SP, 1, 0, GDN_DV - 1, 0, GDN_C);
 #pragma unroll

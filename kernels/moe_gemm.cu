@@ -21,21 +21,14 @@ static __device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4],
 /* four 8x8 bf16 matrices; lanes 8i..8i+7 address the rows of matrix i */
 static __device__ __forceinline__ void ldsm4(uint32_t r[4], const __nv_bfloat16 *p, int trans)
 {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
-    if (trans)
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(s));
-    else
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(s));
+    if (trans) cuda_ldsm4_t(r, p);
+    else cuda_ldsm4(r, p);
 }
 
 /* 16 bytes global -> shared, or 16 zero bytes when !ok (nothing is read then) */
 static __device__ __forceinline__ void cp_async16(__nv_bfloat16 *dst, const __nv_bfloat16 *src, int ok)
 {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    const unsigned s = cuda_smem_u32(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(ok ? 16 : 0) : "memory");
 }
 

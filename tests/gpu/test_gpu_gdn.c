@@ -326,7 +326,7 @@ int main(void)
         {2, 64, 12, 85, DOCS_EARLY, GATES_UNIFORM},   /* two documents in one chunk */
         {1, 2048, 1, 64, DOCS_RANDOM, GATES_LOGSIG},  /* random starts along a long row */
     };
-    /* every case with each form of the state kernels (kernels/gdn_internal.cuh): 4 warps,
+    /* every case with each form of the state kernels (kernels/gdn_state.cuh): 4 warps,
      * each over a whole contraction, and 8, which split it in halves */
     for (state_warps = 4; state_warps <= 8; state_warps += 4) {
         cuda_gdn_set_state_warps(state_warps);
