@@ -14,27 +14,20 @@
  */
 #include "gdn_internal.cuh"
 
-/* row pitch of the prep kernel's Qs region, which later holds the [64, GDN_PP] tile P2 */
-static __host__ __device__ __forceinline__ int gdn_bwd_qpitch(int D)
-{
-    return gdn_kpitch(D) > GDN_PP ? gdn_kpitch(D) : GDN_PP;
-}
-
 /* Per (chunk, b*h): e0 and e0 beta to e0buf [bh][chunk][128]; Xk = T^T diag(eL) K (in the
  * state kernel's layout, [64, dp], pad columns zero); Hc = Qs^T diag(e0) dO [D, D];
- * Xo = T^T M^T dO. (W is the forward's, from state_save.)
- * Shared: header, K [64, dp] and Qs [64, dp] (q unscaled, then scale e0 q; pad columns
- * zero), three [64, GDN_PP]
- * tiles: R1 (A, then T^T's factor diag(eL) T, then panels of dO), T and M. P2 (M^T dO)
- * lies over Qs once Hc is done with it, which keeps the block at 101 KB for D = 85, so
- * two blocks share an SM (with a fourth tile of its own, 118 KB, one block did: 1.17 ms
- * for this kernel at B 8, T 2048, H 12 on an H100). The Hc
- * passes run first over the dO panels; the Xo passes then take them in reverse order, so
- * the last panel is used twice without a reload. Warp w computes the warp tile
- * (16 (w % 4), 32 (w / 4)) of each [64, 64] result; T and M are lower triangular, so
- * products with them or their transposes contract only over the rows or columns that
- * the tile's rows reach. */
-static __global__ void __launch_bounds__(GDN_NT, 2)
+ * Xo = T^T M^T dO = N dO, N = T^T M^T (upper triangular, built once: one product per
+ * panel of dO instead of two). (W is the forward's, from state_save.)
+ * Shared: header and three regions, 66 KB at D = 85 so that three blocks share an SM
+ * (with a region each for K, q, A or T, and M the block took 101 KB and two did; the
+ * registers are held to 80 for three):
+ *   RK [64, dp]:    K (pad columns zero), then q again, scaled by scale e0 (Hc's operand)
+ *   RQ [64, kpp]:   q (unscaled), then A and T over it (pitch GDN_PP), then panels of dO
+ *   RM [64, GDN_PP]: M, then N
+ * (kpp = gdn_kpitch_pp(D)). Warp w computes the warp tile (16 (w % 4), 32 (w / 4)) of
+ * each [64, 64] result; T and M are lower triangular, so products with them, their
+ * transposes or N contract only over the rows or columns that the tile reaches. */
+static __global__ void __launch_bounds__(GDN_NT, 3)
 gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float *e0buf, const float *dout,
                     const float *q, const float *k, const float *g, const float *beta,
                     const int32_t *doc_start, int T, int H, int D, int nchunk, float scale)
@@ -43,8 +36,8 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
     const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D);
     const size_t ci = (size_t)bh * nchunk + c, rs = (size_t)H * D, tok = gdn_row(b, t0, h, T, H, D);
     const gdn_hdr s = gdn_hdr_at(gdn_smem);
-    float *Ks = gdn_smem + GDN_HDR, *Qs = Ks + GDN_C * dp, *R1 = Qs + GDN_C * gdn_bwd_qpitch(D);
-    float *Ts = R1 + GDN_C * GDN_PP, *Ms = Ts + GDN_C * GDN_PP, *P2 = Qs;
+    float *RK = gdn_smem + GDN_HDR, *RQ = RK + GDN_C * dp, *RM = RQ + GDN_C * gdn_kpitch_pp(D);
+    float *Ks = RK, *Qe = RK, *Qs = RQ, *Ts = RQ, *Op = RQ, *Ms = RM, *Ns = RM;
     const int warp = tid >> 5, m0 = 16 * (warp & 3), n0 = 32 * (warp >> 2);
     float *Xc = Xbuf + ci * GDN_C * Dp, *Xkc = Xkbuf + ci * GDN_C * dp;
     float *Hc = Hcbuf + ci * D * Dp;
@@ -60,7 +53,8 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
     gdn_store_kpad(Kpbuf + ci * GDN_C * dp, Ks, dp, D);
     gdn_zero_pad(Xkc, dp, D);
 
-    /* A (into R1) and M from K K^T and Qs K^T */
+    /* M from Qs K^T (to RM) and A from K K^T (over q in RQ, once every warp is done
+     * reading q) */
     {
         float ak[4][4], aq[4][4];
         gdn_zero(ak);
@@ -73,35 +67,35 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
             for (int r = 0; r < 4; r++) {
                 const int t = gdn_frow(m0, r), u = gdn_fcol(n0, j, r);
                 const float E = gdn_decay(s, t, u, L);
-                R1[t * GDN_PP + u] = u < t ? s.bt[t] * E * ak[j][r] : 0.0f;
                 Ms[t * GDN_PP + u] = scale * E * aq[j][r];
+                ak[j][r] = u < t ? s.bt[t] * E * ak[j][r] : 0.0f;
             }
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) Ts[gdn_frow(m0, r) * GDN_PP + gdn_fcol(n0, j, r)] = ak[j][r];
     }
-    gdn_sync();
-    /* T by columns; meanwhile Qs rows become scale e0 Qs (all Hc needs of them) */
+    __syncthreads();
+    /* T over A (warps 0-1); meanwhile K's rows become eL K (Xk's right-hand side; Kp
+     * has been stored) */
     if (tid < GDN_C) {
-        gdn_invert_column(Ts, R1);
+        gdn_invert_column(Ts, Ts);
     } else {
         const int lane = tid & 31;
         for (int r = (tid - GDN_C) >> 5; r < GDN_C; r += (GDN_NT - GDN_C) / 32) {
-            const float e0 = scale * s.e0[r];
-            for (int col = lane; col < D; col += 32) Qs[r * dp + col] *= e0;
+            const float eL = s.eL[r];
+            for (int col = lane; col < D; col += 32) Ks[r * dp + col] *= eL;
         }
     }
-    gdn_sync();
-    /* R1[u][t] = eL_u T[u][t] */
-    for (int e = tid; e < GDN_C * GDN_C; e += GDN_NT) {
-        const int r = e >> 6, col = e & 63;
-        R1[r * GDN_PP + col] = s.eL[r] * Ts[r * GDN_PP + col];
-    }
-    gdn_sync();
+    __syncthreads();
 
-    /* Xk = (diag(eL) T)^T K; T^T is upper triangular */
+    /* Xk = T^T (eL K); T^T is upper triangular */
     for (int np = 0; np < D; np += 64) {
         if (np + n0 >= D) continue;
         float acc[4][4];
         gdn_zero(acc);
-        gdn_mma(GDN_SPLIT_SOLVE, acc, R1, 1, GDN_PP, m0, GDN_C - 1, Ks + np, dp, 1, n0, D - 1 - np, m0, GDN_C);
+        gdn_mma(GDN_SPLIT_SOLVE, acc, Ts, 1, GDN_PP, m0, GDN_C - 1, Ks + np, dp, 1, n0, D - 1 - np, m0, GDN_C);
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -111,19 +105,39 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
                     Xkc[(size_t)gdn_frow(m0, r) * dp + n] = n < D ? gdn_state_op(acc[j][r]) : 0.0f;
             }
     }
+    /* N = T^T M^T: N_mn = sum_k T_km M_nk over m <= k <= n */
+    float an[4][4];
+    gdn_zero(an);
+    if (n0 + 32 > m0)
+        gdn_mma(GDN_SPLIT_SOLVE, an, Ts, 1, GDN_PP, m0, GDN_C - 1, Ms, 1, GDN_PP, n0, GDN_C - 1, m0,
+                gdn_imin(GDN_C, n0 + 32));
+    __syncthreads(); /* K, T and M are done with */
+    gdn_load_async(Qe, dp, GDN_C, D8, q + tok, rs, L, 0, D);
+    gdn_load_async(Op, GDN_PP, GDN_C, 64, dout + tok, rs, L, 0, D); /* the first panel of dO */
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) Ns[gdn_frow(m0, r) * GDN_PP + gdn_fcol(n0, j, r)] = an[j][r];
     gdn_sync();
+    for (int r = warp; r < GDN_C; r += GDN_NT / 32) { /* Qe = scale e0 q */
+        const float e0 = scale * s.e0[r];
+        for (int col = tid & 31; col < D; col += 32) Qe[r * dp + col] *= e0;
+    }
+    __syncthreads();
 
-    /* per 64 value columns of dO: Hc = (e0 Qs)^T dO */
+    /* per 64 value columns of dO: Hc = Qe^T dO and Xo = N dO */
     const int njp = (D + 63) / 64;
     for (int pi = 0; pi < njp; pi++) {
         const int jp = 64 * pi, jw = gdn_imin(64, D - jp), act = n0 < jw;
-        gdn_load_async(R1, GDN_PP, GDN_C, 64, dout + tok, rs, L, jp, D);
-        gdn_sync();
+        if (pi > 0) {
+            gdn_load_async(Op, GDN_PP, GDN_C, 64, dout + tok, rs, L, jp, D);
+            gdn_sync();
+        }
         for (int ip = 0; ip < D; ip += 64) {
             if (!act || ip + m0 >= D) continue;
             float acc[4][4];
             gdn_zero(acc);
-            gdn_mma(GDN_SPLIT_S0, acc, Qs + ip, 1, dp, m0, D - 1 - ip, R1, GDN_PP, 1, n0, 63, 0, GDN_C);
+            gdn_mma(GDN_SPLIT_S0, acc, Qe + ip, 1, dp, m0, D - 1 - ip, Op, GDN_PP, 1, n0, 63, 0, GDN_C);
 #pragma unroll
             for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -132,31 +146,10 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
                     if (m < D && n < jw) Hc[(size_t)m * Dp + jp + n] = acc[j][r];
                 }
         }
-        gdn_sync();
-    }
-
-    /* Qs is done with: P2 lies over it from here on. Per 64 value columns of dO, last
-     * panel first (it is still in R1): Xo = T^T (M^T dO) */
-    for (int pi = njp - 1; pi >= 0; pi--) {
-        const int jp = 64 * pi, jw = gdn_imin(64, D - jp), act = n0 < jw;
-        if (pi != njp - 1) {
-            gdn_load_async(R1, GDN_PP, GDN_C, 64, dout + tok, rs, L, jp, D);
-            gdn_sync();
-        }
-        {
-            float acc[4][4];
-            gdn_zero(acc);
-            if (act) gdn_mma(GDN_SPLIT_SOLVE, acc, Ms, 1, GDN_PP, m0, GDN_C - 1, R1, GDN_PP, 1, n0, 63, m0, GDN_C);
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int r = 0; r < 4; r++) P2[gdn_frow(m0, r) * GDN_PP + gdn_fcol(n0, j, r)] = acc[j][r];
-        }
-        gdn_sync();
         if (act) {
             float acc[4][4];
             gdn_zero(acc);
-            gdn_mma(GDN_SPLIT_SOLVE, acc, Ts, 1, GDN_PP, m0, GDN_C - 1, P2, GDN_PP, 1, n0, 63, m0, GDN_C);
+            gdn_mma(GDN_SPLIT_SOLVE, acc, Ns, GDN_PP, 1, m0, GDN_C - 1, Op, GDN_PP, 1, n0, 63, m0, GDN_C);
 #pragma unroll
             for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -165,7 +158,7 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
                     if (n < jw) Xc[(size_t)gdn_frow(m0, r) * Dp + jp + n] = acc[j][r];
                 }
         }
-        gdn_sync();
+        if (pi + 1 < njp) __syncthreads(); /* the next panel lies over this one */
     }
 }
 
@@ -578,7 +571,7 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
 /* dynamic shared memory of each kernel, in bytes (the state kernel's: gdn_internal.cuh) */
 static size_t gdn_smem_bwd_prep(int D)
 {
-    return sizeof(float) * (GDN_HDR + GDN_C * gdn_kpitch(D) + GDN_C * gdn_bwd_qpitch(D) + 3 * GDN_C * GDN_PP);
+    return sizeof(float) * (GDN_HDR + GDN_C * gdn_kpitch(D) + GDN_C * gdn_kpitch_pp(D) + GDN_C * GDN_PP);
 }
 static size_t gdn_smem_bwd_grads(void)
 {

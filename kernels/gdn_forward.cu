@@ -17,8 +17,11 @@
 /* Per (chunk, b*h): eL and e0 to scal [bh][chunk][128] (eL then e0); Wv = T diag(beta) V
  * to Wv [bh][chunk][64][gdn_r4(D)] (state_save's W rows) and Uk = T diag(beta e0) K to Uk
  * [bh][chunk][64][dp], the state kernel's layout (pad columns zero), as is its copy of K
- * in Kp. Shared: header, K and V [64, dp] (pad columns zero), A and T [64, GDN_PP]. */
-static __global__ void __launch_bounds__(GDN_NT, 2)
+ * in Kp. Shared: header, K and V [64, dp] (pad columns zero), A and then T over it [64,
+ * GDN_PP]: 66 KB at D = 85, and with the registers held to 80 three blocks share an SM
+ * (with a tile each for A and T, 84 KB and two an SM, the kernel took 0.298 instead of
+ * 0.279 ms). */
+static __global__ void __launch_bounds__(GDN_NT, 3)
 gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *scal, const float *k, const float *v,
                     const float *g, const float *beta, const int32_t *doc_start, int T, int H, int D,
                     int nchunk)
@@ -27,7 +30,7 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *scal, const float *k
     const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D);
     const size_t ci = (size_t)bh * nchunk + c, rs = (size_t)H * D;
     const gdn_hdr s = gdn_hdr_at(gdn_smem);
-    float *Ks = gdn_smem + GDN_HDR, *Vs = Ks + GDN_C * dp, *As = Vs + GDN_C * dp, *Ts = As + GDN_C * GDN_PP;
+    float *Ks = gdn_smem + GDN_HDR, *Vs = Ks + GDN_C * dp, *As = Vs + GDN_C * dp, *Ts = As;
     const int warp = tid >> 5, m0 = 16 * (warp & 3), n0 = 32 * (warp >> 2);
 
     gdn_load_async(Ks, dp, GDN_C, D8, k + gdn_row(b, t0, h, T, H, D), rs, L, 0, D); /* in flight during the scan */
@@ -181,9 +184,12 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
 }
 
 /* Per (chunk, b*h): o = diag(e0) Qs S0 + M W, M = E o QK (lower triangle with diagonal).
- * Shared: header, Qs and K [64, dp] (pad columns zero), M [64, GDN_PP], a [64, 64] panel
- * of S0 and one of W. */
-static __global__ void __launch_bounds__(GDN_NT, 2)
+ * Shared: header, Qs [64, dp] (pad columns zero), K [64, dp] until M is built and then a
+ * [64, 64] panel of W (pitch GDN_PP) in its place (rows of gdn_kpitch_pp(D)), M [64,
+ * GDN_PP] and a [32, 64] panel of S0: 75 KB at D = 85, so that three blocks share an SM
+ * (the registers are held to 80 for it). With 64-row panels of S0 and a tile of its own
+ * for W (101 KB, two blocks an SM) the kernel took 0.258 instead of 0.235 ms. */
+static __global__ void __launch_bounds__(GDN_NT, 3)
 gdn_fwd_out_kernel(float *o, const float *q, const float *k, const float *g, const float *beta,
                    const int32_t *doc_start, const float *state_save, const float *Wbuf, int T,
                    int H, int D, int nchunk, float scale)
@@ -192,8 +198,8 @@ gdn_fwd_out_kernel(float *o, const float *q, const float *k, const float *g, con
     const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D);
     const size_t ci = (size_t)bh * nchunk + c, rs = (size_t)H * D;
     const gdn_hdr s = gdn_hdr_at(gdn_smem);
-    float *Qs = gdn_smem + GDN_HDR, *Ks = Qs + GDN_C * dp, *Ms = Ks + GDN_C * dp;
-    float *Sp = Ms + GDN_C * GDN_PP, *Wp = Sp + GDN_C * GDN_PP;
+    float *Qs = gdn_smem + GDN_HDR, *Ks = Qs + GDN_C * dp, *Ms = Ks + GDN_C * gdn_kpitch_pp(D);
+    float *Sp = Ms + GDN_C * GDN_PP, *Wp = Ks;
     const int warp = tid >> 5, m0 = 16 * (warp & 3), n0 = 32 * (warp >> 2);
     const float *S0 = state_save + ci * D * D, *Wc = Wbuf + ci * GDN_C * Dp;
 
@@ -214,16 +220,16 @@ gdn_fwd_out_kernel(float *o, const float *q, const float *k, const float *g, con
                 Ms[t * GDN_PP + u] = scale * gdn_decay(s, t, u, L) * acc[j][r];
             }
     }
-    /* (the first barrier of the loop below orders M before its use) */
+    __syncthreads(); /* K is done with: the W panels lie over it */
     for (int np = 0; np < D; np += 64) {
         const int act = np + n0 < D; /* the warp's columns reach into D */
         float am[4][4], aq[4][4];
         gdn_zero(am);
         gdn_zero(aq);
         gdn_load_async(Wp, GDN_PP, GDN_C, 64, Wc, Dp, GDN_C, np, D);
-        for (int ip = 0; ip < D; ip += 64) {
-            const int iw = gdn_imin(64, D - ip);
-            gdn_load_async(Sp, GDN_PP, 64, 64, S0 + (size_t)ip * D, D, iw, np, D);
+        for (int ip = 0; ip < D; ip += 32) {
+            const int iw = gdn_imin(32, D - ip);
+            gdn_load_async(Sp, GDN_PP, 32, 64, S0 + (size_t)ip * D, D, iw, np, D);
             gdn_sync();
             if (act) {
                 if (ip == 0)
@@ -272,8 +278,11 @@ int gdn_state_threads(int blocks)
 }
 
 /* dynamic shared memory of each kernel, in bytes (the state kernel's: gdn_internal.cuh) */
-static size_t gdn_smem_fwd_prep(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_kpitch(D) + 2 * GDN_C * GDN_PP); }
-static size_t gdn_smem_fwd_out(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_kpitch(D) + 3 * GDN_C * GDN_PP); }
+static size_t gdn_smem_fwd_prep(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_kpitch(D) + GDN_C * GDN_PP); }
+static size_t gdn_smem_fwd_out(int D)
+{
+    return sizeof(float) * (GDN_HDR + GDN_C * (gdn_kpitch(D) + gdn_kpitch_pp(D) + GDN_PP) + 32 * GDN_PP);
+}
 
 /* Forward: o overwritten, state_save overwritten (its W rows are the prep kernel's Wv,
  * turned into W in place by the state kernel). Scratch: 2 [64, gdn_kpitch(D)] arrays (the

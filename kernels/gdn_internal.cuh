@@ -161,6 +161,12 @@ extern __shared__ __align__(16) float gdn_smem[];
  * spreads a fragment's rows g = 0..7 and columns q = 0..3 over 32 banks */
 static __host__ __device__ __forceinline__ int gdn_r8(int n) { return (n + 7) & ~7; }
 static __host__ __device__ __forceinline__ int gdn_kpitch(int n) { return gdn_r8(n) + 4; }
+/* row pitch of a [64, gdn_kpitch(D)] region that later holds a [64, GDN_PP] tile (the
+ * larger of the two) */
+static __host__ __device__ __forceinline__ int gdn_kpitch_pp(int n)
+{
+    return gdn_kpitch(n) > GDN_PP ? gdn_kpitch(n) : GDN_PP;
+}
 /* the row length of the [64, D] and [D, D] scratch arrays in global memory: D rounded up to
  * a multiple of 4, so that every row starts 16-byte aligned (gdn_load_async's 16-byte
  * copies); the pad columns are never read */
@@ -262,9 +268,10 @@ static __device__ __forceinline__ float gdn_decay(gdn_hdr s, int t, int u, int L
 #include "gdn_state.cuh"
 
 /* Column c (the calling thread, c < 64) of T = (I + A)^-1 by forward substitution:
- * T_tc = [t == c] - sum_{s<t} A_ts T_sc, with A [64, GDN_PP] strictly lower triangular.
- * Fully unrolled so that the column stays in registers; four partial sums per row
- * shorten the dependency chain. */
+ * T_tc = [t == c] - sum_{s<t} A_ts T_sc, with A [64, GDN_PP] strictly lower triangular
+ * (16-byte aligned rows); Ts may be As (T written over A). Fully unrolled so that the column stays in registers; four
+ * partial sums per row (p[u % 4]) shorten the dependency chain, and a row of A is read
+ * four elements per load (a quarter of the shared loads of one per element). */
 static __device__ __forceinline__ void gdn_invert_column(float *Ts, const float *As)
 {
     const int c = threadIdx.x;
@@ -274,9 +281,20 @@ static __device__ __forceinline__ void gdn_invert_column(float *Ts, const float 
         float p[4] = {t == c ? 1.0f : 0.0f, 0.0f, 0.0f, 0.0f};
         const float *a = As + t * GDN_PP;
 #pragma unroll
-        for (int u = 0; u < t; u++) p[u & 3] = fmaf(-a[u], x[u], p[u & 3]);
+        for (int u = 0; u < t; u += 4) {
+            float4 a4;
+            asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=f"(a4.x), "=f"(a4.y), "=f"(a4.z), "=f"(a4.w)
+                         : "r"(cuda_smem_u32(a + u)));
+            p[0] = fmaf(-a4.x, x[u], p[0]);
+            if (u + 1 < t) p[1] = fmaf(-a4.y, x[u + 1], p[1]);
+            if (u + 2 < t) p[2] = fmaf(-a4.z, x[u + 2], p[2]);
+            if (u + 3 < t) p[3] = fmaf(-a4.w, x[u + 3], p[3]);
+        }
         x[t] = (p[0] + p[1]) + (p[2] + p[3]);
     }
+    /* the 64 calling threads have all read A (Ts may lie over As) */
+    asm volatile("bar.sync 1, 64;\n" ::: "memory");
 #pragma unroll
     for (int t = 0; t < GDN_C; t++) Ts[t * GDN_PP + c] = x[t];
 }
