@@ -246,26 +246,169 @@ gdn_bwd_state_kernel(float *dSbuf, float *Xbuf, const float *Xkbuf, const float 
     }
 }
 
+/* The grads kernel's dq and dk terms, a pass per ipw = 16 nt key columns ip (nt = 4 or 6,
+ * a constant at each call: warp tiles of 16 x 8 nt; with 96 columns a pass, D = 85 takes
+ * one pass where 64-column passes took two, each reading dO, X and W again). Per pass,
+ * from the states: ZO = dO S0^T, Z = X S0^T, Y = W dS^T, so dQs = e0 ZO and
+ * dK = eL Y - e0 beta Z, and the row sums qs . ZO, k . Z, k . Y, per warp tile over its
+ * columns into dots [3][64][2] (each slot owned by one thread); then, starting from
+ * those, the pairs' terms dQs += dQK K, dK += dKK K + dKK^T K + dQK^T Qs; then one
+ * read-add-write of dq and dk (with set the old values are taken as 0, unread). The row
+ * sums take qs and k from the K and Qs panels of the pairs' products. The region reg
+ * holds 32-column panels of dO, X, W [64, GDN_VP] and ipw x 32 blocks of S0, dS, then
+ * K and Qs [64, ipw + 4], then the tile's terms [64, ipw + 4] x 2. Returns the thread's
+ * part of <S0, dS>. All threads. */
+static __device__ __forceinline__ float gdn_grads_dqdk(const int nt, float *reg, const float *dKK, const float *dQK,
+                                                       float *dots, gdn_hdr s, float *dq, float *dk,
+                                                       const float *dout, const float *q, const float *k,
+                                                       const float *Xc, const float *Wc, const float *S0,
+                                                       const float *dSc, size_t tok, size_t rs, int L, int D,
+                                                       float scale, int set)
+{
+    const int tid = threadIdx.x, warp = tid >> 5, wm = warp & 3, wn = warp >> 2, m0 = 16 * wm, n0 = 8 * nt * wn;
+    const int lg = (tid & 31) >> 2, lq = tid & 3, Dp = gdn_r4(D), ipw = 16 * nt, kqp = ipw + 4;
+    float sds = 0.0f;
+    for (int ip = 0; ip < D; ip += ipw) {
+        const int iw = gdn_imin(ipw, D - ip), act = n0 < iw;
+        float a1[GDN_NTW][4], a2[GDN_NTW][4]; /* the tile's dQs and dK */
+        {
+            float zo[GDN_NTW][4], z[GDN_NTW][4], y[GDN_NTW][4];
+#pragma unroll
+            for (int j = 0; j < GDN_NTW; j++)
+#pragma unroll
+                for (int r = 0; r < 4; r++) zo[j][r] = z[j][r] = y[j][r] = 0.0f;
+            float *Op = reg, *Xp = Op + GDN_C * GDN_VP, *Wp = Xp + GDN_C * GDN_VP;
+            float *Sp = Wp + GDN_C * GDN_VP, *dSp = Sp + ipw * GDN_VP;
+            for (int jp = 0; jp < D; jp += GDN_KP) {
+                const int jw = gdn_imin(GDN_KP, D - jp);
+                gdn_load_async(Op, GDN_VP, GDN_C, GDN_KP, dout + tok, rs, L, jp, D);
+                gdn_load_async(Xp, GDN_VP, GDN_C, GDN_KP, Xc, Dp, GDN_C, jp, D);
+                gdn_load_async(Wp, GDN_VP, GDN_C, GDN_KP, Wc, Dp, GDN_C, jp, D);
+                gdn_load_async(Sp, GDN_VP, ipw, GDN_KP, S0 + (size_t)ip * D, D, iw, jp, D);
+                gdn_load_async(dSp, GDN_VP, ipw, GDN_KP, dSc + (size_t)ip * Dp, Dp, iw, jp, D);
+                gdn_sync();
+                if (act) {
+                    gdn_mma_2a_n(GDN_SPLIT_S0, nt, zo, z, Op, Xp, GDN_VP, 1, m0, GDN_C - 1, Sp, 1, GDN_VP, n0, ipw - 1, 0,
+                                 jw);
+                    gdn_mma_n(GDN_SPLIT_S0, nt, y, Wp, GDN_VP, 1, m0, GDN_C - 1, dSp, 1, GDN_VP, n0, ipw - 1, 0, jw);
+                }
+                for (int e = tid; e < ipw * GDN_KP; e += GDN_NT) {
+                    const int x = (e / GDN_KP) * GDN_VP + e % GDN_KP;
+                    sds = fmaf(Sp[x], dSp[x], sds);
+                }
+                gdn_sync();
+            }
+            float *Kq = reg, *Qq = Kq + GDN_C * kqp; /* over the panels above (the barrier ordered them) */
+            gdn_load_async(Kq, kqp, GDN_C, ipw, k + tok, rs, L, ip, D);
+            gdn_load_async(Qq, kqp, GDN_C, ipw, q + tok, rs, L, ip, D); /* unscaled */
+            gdn_sync();
+            float pq[2] = {0, 0}, pk[2] = {0, 0}, py[2] = {0, 0};
+#pragma unroll
+            for (int j = 0; j < GDN_NTW; j++)
+#pragma unroll
+                for (int r = 0; r < 4; r++) {
+                    if (j >= nt) continue;
+                    const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
+                    if (t < L && n < iw) {
+                        const float qv = Qq[t * kqp + n], kv = Kq[t * kqp + n];
+                        pq[r >> 1] = fmaf(qv, zo[j][r], pq[r >> 1]);
+                        pk[r >> 1] = fmaf(kv, z[j][r], pk[r >> 1]);
+                        py[r >> 1] = fmaf(kv, y[j][r], py[r >> 1]);
+                    }
+                    a1[j][r] = scale * s.e0[t] * zo[j][r];
+                    a2[j][r] = s.eL[t] * y[j][r] - s.e0[t] * s.bt[t] * z[j][r];
+                }
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int sh = 1; sh <= 2; sh <<= 1) {
+                    pq[i] += __shfl_xor_sync(0xffffffffu, pq[i], sh);
+                    pk[i] += __shfl_xor_sync(0xffffffffu, pk[i], sh);
+                    py[i] += __shfl_xor_sync(0xffffffffu, py[i], sh);
+                }
+            if (lq == 0)
+#pragma unroll
+                for (int i = 0; i < 2; i++) {
+                    const int row = m0 + lg + 8 * i;
+                    dots[row * 2 + wn] += scale * pq[i];
+                    dots[2 * GDN_C + row * 2 + wn] += pk[i];
+                    dots[4 * GDN_C + row * 2 + wn] += py[i];
+                }
+            if (act) {
+                gdn_mma_2a_n(GDN_SPLIT_GRAD, nt, a1, a2, dQK, dKK, GDN_PP, 1, m0, GDN_C - 1, Kq, kqp, 1, n0, ipw - 1, 0,
+                             m0 + 16);
+                gdn_mma_n(GDN_SPLIT_GRAD, nt, a2, dKK, 1, GDN_PP, m0, GDN_C - 1, Kq, kqp, 1, n0, ipw - 1, m0, GDN_C);
+                gdn_mma_n(GDN_SPLIT_GRAD, nt, a2, dQK, 1, GDN_PP, m0, GDN_C - 1, Qq, kqp, 1, n0, ipw - 1, m0, GDN_C);
+            }
+        }
+        /* the tile's dq and dk terms parked over K and Qs, then one coalesced
+         * read-add-write of the pass's rows, a warp per row */
+        float *Pq = reg, *Pk = Pq + GDN_C * kqp;
+        gdn_sync();
+        if (act)
+#pragma unroll
+            for (int j = 0; j < GDN_NTW; j++)
+#pragma unroll
+                for (int r = 0; r < 4; r++) {
+                    if (j >= nt) continue;
+                    const int x = gdn_frow(m0, r) * kqp + gdn_fcol(n0, j, r);
+                    Pq[x] = a1[j][r];
+                    Pk[x] = a2[j][r];
+                }
+        gdn_sync();
+        for (int t0r = warp; t0r < L; t0r += 2 * (GDN_NT / 32)) {
+            float oq[2][GDN_NTW / 2], ok[2][GDN_NTW / 2];
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int u = 0; u < GDN_NTW / 2; u++) {
+                    const int t = t0r + i * (GDN_NT / 32), n = (tid & 31) + 32 * u;
+                    const int in = !set && u < nt / 2 && t < L && n < iw;
+                    const size_t x = tok + (size_t)t * rs + ip + n;
+                    oq[i][u] = in ? dq[x] : 0.0f;
+                    ok[i][u] = in ? dk[x] : 0.0f;
+                }
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int u = 0; u < GDN_NTW / 2; u++) {
+                    const int t = t0r + i * (GDN_NT / 32), n = (tid & 31) + 32 * u;
+                    if (u < nt / 2 && t < L && n < iw) {
+                        const size_t x = tok + (size_t)t * rs + ip + n;
+                        dq[x] = oq[i][u] + Pq[t * kqp + n];
+                        dk[x] = ok[i][u] + Pk[t * kqp + n];
+                    }
+                }
+        }
+        gdn_sync(); /* the next pass's panels lie over Pq and Pk */
+    }
+    return sds;
+}
+
 /* Per (chunk, b*h): the local gradients (steps 3-8 of cpu_gdn.c) into dq, dk, dv, dg,
  * dbeta, from S0 (state_save), dS (dL/dS_end, from the state kernel), W and X.
  * Shared: header; dKK and dQK [64, GDN_PP]; partial sums of the pairs' rows [2][64][2]
  * (one per column half) and columns [64][4] (one per row quarter); partial sums of the
  * state terms' rows [3][64][2]; per-row sums [8][64]; per-thread sums of <S0, dS> [256];
- * then one region reused by the phases:
+ * then one region reused by the phases (gdn_grads_region):
  *   pairs:  32-column panels of K and Qs, then of X, dO, W, V (4 x [64, GDN_VP])
- *   dk/dq:  64-column panels of K and Qs                   (2 x [64, GDN_PP])
- *           32-column panels of dO, X, W and 64 x 32 blocks of S0, dS (5 x [64, GDN_VP])
- * Warp w computes the warp tile (16 (w % 4), 32 (w / 4)) of every [64, 64] result; row
- * and column sums of a tile are reduced across its lanes by shuffles in a fixed order. */
-#define GDN_B3_REGION (5 * GDN_C * GDN_VP)
+ *   dk/dq:  as gdn_grads_dqdk lays it out
+ * Warp w computes the warp tile (16 (w % 4), 32 (w / 4)) of every [64, 64] result of the
+ * pairs (gdn_grads_dqdk's tiles are 16 x 48 where D > 64); row and column sums of a tile
+ * are reduced across its lanes by shuffles in a fixed order. */
+static __host__ __device__ __forceinline__ int gdn_grads_region(int D)
+{
+    const int ipw = D > 64 ? 96 : 64, pairs = 4 * GDN_C * GDN_VP, panels = (3 * GDN_C + 2 * ipw) * GDN_VP;
+    const int kq = 2 * GDN_C * (ipw + 4), m = panels > kq ? panels : kq;
+    return m > pairs ? m : pairs;
+}
 #define GDN_B3_PART (8 * GDN_C)
 #define GDN_B3_DOTS (6 * GDN_C)
-static __global__ void __launch_bounds__(GDN_NT, 2)
-gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout,
-                     const float *q, const float *k, const float *v, const float *g,
-                     const float *beta, const float *state_save, const float *dSbuf,
-                     const float *Wbuf, const float *Xbuf, const int32_t *doc_start, int T, int H,
-                     int D, int nchunk, float scale, int set)
+static __device__ __forceinline__ void
+gdn_bwd_grads(const int nt, float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout,
+              const float *q, const float *k, const float *v, const float *g, const float *beta,
+              const float *state_save, const float *dSbuf, const float *Wbuf, const float *Xbuf,
+              const int32_t *doc_start, int T, int H, int D, int nchunk, float scale, int set)
 {
     const int c = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
     const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0);
@@ -406,123 +549,9 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
         vX[tid] = vx;
     }
 
-    /* ---- dq, dk per 64 key columns ip ----
-     * from the states: ZO = dO S0^T, Z = X S0^T, Y = W dS^T, so dQs = e0 ZO and
-     * dK = eL Y - e0 beta Z, and the row sums qs . ZO, k . Z, k . Y, per warp tile over
-     * its columns into dots [3][64][2] (each slot owned by one thread); then, starting from
-     * those, the pairs' terms dQs += dQK K, dK += dKK K + dKK^T K + dQK^T Qs; then one
-     * read-add-write of dq and dk. The row sums take qs and k from the K and Qs panels of
-     * the pairs' products (no second read of q and k). */
-    float sds = 0.0f;
-    for (int ip = 0; ip < D; ip += 64) {
-        const int iw = gdn_imin(64, D - ip), act = n0 < iw;
-        float a1[4][4], a2[4][4]; /* the tile's dQs and dK */
-        {
-            float zo[4][4], z[4][4], y[4][4];
-            gdn_zero(zo);
-            gdn_zero(z);
-            gdn_zero(y);
-            float *Op = reg, *Xp = Op + GDN_C * GDN_VP, *Wp = Xp + GDN_C * GDN_VP;
-            float *Sp = Wp + GDN_C * GDN_VP, *dSp = Sp + GDN_C * GDN_VP;
-            for (int jp = 0; jp < D; jp += GDN_KP) {
-                const int jw = gdn_imin(GDN_KP, D - jp);
-                gdn_load_async(Op, GDN_VP, GDN_C, GDN_KP, dout + tok, rs, L, jp, D);
-                gdn_load_async(Xp, GDN_VP, GDN_C, GDN_KP, Xc, Dp, GDN_C, jp, D);
-                gdn_load_async(Wp, GDN_VP, GDN_C, GDN_KP, Wc, Dp, GDN_C, jp, D);
-                gdn_load_async(Sp, GDN_VP, 64, GDN_KP, S0 + (size_t)ip * D, D, iw, jp, D);
-                gdn_load_async(dSp, GDN_VP, 64, GDN_KP, dSc + (size_t)ip * Dp, Dp, iw, jp, D);
-                gdn_sync();
-                if (act) {
-                    gdn_mma_2a(GDN_SPLIT_S0, zo, z, Op, Xp, GDN_VP, 1, m0, GDN_C - 1, Sp, 1, GDN_VP, n0, 63, 0, jw);
-                    gdn_mma(GDN_SPLIT_S0, y, Wp, GDN_VP, 1, m0, GDN_C - 1, dSp, 1, GDN_VP, n0, 63, 0, jw);
-                }
-                for (int e = tid; e < 64 * GDN_KP; e += GDN_NT) {
-                    const int x = (e / GDN_KP) * GDN_VP + e % GDN_KP;
-                    sds = fmaf(Sp[x], dSp[x], sds);
-                }
-                gdn_sync();
-            }
-            float *Kq = reg, *Qq = Kq + GDN_C * GDN_PP; /* over the panels above (the barrier ordered them) */
-            gdn_load_async(Kq, GDN_PP, GDN_C, 64, k + tok, rs, L, ip, D);
-            gdn_load_async(Qq, GDN_PP, GDN_C, 64, q + tok, rs, L, ip, D); /* unscaled */
-            gdn_sync();
-            float pq[2] = {0, 0}, pk[2] = {0, 0}, py[2] = {0, 0};
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
-                    if (t < L && n < iw) {
-                        const float qv = Qq[t * GDN_PP + n], kv = Kq[t * GDN_PP + n];
-                        pq[r >> 1] = fmaf(qv, zo[j][r], pq[r >> 1]);
-                        pk[r >> 1] = fmaf(kv, z[j][r], pk[r >> 1]);
-                        py[r >> 1] = fmaf(kv, y[j][r], py[r >> 1]);
-                    }
-                    a1[j][r] = scale * s.e0[t] * zo[j][r];
-                    a2[j][r] = s.eL[t] * y[j][r] - s.e0[t] * s.bt[t] * z[j][r];
-                }
-#pragma unroll
-            for (int i = 0; i < 2; i++)
-#pragma unroll
-                for (int sh = 1; sh <= 2; sh <<= 1) {
-                    pq[i] += __shfl_xor_sync(0xffffffffu, pq[i], sh);
-                    pk[i] += __shfl_xor_sync(0xffffffffu, pk[i], sh);
-                    py[i] += __shfl_xor_sync(0xffffffffu, py[i], sh);
-                }
-            if (lq == 0)
-#pragma unroll
-                for (int i = 0; i < 2; i++) {
-                    const int row = m0 + lg + 8 * i;
-                    dots[row * 2 + wn] += scale * pq[i];
-                    dots[2 * GDN_C + row * 2 + wn] += pk[i];
-                    dots[4 * GDN_C + row * 2 + wn] += py[i];
-                }
-            if (act) {
-                gdn_mma_2a(GDN_SPLIT_GRAD, a1, a2, dQK, dKK, GDN_PP, 1, m0, GDN_C - 1, Kq, GDN_PP, 1, n0, 63, 0, m0 + 16);
-                gdn_mma(GDN_SPLIT_GRAD, a2, dKK, 1, GDN_PP, m0, GDN_C - 1, Kq, GDN_PP, 1, n0, 63, m0, GDN_C);
-                gdn_mma(GDN_SPLIT_GRAD, a2, dQK, 1, GDN_PP, m0, GDN_C - 1, Qq, GDN_PP, 1, n0, 63, m0, GDN_C);
-            }
-        }
-        /* the tile's dq and dk terms parked over K and Qs, then one coalesced
-         * read-add-write of the panel's rows (with set the old values are taken as 0,
-         * unread), a warp per row */
-        float *Pq = reg, *Pk = Pq + GDN_C * GDN_PP;
-        gdn_sync();
-        if (act)
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    const int x = gdn_frow(m0, r) * GDN_PP + gdn_fcol(n0, j, r);
-                    Pq[x] = a1[j][r];
-                    Pk[x] = a2[j][r];
-                }
-        gdn_sync();
-        for (int t0r = warp; t0r < L; t0r += 2 * (GDN_NT / 32)) {
-            float oq[2][2], ok[2][2];
-#pragma unroll
-            for (int i = 0; i < 2; i++)
-#pragma unroll
-                for (int u = 0; u < 2; u++) {
-                    const int t = t0r + i * (GDN_NT / 32), n = (tid & 31) + 32 * u, in = !set && t < L && n < iw;
-                    const size_t x = tok + (size_t)t * rs + ip + n;
-                    oq[i][u] = in ? dq[x] : 0.0f;
-                    ok[i][u] = in ? dk[x] : 0.0f;
-                }
-#pragma unroll
-            for (int i = 0; i < 2; i++)
-#pragma unroll
-                for (int u = 0; u < 2; u++) {
-                    const int t = t0r + i * (GDN_NT / 32), n = (tid & 31) + 32 * u;
-                    if (t < L && n < iw) {
-                        const size_t x = tok + (size_t)t * rs + ip + n;
-                        dq[x] = oq[i][u] + Pq[t * GDN_PP + n];
-                        dk[x] = ok[i][u] + Pk[t * GDN_PP + n];
-                    }
-                }
-        }
-        gdn_sync(); /* the next pass's panels lie over Pq and Pk */
-    }
+    /* ---- dq, dk: passes over 64 key columns (D <= 64) or 96 (gdn_grads_dqdk) ---- */
+    const float sds = gdn_grads_dqdk(nt, reg, dKK, dQK, dots, s, dq, dk, dout, q, k, Xc, Wc, S0, dSc, tok, rs, L, D,
+                                     scale, set);
 
     /* ---- per-token scalars: dbeta, dG, then dg by segmented suffix sums ---- */
     sdsp[tid] = sds;
@@ -564,6 +593,29 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
     }
 }
 
+/* the grads kernel for D <= 64 (dq, dk passes of 64 key columns) and for D > 64 (96):
+ * two kernels, so that each gets the registers its own tiles need (in one kernel the
+ * wide tiles' pressure made D = 64 2% slower) */
+static __global__ void __launch_bounds__(GDN_NT, 2)
+gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout, const float *q,
+                     const float *k, const float *v, const float *g, const float *beta, const float *state_save,
+                     const float *dSbuf, const float *Wbuf, const float *Xbuf, const int32_t *doc_start, int T,
+                     int H, int D, int nchunk, float scale, int set)
+{
+    gdn_bwd_grads(4, dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf, Xbuf, doc_start, T, H,
+                  D, nchunk, scale, set);
+}
+
+static __global__ void __launch_bounds__(GDN_NT, 2)
+gdn_bwd_grads_wide_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout,
+                          const float *q, const float *k, const float *v, const float *g, const float *beta,
+                          const float *state_save, const float *dSbuf, const float *Wbuf, const float *Xbuf,
+                          const int32_t *doc_start, int T, int H, int D, int nchunk, float scale, int set)
+{
+    gdn_bwd_grads(6, dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf, Xbuf, doc_start, T, H,
+                  D, nchunk, scale, set);
+}
+
 /* =================================================================================== */
 /* launcher                                                                            */
 /* =================================================================================== */
@@ -573,9 +625,9 @@ static size_t gdn_smem_bwd_prep(int D)
 {
     return sizeof(float) * (GDN_HDR + GDN_C * gdn_kpitch(D) + GDN_C * gdn_kpitch_pp(D) + GDN_C * GDN_PP);
 }
-static size_t gdn_smem_bwd_grads(void)
+static size_t gdn_smem_bwd_grads(int D)
 {
-    return sizeof(float) * (GDN_HDR + 2 * GDN_C * GDN_PP + GDN_B3_PART + GDN_B3_DOTS + 8 * GDN_C + GDN_NT + GDN_B3_REGION);
+    return sizeof(float) * (GDN_HDR + 2 * GDN_C * GDN_PP + GDN_B3_PART + GDN_B3_DOTS + 8 * GDN_C + GDN_NT + gdn_grads_region(D));
 }
 
 /* Backward: accumulates into dq, dk, dv, dg, dbeta, or (set) writes them. W comes from
@@ -596,10 +648,11 @@ static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbet
     float *Xkbuf = Xbuf + rows * Dp, *Kpbuf = Xkbuf + rows * dp, *Hcbuf = Kpbuf + rows * dp;
     float *dSbuf = Hcbuf + states, *e0buf = dSbuf + states;
     cudaStream_t st = cuda_stream();
-    const size_t sm1 = gdn_smem_bwd_prep(D), sm2 = gdn_smem_state(D), sm3 = gdn_smem_bwd_grads();
+    const size_t sm1 = gdn_smem_bwd_prep(D), sm2 = gdn_smem_state(D), sm3 = gdn_smem_bwd_grads(D);
     gdn_allow_smem((const void *)gdn_bwd_prep_kernel, sm1);
     gdn_allow_smem((const void *)gdn_bwd_state_kernel, sm2);
     gdn_allow_smem((const void *)gdn_bwd_grads_kernel, sm3);
+    gdn_allow_smem((const void *)gdn_bwd_grads_wide_kernel, sm3);
 
     gdn_bwd_prep_kernel<<<dim3(nchunk, BH), GDN_NT, sm1, st>>>(Xbuf, Xkbuf, Kpbuf, Hcbuf, e0buf, dout, q, k, g,
                                                                beta, doc_start, T, H, D, nchunk, scale);
@@ -608,9 +661,12 @@ static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbet
     gdn_bwd_state_kernel<<<dim3(nsb, BH), gdn_state_threads(nsb * BH), sm2, st>>>(
         dSbuf, Xbuf, Xkbuf, Hcbuf, Kpbuf, e0buf, doc_start, T, H, D, nchunk);
     LAUNCH_CHECK();
-    gdn_bwd_grads_kernel<<<dim3(nchunk, BH), GDN_NT, sm3, st>>>(dq, dk, dv, dg, dbeta, dout, q, k, v, g,
-                                                                beta, state_save, dSbuf, Wbuf, Xbuf,
-                                                                doc_start, T, H, D, nchunk, scale, set);
+    void (*grads)(float *, float *, float *, float *, float *, const float *, const float *, const float *,
+                  const float *, const float *, const float *, const float *, const float *, const float *,
+                  const float *, const int32_t *, int, int, int, int, float, int) =
+        D > 64 ? gdn_bwd_grads_wide_kernel : gdn_bwd_grads_kernel;
+    grads<<<dim3(nchunk, BH), GDN_NT, sm3, st>>>(dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf,
+                                                 Xbuf, doc_start, T, H, D, nchunk, scale, set);
     LAUNCH_CHECK();
 }
 

@@ -45,9 +45,10 @@
  * macro below set to 3; with all five at 3 every test case met the fp32 tolerance (1e-5),
  * and the op cost 5.66 ms forward + backward at B 8, T 2048, H 12, D 85 instead of
  * 4.69 (the same kernels in TF32), which is why TF32 is the default.
- * A warp computes a tile of 16 rows x 32 columns (gdn_mma and its two-product forms); the
- * per-chunk kernels' 8 warps cover a [64, 64] block as 4 x 2 tiles, the state kernels'
- * 4 warps a [64, 32] block or the 16-row tiles of a [D, 32] one. Operands are read from
+ * A warp computes a tile of 16 rows x 32 columns (gdn_mma and its two-product forms; the
+ * grads kernel's dq, dk passes 16 x 48 where D > 64, gdn_mma_n); the per-chunk kernels'
+ * 8 warps cover a [64, 64] block as 4 x 2 tiles, the state kernels' 4 warps a [64, 32]
+ * block or the 16-row tiles of a [D, 32] one. Operands are read from
  * shared memory by scalar loads in fragment order, with arbitrary strides, so the same
  * helper serves A, A^T, B and B^T. The contraction steps by 8: [64, D] arrays keep
  * D rounded up to a multiple of 8 with zero pad columns (D = 85 -> 88, pitch 92), S and
@@ -71,8 +72,15 @@
  * so two runs give the same bits.
  *
  * Cost at B = 8, T = 2048, H = 12, D = 85 (3072 chunks), measured on an H100 by
- * benchmarks/bench_mixers.c: forward 0.85 ms, backward 1.59 ms (1.49 ms writing the
- * gradients, as the model does); 0.88 and 1.75 ms before the ldmatrix fragments, the
+ * benchmarks/bench_mixers.c: forward 0.81 ms, backward 1.40 ms (1.33 ms writing the
+ * gradients, as the model does). Before this, 0.85 and 1.59 ms: the forward prep, forward
+ * out and backward prep kernels then took 84, 101 and 101 KB of shared memory and up to
+ * 126 registers, so two blocks shared an SM (25% occupancy); laid out in 66, 75 and
+ * 66 KB (regions reused as their contents die: T over A, W over K, q reloaded) and held
+ * to 80 registers, three do, and Nsight Compute timed them 0.298 -> 0.279, 0.258 ->
+ * 0.235 and 0.443 -> 0.387 ms; the grads kernel's dq, dk terms in one pass of 96 key
+ * columns instead of two of 64 (dO, X and W read once, not twice) took the backward
+ * 1.53 -> 1.40 ms. Earlier, 0.88 and 1.75 ms before the ldmatrix fragments, the
  * copies of narrow panels on all lanes and q by cp.async (Nsight Compute, unlocked
  * clocks: grads kernel 0.95 -> 0.82 ms, 388M -> 326M instructions; out 0.29 -> 0.26 ms)
  * and the state kernels' bulk copies (state 0.30 + 0.34 -> 0.27 + 0.30 ms, prep 0.27 +
@@ -95,8 +103,8 @@
  * 3.43 ms at B 2, T 8192). Earlier steps: 4.37 ms before the integer TF32 rounding, the
  * division-free copy loops, the warp scan of G and the cp.async loads; 5.66 ms with
  * 3xTF32 products; 8.41 ms for the fp32 FMA version these kernels replaced.
- * Per-chunk blocks (256 threads, 2 per SM at D = 85, about 24% occupancy) wait at
- * barriers while two warps run the column-wise forward substitution of T; doing T by 16 x
+ * Per-chunk blocks (256 threads; 2 per SM for the grads kernel, 3 for the others at
+ * D = 85) wait at barriers while two warps run the column-wise forward substitution of T; doing T by 16 x
  * 16 diagonal blocks and then block rows on all eight warps (the same multiply-adds in
  * more, shorter chains) made the prep kernels slower (0.34 -> 0.40 ms forward), so the
  * two-warp form stays. The state kernels (288 blocks of 4 warps, 3 per SM, so one
@@ -114,13 +122,18 @@
  * DRAM reads 1.15 -> 1.07 GB, its time within 1%); the grads kernel's panels 48 columns
  * wide instead of 32 (two panels for D = 85, fewer barriers and load waits, 110 KB of
  * shared memory: backward 1.75 -> 1.74 ms, within the noise).
- * Where the time goes now (Nsight Compute's warp samples at B 8, T 2048): the per-chunk
- * kernels wait at barriers (the two-warp solve of T in the prep kernels; the panel loops)
- * and for the loads each panel loop issues and then waits for, with only two blocks an SM
- * to cover those waits (registers and shared memory); mma instructions are 3-5% of what
- * they execute. Taking the state kernels' loads away altogether (a measurement, with
- * wrong results) left 75% of their time: their chain of dependent products per chunk
- * step, shared by three blocks an SM, is what bounds them. Reaching 1.5 ms would take
+ * Where the time goes now (Nsight Compute at B 8, T 2048): every kernel is bound by
+ * latency, none by a throughput: DRAM at 33-51% of its peak, the SMs at 21-48%, about 9
+ * cycles between a warp's instructions. The per-chunk kernels wait at barriers (the
+ * two-warp solve of T in the prep kernels; the panel loops) and for the loads each panel
+ * loop issues and then waits for, with few warps an SM to cover those waits (three
+ * blocks' worth, 37.5% occupancy, gained each 6-13%); mma instructions are 3-5% of what
+ * they execute. The state kernels run 0.73 waves (288 blocks, 3 an SM at most: 13.7%
+ * achieved occupancy). Taking their loads away altogether (a measurement, with wrong
+ * results) left 75% of their time; yet shortening their chain of dependent products did
+ * not help either: the S update of two row tiles interleaved in one warp and the W
+ * product's k steps split over two accumulator sets took the op 2.44 -> 2.42 ms at B 8,
+ * T 2048 and 2.75 -> 2.93 ms at B 2, T 8192 (dropped). Reaching 1.5 ms would take
  * fusing prep and out (and prep and grads) so that K, Q and the pair matrices are loaded
  * and built once, dropping the Hc buffer (the state kernel can form Qs^T diag(e0) dO
  * itself), the grads kernel's panels double-buffered within two blocks per SM, operands

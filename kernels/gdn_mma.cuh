@@ -7,9 +7,9 @@
 #define DELTAMLA_GDN_MMA_CUH
 
 /* ---- warp-tile products on the tensor cores ----
- * Every product is a sum of warp tiles of 16 rows x 32 columns, computed by
- * mma.sync.m16n8k8 with TF32 operands and fp32 accumulation: four n8 tiles per k step
- * of 8. A thread's 16 results acc[j][r] lie at row m0 + g + 8 (r >> 1) and column
+ * Every product is a sum of warp tiles of 16 rows x 32 columns (x 48 in the _n forms
+ * with nt = 6), computed by mma.sync.m16n8k8 with TF32 operands and fp32 accumulation:
+ * four (nt) n8 tiles per k step of 8. A thread's results acc[j][r] lie at row m0 + g + 8 (r >> 1) and column
  * n0 + 8 j + 2 q + (r & 1), g = lane / 4, q = lane % 4 (gdn_frow, gdn_fcol).
  * split 3 is 3xTF32: each operand x = hi + lo with hi = tf32(x), lo = tf32(x - hi), and
  * the product is lo*hi + hi*lo + hi*hi, which loses only lo*lo and the rounding of lo
@@ -114,16 +114,20 @@ static __device__ __forceinline__ void gdn_mma_x(int split, float c[4], const ui
  * 4 floats 16-byte aligned (row pitches and panel offsets multiples of 4 floats, as all
  * are here); the pitches of 4 mod 8 that spread the scalar loads over 32 banks do the same
  * for its 8 rows of 16 bytes. */
+#define GDN_NTW 6 /* the most n-tiles of 8 columns a warp tile has (16 x 48) */
+
 typedef struct gdn_mpos {
-    int a0, a1, a4;   /* offsets of rows g and g + 8 at k = kb + q; 4 steps of k */
-    int b[4], b4;     /* offsets of column n0 + 8 j + g at k = kb + q; 4 steps of k */
+    int a0, a1, a4;      /* offsets of rows g and g + 8 at k = kb + q; 4 steps of k */
+    int b[GDN_NTW], b4;  /* offsets of column n0 + 8 j + g at k = kb + q; 4 steps of k */
     int a8, b8;
-    int lda, ldb;     /* A, B read by ldmatrix (aks == 1, bks == 1) */
-    int la, lb[2];    /* ldmatrix: offset of the row this lane addresses (A; B n-tiles 0-1, 2-3) */
+    int lda, ldb;        /* A, B read by ldmatrix (aks == 1, bks == 1) */
+    int la, lb[GDN_NTW / 2]; /* ldmatrix: offset of the row this lane addresses (A; B n-tiles 2h, 2h + 1) */
 } gdn_mpos;
 
+/* the fragment positions of a warp tile of nt n-tiles (4: 16 x 32, the usual; 6: 16 x 48;
+ * nt is a constant at every call site, so that the unused entries vanish) */
 static __device__ __forceinline__ gdn_mpos gdn_mpos_at(int ars, int aks, int m0, int mlast, int bks, int bcs,
-                                                       int n0, int nlast, int kb)
+                                                       int n0, int nlast, int kb, int nt)
 {
     const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3, mi = lane >> 3, rr = lane & 7;
     gdn_mpos p;
@@ -132,7 +136,8 @@ static __device__ __forceinline__ gdn_mpos gdn_mpos_at(int ars, int aks, int m0,
     p.a4 = 4 * aks;
     p.a8 = 8 * aks;
 #pragma unroll
-    for (int j = 0; j < 4; j++) p.b[j] = gdn_imin(n0 + 8 * j + g, nlast) * bcs + (kb + q) * bks;
+    for (int j = 0; j < GDN_NTW; j++)
+        if (j < nt) p.b[j] = gdn_imin(n0 + 8 * j + g, nlast) * bcs + (kb + q) * bks;
     p.b4 = 4 * bks;
     p.b8 = 8 * bks;
     p.lda = aks == 1;
@@ -141,19 +146,22 @@ static __device__ __forceinline__ gdn_mpos gdn_mpos_at(int ars, int aks, int m0,
      * B: blocks (n-tile 2h, k 0-3), (n-tile 2h, k 4-7), (n-tile 2h + 1, k 0-3), (2h + 1, k 4-7) */
     p.la = gdn_imin(m0 + rr + 8 * (mi & 1), mlast) * ars + kb + 4 * (mi >> 1);
 #pragma unroll
-    for (int h = 0; h < 2; h++) p.lb[h] = gdn_imin(n0 + 8 * (2 * h + (mi >> 1)) + rr, nlast) * bcs + kb + 4 * (mi & 1);
+    for (int h = 0; h < GDN_NTW / 2; h++)
+        if (2 * h < nt) p.lb[h] = gdn_imin(n0 + 8 * (2 * h + (mi >> 1)) + rr, nlast) * bcs + kb + 4 * (mi & 1);
     return p;
 }
 
-static __device__ __forceinline__ void gdn_mpos_step(gdn_mpos *p)
+static __device__ __forceinline__ void gdn_mpos_step(gdn_mpos *p, int nt)
 {
     p->a0 += p->a8;
     p->a1 += p->a8;
 #pragma unroll
-    for (int j = 0; j < 4; j++) p->b[j] += p->b8;
+    for (int j = 0; j < GDN_NTW; j++)
+        if (j < nt) p->b[j] += p->b8;
     p->la += 8;
-    p->lb[0] += 8;
-    p->lb[1] += 8;
+#pragma unroll
+    for (int h = 0; h < GDN_NTW / 2; h++)
+        if (2 * h < nt) p->lb[h] += 8;
 }
 
 /* four 8 x 4 blocks of floats by one ldmatrix.x4 (cuda_ldsm4): lane l addresses row
@@ -180,12 +188,13 @@ static __device__ __forceinline__ void gdn_afrag(int split, const float *A, cons
     gdn_split_n(split, (split & GDN_PRE_A) != 0, x, ah, al, 4);
 }
 
-/* the B fragments of the warp tile's four n-tiles */
-static __device__ __forceinline__ void gdn_bfrags(int split, const float *B, const gdn_mpos *p, uint32_t bh[4][2],
-                                                  uint32_t bl[4][2])
+/* the B fragments of the warp tile's nt n-tiles */
+static __device__ __forceinline__ void gdn_bfrags(int split, const float *B, const gdn_mpos *p, uint32_t bh[][2],
+                                                  uint32_t bl[][2], int nt)
 {
 #pragma unroll
-    for (int j = 0; j < 4; j += 2) {
+    for (int j = 0; j < GDN_NTW; j += 2) {
+        if (j >= nt) break;
         float x[4];
         if (p->ldb) {
             gdn_ldsm4(x, B + p->lb[j >> 1]);
@@ -200,42 +209,60 @@ static __device__ __forceinline__ void gdn_bfrags(int split, const float *B, con
     }
 }
 
-/* acc += A B over the warp tile (m0, n0), k in [kb, ke) */
+/* acc += A B over the warp tile (m0, n0) of nt n-tiles, k in [kb, ke) */
+static __device__ __forceinline__ void gdn_mma_n(int split, int nt, float acc[][4], const float *A, int ars, int aks,
+                                                 int m0, int mlast, const float *B, int bks, int bcs, int n0,
+                                                 int nlast, int kb, int ke)
+{
+    gdn_mpos p = gdn_mpos_at(ars, aks, m0, mlast, bks, bcs, n0, nlast, kb, nt);
+#pragma unroll 2
+    for (int k = kb; k < ke; k += 8) {
+        uint32_t ah[4], al[4], bh[GDN_NTW][2], bl[GDN_NTW][2];
+        gdn_afrag(split, A, &p, ah, al);
+        gdn_bfrags(split, B, &p, bh, bl, nt);
+#pragma unroll
+        for (int j = 0; j < GDN_NTW; j++)
+            if (j < nt) gdn_mma_x(split, acc[j], ah, al, bh[j], bl[j]);
+        gdn_mpos_step(&p, nt);
+    }
+}
+
+/* acc += A B over the warp tile (m0, n0) of 16 x 32, k in [kb, ke) */
 static __device__ __forceinline__ void gdn_mma(int split, float acc[4][4], const float *A, int ars, int aks, int m0,
                                                int mlast, const float *B, int bks, int bcs, int n0, int nlast,
                                                int kb, int ke)
 {
-    gdn_mpos p = gdn_mpos_at(ars, aks, m0, mlast, bks, bcs, n0, nlast, kb);
-#pragma unroll 2
+    gdn_mma_n(split, 4, acc, A, ars, aks, m0, mlast, B, bks, bcs, n0, nlast, kb, ke);
+}
+
+/* two products sharing B: acc1 += A1 B, acc2 += A2 B (A1, A2 alike strided), nt n-tiles */
+static __device__ __forceinline__ void gdn_mma_2a_n(int split, int nt, float acc1[][4], float acc2[][4],
+                                                    const float *A1, const float *A2, int ars, int aks, int m0,
+                                                    int mlast, const float *B, int bks, int bcs, int n0, int nlast,
+                                                    int kb, int ke)
+{
+    gdn_mpos p = gdn_mpos_at(ars, aks, m0, mlast, bks, bcs, n0, nlast, kb, nt);
+#pragma unroll 1
     for (int k = kb; k < ke; k += 8) {
-        uint32_t ah[4], al[4], bh[4][2], bl[4][2];
-        gdn_afrag(split, A, &p, ah, al);
-        gdn_bfrags(split, B, &p, bh, bl);
+        uint32_t ah[4], al[4], eh[4], el[4], bh[GDN_NTW][2], bl[GDN_NTW][2];
+        gdn_afrag(split, A1, &p, ah, al);
+        gdn_afrag(split, A2, &p, eh, el);
+        gdn_bfrags(split, B, &p, bh, bl, nt);
 #pragma unroll
-        for (int j = 0; j < 4; j++) gdn_mma_x(split, acc[j], ah, al, bh[j], bl[j]);
-        gdn_mpos_step(&p);
+        for (int j = 0; j < GDN_NTW; j++)
+            if (j < nt) {
+                gdn_mma_x(split, acc1[j], ah, al, bh[j], bl[j]);
+                gdn_mma_x(split, acc2[j], eh, el, bh[j], bl[j]);
+            }
+        gdn_mpos_step(&p, nt);
     }
 }
 
-/* two products sharing B: acc1 += A1 B, acc2 += A2 B (A1, A2 alike strided) */
 static __device__ __forceinline__ void gdn_mma_2a(int split, float acc1[4][4], float acc2[4][4], const float *A1,
                                                   const float *A2, int ars, int aks, int m0, int mlast,
                                                   const float *B, int bks, int bcs, int n0, int nlast, int kb, int ke)
 {
-    gdn_mpos p = gdn_mpos_at(ars, aks, m0, mlast, bks, bcs, n0, nlast, kb);
-#pragma unroll 1
-    for (int k = kb; k < ke; k += 8) {
-        uint32_t ah[4], al[4], eh[4], el[4], bh[4][2], bl[4][2];
-        gdn_afrag(split, A1, &p, ah, al);
-        gdn_afrag(split, A2, &p, eh, el);
-        gdn_bfrags(split, B, &p, bh, bl);
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            gdn_mma_x(split, acc1[j], ah, al, bh[j], bl[j]);
-            gdn_mma_x(split, acc2[j], eh, el, bh[j], bl[j]);
-        }
-        gdn_mpos_step(&p);
-    }
+    gdn_mma_2a_n(split, 4, acc1, acc2, A1, A2, ars, aks, m0, mlast, B, bks, bcs, n0, nlast, kb, ke);
 }
 
 /* two products sharing A: acc1 += A B1, acc2 += A B2 (B1, B2 alike strided) */
@@ -243,19 +270,19 @@ static __device__ __forceinline__ void gdn_mma_2b(int split, float acc1[4][4], f
                                                   int ars, int aks, int m0, int mlast, const float *B1,
                                                   const float *B2, int bks, int bcs, int n0, int nlast, int kb, int ke)
 {
-    gdn_mpos p = gdn_mpos_at(ars, aks, m0, mlast, bks, bcs, n0, nlast, kb);
+    gdn_mpos p = gdn_mpos_at(ars, aks, m0, mlast, bks, bcs, n0, nlast, kb, 4);
 #pragma unroll 1
     for (int k = kb; k < ke; k += 8) {
         uint32_t ah[4], al[4], bh[4][2], bl[4][2], ch[4][2], cl[4][2];
         gdn_afrag(split, A, &p, ah, al);
-        gdn_bfrags(split, B1, &p, bh, bl);
-        gdn_bfrags(split, B2, &p, ch, cl);
+        gdn_bfrags(split, B1, &p, bh, bl, 4);
+        gdn_bfrags(split, B2, &p, ch, cl, 4);
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             gdn_mma_x(split, acc1[j], ah, al, bh[j], bl[j]);
             gdn_mma_x(split, acc2[j], ah, al, ch[j], cl[j]);
         }
-        gdn_mpos_step(&p);
+        gdn_mpos_step(&p, 4);
     }
 }
 
