@@ -102,8 +102,8 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *scal, const float *k
     }
 }
 
-/* Per (32 value columns j0.., b*h), chunks in order: S [D, 32] of those columns starts
- * at 0; per chunk: reset if the chunk's first token starts a document; save S;
+/* Per (8 snt value columns j0.., b*h; snt from gdn_state_nt), chunks in order: S [D, 8 snt]
+ * of those columns starts at 0; per chunk: reset if the chunk's first token starts a document; save S;
  * W = Wv - Uk S (written over Wv); S = e0L S + K^T diag(eL) W.
  * Shared: S [r8(D), GDN_SP] (rows past D zero), eL W [64, GDN_SP], Uk and K of the chunk
  * [64, dp] (pad columns zero), eL and e0 [128], two mbarriers. Two refills per chunk, by
@@ -111,12 +111,12 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *scal, const float *k
  * done with it, K as soon as the S update is. 4 or 8 warps (gdn_state_threads): warp w
  * computes row tile w % 4 of W (gdn_state_product; with 8, over half the contraction),
  * and row tiles w, w + warps, ... of S. */
-static __global__ void __launch_bounds__(GDN_ST, 3)
-gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float *Kp,
-                     const float *scal, const int32_t *doc_start, int T, int H, int D, int nchunk)
+static __device__ __forceinline__ void
+gdn_fwd_state(const int snt, float *state_save, float *Wv, const float *Uk, const float *Kp, const float *scal,
+              const int32_t *doc_start, int T, int H, int D, int nchunk)
 {
-    const int j0 = blockIdx.x * GDN_DV, bh = blockIdx.y, b = bh / H, tid = threadIdx.x;
-    const int dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D), nv = gdn_imin(GDN_DV, D - j0), warp = tid >> 5;
+    const int j0 = blockIdx.x * 8 * snt, bh = blockIdx.y, b = bh / H, tid = threadIdx.x;
+    const int dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D), nv = gdn_imin(8 * snt, D - j0), warp = tid >> 5;
     float *S = gdn_smem, *Wt = S + D8 * GDN_SP, *Ub = Wt + GDN_C * GDN_SP, *Kb = Ub + GDN_C * dp;
     float *sc = Kb + GDN_C * dp;
     uint64_t *bar = (uint64_t *)(sc + 2 * GDN_C); /* U, K */
@@ -133,7 +133,7 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
         const size_t ci = (size_t)bh * nchunk + c;
         const int reset = doc_start && doc_start[(size_t)b * T + t0];
         float wv[4][4];
-        gdn_state_base(wv, Wv + ci * GDN_C * Dp + j0, Dp, nv);
+        gdn_state_base(wv, Wv + ci * GDN_C * Dp + j0, Dp, nv, snt);
         gdn_mbar_wait(&bar[0], c & 1); /* U(c) has landed; K(c) may be in flight */
         if (tid == 0 && more) gdn_mbar_expect(&bar[0], ubytes);
         __syncthreads();
@@ -149,10 +149,10 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
          * overwrite it with eL W) */
         {
             float w[4][4];
-            gdn_state_product(w, wv, Wv + ci * GDN_C * Dp + j0, Dp, nv, Ub, dp, S, Wt, D, -1.0f);
+            gdn_state_product(w, wv, Wv + ci * GDN_C * Dp + j0, Dp, nv, Ub, dp, S, Wt, D, -1.0f, snt);
             if (warp < 4)
 #pragma unroll
-                for (int j = 0; j < 4; j++)
+                for (int j = 0; j < snt; j++)
 #pragma unroll
                     for (int r = 0; r < 4; r++) {
                         const int t = gdn_frow(16 * warp, r);
@@ -165,13 +165,13 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
         if (tid == 0 && more) gdn_mbar_expect(&bar[1], kbytes);
         __syncthreads();
 
-        /* S = e0L S + K^T (eL W): row tiles of 16 of [D, 32] */
+        /* S = e0L S + K^T (eL W): row tiles of 16 of [D, 8 snt] */
         for (int m0 = 16 * warp; m0 < D; m0 += 16 * (int)(blockDim.x >> 5)) {
             float acc[4][4];
             gdn_zero(acc);
-            gdn_mma(gdn_state_split(1), acc, Kb, 1, dp, m0, D - 1, Wt, GDN_SP, 1, 0, GDN_DV - 1, 0, GDN_C);
+            gdn_mma_n(gdn_state_split(1), snt, acc, Kb, 1, dp, m0, D - 1, Wt, GDN_SP, 1, 0, 8 * snt - 1, 0, GDN_C);
 #pragma unroll
-            for (int j = 0; j < 4; j++)
+            for (int j = 0; j < snt; j++)
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
                     const int m = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
@@ -181,6 +181,21 @@ gdn_fwd_state_kernel(float *state_save, float *Wv, const float *Uk, const float 
         __syncthreads();
         if (more) gdn_refill(Kb, Kp + (ci + 1) * GDN_C * dp, dp, sc, NULL, &bar[1]);
     }
+}
+
+/* the forward state kernel with 24 and with 32 value columns a block (gdn_state_nt) */
+static __global__ void __launch_bounds__(GDN_ST, 3)
+gdn_fwd_state_kernel24(float *state_save, float *Wv, const float *Uk, const float *Kp, const float *scal,
+                       const int32_t *doc_start, int T, int H, int D, int nchunk)
+{
+    gdn_fwd_state(3, state_save, Wv, Uk, Kp, scal, doc_start, T, H, D, nchunk);
+}
+
+static __global__ void __launch_bounds__(GDN_ST, 3)
+gdn_fwd_state_kernel32(float *state_save, float *Wv, const float *Uk, const float *Kp, const float *scal,
+                       const int32_t *doc_start, int T, int H, int D, int nchunk)
+{
+    gdn_fwd_state(4, state_save, Wv, Uk, Kp, scal, doc_start, T, H, D, nchunk);
 }
 
 /* Per (chunk, b*h): o = diag(e0) Qs S0 + M W, M = E o QK (lower triangle with diagonal).
@@ -303,15 +318,18 @@ extern "C" void cuda_gdn_forward(float *o, float *state_save, const float *q, co
     cudaStream_t st = cuda_stream();
     const size_t sm1 = gdn_smem_fwd_prep(D), sm2 = gdn_smem_state(D), sm3 = gdn_smem_fwd_out(D);
     gdn_allow_smem((const void *)gdn_fwd_prep_kernel, sm1);
-    gdn_allow_smem((const void *)gdn_fwd_state_kernel, sm2);
+    gdn_allow_smem((const void *)gdn_fwd_state_kernel24, sm2);
+    gdn_allow_smem((const void *)gdn_fwd_state_kernel32, sm2);
     gdn_allow_smem((const void *)gdn_fwd_out_kernel, sm3);
 
     gdn_fwd_prep_kernel<<<dim3(nchunk, BH), GDN_NT, sm1, st>>>(Wv, Uk, Kp, scal, k, v, g, beta,
                                                                doc_start, T, H, D, nchunk);
     LAUNCH_CHECK();
-    const int nsb = (D + GDN_DV - 1) / GDN_DV;
-    gdn_fwd_state_kernel<<<dim3(nsb, BH), gdn_state_threads(nsb * BH), sm2, st>>>(
-        state_save, Wv, Uk, Kp, scal, doc_start, T, H, D, nchunk);
+    const int snt = gdn_state_nt(D), nsb = (D + 8 * snt - 1) / (8 * snt);
+    void (*state)(float *, float *, const float *, const float *, const float *, const int32_t *, int, int, int, int) =
+        snt == 3 ? gdn_fwd_state_kernel24 : gdn_fwd_state_kernel32;
+    state<<<dim3(nsb, BH), gdn_state_threads(nsb * BH), sm2, st>>>(state_save, Wv, Uk, Kp, scal, doc_start, T, H, D,
+                                                                   nchunk);
     LAUNCH_CHECK();
     gdn_fwd_out_kernel<<<dim3(nchunk, BH), GDN_NT, sm3, st>>>(o, q, k, g, beta, doc_start, state_save,
                                                               Wv, T, H, D, nchunk, scale);

@@ -47,8 +47,8 @@
  * 4.69 (the same kernels in TF32), which is why TF32 is the default.
  * A warp computes a tile of 16 rows x 32 columns (gdn_mma and its two-product forms; the
  * grads kernel's dq, dk passes 16 x 48 where D > 64, gdn_mma_n); the per-chunk kernels'
- * 8 warps cover a [64, 64] block as 4 x 2 tiles, the state kernels' 4 warps a [64, 32]
- * block or the 16-row tiles of a [D, 32] one. Operands are read from
+ * 8 warps cover a [64, 64] block as 4 x 2 tiles, the state kernels' 4 warps a [64, 8 snt]
+ * block or the 16-row tiles of a [D, 8 snt] one (24 or 32 value columns, gdn_state_nt). Operands are read from
  * shared memory by scalar loads in fragment order, with arbitrary strides, so the same
  * helper serves A, A^T, B and B^T. The contraction steps by 8: [64, D] arrays keep
  * D rounded up to a multiple of 8 with zero pad columns (D = 85 -> 88, pitch 92), S and
@@ -107,8 +107,8 @@
  * D = 85) wait at barriers while two warps run the column-wise forward substitution of T; doing T by 16 x
  * 16 diagonal blocks and then block rows on all eight warps (the same multiply-adds in
  * more, shorter chains) made the prep kernels slower (0.34 -> 0.40 ms forward), so the
- * two-warp form stays. The state kernels (288 blocks of 4 warps, 3 per SM, so one
- * partial wave) are a serial chain of 32 chunk steps, each a few dependent mma products
+ * two-warp form stays. The state kernels (at D = 85 and B 8, H 12: 384 blocks of 4 warps
+ * and 24 value columns, 3 per SM, one wave) are a serial chain of 32 chunk steps, each a few dependent mma products
  * and a cp.async refill; loading each step's Wv, Xo and Hc tiles a chunk ahead into
  * registers was tried and made them 3-9% slower. Tried this session and dropped, at
  * B 8, T 2048: running the three kernels of a pass over four groups of (b, h) rows on
@@ -128,17 +128,20 @@
  * two-warp solve of T in the prep kernels; the panel loops) and for the loads each panel
  * loop issues and then waits for, with few warps an SM to cover those waits (three
  * blocks' worth, 37.5% occupancy, gained each 6-13%); mma instructions are 3-5% of what
- * they execute. The state kernels run 0.73 waves (288 blocks, 3 an SM at most: 13.7%
- * achieved occupancy). Taking their loads away altogether (a measurement, with wrong
- * results) left 75% of their time; yet shortening their chain of dependent products did
- * not help either: the S update of two row tiles interleaved in one warp and the W
- * product's k steps split over two accumulator sets took the op 2.44 -> 2.42 ms at B 8,
- * T 2048 and 2.75 -> 2.93 ms at B 2, T 8192 (dropped). Reaching 1.5 ms would take
+ * they execute. The state kernels ran 0.73 waves (288 blocks of 32 value columns, 3 an
+ * SM at most: 13.7% achieved occupancy), so the SMs that held three blocks set the pace;
+ * with blocks of 24 columns (384, one wave of 3 an SM at D = 85) each SM carries at most
+ * 72 columns instead of 96, and the op took 2.21 -> 2.18 ms. Taking their loads away
+ * altogether (a measurement, with wrong results) left 75% of their time; yet shortening
+ * their chain of dependent products did not help either: the S update of two row tiles
+ * interleaved in one warp and the W product's k steps split over two accumulator sets
+ * took the op 2.44 -> 2.42 ms at B 8, T 2048 and 2.75 -> 2.93 ms at B 2, T 8192
+ * (dropped). Reaching 1.5 ms would take
  * fusing prep and out (and prep and grads) so that K, Q and the pair matrices are loaded
  * and built once, dropping the Hc buffer (the state kernel can form Qs^T diag(e0) dO
  * itself), the grads kernel's panels double-buffered within two blocks per SM, operands
  * stored transposed where a product reads them column-wise (ldmatrix needs the
- * contraction index contiguous), more value columns per state block, and state_save with
+ * contraction index contiguous), and state_save with
  * aligned rows (its layout is part of the op's contract with the CPU backend; its rows
  * are copied 4 bytes at a time).
  */
@@ -156,7 +159,6 @@ extern "C" {
 #define GDN_PP 68       /* row pitch of a [64, 64] tile in shared memory (4 mod 8) */
 #define GDN_NT 256      /* threads of the per-chunk kernels: 8 warps, 4 x 2 warp tiles of [16, 32] */
 #define GDN_ST 256      /* threads of the state kernels: at most 8 warps (gdn_state_threads) */
-#define GDN_DV 32       /* value columns of S per state-kernel block */
 #define GDN_SP 40       /* row pitch of the state kernels' 32-wide rows (8 mod 16) */
 #define GDN_VP 36       /* row pitch of the grads kernel's 32-wide panels (4 mod 8) */
 #define GDN_KP 32       /* contraction panel of the backward's grads kernel */

@@ -1,6 +1,6 @@
 /* gdn_state.cuh: what the two GDN state kernels (the chunk-to-chunk recurrences of
  * gdn_forward.cu and gdn_backward.cu) share: their start, their 4- and 8-warp forms of
- * the [64, 32] product, their fragment loads and stores, their launch shape and shared
+ * the [64, 8 snt] product, their fragment loads and stores, their launch shape and shared
  * memory.
  * Included by gdn_internal.cuh (after the sizes and index helpers it uses); the design of
  * the GDN kernels is described there. */
@@ -26,7 +26,7 @@ static __device__ __forceinline__ void gdn_state_start(float *S, int D, uint64_t
 }
 
 /* The state kernels run with 4 or 8 warps. With 4, warp w computes row tile w of their
- * [64, 32] product (W = Wv - Uk S, X = Xo + Xk dS) over the whole contraction. With 8,
+ * [64, 8 snt] product (W = Wv - Uk S, X = Xo + Xk dS) over the whole contraction. With 8,
  * warp w takes row tile w % 4 over half of it, k < gdn_state_kmid(D) for warps 0-3, the
  * rest for warps 4-7, which park their partial sums in the block's [64, GDN_SP] tile for
  * warps 0-3 to add (gdn_state_half); the other product's row tiles spread over 8 warps.
@@ -40,24 +40,24 @@ static __host__ __device__ __forceinline__ int gdn_state_kmid(int D) { return 8 
 
 /* acc (the thread's fragment of row tile m0) += the other half's partial sums from tile
  * P (pitch GDN_SP): warps 4-7 store theirs, barrier, warps 0-3 add them. All threads. */
-static __device__ __forceinline__ void gdn_state_half(float acc[4][4], float *P, int m0)
+static __device__ __forceinline__ void gdn_state_half(float acc[4][4], float *P, int m0, int snt)
 {
     if (blockDim.x <= 128) return; /* 4 warps: no halves */
     const int upper = threadIdx.x >= 128;
     if (upper)
 #pragma unroll
-        for (int j = 0; j < 4; j++)
+        for (int j = 0; j < snt; j++)
 #pragma unroll
             for (int r = 0; r < 4; r++) P[gdn_frow(m0, r) * GDN_SP + gdn_fcol(0, j, r)] = acc[j][r];
     __syncthreads();
     if (!upper)
 #pragma unroll
-        for (int j = 0; j < 4; j++)
+        for (int j = 0; j < snt; j++)
 #pragma unroll
             for (int r = 0; r < 4; r++) acc[j][r] += P[gdn_frow(m0, r) * GDN_SP + gdn_fcol(0, j, r)];
 }
 
-/* the contraction range [kb, ke) of the calling warp in a state kernel's [64, 32] product
+/* the contraction range [kb, ke) of the calling warp in a state kernel's [64, 8 snt] product
  * over k < D (the whole of it with 4 warps) */
 static __device__ __forceinline__ void gdn_state_krange(int D, int *kb, int *ke)
 {
@@ -67,11 +67,12 @@ static __device__ __forceinline__ void gdn_state_krange(int D, int *kb, int *ke)
 }
 
 /* The calling thread's fragment of row tile m0 of a [rows, nv] block in global memory
- * (row stride rs, 32 columns from g), 0 outside it. */
-static __device__ __forceinline__ void gdn_state_tile(float v[4][4], const float *g, int rs, int m0, int rows, int nv)
+ * (row stride rs, 8 snt columns from g), 0 outside it. */
+static __device__ __forceinline__ void gdn_state_tile(float v[4][4], const float *g, int rs, int m0, int rows, int nv,
+                                                      int snt)
 {
 #pragma unroll
-    for (int j = 0; j < 4; j++)
+    for (int j = 0; j < snt; j++)
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             const int m = gdn_frow(m0, i), n = gdn_fcol(0, j, i);
@@ -79,38 +80,38 @@ static __device__ __forceinline__ void gdn_state_tile(float v[4][4], const float
         }
 }
 
-/* The base of the state kernels' [64, 32] product (Wv, Xo): the thread's fragment of
+/* The base of the state kernels' [64, 8 snt] product (Wv, Xo): the thread's fragment of
  * row tile w of the [64, Dp] rows at g for warps 0-3 (gdn_state_tile), 0 for warps 4-7.
  * The state kernels issue these loads at the top of a chunk step, before they wait for
  * the chunk's shared operands, so that their latency overlaps the wait: loaded right
  * before the product, they were the longest stall of the forward state kernel (9% of its
  * warp samples at the subtraction that waited for them). */
-static __device__ __forceinline__ void gdn_state_base(float base[4][4], const float *g, int Dp, int nv)
+static __device__ __forceinline__ void gdn_state_base(float base[4][4], const float *g, int Dp, int nv, int snt)
 {
     const int warp = threadIdx.x >> 5;
-    if (warp < 4) gdn_state_tile(base, g, Dp, 16 * warp, GDN_C, nv);
+    if (warp < 4) gdn_state_tile(base, g, Dp, 16 * warp, GDN_C, nv, snt);
     else gdn_zero(base);
 }
 
-/* The state kernels' [64, 32] product for the block's value columns: R = Base + sgn A S,
+/* The state kernels' [64, 8 snt] product for the block's value columns: R = Base + sgn A S,
  * A [64, dp] in shared memory (Uk, Xk), S [r8(D), GDN_SP] (the state or its gradient),
  * Base the thread's fragment of the [64, Dp] rows at g in global memory (Wv, Xo; from
  * gdn_state_base), which R overwrites in its nv valid columns. Warps 0-3 return their row
  * tile of R in r; P is the tile that gdn_state_half uses. All threads. */
 static __device__ __forceinline__ void gdn_state_product(float r[4][4], const float base[4][4], float *g, int Dp,
                                                          int nv, const float *A, int dp, const float *S, float *P,
-                                                         int D, float sgn)
+                                                         int D, float sgn, int snt)
 {
     const int warp = threadIdx.x >> 5, m0 = 16 * (warp & 3), lower = warp < 4;
     int kb, ke;
     gdn_state_krange(D, &kb, &ke);
     float acc[4][4];
     gdn_zero(acc);
-    gdn_mma(gdn_state_split(0), acc, A, dp, 1, m0, GDN_C - 1, S, GDN_SP, 1, 0, GDN_DV - 1, kb, ke);
-    gdn_state_half(acc, P, m0);
+    gdn_mma_n(gdn_state_split(0), snt, acc, A, dp, 1, m0, GDN_C - 1, S, GDN_SP, 1, 0, 8 * snt - 1, kb, ke);
+    gdn_state_half(acc, P, m0, snt);
     if (lower)
 #pragma unroll
-        for (int j = 0; j < 4; j++)
+        for (int j = 0; j < snt; j++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const int n = gdn_fcol(0, j, i);
@@ -132,6 +133,16 @@ static __device__ __forceinline__ void gdn_state_store(float *g, size_t rs, cons
     const size_t gstep = (size_t)nw * rs;
 #pragma unroll 4
     for (int r = w; r < D; r += nw, gp += gstep, sp += nw * GDN_SP) *gp = *sp;
+}
+
+/* The state kernels' value columns a block, 8 snt: snt = 3 (24 columns) where that covers
+ * D with no more padding than 32 do (D = 85: four blocks of 24 instead of three of 32 a
+ * (b, h), so that where three blocks share an SM each brings 24 columns: at B 8, T 2048,
+ * H 12 the forward took 0.817 -> 0.786 ms and the backward 1.408 -> 1.395), else 4 (at
+ * D = 64, 24 columns made the op 1.74 -> 1.90 ms). */
+static inline int gdn_state_nt(int D)
+{
+    return (D + 23) / 24 * 24 <= (D + 31) / 32 * 32 ? 3 : 4;
 }
 
 /* threads of the state kernels for `blocks` blocks: 8 warps where every block can have an
