@@ -302,8 +302,8 @@ static __device__ __forceinline__ float gdn_grads_dqdk(const int nt, float *reg,
                 gdn_load_async(dSp, GDN_VP, ipw, GDN_KP, dSc + (size_t)ip * Dp, Dp, iw, jp, D);
                 gdn_sync();
                 if (act) {
-                    gdn_mma_2a_n(GDN_SPLIT_S0, nt, zo, z, Op, Xp, GDN_VP, 1, m0, GDN_C - 1, Sp, 1, GDN_VP, n0, ipw - 1, 0,
-                                 jw);
+                    gdn_mma_2a_n(GDN_SPLIT_S0, nt, zo, z, Op, Xp, GDN_VP, 1, m0, GDN_C - 1, Sp, 1, GDN_VP, n0, ipw - 1,
+                                 0, jw);
                     gdn_mma_n(GDN_SPLIT_S0, nt, y, Wp, GDN_VP, 1, m0, GDN_C - 1, dSp, 1, GDN_VP, n0, ipw - 1, 0, jw);
                 }
                 for (int e = tid; e < ipw * GDN_KP; e += GDN_NT) {
@@ -333,13 +333,11 @@ static __device__ __forceinline__ float gdn_grads_dqdk(const int nt, float *reg,
                     a2[j][r] = s.eL[t] * y[j][r] - s.e0[t] * s.bt[t] * z[j][r];
                 }
 #pragma unroll
-            for (int i = 0; i < 2; i++)
-#pragma unroll
-                for (int sh = 1; sh <= 2; sh <<= 1) {
-                    pq[i] += __shfl_xor_sync(0xffffffffu, pq[i], sh);
-                    pk[i] += __shfl_xor_sync(0xffffffffu, pk[i], sh);
-                    py[i] += __shfl_xor_sync(0xffffffffu, py[i], sh);
-                }
+            for (int i = 0; i < 2; i++) {
+                pq[i] = gdn_quad_sum(pq[i]);
+                pk[i] = gdn_quad_sum(pk[i]);
+                py[i] = gdn_quad_sum(py[i]);
+            }
             if (lq == 0)
 #pragma unroll
                 for (int i = 0; i < 2; i++) {
@@ -529,12 +527,10 @@ gdn_bwd_grads(const int nt, float *dq, float *dk, float *dv, float *dg, float *d
                 ce[j][r & 1] += dee;
             }
 #pragma unroll
-        for (int i = 0; i < 2; i++)
-#pragma unroll
-            for (int sh = 1; sh <= 2; sh <<= 1) {
-                re[i] += __shfl_xor_sync(0xffffffffu, re[i], sh);
-                rb[i] += __shfl_xor_sync(0xffffffffu, rb[i], sh);
-            }
+        for (int i = 0; i < 2; i++) {
+            re[i] = gdn_quad_sum(re[i]);
+            rb[i] = gdn_quad_sum(rb[i]);
+        }
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -641,7 +637,8 @@ static size_t gdn_smem_bwd_prep(int D)
 }
 static size_t gdn_smem_bwd_grads(int D)
 {
-    return sizeof(float) * (GDN_HDR + 2 * GDN_C * GDN_PP + GDN_B3_PART + GDN_B3_DOTS + 8 * GDN_C + GDN_NT + gdn_grads_region(D));
+    return sizeof(float) *
+           (GDN_HDR + 2 * GDN_C * GDN_PP + GDN_B3_PART + GDN_B3_DOTS + 8 * GDN_C + GDN_NT + gdn_grads_region(D));
 }
 
 /* Backward: accumulates into dq, dk, dv, dg, dbeta, or (set) writes them. W comes from

@@ -293,7 +293,10 @@ int gdn_state_threads(int blocks)
 }
 
 /* dynamic shared memory of each kernel, in bytes (the state kernel's: gdn_internal.cuh) */
-static size_t gdn_smem_fwd_prep(int D) { return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_kpitch(D) + GDN_C * GDN_PP); }
+static size_t gdn_smem_fwd_prep(int D)
+{
+    return sizeof(float) * (GDN_HDR + 2 * GDN_C * gdn_kpitch(D) + GDN_C * GDN_PP);
+}
 static size_t gdn_smem_fwd_out(int D)
 {
     return sizeof(float) * (GDN_HDR + GDN_C * (gdn_kpitch(D) + gdn_kpitch_pp(D) + GDN_PP) + 32 * GDN_PP);

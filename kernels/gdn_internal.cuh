@@ -189,6 +189,14 @@ static __host__ __device__ __forceinline__ int gdn_r4(int n) { return (n + 3) & 
 
 static __device__ __forceinline__ int gdn_imin(int a, int b) { return a < b ? a : b; }
 
+/* x summed over the four lanes of its quad (the threads of one fragment row: lanes 4 g ..
+ * 4 g + 3), by two shuffles in a fixed order */
+static __device__ __forceinline__ float gdn_quad_sum(float x)
+{
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
 /* offset of token (b, t), head h in a [B, T, H, D] tensor */
 static __device__ __forceinline__ size_t gdn_row(int b, int t, int h, int T, int H, int D)
 {
