@@ -81,6 +81,9 @@ void cuda_l2norm_backward_set(float *dx, const float *dy, const float *x, const 
 int cuda_gdn_tf32_plain(void);
 /* the GDN state kernels' warps: 0 (by the grid, the default), 4 or 8; returns the old one */
 int cuda_gdn_set_state_warps(int n);
+/* the GDN state kernels' value columns a block: 0 by the shape (the default), 24, 32 or
+ * 48; returns the old setting */
+int cuda_gdn_set_state_cols(int n);
 void cuda_gdn_forward(float *o, float *state_save, const float *q, const float *k, const float *v,
                       const float *g, const float *beta, const int32_t *doc_start,
                       int B, int T, int H, int D, float scale);

@@ -165,7 +165,7 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
 /* Per (8 snt value columns j0.., b*h; snt from gdn_state_nt), chunks last to first: dS
  * [D, 8 snt] starts at 0; per chunk: save dS (the gradient at the chunk's end); X = Xo + Xk dS (written over Xo);
  * dS = e0L dS + Hc - K^T diag(e0 beta) X, or 0 if the chunk's first token starts a
- * document. Shared: dS [r8(D), GDN_SP] (rows past D zero), e0 beta X [64, GDN_SP], Xk and
+ * document. Shared: dS [r8(D), sp] (rows past D zero), e0 beta X [64, sp], Xk and
  * K of the chunk [64, dp] (pad columns zero), e0 and e0 beta [128], two mbarriers.
  * Refills as in the forward state kernel: X (Xk, e0, e0 beta) and K; warps as there. */
 static __device__ __forceinline__ void
@@ -173,8 +173,9 @@ gdn_bwd_state(const int snt, float *dSbuf, float *Xbuf, const float *Xkbuf, cons
               const float *Kpbuf, const float *e0buf, const int32_t *doc_start, int T, int H, int D, int nchunk)
 {
     const int j0 = blockIdx.x * 8 * snt, bh = blockIdx.y, b = bh / H, tid = threadIdx.x;
-    const int dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D), nv = gdn_imin(8 * snt, D - j0), warp = tid >> 5;
-    float *dS = gdn_smem, *Xt = dS + D8 * GDN_SP, *Xkb = Xt + GDN_C * GDN_SP, *Kb = Xkb + GDN_C * dp;
+    const int sp = gdn_state_sp(snt), dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D), warp = tid >> 5;
+    const int nv = gdn_imin(8 * snt, D - j0);
+    float *dS = gdn_smem, *Xt = dS + D8 * sp, *Xkb = Xt + GDN_C * sp, *Kb = Xkb + GDN_C * dp;
     float *sc = Kb + GDN_C * dp;
     const size_t DD = (size_t)D * Dp;
 
@@ -183,7 +184,7 @@ gdn_bwd_state(const int snt, float *dSbuf, float *Xbuf, const float *Xkbuf, cons
 
     {
         const size_t ci = (size_t)bh * nchunk + nchunk - 1;
-        gdn_state_start(dS, D, bar, Xkb, Xkbuf + ci * GDN_C * dp, Kb, Kpbuf + ci * GDN_C * dp, dp, sc,
+        gdn_state_start(dS, D, sp, bar, Xkb, Xkbuf + ci * GDN_C * dp, Kb, Kpbuf + ci * GDN_C * dp, dp, sc,
                         e0buf + ci * 2 * GDN_C);
     }
 
@@ -192,18 +193,18 @@ gdn_bwd_state(const int snt, float *dSbuf, float *Xbuf, const float *Xkbuf, cons
         const unsigned par = (unsigned)(nchunk - 1 - c) & 1u; /* phases completed before this chunk's */
         const size_t ci = (size_t)bh * nchunk + c;
         const int reset0 = doc_start && doc_start[(size_t)b * T + t0];
-        float xo[4][4];
+        float xo[GDN_NTW][4];
         gdn_state_base(xo, Xbuf + ci * GDN_C * Dp + j0, Dp, nv, snt);
         gdn_mbar_wait(&bar[0], par); /* X(c) has landed */
         if (tid == 0 && c > 0) gdn_mbar_expect(&bar[0], xbytes);
         __syncthreads();
         const float e0L = sc[L - 1];
         float *ds = dSbuf + ci * DD + j0;
-        gdn_state_store(ds, Dp, dS, D, nv);
+        gdn_state_store(ds, Dp, dS, sp, D, nv);
 
         /* X = Xo + Xk dS (gdn_state_product; Xt then holds e0 beta X) */
         {
-            float x[4][4];
+            float x[GDN_NTW][4];
             gdn_state_product(x, xo, Xbuf + ci * GDN_C * Dp + j0, Dp, nv, Xkb, dp, dS, Xt, D, 1.0f, snt);
             if (warp < 4)
 #pragma unroll
@@ -211,13 +212,13 @@ gdn_bwd_state(const int snt, float *dSbuf, float *Xbuf, const float *Xkbuf, cons
 #pragma unroll
                     for (int r = 0; r < 4; r++) {
                         const int t = gdn_frow(16 * warp, r);
-                        Xt[t * GDN_SP + gdn_fcol(0, j, r)] = gdn_state_op(sc[GDN_C + t] * x[j][r]);
+                        Xt[t * sp + gdn_fcol(0, j, r)] = gdn_state_op(sc[GDN_C + t] * x[j][r]);
                     }
         }
         /* Hc of the warp's first row tile of dS, loaded before the barriers (for their
          * latency to overlap them); later row tiles load theirs in the loop below */
         const float *hc = Hcbuf + ci * DD + j0;
-        float hv[4][4];
+        float hv[GDN_NTW][4];
         gdn_state_tile(hv, hc, Dp, 16 * warp, D, nv, snt);
         __syncthreads();
         if (c > 0) gdn_refill(Xkb, Xkbuf + (ci - 1) * GDN_C * dp, dp, sc, e0buf + (ci - 1) * 2 * GDN_C, &bar[0]);
@@ -227,17 +228,17 @@ gdn_bwd_state(const int snt, float *dSbuf, float *Xbuf, const float *Xkbuf, cons
 
         /* dS = e0L dS + Hc - K^T (e0 beta X) */
         for (int m0 = 16 * warp; m0 < D; m0 += 16 * (int)(blockDim.x >> 5)) {
-            float acc[4][4];
+            float acc[GDN_NTW][4];
             if (m0 != 16 * warp) gdn_state_tile(hv, hc, Dp, m0, D, nv, snt);
-            gdn_zero(acc);
-            gdn_mma_n(gdn_state_split(1), snt, acc, Kb, 1, dp, m0, D - 1, Xt, GDN_SP, 1, 0, 8 * snt - 1, 0, GDN_C);
+            gdn_state_zero(acc);
+            gdn_mma_n(gdn_state_split(1), snt, acc, Kb, 1, dp, m0, D - 1, Xt, sp, 1, 0, 8 * snt - 1, 0, GDN_C);
 #pragma unroll
             for (int j = 0; j < snt; j++)
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
                     const int m = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
                     if (m < D)
-                        dS[m * GDN_SP + n] = reset0 ? 0.0f : e0L * dS[m * GDN_SP + n] + hv[j][r] - acc[j][r];
+                        dS[m * sp + n] = reset0 ? 0.0f : e0L * dS[m * sp + n] + hv[j][r] - acc[j][r];
                 }
         }
         __syncthreads();
@@ -245,20 +246,20 @@ gdn_bwd_state(const int snt, float *dSbuf, float *Xbuf, const float *Xkbuf, cons
     }
 }
 
-/* the backward state kernel with 24 and with 32 value columns a block (gdn_state_nt) */
-static __global__ void __launch_bounds__(GDN_ST, 3)
-gdn_bwd_state_kernel24(float *dSbuf, float *Xbuf, const float *Xkbuf, const float *Hcbuf, const float *Kpbuf,
-                       const float *e0buf, const int32_t *doc_start, int T, int H, int D, int nchunk)
-{
-    gdn_bwd_state(3, dSbuf, Xbuf, Xkbuf, Hcbuf, Kpbuf, e0buf, doc_start, T, H, D, nchunk);
-}
-
-static __global__ void __launch_bounds__(GDN_ST, 3)
-gdn_bwd_state_kernel32(float *dSbuf, float *Xbuf, const float *Xkbuf, const float *Hcbuf, const float *Kpbuf,
-                       const float *e0buf, const int32_t *doc_start, int T, int H, int D, int nchunk)
-{
-    gdn_bwd_state(4, dSbuf, Xbuf, Xkbuf, Hcbuf, Kpbuf, e0buf, doc_start, T, H, D, nchunk);
-}
+/* the backward state kernel with 24, 32 and 48 value columns a block (gdn_state_nt; as in
+ * the forward, the 48-column blocks run two an SM) */
+typedef void (*gdn_bwd_state_fn)(float *, float *, const float *, const float *, const float *, const float *,
+                                 const int32_t *, int, int, int, int);
+#define GDN_BWD_STATE_KERNEL(name, snt, minb)                                                                      \
+    static __global__ void __launch_bounds__(GDN_ST, minb)                                                         \
+    name(float *dSbuf, float *Xbuf, const float *Xkbuf, const float *Hcbuf, const float *Kpbuf, const float *e0buf, \
+         const int32_t *doc_start, int T, int H, int D, int nchunk)                                                \
+    {                                                                                                              \
+        gdn_bwd_state(snt, dSbuf, Xbuf, Xkbuf, Hcbuf, Kpbuf, e0buf, doc_start, T, H, D, nchunk);                   \
+    }
+GDN_BWD_STATE_KERNEL(gdn_bwd_state_kernel24, 3, 3)
+GDN_BWD_STATE_KERNEL(gdn_bwd_state_kernel32, 4, 3)
+GDN_BWD_STATE_KERNEL(gdn_bwd_state_kernel48, 6, 2)
 
 /* The grads kernel's dq and dk terms, a pass per ipw = 16 nt key columns ip (nt = 4 or 6,
  * a constant at each call: warp tiles of 16 x 8 nt; with 96 columns a pass, D = 85 takes
@@ -659,19 +660,18 @@ static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbet
     float *Xkbuf = Xbuf + rows * Dp, *Kpbuf = Xkbuf + rows * dp, *Hcbuf = Kpbuf + rows * dp;
     float *dSbuf = Hcbuf + states, *e0buf = dSbuf + states;
     cudaStream_t st = cuda_stream();
-    const size_t sm1 = gdn_smem_bwd_prep(D), sm2 = gdn_smem_state(D), sm3 = gdn_smem_bwd_grads(D);
+    const int snt = gdn_state_nt(D, BH), nsb = (D + 8 * snt - 1) / (8 * snt);
+    const gdn_bwd_state_fn state = snt == 3 ? gdn_bwd_state_kernel24 : snt == 4 ? gdn_bwd_state_kernel32
+                                                                                 : gdn_bwd_state_kernel48;
+    const size_t sm1 = gdn_smem_bwd_prep(D), sm2 = gdn_smem_state(D, snt), sm3 = gdn_smem_bwd_grads(D);
     gdn_allow_smem((const void *)gdn_bwd_prep_kernel, sm1);
-    gdn_allow_smem((const void *)gdn_bwd_state_kernel24, sm2);
-    gdn_allow_smem((const void *)gdn_bwd_state_kernel32, sm2);
+    gdn_allow_smem((const void *)state, sm2);
     gdn_allow_smem((const void *)gdn_bwd_grads_kernel, sm3);
     gdn_allow_smem((const void *)gdn_bwd_grads_wide_kernel, sm3);
 
     gdn_bwd_prep_kernel<<<dim3(nchunk, BH), GDN_NT, sm1, st>>>(Xbuf, Xkbuf, Kpbuf, Hcbuf, e0buf, dout, q, k, g,
                                                                beta, doc_start, T, H, D, nchunk, scale);
     LAUNCH_CHECK();
-    const int snt = gdn_state_nt(D), nsb = (D + 8 * snt - 1) / (8 * snt);
-    void (*state)(float *, float *, const float *, const float *, const float *, const float *, const int32_t *, int,
-                  int, int, int) = snt == 3 ? gdn_bwd_state_kernel24 : gdn_bwd_state_kernel32;
     state<<<dim3(nsb, BH), gdn_state_threads(nsb * BH), sm2, st>>>(dSbuf, Xbuf, Xkbuf, Hcbuf, Kpbuf, e0buf, doc_start,
                                                                    T, H, D, nchunk);
     LAUNCH_CHECK();

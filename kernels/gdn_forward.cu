@@ -105,7 +105,7 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *scal, const float *k
 /* Per (8 snt value columns j0.., b*h; snt from gdn_state_nt), chunks in order: S [D, 8 snt]
  * of those columns starts at 0; per chunk: reset if the chunk's first token starts a document; save S;
  * W = Wv - Uk S (written over Wv); S = e0L S + K^T diag(eL) W.
- * Shared: S [r8(D), GDN_SP] (rows past D zero), eL W [64, GDN_SP], Uk and K of the chunk
+ * Shared: S [r8(D), sp] (rows past D zero), eL W [64, sp], Uk and K of the chunk
  * [64, dp] (pad columns zero), eL and e0 [128], two mbarriers. Two refills per chunk, by
  * bulk copies (gdn_refill): U (Uk, eL, e0) for the next chunk as soon as the W product is
  * done with it, K as soon as the S update is. 4 or 8 warps (gdn_state_threads): warp w
@@ -116,8 +116,9 @@ gdn_fwd_state(const int snt, float *state_save, float *Wv, const float *Uk, cons
               const int32_t *doc_start, int T, int H, int D, int nchunk)
 {
     const int j0 = blockIdx.x * 8 * snt, bh = blockIdx.y, b = bh / H, tid = threadIdx.x;
-    const int dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D), nv = gdn_imin(8 * snt, D - j0), warp = tid >> 5;
-    float *S = gdn_smem, *Wt = S + D8 * GDN_SP, *Ub = Wt + GDN_C * GDN_SP, *Kb = Ub + GDN_C * dp;
+    const int sp = gdn_state_sp(snt), dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D), warp = tid >> 5;
+    const int nv = gdn_imin(8 * snt, D - j0);
+    float *S = gdn_smem, *Wt = S + D8 * sp, *Ub = Wt + GDN_C * sp, *Kb = Ub + GDN_C * dp;
     float *sc = Kb + GDN_C * dp;
     uint64_t *bar = (uint64_t *)(sc + 2 * GDN_C); /* U, K */
     const size_t DD = (size_t)D * D;
@@ -125,30 +126,31 @@ gdn_fwd_state(const int snt, float *state_save, float *Wv, const float *Uk, cons
 
     {
         const size_t ci = (size_t)bh * nchunk;
-        gdn_state_start(S, D, bar, Ub, Uk + ci * GDN_C * dp, Kb, Kp + ci * GDN_C * dp, dp, sc, scal + ci * 2 * GDN_C);
+        gdn_state_start(S, D, sp, bar, Ub, Uk + ci * GDN_C * dp, Kb, Kp + ci * GDN_C * dp, dp, sc,
+                        scal + ci * 2 * GDN_C);
     }
 
     for (int c = 0; c < nchunk; c++) {
         const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), more = c + 1 < nchunk;
         const size_t ci = (size_t)bh * nchunk + c;
         const int reset = doc_start && doc_start[(size_t)b * T + t0];
-        float wv[4][4];
+        float wv[GDN_NTW][4];
         gdn_state_base(wv, Wv + ci * GDN_C * Dp + j0, Dp, nv, snt);
         gdn_mbar_wait(&bar[0], c & 1); /* U(c) has landed; K(c) may be in flight */
         if (tid == 0 && more) gdn_mbar_expect(&bar[0], ubytes);
         __syncthreads();
         const float e0L = sc[GDN_C + L - 1];
         if (reset) {
-            for (int e = tid; e < D * GDN_SP; e += (int)blockDim.x) S[e] = 0.0f;
+            for (int e = tid; e < D * sp; e += (int)blockDim.x) S[e] = 0.0f;
             __syncthreads();
         }
         float *ss = state_save + ci * DD + j0;
-        gdn_state_store(ss, D, S, D, nv);
+        gdn_state_store(ss, D, S, sp, D, nv);
 
         /* W = Wv - Uk S (gdn_state_product; Wt holds the upper half's sums until warps 0-3
          * overwrite it with eL W) */
         {
-            float w[4][4];
+            float w[GDN_NTW][4];
             gdn_state_product(w, wv, Wv + ci * GDN_C * Dp + j0, Dp, nv, Ub, dp, S, Wt, D, -1.0f, snt);
             if (warp < 4)
 #pragma unroll
@@ -156,7 +158,7 @@ gdn_fwd_state(const int snt, float *state_save, float *Wv, const float *Uk, cons
 #pragma unroll
                     for (int r = 0; r < 4; r++) {
                         const int t = gdn_frow(16 * warp, r);
-                        Wt[t * GDN_SP + gdn_fcol(0, j, r)] = gdn_state_op(sc[t] * w[j][r]);
+                        Wt[t * sp + gdn_fcol(0, j, r)] = gdn_state_op(sc[t] * w[j][r]);
                     }
         }
         __syncthreads();
@@ -167,15 +169,15 @@ gdn_fwd_state(const int snt, float *state_save, float *Wv, const float *Uk, cons
 
         /* S = e0L S + K^T (eL W): row tiles of 16 of [D, 8 snt] */
         for (int m0 = 16 * warp; m0 < D; m0 += 16 * (int)(blockDim.x >> 5)) {
-            float acc[4][4];
-            gdn_zero(acc);
-            gdn_mma_n(gdn_state_split(1), snt, acc, Kb, 1, dp, m0, D - 1, Wt, GDN_SP, 1, 0, 8 * snt - 1, 0, GDN_C);
+            float acc[GDN_NTW][4];
+            gdn_state_zero(acc);
+            gdn_mma_n(gdn_state_split(1), snt, acc, Kb, 1, dp, m0, D - 1, Wt, sp, 1, 0, 8 * snt - 1, 0, GDN_C);
 #pragma unroll
             for (int j = 0; j < snt; j++)
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
                     const int m = gdn_frow(m0, r), n = gdn_fcol(0, j, r);
-                    if (m < D) S[m * GDN_SP + n] = e0L * S[m * GDN_SP + n] + acc[j][r];
+                    if (m < D) S[m * sp + n] = e0L * S[m * sp + n] + acc[j][r];
                 }
         }
         __syncthreads();
@@ -183,20 +185,20 @@ gdn_fwd_state(const int snt, float *state_save, float *Wv, const float *Uk, cons
     }
 }
 
-/* the forward state kernel with 24 and with 32 value columns a block (gdn_state_nt) */
-static __global__ void __launch_bounds__(GDN_ST, 3)
-gdn_fwd_state_kernel24(float *state_save, float *Wv, const float *Uk, const float *Kp, const float *scal,
-                       const int32_t *doc_start, int T, int H, int D, int nchunk)
-{
-    gdn_fwd_state(3, state_save, Wv, Uk, Kp, scal, doc_start, T, H, D, nchunk);
-}
-
-static __global__ void __launch_bounds__(GDN_ST, 3)
-gdn_fwd_state_kernel32(float *state_save, float *Wv, const float *Uk, const float *Kp, const float *scal,
-                       const int32_t *doc_start, int T, int H, int D, int nchunk)
-{
-    gdn_fwd_state(4, state_save, Wv, Uk, Kp, scal, doc_start, T, H, D, nchunk);
-}
+/* the forward state kernel with 24, 32 and 48 value columns a block (gdn_state_nt); the
+ * 48-column blocks take more registers and are few enough to run two an SM */
+typedef void (*gdn_fwd_state_fn)(float *, float *, const float *, const float *, const float *, const int32_t *, int,
+                                 int, int, int);
+#define GDN_FWD_STATE_KERNEL(name, snt, minb)                                                                      \
+    static __global__ void __launch_bounds__(GDN_ST, minb)                                                         \
+    name(float *state_save, float *Wv, const float *Uk, const float *Kp, const float *scal,                        \
+         const int32_t *doc_start, int T, int H, int D, int nchunk)                                                \
+    {                                                                                                              \
+        gdn_fwd_state(snt, state_save, Wv, Uk, Kp, scal, doc_start, T, H, D, nchunk);                              \
+    }
+GDN_FWD_STATE_KERNEL(gdn_fwd_state_kernel24, 3, 3)
+GDN_FWD_STATE_KERNEL(gdn_fwd_state_kernel32, 4, 3)
+GDN_FWD_STATE_KERNEL(gdn_fwd_state_kernel48, 6, 2)
 
 /* Per (chunk, b*h): o = diag(e0) Qs S0 + M W, M = E o QK (lower triangle with diagonal).
  * Shared: header, Qs [64, dp] (pad columns zero), K [64, dp] until M is built and then a
@@ -286,6 +288,41 @@ extern "C" int cuda_gdn_set_state_warps(int n)
     return old;
 }
 
+/* the state kernels' value columns a block: 0 chooses by the shape (gdn_state_nt), 24, 32
+ * or 48 forces that many (for the tests and benchmarks); returns the previous setting */
+static int gdn_state_cols;
+extern "C" int cuda_gdn_set_state_cols(int n)
+{
+    if (n != 0 && n != 24 && n != 32 && n != 48) die("gdn: state kernels with %d columns (0, 24, 32 or 48)", n);
+    const int old = gdn_state_cols;
+    gdn_state_cols = n;
+    return old;
+}
+
+int gdn_state_nt(int D, int BH)
+{
+    if (gdn_state_cols) return gdn_state_cols / 8;
+    static const int widths[3] = {3, 4, 6};
+    const long nsm = cuda_num_sms();
+    int best = 0;
+    long bblocks = 0, bpad = 0;
+    for (int i = 0; i < 3; i++) {
+        const int w = 8 * widths[i], nsb = (D + w - 1) / w;
+        const long blocks = (long)nsb * BH, pad = (long)nsb * w - D;
+        int better;
+        if (!best) better = 1;
+        else if ((blocks >= nsm) != (bblocks >= nsm)) better = blocks >= nsm;
+        else if (blocks != bblocks) better = blocks >= nsm ? blocks < bblocks : blocks > bblocks;
+        else better = pad < bpad;
+        if (better) {
+            best = widths[i];
+            bblocks = blocks;
+            bpad = pad;
+        }
+    }
+    return best;
+}
+
 int gdn_state_threads(int blocks)
 {
     if (gdn_state_warps) return 32 * gdn_state_warps;
@@ -319,18 +356,17 @@ extern "C" void cuda_gdn_forward(float *o, float *state_save, const float *q, co
     float *Uk = (float *)cuda_scratch((2 * rows * dp + 2 * rows) * sizeof(float));
     float *Kp = Uk + rows * dp, *scal = Kp + rows * dp;
     cudaStream_t st = cuda_stream();
-    const size_t sm1 = gdn_smem_fwd_prep(D), sm2 = gdn_smem_state(D), sm3 = gdn_smem_fwd_out(D);
+    const int snt = gdn_state_nt(D, BH), nsb = (D + 8 * snt - 1) / (8 * snt);
+    const gdn_fwd_state_fn state = snt == 3 ? gdn_fwd_state_kernel24 : snt == 4 ? gdn_fwd_state_kernel32
+                                                                                 : gdn_fwd_state_kernel48;
+    const size_t sm1 = gdn_smem_fwd_prep(D), sm2 = gdn_smem_state(D, snt), sm3 = gdn_smem_fwd_out(D);
     gdn_allow_smem((const void *)gdn_fwd_prep_kernel, sm1);
-    gdn_allow_smem((const void *)gdn_fwd_state_kernel24, sm2);
-    gdn_allow_smem((const void *)gdn_fwd_state_kernel32, sm2);
+    gdn_allow_smem((const void *)state, sm2);
     gdn_allow_smem((const void *)gdn_fwd_out_kernel, sm3);
 
     gdn_fwd_prep_kernel<<<dim3(nchunk, BH), GDN_NT, sm1, st>>>(Wv, Uk, Kp, scal, k, v, g, beta,
                                                                doc_start, T, H, D, nchunk);
     LAUNCH_CHECK();
-    const int snt = gdn_state_nt(D), nsb = (D + 8 * snt - 1) / (8 * snt);
-    void (*state)(float *, float *, const float *, const float *, const float *, const int32_t *, int, int, int, int) =
-        snt == 3 ? gdn_fwd_state_kernel24 : gdn_fwd_state_kernel32;
     state<<<dim3(nsb, BH), gdn_state_threads(nsb * BH), sm2, st>>>(state_save, Wv, Uk, Kp, scal, doc_start, T, H, D,
                                                                    nchunk);
     LAUNCH_CHECK();

@@ -48,7 +48,8 @@
  * A warp computes a tile of 16 rows x 32 columns (gdn_mma and its two-product forms; the
  * grads kernel's dq, dk passes 16 x 48 where D > 64, gdn_mma_n); the per-chunk kernels'
  * 8 warps cover a [64, 64] block as 4 x 2 tiles, the state kernels' 4 warps a [64, 8 snt]
- * block or the 16-row tiles of a [D, 8 snt] one (24 or 32 value columns, gdn_state_nt). Operands are read from
+ * block or the 16-row tiles of a [D, 8 snt] one (24, 32 or 48 value columns, gdn_state_nt).
+ * Operands are read from
  * shared memory by scalar loads in fragment order, with arbitrary strides, so the same
  * helper serves A, A^T, B and B^T. The contraction steps by 8: [64, D] arrays keep
  * D rounded up to a multiple of 8 with zero pad columns (D = 85 -> 88, pitch 92), S and
@@ -107,8 +108,10 @@
  * D = 85) wait at barriers while two warps run the column-wise forward substitution of T; doing T by 16 x
  * 16 diagonal blocks and then block rows on all eight warps (the same multiply-adds in
  * more, shorter chains) made the prep kernels slower (0.34 -> 0.40 ms forward), so the
- * two-warp form stays. The state kernels (at D = 85 and B 8, H 12: 384 blocks of 4 warps
- * and 24 value columns, 3 per SM, one wave) are a serial chain of 32 chunk steps, each a few dependent mma products
+ * two-warp form stays. The state kernels (at D = 85 and B 8, H 12: 192 blocks of 4 warps
+ * and 48 value columns, one or two an SM; 384 blocks of 24 columns had read each chunk's
+ * [64, D] operands twice as often and took 0.255 and 0.293 ms instead of 0.228 and 0.255)
+ * are a serial chain of 32 chunk steps, each a few dependent mma products
  * and a cp.async refill; loading each step's Wv, Xo and Hc tiles a chunk ahead into
  * registers was tried and made them 3-9% slower. Tried this session and dropped, at
  * B 8, T 2048: running the three kernels of a pass over four groups of (b, h) rows on
@@ -159,7 +162,6 @@ extern "C" {
 #define GDN_PP 68       /* row pitch of a [64, 64] tile in shared memory (4 mod 8) */
 #define GDN_NT 256      /* threads of the per-chunk kernels: 8 warps, 4 x 2 warp tiles of [16, 32] */
 #define GDN_ST 256      /* threads of the state kernels: at most 8 warps (gdn_state_threads) */
-#define GDN_SP 40       /* row pitch of the state kernels' 32-wide rows (8 mod 16) */
 #define GDN_VP 36       /* row pitch of the grads kernel's 32-wide panels (4 mod 8) */
 #define GDN_KP 32       /* contraction panel of the backward's grads kernel */
 #define GDN_MAXD 256

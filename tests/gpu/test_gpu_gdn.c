@@ -29,8 +29,10 @@
  * product: -DGDN_SPLIT_*=3, reported by cuda_gdn_tf32_plain() == 0) is held to the fp32
  * tolerance, 1e-5, which it met on every case.
  *
- * Every case runs twice: with the state kernels on 4 warps and on 8 (which the op picks by
- * the grid's size). The kernels' speed is measured by benchmarks/bench_mixers.c, not here.
+ * Every case runs six times: with the state kernels on 4 warps and on 8 (which the op picks
+ * by the grid's size), each with the value columns a block that the op picks by the shape
+ * (24 at every shape here), 32 and 48 (which it picks for larger grids). The kernels'
+ * speed is measured by benchmarks/bench_mixers.c, not here.
  */
 #include <math.h>
 #include <stdio.h>
@@ -44,7 +46,9 @@
 int cuda_gdn_tf32_plain(void);
 /* the state kernels' warps: 0 by the grid (the default), 4 or 8; returns the old one */
 int cuda_gdn_set_state_warps(int n);
-static int state_warps; /* what this pass of the cases forces */
+/* the state kernels' value columns a block: 0 by the shape (the default), 24, 32 or 48 */
+int cuda_gdn_set_state_cols(int n);
+static int state_warps, state_cols; /* what this pass of the cases forces */
 
 #define TOL_TF32 2e-3
 static double tol; /* TOL_TF32, or GT_TOL_FP32 for a 3xTF32 build */
@@ -141,8 +145,8 @@ static void in_make(gdn_in *in, const gdn_case *c)
     in->ns = (size_t)c->B * c->T * c->H;
     in->nv = in->ns * c->D;
     in->nst = gdn_state_floats(c->B, c->T, c->H, c->D);
-    snprintf(in->name, sizeof in->name, "gdn B=%d T=%d H=%d D=%d docs=%s gates=%s state-warps=%d", c->B, c->T, c->H,
-             c->D, doc_names[c->docs], gate_names[c->gates], state_warps);
+    snprintf(in->name, sizeof in->name, "gdn B=%d T=%d H=%d D=%d docs=%s gates=%s state-warps=%d state-cols=%d",
+             c->B, c->T, c->H, c->D, doc_names[c->docs], gate_names[c->gates], state_warps, state_cols);
 
     in->q = gt_rand(&G, in->nv, -1, 1);
     in->k = gt_rand(&G, in->nv, -1, 1);
@@ -327,12 +331,18 @@ int main(void)
         {1, 2048, 1, 64, DOCS_RANDOM, GATES_LOGSIG},  /* random starts along a long row */
     };
     /* every case with each form of the state kernels (kernels/gdn_state.cuh): 4 warps,
-     * each over a whole contraction, and 8, which split it in halves */
-    for (state_warps = 4; state_warps <= 8; state_warps += 4) {
-        cuda_gdn_set_state_warps(state_warps);
-        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
-    }
+     * each over a whole contraction, and 8, which split it in halves; blocks of the
+     * columns the op picks, of 32 and of 48 */
+    static const int cols[] = {0, 32, 48};
+    for (state_warps = 4; state_warps <= 8; state_warps += 4)
+        for (int ci = 0; ci < 3; ci++) {
+            state_cols = cols[ci];
+            cuda_gdn_set_state_warps(state_warps);
+            cuda_gdn_set_state_cols(state_cols);
+            for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
+        }
     cuda_gdn_set_state_warps(0);
+    cuda_gdn_set_state_cols(0);
     printf("# %d failures\n", gt_failures());
     return gt_failures() != 0;
 }
