@@ -32,10 +32,13 @@
 /* kernels/attention_cudnn.cpp: 1 routes attention without documents to cuDNN (the
  * default where the build has it), 0 to our own kernels */
 void cuda_attention_use_cudnn(int on);
+/* kernels/gdn_forward.cu: the GDN state kernels' value columns a block (0: by the shape) */
+int cuda_gdn_set_state_cols(int n);
 #endif
 
 static double gemm_rate, copy_rate;
 static int reps = 10;
+static int state_cols; /* --gdn_state_cols: 0 lets the op choose */
 
 /* n device floats: uniform in [lo, hi) from stream `name` */
 static float *dev_random(const backend *be, const char *name, size_t n, double lo, double hi)
@@ -170,11 +173,21 @@ int main(int argc, char **argv)
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--device") && i + 1 < argc) snprintf(c.device, sizeof c.device, "%s", argv[++i]);
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
-        else die("bench_mixers: unknown argument %s (flags: --device cuda|cpu, --reps N)", argv[i]);
+        else if (!strcmp(argv[i], "--gdn_state_cols") && i + 1 < argc) state_cols = atoi(argv[++i]);
+        else die("bench_mixers: unknown argument %s (flags: --device cuda|cpu, --reps N, --gdn_state_cols N)",
+                 argv[i]);
     }
     if (reps < 1) die("bench_mixers: --reps must be at least 1");
     const backend *be = train_backend(&c);
     const backend *tb = timed_backend(be);
+    if (state_cols) {
+#ifdef DELTAMLA_HAVE_CUDA
+        if (strcmp(be->name, "cuda")) die("bench_mixers: --gdn_state_cols needs --device cuda");
+        cuda_gdn_set_state_cols(state_cols);
+#else
+        die("bench_mixers: --gdn_state_cols needs a CUDA build");
+#endif
+    }
     gemm_rate = bench_gemm_rate(be);
     copy_rate = bench_copy_rate(be);
     printf("# bench_mixers: device %s, %d calls each; measured ceilings: GEMM %.1f TFLOP/s, copy %.1f GB/s\n",

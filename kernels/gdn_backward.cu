@@ -77,10 +77,10 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
             for (int r = 0; r < 4; r++) Ts[gdn_frow(m0, r) * GDN_PP + gdn_fcol(n0, j, r)] = ak[j][r];
     }
     __syncthreads();
-    /* T over A (warps 0-1); meanwhile K's rows become eL K (Xk's right-hand side; Kp
-     * has been stored) */
+    /* T over A: its diagonal blocks (warps 0-1; meanwhile K's rows become eL K, Xk's
+     * right-hand side; Kp has been stored), then its lower-left block (all warps) */
     if (tid < GDN_C) {
-        gdn_invert_column(Ts, Ts);
+        gdn_invert_diag(Ts, Ts);
     } else {
         const int lane = tid & 31;
         for (int r = (tid - GDN_C) >> 5; r < GDN_C; r += (GDN_NT - GDN_C) / 32) {
@@ -88,6 +88,8 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
             for (int col = lane; col < D; col += 32) Ks[r * dp + col] *= eL;
         }
     }
+    __syncthreads();
+    gdn_invert_offdiag(Ts);
     __syncthreads();
 
     /* Xk = T^T (eL K); T^T is upper triangular */

@@ -59,10 +59,11 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *scal, const float *k
     }
     gdn_sync();
 
-    /* T by columns (warps 0-1) while the other warps scale the right-hand sides:
-     * V rows by beta, K rows by beta e0 (K K^T is done with them) */
+    /* T's diagonal blocks (warps 0-1) while the other warps scale the right-hand sides:
+     * V rows by beta, K rows by beta e0 (K K^T is done with them); then T's lower-left
+     * block (gdn_invert_offdiag) */
     if (tid < GDN_C) {
-        gdn_invert_column(Ts, As);
+        gdn_invert_diag(Ts, As);
     } else {
         const int lane = tid & 31;
         for (int r = (tid - GDN_C) >> 5; r < GDN_C; r += (GDN_NT - GDN_C) / 32) {
@@ -73,6 +74,8 @@ gdn_fwd_prep_kernel(float *Wv, float *Uk, float *Kp, float *scal, const float *k
             }
         }
     }
+    __syncthreads();
+    gdn_invert_offdiag(Ts);
     gdn_sync();
 
     /* Wv = T (beta V), Uk = T (beta e0 K); T is lower triangular, so the contraction

@@ -105,11 +105,14 @@
  * division-free copy loops, the warp scan of G and the cp.async loads; 5.66 ms with
  * 3xTF32 products; 8.41 ms for the fp32 FMA version these kernels replaced.
  * Per-chunk blocks (256 threads; 2 per SM for the grads kernel, 3 for the others at
- * D = 85) wait at barriers while two warps run the column-wise forward substitution of T; doing T by 16 x
- * 16 diagonal blocks and then block rows on all eight warps (the same multiply-adds in
- * more, shorter chains) made the prep kernels slower (0.34 -> 0.40 ms forward), so the
- * two-warp form stays. The state kernels (at D = 85 and B 8, H 12: 192 blocks of 4 warps
- * and 48 value columns, one or two an SM; 384 blocks of 24 columns had read each chunk's
+ * D = 85) wait at barriers while two warps run the column-wise forward substitution of
+ * T's two 32 x 32 diagonal blocks; its lower-left block then comes from two block
+ * products on all eight warps (gdn_invert_diag, gdn_invert_offdiag). With the whole of T
+ * by substitution on two warps (chains of 64 rows) the prep kernels took 0.280 and 0.386
+ * ms instead of 0.254 and 0.356 (and 0.247 and 0.332 with no solve at all, a timing-only
+ * build). An earlier try, T by 16 x 16 diagonal blocks and then block rows on all eight
+ * warps, had made the forward prep slower (0.34 -> 0.40 ms). The state kernels (at D =
+ * 85 and B 8, H 12: 192 blocks of 4 warps and 48 value columns, one or two an SM; 384 blocks of 24 columns had read each chunk's
  * [64, D] operands twice as often and took 0.255 and 0.293 ms instead of 0.228 and 0.255)
  * are a serial chain of 32 chunk steps, each a few dependent mma products
  * and a cp.async refill; loading each step's Wv, Xo and Hc tiles a chunk ahead into
@@ -292,25 +295,40 @@ static __device__ __forceinline__ float gdn_decay(gdn_hdr s, int t, int u, int L
 #include "gdn_copy.cuh"
 #include "gdn_state.cuh"
 
-/* Column c (the calling thread, c < 64) of T = (I + A)^-1 by forward substitution:
- * T_tc = [t == c] - sum_{s<t} A_ts T_sc, with A [64, GDN_PP] strictly lower triangular
- * (16-byte aligned rows); Ts may be As (T written over A). Fully unrolled so that the column stays in registers; four
- * partial sums per row (p[u % 4]) shorten the dependency chain, and a row of A is read
- * four elements per load (a quarter of the shared loads of one per element). */
-static __device__ __forceinline__ void gdn_invert_column(float *Ts, const float *As)
+/* T = (I + A)^-1 for A [64, GDN_PP] strictly lower triangular (16-byte aligned rows), in
+ * two steps over its 32 x 32 blocks [T00 0; T10 T11]:
+ *   gdn_invert_diag (threads 0-63): T00 = (I + A00)^-1 and T11 = (I + A11)^-1 by forward
+ *     substitution, a thread per column of its block: T_tc = [t == c] - sum_{s<t} A_ts
+ *     T_sc. Ts may be As (each diagonal block of T written over that of A).
+ *   gdn_invert_offdiag (all threads, after a barrier): T10 = -T11 A10 T00, as P = A10 T00
+ *     (parked in the zero upper-right block, rows 0-31 x columns 32-63, which no product
+ *     with T reads: they stop at the tile's last row or start at its first) and then
+ *     -T11 P over A10; the caller's barrier ends it.
+ * The substitution chains are 32 rows long instead of 64 (a quarter of the multiply-adds
+ * of one thread per column of the whole T, whose two warps the other six had waited for)
+ * and the two block products run on all eight warps. In fp32, in a fixed order. */
+static __device__ __forceinline__ float4 gdn_lds4(const float *p)
 {
-    const int c = threadIdx.x;
-    float x[GDN_C];
+    float4 v;
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(cuda_smem_u32(p)));
+    return v;
+}
+
+static __device__ __forceinline__ void gdn_invert_diag(float *Ts, const float *As)
+{
+    const int c = threadIdx.x & 31, o = threadIdx.x & 32; /* column c of the block at (o, o) */
+    float x[32];
+    /* fully unrolled so that the column stays in registers; four partial sums per row
+     * (p[u % 4]) shorten the dependency chain, and a row of A is read four elements a load */
 #pragma unroll
-    for (int t = 0; t < GDN_C; t++) {
+    for (int t = 0; t < 32; t++) {
         float p[4] = {t == c ? 1.0f : 0.0f, 0.0f, 0.0f, 0.0f};
-        const float *a = As + t * GDN_PP;
+        const float *a = As + (o + t) * GDN_PP + o;
 #pragma unroll
         for (int u = 0; u < t; u += 4) {
-            float4 a4;
-            asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                         : "=f"(a4.x), "=f"(a4.y), "=f"(a4.z), "=f"(a4.w)
-                         : "r"(cuda_smem_u32(a + u)));
+            const float4 a4 = gdn_lds4(a + u);
             p[0] = fmaf(-a4.x, x[u], p[0]);
             if (u + 1 < t) p[1] = fmaf(-a4.y, x[u + 1], p[1]);
             if (u + 2 < t) p[2] = fmaf(-a4.z, x[u + 2], p[2]);
@@ -321,7 +339,41 @@ static __device__ __forceinline__ void gdn_invert_column(float *Ts, const float 
     /* the 64 calling threads have all read A (Ts may lie over As) */
     asm volatile("bar.sync 1, 64;\n" ::: "memory");
 #pragma unroll
-    for (int t = 0; t < GDN_C; t++) Ts[t * GDN_PP + c] = x[t];
+    for (int t = 0; t < 32; t++) Ts[(o + t) * GDN_PP + o + c] = x[t];
+}
+
+/* acc[r] += sum_k R[r][k] C[k], k < 32: rows R of pitch GDN_PP read four at a time (the
+ * same address on every lane), C a column (pitch GDN_PP) */
+static __device__ __forceinline__ void gdn_rows_col32(float acc[4], const float *R, const float *C)
+{
+#pragma unroll
+    for (int k = 0; k < 32; k += 4) {
+        float cv[4];
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) cv[kk] = C[(k + kk) * GDN_PP];
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            const float4 a = gdn_lds4(R + r * GDN_PP + k);
+            acc[r] = fmaf(a.x, cv[0], acc[r]);
+            acc[r] = fmaf(a.y, cv[1], acc[r]);
+            acc[r] = fmaf(a.z, cv[2], acc[r]);
+            acc[r] = fmaf(a.w, cv[3], acc[r]);
+        }
+    }
+}
+
+static __device__ __forceinline__ void gdn_invert_offdiag(float *Ts)
+{
+    const int j = threadIdx.x & 31, i0 = 4 * (threadIdx.x >> 5); /* rows i0..i0+3, column j */
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    gdn_rows_col32(acc, Ts + (32 + i0) * GDN_PP, Ts + j); /* P = A10 T00 */
+#pragma unroll
+    for (int r = 0; r < 4; r++) Ts[(i0 + r) * GDN_PP + 32 + j] = acc[r];
+    __syncthreads();
+    float t10[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    gdn_rows_col32(t10, Ts + (32 + i0) * GDN_PP + 32, Ts + 32 + j); /* T11 P */
+#pragma unroll
+    for (int r = 0; r < 4; r++) Ts[(32 + i0 + r) * GDN_PP + j] = -t10[r];
 }
 
 /* ---- host side, shared by the two launchers ---- */
