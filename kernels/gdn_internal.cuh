@@ -112,10 +112,10 @@
  * ms instead of 0.254 and 0.356 (and 0.247 and 0.332 with no solve at all, a timing-only
  * build). An earlier try, T by 16 x 16 diagonal blocks and then block rows on all eight
  * warps, had made the forward prep slower (0.34 -> 0.40 ms). The state kernels (at D =
- * 85 and B 8, H 12: 192 blocks of 4 warps and 48 value columns, one or two an SM; 384 blocks of 24 columns had read each chunk's
- * [64, D] operands twice as often and took 0.255 and 0.293 ms instead of 0.228 and 0.255)
- * are a serial chain of 32 chunk steps, each a few dependent mma products
- * and a cp.async refill; loading each step's Wv, Xo and Hc tiles a chunk ahead into
+ * 85 and B 8, H 12: 192 blocks of 4 warps and 48 value columns, one or two an SM; 384
+ * blocks of 24 columns had read each chunk's [64, D] operands twice as often and took
+ * 0.255 and 0.293 ms instead of 0.228 and 0.255) are a serial chain of 32 chunk steps,
+ * each a few dependent mma products and a cp.async refill; loading each step's Wv, Xo and Hc tiles a chunk ahead into
  * registers was tried and made them 3-9% slower. Tried this session and dropped, at
  * B 8, T 2048: running the three kernels of a pass over four groups of (b, h) rows on
  * separate streams, so that the state kernel of one group overlaps the per-chunk kernels
