@@ -3,11 +3,11 @@
  * the helpers it shares with the forward (gdn_forward.cu) are in gdn_internal.cuh.
  *
  * Backward, three kernels:
- *   prep  (chunk, b*h):  from the saved S0: T, M, W (direct solve), Xo, Xk, Hc.
- *   state (32 value columns, b*h): walks the chunks last to first, saves the dS arriving
+ *   prep  (chunk, b*h):  T, M, Xo, Xk, Hc, and E o KK and M for the grads kernel.
+ *   state (24-48 value columns, b*h): walks the chunks last to first, saves the dS arriving
  *                        at each chunk's end, turns Xo into X in place and carries dS.
  *   grads (chunk, b*h):  steps 3-8: the pair matrices dKK = -E o beta (X W^T) and
- *                        dQK = E o (dO W^T) with the dG and dbeta terms of KK and QK;
+ *                        dQK = E o (dO W^T) with the dG and dbeta terms of E o KK and M;
  *                        then dq, dk from dKK, dQK and from dO S0^T, X S0^T, W dS^T
  *                        (the start- and end-state terms); dv = beta X; dbeta; dg by a
  *                        segmented suffix sum.
@@ -17,7 +17,11 @@
 /* Per (chunk, b*h): e0 and e0 beta to e0buf [bh][chunk][128]; Xk = T^T diag(eL) K (in the
  * state kernel's layout, [64, dp], pad columns zero); Hc = Qs^T diag(e0) dO [D, D];
  * Xo = T^T M^T dO = N dO, N = T^T M^T (upper triangular, built once: one product per
- * panel of dO instead of two). (W is the forward's, from state_save.)
+ * panel of dO instead of two); E o KK (strictly lower) and M = scale E o QK (lower) to
+ * Pbuf [bh][chunk][2][64][64], the grads kernel's dG and dbeta terms (it had computed
+ * both products again from K and q: with them read from here the grads kernel took 0.655
+ * instead of 0.700 ms and this one 0.384 instead of 0.356, the backward 1.318 -> 1.304).
+ * (W is the forward's, from state_save.)
  * Shared: header and three regions, 66 KB at D = 85 so that three blocks share an SM
  * (with a region each for K, q, A or T, and M the block took 101 KB and two did; the
  * registers are held to 80 for three):
@@ -28,7 +32,7 @@
  * each [64, 64] result; T and M are lower triangular, so products with them, their
  * transposes or N contract only over the rows or columns that the tile reaches. */
 static __global__ void __launch_bounds__(GDN_NT, 3)
-gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float *e0buf, const float *dout,
+gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float *e0buf, float *Pbuf, const float *dout,
                     const float *q, const float *k, const float *g, const float *beta,
                     const int32_t *doc_start, int T, int H, int D, int nchunk, float scale)
 {
@@ -61,14 +65,19 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
         gdn_zero(aq);
         if (n0 < m0 + 16)
             gdn_mma_2a(GDN_SPLIT_PAIR, ak, aq, Ks, Qs, dp, 1, m0, GDN_C - 1, Ks, 1, dp, n0, GDN_C - 1, 0, D);
+        float *pk = Pbuf + ci * 2 * GDN_C * GDN_C; /* E o KK for the grads kernel (M follows below) */
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int r = 0; r < 4; r++) {
+            for (int r = 0; r < 4; r += 2) {
                 const int t = gdn_frow(m0, r), u = gdn_fcol(n0, j, r);
-                const float E = gdn_decay(s, t, u, L);
-                Ms[t * GDN_PP + u] = scale * E * aq[j][r];
-                ak[j][r] = u < t ? s.bt[t] * E * ak[j][r] : 0.0f;
+                const float E0 = gdn_decay(s, t, u, L), E1 = gdn_decay(s, t, u + 1, L);
+                Ms[t * GDN_PP + u] = scale * E0 * aq[j][r];
+                Ms[t * GDN_PP + u + 1] = scale * E1 * aq[j][r + 1];
+                *(float2 *)(pk + t * GDN_C + u) =
+                    make_float2(u < t ? E0 * ak[j][r] : 0.0f, u + 1 < t ? E1 * ak[j][r + 1] : 0.0f);
+                ak[j][r] = u < t ? s.bt[t] * E0 * ak[j][r] : 0.0f;
+                ak[j][r + 1] = u + 1 < t ? s.bt[t] * E1 * ak[j][r + 1] : 0.0f;
             }
         __syncthreads();
 #pragma unroll
@@ -87,6 +96,9 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
             const float eL = s.eL[r];
             for (int col = lane; col < D; col += 32) Ks[r * dp + col] *= eL;
         }
+        float *pm = Pbuf + (ci * 2 + 1) * GDN_C * GDN_C; /* M for the grads kernel */
+        for (int e = tid - GDN_C; e < GDN_C * GDN_C / 4; e += GDN_NT - GDN_C)
+            *(float4 *)(pm + 4 * e) = *(const float4 *)(Ms + (e >> 4) * GDN_PP + 4 * (e & 15));
     }
     __syncthreads();
     gdn_invert_offdiag(Ts);
@@ -406,7 +418,8 @@ static __device__ __forceinline__ float gdn_grads_dqdk(const int nt, float *reg,
  * (one per column half) and columns [64][4] (one per row quarter); partial sums of the
  * state terms' rows [3][64][2]; per-row sums [8][64]; per-thread sums of <S0, dS> [256];
  * then one region reused by the phases (gdn_grads_region):
- *   pairs:  32-column panels of K and Qs, then of X, dO, W, V (4 x [64, GDN_VP])
+ *   pairs:  32-column panels of X, dO, W, V (4 x [64, GDN_VP]), with dKK and dQK first
+ *           holding E o KK and M from the prep kernel (Pbuf)
  *   dk/dq:  as gdn_grads_dqdk lays it out
  * Warp w computes the warp tile (16 (w % 4), 32 (w / 4)) of every [64, 64] result of the
  * pairs (gdn_grads_dqdk's tiles are 16 x 48 where D > 64); row and column sums of a tile
@@ -422,7 +435,7 @@ static __host__ __device__ __forceinline__ int gdn_grads_region(int D)
 static __device__ __forceinline__ void
 gdn_bwd_grads(const int nt, float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout,
               const float *q, const float *k, const float *v, const float *g, const float *beta,
-              const float *state_save, const float *dSbuf, const float *Wbuf, const float *Xbuf,
+              const float *state_save, const float *dSbuf, const float *Wbuf, const float *Xbuf, const float *Pbuf,
               const int32_t *doc_start, int T, int H, int D, int nchunk, float scale, int set)
 {
     const int c = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
@@ -444,32 +457,11 @@ gdn_bwd_grads(const int nt, float *dq, float *dk, float *dv, float *dg, float *d
     for (int e = tid; e < GDN_B3_DOTS; e += GDN_NT) dots[e] = 0.0f;
     gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
 
-    /* ---- pairs, first pass: KK and QK over 32-column panels of K and Qs, parked in
-     * dKK and dQK (each element is read back by the thread that wrote it) ---- */
-    {
-        float kk[4][4], qk[4][4];
-        gdn_zero(kk);
-        gdn_zero(qk);
-        float *Kp = reg, *Qp = Kp + GDN_C * GDN_VP;
-        for (int p = 0; p < D; p += GDN_KP) {
-            const int pw = gdn_imin(GDN_KP, D - p);
-            gdn_load_async(Kp, GDN_VP, GDN_C, GDN_KP, k + tok, rs, L, p, D);
-            gdn_load_async(Qp, GDN_VP, GDN_C, GDN_KP, q + tok, rs, L, p, D); /* unscaled (below) */
-            gdn_sync();
-            if (!upper)
-                gdn_mma_2a(GDN_SPLIT_PAIR, kk, qk, Kp, Qp, GDN_VP, 1, m0, GDN_C - 1, Kp, 1, GDN_VP, n0, GDN_C - 1, 0, pw);
-            gdn_sync();
-        }
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                const int x = gdn_frow(m0, r) * GDN_PP + gdn_fcol(n0, j, r);
-                dKK[x] = kk[j][r];
-                dQK[x] = scale * qk[j][r];
-            }
-    }
-    /* ---- second pass: C1 = X W^T and C2 = dO W^T; dv += beta X and v . X on the way.
+    /* ---- pairs: E o KK and M = scale E o QK from the prep kernel (Pbuf) into dKK and dQK,
+     * in flight with the first panels below ---- */
+    gdn_load_async(dKK, GDN_PP, GDN_C, GDN_C, Pbuf + ci * 2 * GDN_C * GDN_C, GDN_C, GDN_C, 0, GDN_C);
+    gdn_load_async(dQK, GDN_PP, GDN_C, GDN_C, Pbuf + (ci * 2 + 1) * GDN_C * GDN_C, GDN_C, GDN_C, 0, GDN_C);
+    /* ---- C1 = X W^T and C2 = dO W^T; dv += beta X and v . X on the way.
      * Then dKK_ts = -E beta_t C1 (s < t), dQK_ts = E C2 (s <= t); the dG term
      * E (QK C2 - KK beta_t C1) and the dbeta term E KK C1 (s < t) are summed by rows and
      * columns, first over the thread's fragment, then over the lanes of the warp tile,
@@ -488,7 +480,8 @@ gdn_bwd_grads(const int nt, float *dq, float *dk, float *dv, float *dg, float *d
             gdn_load_async(Wp, GDN_VP, GDN_C, GDN_KP, Wc, Dp, GDN_C, p, D);
             gdn_sync();
             if (!upper)
-                gdn_mma_2a(GDN_SPLIT_PAIR, c1, c2, Xp, Op, GDN_VP, 1, m0, GDN_C - 1, Wp, 1, GDN_VP, n0, GDN_C - 1, 0, pw);
+                gdn_mma_2a(GDN_SPLIT_PAIR, c1, c2, Xp, Op, GDN_VP, 1, m0, GDN_C - 1, Wp, 1, GDN_VP, n0, GDN_C - 1, 0,
+                           pw);
             if (tid < GDN_C)
                 for (int col = 0; col < pw; col++) vx = fmaf(Vp[tid * GDN_VP + col], Xp[tid * GDN_VP + col], vx);
             static_assert(GDN_C * GDN_KP == 8 * GDN_NT, "the dv update covers a panel in 8 passes");
@@ -515,13 +508,13 @@ gdn_bwd_grads(const int nt, float *dq, float *dk, float *dv, float *dg, float *d
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const int t = gdn_frow(m0, r), u = gdn_fcol(n0, j, r), x = t * GDN_PP + u;
-                const float kk = dKK[x], qk = dQK[x];
+                const float ekk = dKK[x], m = dQK[x]; /* E KK, scale E QK */
                 const float E = gdn_decay(s, t, u, L), bc = s.bt[t] * c1[j][r];
                 float dkk = 0.0f, dee = 0.0f, dbp = 0.0f;
                 if (u < t) {
                     dkk = -E * bc;
-                    dee = (qk * c2[j][r] - kk * bc) * E;
-                    dbp = E * kk * c1[j][r];
+                    dee = m * c2[j][r] - ekk * bc;
+                    dbp = ekk * c1[j][r];
                 }
                 dKK[x] = dkk;
                 dQK[x] = scale * E * c2[j][r]; /* scaled: the dk/dq products take q, k unscaled */
@@ -612,21 +605,22 @@ gdn_bwd_grads(const int nt, float *dq, float *dk, float *dv, float *dg, float *d
 static __global__ void __launch_bounds__(GDN_NT, 2)
 gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout, const float *q,
                      const float *k, const float *v, const float *g, const float *beta, const float *state_save,
-                     const float *dSbuf, const float *Wbuf, const float *Xbuf, const int32_t *doc_start, int T,
-                     int H, int D, int nchunk, float scale, int set)
+                     const float *dSbuf, const float *Wbuf, const float *Xbuf, const float *Pbuf,
+                     const int32_t *doc_start, int T, int H, int D, int nchunk, float scale, int set)
 {
-    gdn_bwd_grads(4, dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf, Xbuf, doc_start, T, H,
-                  D, nchunk, scale, set);
+    gdn_bwd_grads(4, dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf, Xbuf, Pbuf, doc_start, T,
+                  H, D, nchunk, scale, set);
 }
 
 static __global__ void __launch_bounds__(GDN_NT, 2)
 gdn_bwd_grads_wide_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout,
                           const float *q, const float *k, const float *v, const float *g, const float *beta,
                           const float *state_save, const float *dSbuf, const float *Wbuf, const float *Xbuf,
-                          const int32_t *doc_start, int T, int H, int D, int nchunk, float scale, int set)
+                          const float *Pbuf, const int32_t *doc_start, int T, int H, int D, int nchunk, float scale,
+                          int set)
 {
-    gdn_bwd_grads(6, dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf, Xbuf, doc_start, T, H,
-                  D, nchunk, scale, set);
+    gdn_bwd_grads(6, dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf, Xbuf, Pbuf, doc_start, T,
+                  H, D, nchunk, scale, set);
 }
 
 /* =================================================================================== */
@@ -658,9 +652,10 @@ static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbet
     fatal_check(gdn_w_pitch(D) == (int)Dp);
     const float *Wbuf = state_save + gdn_state_w_offset(B, T, H, D);
     const size_t dp = gdn_kpitch(D);
-    float *Xbuf = (float *)cuda_scratch((rows * Dp + 2 * rows * dp + 2 * states + 2 * rows) * sizeof(float));
+    float *Xbuf = (float *)cuda_scratch((rows * Dp + 2 * rows * dp + 2 * states + 2 * rows + 2 * rows * GDN_C) *
+                                        sizeof(float));
     float *Xkbuf = Xbuf + rows * Dp, *Kpbuf = Xkbuf + rows * dp, *Hcbuf = Kpbuf + rows * dp;
-    float *dSbuf = Hcbuf + states, *e0buf = dSbuf + states;
+    float *dSbuf = Hcbuf + states, *e0buf = dSbuf + states, *Pbuf = e0buf + 2 * rows;
     cudaStream_t st = cuda_stream();
     const int snt = gdn_state_nt(D, BH), nsb = (D + 8 * snt - 1) / (8 * snt);
     const gdn_bwd_state_fn state = snt == 3 ? gdn_bwd_state_kernel24 : snt == 4 ? gdn_bwd_state_kernel32
@@ -671,18 +666,18 @@ static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbet
     gdn_allow_smem((const void *)gdn_bwd_grads_kernel, sm3);
     gdn_allow_smem((const void *)gdn_bwd_grads_wide_kernel, sm3);
 
-    gdn_bwd_prep_kernel<<<dim3(nchunk, BH), GDN_NT, sm1, st>>>(Xbuf, Xkbuf, Kpbuf, Hcbuf, e0buf, dout, q, k, g,
-                                                               beta, doc_start, T, H, D, nchunk, scale);
+    gdn_bwd_prep_kernel<<<dim3(nchunk, BH), GDN_NT, sm1, st>>>(Xbuf, Xkbuf, Kpbuf, Hcbuf, e0buf, Pbuf, dout, q, k,
+                                                               g, beta, doc_start, T, H, D, nchunk, scale);
     LAUNCH_CHECK();
     state<<<dim3(nsb, BH), gdn_state_threads(nsb * BH), sm2, st>>>(dSbuf, Xbuf, Xkbuf, Hcbuf, Kpbuf, e0buf, doc_start,
                                                                    T, H, D, nchunk);
     LAUNCH_CHECK();
     void (*grads)(float *, float *, float *, float *, float *, const float *, const float *, const float *,
                   const float *, const float *, const float *, const float *, const float *, const float *,
-                  const float *, const int32_t *, int, int, int, int, float, int) =
+                  const float *, const float *, const int32_t *, int, int, int, int, float, int) =
         D > 64 ? gdn_bwd_grads_wide_kernel : gdn_bwd_grads_kernel;
     grads<<<dim3(nchunk, BH), GDN_NT, sm3, st>>>(dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf,
-                                                 Xbuf, doc_start, T, H, D, nchunk, scale, set);
+                                                 Xbuf, Pbuf, doc_start, T, H, D, nchunk, scale, set);
     LAUNCH_CHECK();
 }
 
