@@ -32,13 +32,15 @@
 /* kernels/attention_cudnn.cpp: 1 routes attention without documents to cuDNN (the
  * default where the build has it), 0 to our own kernels */
 void cuda_attention_use_cudnn(int on);
-/* kernels/gdn_forward.cu: the GDN state kernels' value columns a block (0: by the shape) */
+/* kernels/gdn_forward.cu: the GDN state kernels' value columns a block and warps (0: by
+ * the shape) */
 int cuda_gdn_set_state_cols(int n);
+int cuda_gdn_set_state_warps(int n);
 #endif
 
 static double gemm_rate, copy_rate;
 static int reps = 10;
-static int state_cols; /* --gdn_state_cols: 0 lets the op choose */
+static int state_cols, state_warps; /* --gdn_state_cols, --gdn_state_warps: 0 lets the op choose */
 
 /* n device floats: uniform in [lo, hi) from stream `name` */
 static float *dev_random(const backend *be, const char *name, size_t n, double lo, double hi)
@@ -174,18 +176,20 @@ int main(int argc, char **argv)
         if (!strcmp(argv[i], "--device") && i + 1 < argc) snprintf(c.device, sizeof c.device, "%s", argv[++i]);
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--gdn_state_cols") && i + 1 < argc) state_cols = atoi(argv[++i]);
-        else die("bench_mixers: unknown argument %s (flags: --device cuda|cpu, --reps N, --gdn_state_cols N)",
-                 argv[i]);
+        else if (!strcmp(argv[i], "--gdn_state_warps") && i + 1 < argc) state_warps = atoi(argv[++i]);
+        else die("bench_mixers: unknown argument %s (flags: --device cuda|cpu, --reps N, --gdn_state_cols N, "
+                 "--gdn_state_warps N)", argv[i]);
     }
     if (reps < 1) die("bench_mixers: --reps must be at least 1");
     const backend *be = train_backend(&c);
     const backend *tb = timed_backend(be);
-    if (state_cols) {
+    if (state_cols || state_warps) {
 #ifdef DELTAMLA_HAVE_CUDA
-        if (strcmp(be->name, "cuda")) die("bench_mixers: --gdn_state_cols needs --device cuda");
+        if (strcmp(be->name, "cuda")) die("bench_mixers: --gdn_state_cols and --gdn_state_warps need --device cuda");
         cuda_gdn_set_state_cols(state_cols);
+        cuda_gdn_set_state_warps(state_warps);
 #else
-        die("bench_mixers: --gdn_state_cols needs a CUDA build");
+        die("bench_mixers: --gdn_state_cols and --gdn_state_warps need a CUDA build");
 #endif
     }
     gemm_rate = bench_gemm_rate(be);
