@@ -42,9 +42,10 @@
  * finer than the bf16 rounding of the GEMMs that produce q, k, v and consume o (1e-2).
  * Each product family can instead run in 3xTF32 (x = hi + lo, both TF32; hi*hi + hi*lo +
  * lo*hi, about 2^-22 relative per product, fp32-like) by building with its GDN_SPLIT_*
- * macro below set to 3; with all five at 3 every test case met the fp32 tolerance (1e-5),
- * and the op cost 5.66 ms forward + backward at B 8, T 2048, H 12, D 85 instead of
- * 4.69 (the same kernels in TF32), which is why TF32 is the default.
+ * macro below set to 3; with all five at 3 every test case met the fp32 tolerance (1e-5;
+ * largest error 4.0e-6), and the op cost 2.48 ms forward + backward at B 8, T 2048,
+ * H 12, D 85 instead of 2.05 (the same kernels in TF32; 5.66 against 4.69 ms in an
+ * earlier form of them), which is why TF32 is the default.
  * A warp computes a tile of 16 rows x 32 columns (gdn_mma and its two-product forms; the
  * grads kernel's dq, dk passes 16 x 48 where D > 64, gdn_mma_n); the per-chunk kernels'
  * 8 warps cover a [64, 64] block as 4 x 2 tiles, the state kernels' 4 warps a [64, 8 snt]
@@ -73,8 +74,11 @@
  * so two runs give the same bits.
  *
  * Cost at B = 8, T = 2048, H = 12, D = 85 (3072 chunks), measured on an H100 by
- * benchmarks/bench_mixers.c: forward 0.81 ms, backward 1.40 ms (1.33 ms writing the
- * gradients, as the model does). Before this, 0.85 and 1.59 ms: the forward prep, forward
+ * benchmarks/bench_mixers.c: forward 0.73 ms, backward 1.32 ms (1.23 ms writing the
+ * gradients, as the model does); 0.81 and 1.40 ms before the state kernels' 48-column
+ * blocks, the block solve of T and the pairs handed from the prep kernel to the grads
+ * kernel (gdn_state_nt, gdn_invert_offdiag, Pbuf in gdn_backward.cu). Before that,
+ * 0.85 and 1.59 ms: the forward prep, forward
  * out and backward prep kernels then took 84, 101 and 101 KB of shared memory and up to
  * 126 registers, so two blocks shared an SM (25% occupancy); laid out in 66, 75 and
  * 66 KB (regions reused as their contents die: T over A, W over K, q reloaded) and held

@@ -48,8 +48,10 @@ static __device__ __forceinline__ void gdn_state_zero(float acc[GDN_NTW][4])
  * bounds a block that has an SM to itself: at B 2, T 8192, H 12, D 85 (72 blocks) the op
  * took 3.05 instead of 3.25 ms forward + backward. Where blocks share SMs they are bound
  * by the SMs' throughput instead, and the extra sums cost: at B 8, T 2048 (288 blocks)
- * 2.68 against 2.64 ms. So 8 warps run where the blocks fit on the SMs one each
- * (gdn_state_threads). */
+ * 2.68 against 2.64 ms, and with the 192 blocks of 48 columns 2.06 against 2.03 ms. So 8
+ * warps run where the blocks fit on the SMs one each (gdn_state_threads). Blocks of 96
+ * columns (two units of 4 warps sharing the chunk's operands, 96 blocks at that shape,
+ * one an SM) were tried too: 2.11 ms, as with 48. */
 static __host__ __device__ __forceinline__ int gdn_state_kmid(int D) { return 8 * ((gdn_r8(D) / 8 + 1) / 2); }
 
 /* acc (the thread's fragment of row tile m0) += the other half's partial sums from tile
