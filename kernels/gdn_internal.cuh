@@ -29,10 +29,11 @@
  * sequence end are zero): forward Uk and the state kernel's copy of K, backward Xk and the
  * copy of K, in the state kernels' shared-memory layout (rows of gdn_kpitch(D) floats,
  * pad columns zero: gdn_refill); backward Xo/X ([64, D]), Hc and dS ([D, D]) with rows of
- * gdn_r4(D) floats; and the per-token decays (eL, e0; e0, e0 beta). W (Wv, then W) lives in state_save, after the
- * start states (backend.h): the forward writes it there and the backward reads it, where
- * its prep kernel used to solve for it again from S0 (2.84 -> 2.64 ms forward + backward
- * at the shape below).
+ * gdn_r4(D) floats; the backward's E o KK and M ([64, 64] each, from its prep kernel to its
+ * grads kernel); and the per-token decays (eL, e0; e0, e0 beta). W (Wv, then W) lives in
+ * state_save, after the start states (backend.h): the forward writes it there and the
+ * backward reads it, where its prep kernel used to solve for it again from S0 (2.84 ->
+ * 2.64 ms forward + backward at the shape below).
  *
  * Every product runs on the tensor cores: mma.sync m16n8k8 with TF32 operands (10-bit
  * mantissa) and fp32 accumulation; scalars, decays and the forward substitution stay

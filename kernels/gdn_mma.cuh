@@ -30,8 +30,14 @@
 #define GDN_SPLIT_GRAD 1  /* the grads kernel's dq, dk from dKK and dQK */
 #endif
 
-static __device__ __forceinline__ int gdn_frow(int m0, int r) { return m0 + (int)((threadIdx.x & 31) >> 2) + ((r >> 1) << 3); }
-static __device__ __forceinline__ int gdn_fcol(int n0, int j, int r) { return n0 + 8 * j + 2 * (int)(threadIdx.x & 3) + (r & 1); }
+static __device__ __forceinline__ int gdn_frow(int m0, int r)
+{
+    return m0 + (int)((threadIdx.x & 31) >> 2) + ((r >> 1) << 3);
+}
+static __device__ __forceinline__ int gdn_fcol(int n0, int j, int r)
+{
+    return n0 + 8 * j + 2 * (int)(threadIdx.x & 3) + (r & 1);
+}
 
 /* x rounded to TF32, to nearest with ties away from zero: the bits of cvt.rna.tf32.f32
  * for every finite x, by two integer ops (add half an ulp of the 10-bit mantissa to the
@@ -174,7 +180,8 @@ static __device__ __forceinline__ void gdn_ldsm4(float x[4], const float *row)
     for (int i = 0; i < 4; i++) x[i] = __uint_as_float(r[i]);
 }
 
-static __device__ __forceinline__ void gdn_afrag(int split, const float *A, const gdn_mpos *p, uint32_t ah[4], uint32_t al[4])
+static __device__ __forceinline__ void gdn_afrag(int split, const float *A, const gdn_mpos *p, uint32_t ah[4],
+                                                 uint32_t al[4])
 {
     float x[4];
     if (p->lda) {
