@@ -3,13 +3,13 @@
  * the helpers it shares with the backward (gdn_backward.cu) are in gdn_internal.cuh.
  *
  * Forward, three kernels:
- *   prep  (chunk, b*h):  G, E, e0, eL; A from K K^T; T by forward substitution, one
- *                        thread per column; Wv and Uk.
- *   state (32 value columns, b*h): walks the chunks in order, saves S0, turns Wv into W
- *                        in place and updates S. Value columns of S evolve independently,
- *                        so each (b, h) gets ceil(D/32) blocks. The next chunk's [64, D]
- *                        operands stream into shared memory by cp.async while the
- *                        current chunk computes.
+ *   prep  (chunk, b*h):  G, E, e0, eL; A from K K^T; T = (I + A)^-1 by 32 x 32 blocks
+ *                        (gdn_invert_diag, gdn_invert_offdiag); Wv and Uk.
+ *   state (24, 32 or 48 value columns, b*h; gdn_state_nt): walks the chunks in order,
+ *                        saves S0, turns Wv into W in place and updates S. Value columns
+ *                        of S evolve independently, so each (b, h) gets ceil(D / cols)
+ *                        blocks. The next chunk's [64, D] operands stream into shared
+ *                        memory by bulk copies while the current chunk computes.
  *   out   (chunk, b*h):  o = diag(e0) Qs S0 + M W.
  */
 #include "gdn_internal.cuh"
@@ -305,21 +305,19 @@ extern "C" int cuda_gdn_set_state_cols(int n)
 int gdn_state_nt(int D, int BH)
 {
     if (gdn_state_cols) return gdn_state_cols / 8;
+    /* rank each width: blocks that fill the SMs first (the fewest of them), else the most
+     * blocks; ties go to the fewest padded columns */
     static const int widths[3] = {3, 4, 6};
     const long nsm = cuda_num_sms();
     int best = 0;
-    long bblocks = 0, bpad = 0;
+    long brank = 0, bpad = 0;
     for (int i = 0; i < 3; i++) {
         const int w = 8 * widths[i], nsb = (D + w - 1) / w;
         const long blocks = (long)nsb * BH, pad = (long)nsb * w - D;
-        int better;
-        if (!best) better = 1;
-        else if ((blocks >= nsm) != (bblocks >= nsm)) better = blocks >= nsm;
-        else if (blocks != bblocks) better = blocks >= nsm ? blocks < bblocks : blocks > bblocks;
-        else better = pad < bpad;
-        if (better) {
+        const long rank = blocks >= nsm ? blocks : (1L << 40) - blocks;
+        if (!best || rank < brank || (rank == brank && pad < bpad)) {
             best = widths[i];
-            bblocks = blocks;
+            brank = rank;
             bpad = pad;
         }
     }
