@@ -36,11 +36,14 @@ void cuda_attention_use_cudnn(int on);
  * the shape) */
 int cuda_gdn_set_state_cols(int n);
 int cuda_gdn_set_state_warps(int n);
+/* the GDN's form (forward and backward): 0 by the shape, 1 chained, 2 three kernels */
+int cuda_gdn_set_chain(int mode);
 #endif
 
 static double gemm_rate, copy_rate;
 static int reps = 10;
 static int state_cols, state_warps; /* --gdn_state_cols, --gdn_state_warps: 0 lets the op choose */
+static int chain_mode;              /* --gdn_form chained|three: 0 lets the op choose */
 
 /* n device floats: uniform in [lo, hi) from stream `name` */
 static float *dev_random(const backend *be, const char *name, size_t n, double lo, double hi)
@@ -177,19 +180,27 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--gdn_state_cols") && i + 1 < argc) state_cols = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--gdn_state_warps") && i + 1 < argc) state_warps = atoi(argv[++i]);
-        else die("bench_mixers: unknown argument %s (flags: --device cuda|cpu, --reps N, --gdn_state_cols N, "
-                 "--gdn_state_warps N)", argv[i]);
+        else if (!strcmp(argv[i], "--gdn_form") && i + 1 < argc) {
+            const char *f = argv[++i];
+            if (!strcmp(f, "chained")) chain_mode = 1;
+            else if (!strcmp(f, "three")) chain_mode = 2;
+            else die("bench_mixers: --gdn_form %s (chained or three)", f);
+        } else
+            die("bench_mixers: unknown argument %s (flags: --device cuda|cpu, --reps N, --gdn_state_cols N, "
+                "--gdn_state_warps N, --gdn_form chained|three)", argv[i]);
     }
     if (reps < 1) die("bench_mixers: --reps must be at least 1");
     const backend *be = train_backend(&c);
     const backend *tb = timed_backend(be);
-    if (state_cols || state_warps) {
+    if (state_cols || state_warps || chain_mode) {
 #ifdef DELTAMLA_HAVE_CUDA
-        if (strcmp(be->name, "cuda")) die("bench_mixers: --gdn_state_cols and --gdn_state_warps need --device cuda");
+        if (strcmp(be->name, "cuda"))
+            die("bench_mixers: --gdn_state_cols, --gdn_state_warps and --gdn_form need --device cuda");
         cuda_gdn_set_state_cols(state_cols);
         cuda_gdn_set_state_warps(state_warps);
+        cuda_gdn_set_chain(chain_mode);
 #else
-        die("bench_mixers: --gdn_state_cols and --gdn_state_warps need a CUDA build");
+        die("bench_mixers: --gdn_state_cols, --gdn_state_warps and --gdn_form need a CUDA build");
 #endif
     }
     gemm_rate = bench_gemm_rate(be);

@@ -84,6 +84,10 @@ int cuda_gdn_set_state_warps(int n);
 /* the GDN state kernels' value columns a block: 0 by the shape (the default), 24, 32 or
  * 48; returns the old setting */
 int cuda_gdn_set_state_cols(int n);
+/* the GDN's form, forward and backward: 0 by the shape (the default), 1 chained (prep and
+ * state in one kernel, kernels/gdn_chain.cu) wherever the head dim allows, 2 three
+ * kernels; returns the old setting */
+int cuda_gdn_set_chain(int mode);
 void cuda_gdn_forward(float *o, float *state_save, const float *q, const float *k, const float *v,
                       const float *g, const float *beta, const int32_t *doc_start,
                       int B, int T, int H, int D, float scale);

@@ -11,6 +11,8 @@
  *                        then dq, dk from dKK, dQK and from dO S0^T, X S0^T, W dS^T
  *                        (the start- and end-state terms); dv = beta X; dbeta; dg by a
  *                        segmented suffix sum.
+ * Where gdn_chain_use says so, one chained kernel (gdn_chain.cu) does the work of prep and
+ * state (Pbuf, X, dS; no Xk, Hc or copy of K in scratch), and grads follows it.
  */
 #include "gdn_internal.cuh"
 
@@ -638,6 +640,25 @@ static size_t gdn_smem_bwd_grads(int D)
            (GDN_HDR + 2 * GDN_C * GDN_PP + GDN_B3_PART + GDN_B3_DOTS + 8 * GDN_C + GDN_NT + gdn_grads_region(D));
 }
 
+/* the grads kernel, after the state kernel or the chained backward */
+static void gdn_grads_run(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout, const float *q,
+                          const float *k, const float *v, const float *g, const float *beta, const float *state_save,
+                          const float *dSbuf, const float *Wbuf, const float *Xbuf, const float *Pbuf,
+                          const int32_t *doc_start, int T, int H, int D, int nchunk, int BH, float scale, int set)
+{
+    const size_t sm = gdn_smem_bwd_grads(D);
+    gdn_allow_smem((const void *)gdn_bwd_grads_kernel, sm);
+    gdn_allow_smem((const void *)gdn_bwd_grads_wide_kernel, sm);
+    void (*grads)(float *, float *, float *, float *, float *, const float *, const float *, const float *,
+                  const float *, const float *, const float *, const float *, const float *, const float *,
+                  const float *, const float *, const int32_t *, int, int, int, int, float, int) =
+        D > 64 ? gdn_bwd_grads_wide_kernel : gdn_bwd_grads_kernel;
+    grads<<<dim3(nchunk, BH), GDN_NT, sm, cuda_stream()>>>(dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save,
+                                                            dSbuf, Wbuf, Xbuf, Pbuf, doc_start, T, H, D, nchunk, scale,
+                                                            set);
+    LAUNCH_CHECK();
+}
+
 /* Backward: accumulates into dq, dk, dv, dg, dbeta, or (set) writes them. W comes from
  * state_save. Scratch: a [64, gdn_r4(D)] array, 2 [64, gdn_kpitch(D)] arrays (the state
  * kernel's operands in its layout, gdn_refill), 2 [D, gdn_r4(D)] arrays and a [128]
@@ -651,6 +672,15 @@ static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbet
     const size_t Dp = gdn_r4(D), rows = (size_t)BH * nchunk * GDN_C, states = (size_t)BH * nchunk * D * Dp;
     fatal_check(gdn_w_pitch(D) == (int)Dp);
     const float *Wbuf = state_save + gdn_state_w_offset(B, T, H, D);
+    if (gdn_chain_use(D, BH, nchunk)) {
+        const size_t own = rows * Dp + states + 2 * rows * GDN_C;
+        float *Xbuf = (float *)cuda_scratch((own + gdn_chain_scratch_floats(D, BH, nchunk)) * sizeof(float));
+        float *dSbuf = Xbuf + rows * Dp, *Pbuf = dSbuf + states, *chain = Pbuf + 2 * rows * GDN_C;
+        gdn_bwd_chain_run(Xbuf, dSbuf, Pbuf, chain, dout, q, k, g, beta, doc_start, T, H, D, nchunk, BH, scale);
+        gdn_grads_run(dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf, Xbuf, Pbuf, doc_start, T,
+                      H, D, nchunk, BH, scale, set);
+        return;
+    }
     const size_t dp = gdn_kpitch(D);
     float *Xbuf = (float *)cuda_scratch((rows * Dp + 2 * rows * dp + 2 * states + 2 * rows + 2 * rows * GDN_C) *
                                         sizeof(float));
@@ -660,11 +690,9 @@ static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbet
     const int snt = gdn_state_nt(D, BH), nsb = (D + 8 * snt - 1) / (8 * snt);
     const gdn_bwd_state_fn state = snt == 3 ? gdn_bwd_state_kernel24 : snt == 4 ? gdn_bwd_state_kernel32
                                                                                  : gdn_bwd_state_kernel48;
-    const size_t sm1 = gdn_smem_bwd_prep(D), sm2 = gdn_smem_state(D, snt), sm3 = gdn_smem_bwd_grads(D);
+    const size_t sm1 = gdn_smem_bwd_prep(D), sm2 = gdn_smem_state(D, snt);
     gdn_allow_smem((const void *)gdn_bwd_prep_kernel, sm1);
     gdn_allow_smem((const void *)state, sm2);
-    gdn_allow_smem((const void *)gdn_bwd_grads_kernel, sm3);
-    gdn_allow_smem((const void *)gdn_bwd_grads_wide_kernel, sm3);
 
     gdn_bwd_prep_kernel<<<dim3(nchunk, BH), GDN_NT, sm1, st>>>(Xbuf, Xkbuf, Kpbuf, Hcbuf, e0buf, Pbuf, dout, q, k,
                                                                g, beta, doc_start, T, H, D, nchunk, scale);
@@ -672,13 +700,8 @@ static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbet
     state<<<dim3(nsb, BH), gdn_state_threads(nsb * BH), sm2, st>>>(dSbuf, Xbuf, Xkbuf, Hcbuf, Kpbuf, e0buf, doc_start,
                                                                    T, H, D, nchunk);
     LAUNCH_CHECK();
-    void (*grads)(float *, float *, float *, float *, float *, const float *, const float *, const float *,
-                  const float *, const float *, const float *, const float *, const float *, const float *,
-                  const float *, const float *, const int32_t *, int, int, int, int, float, int) =
-        D > 64 ? gdn_bwd_grads_wide_kernel : gdn_bwd_grads_kernel;
-    grads<<<dim3(nchunk, BH), GDN_NT, sm3, st>>>(dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf,
-                                                 Xbuf, Pbuf, doc_start, T, H, D, nchunk, scale, set);
-    LAUNCH_CHECK();
+    gdn_grads_run(dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf, Xbuf, Pbuf, doc_start, T, H,
+                  D, nchunk, BH, scale, set);
 }
 
 extern "C" void cuda_gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout,

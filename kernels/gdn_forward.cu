@@ -11,6 +11,8 @@
  *                        blocks. The next chunk's [64, D] operands stream into shared
  *                        memory by bulk copies while the current chunk computes.
  *   out   (chunk, b*h):  o = diag(e0) Qs S0 + M W.
+ * Where gdn_chain_use says so, one chained kernel (gdn_chain.cu) does the work of all
+ * three.
  */
 #include "gdn_internal.cuh"
 
@@ -353,10 +355,15 @@ extern "C" void cuda_gdn_forward(float *o, float *state_save, const float *q, co
     const size_t rows = (size_t)BH * nchunk * GDN_C, Dp = gdn_r4(D);
     fatal_check(gdn_w_pitch(D) == (int)Dp);
     float *Wv = state_save + gdn_state_w_offset(B, T, H, D);
+    if (gdn_chain_use(D, BH, nchunk)) {
+        float *chain = (float *)cuda_scratch(gdn_chain_scratch_floats(D, BH, nchunk) * sizeof(float));
+        gdn_fwd_chain_run(o, state_save, Wv, chain, q, k, v, g, beta, doc_start, T, H, D, nchunk, BH, scale);
+        return;
+    }
+    cudaStream_t st = cuda_stream();
     const size_t dp = gdn_kpitch(D);
     float *Uk = (float *)cuda_scratch((2 * rows * dp + 2 * rows) * sizeof(float));
     float *Kp = Uk + rows * dp, *scal = Kp + rows * dp;
-    cudaStream_t st = cuda_stream();
     const int snt = gdn_state_nt(D, BH), nsb = (D + 8 * snt - 1) / (8 * snt);
     const gdn_fwd_state_fn state = snt == 3 ? gdn_fwd_state_kernel24 : snt == 4 ? gdn_fwd_state_kernel32
                                                                                  : gdn_fwd_state_kernel48;

@@ -24,7 +24,10 @@
  * or 0 when the chunk's first token starts a document.
  *
  * Three kernels run the forward (gdn_forward.cu lists them) and three the backward
- * (gdn_backward.cu).
+ * (gdn_backward.cu); where B H is large next to the number of chunks (gdn_chain_use) and
+ * D <= 96, the prep and state kernels of each direction give way to one chained kernel
+ * (gdn_chain.cu), which hands the states from chunk to chunk through a small ring in
+ * global memory under per-chunk flags.
  * Per-chunk intermediates live in cuda_scratch with 64 rows per chunk (rows past the
  * sequence end are zero): forward Uk and the state kernel's copy of K, backward Xk and the
  * copy of K, in the state kernels' shared-memory layout (rows of gdn_kpitch(D) floats,
@@ -380,6 +383,27 @@ static __device__ __forceinline__ void gdn_invert_offdiag(float *Ts)
 #pragma unroll
     for (int r = 0; r < 4; r++) Ts[(32 + i0 + r) * GDN_PP + j] = -t10[r];
 }
+
+/* ---- the chained forms (gdn_chain.cu) ---- */
+#define GDN_CHAIN_MAXD 96 /* the widest head they take (their warp tiles: 2 x 48 columns) */
+
+/* the row pitch of their state in shared memory and in the ring: at least r8(D) columns,
+ * 8 mod 32 (its reads run down columns: rows q = 0..3 apart and columns g = 0..7 fall in
+ * 32 banks) */
+static __host__ __device__ __forceinline__ int gdn_chain_sp(int D) { return ((gdn_r8(D) + 31) & ~31) + 8; }
+
+/* whether the op runs chained at this shape (cuda_gdn_set_chain can force either form) */
+int gdn_chain_use(int D, int BH, int nchunk);
+/* the floats of scratch they take (the ring and the counters), after the op's own */
+size_t gdn_chain_scratch_floats(int D, int BH, int nchunk);
+/* the whole forward: o, and state_save (its start states, and W in its W rows at Wv) */
+void gdn_fwd_chain_run(float *o, float *state_save, float *Wv, float *chain, const float *q, const float *k,
+                       const float *v, const float *g, const float *beta, const int32_t *doc_start, int T, int H,
+                       int D, int nchunk, int BH, float scale);
+/* the backward's Pbuf, X and dS: in place of its prep and state kernels */
+void gdn_bwd_chain_run(float *Xbuf, float *dSbuf, float *Pbuf, float *chain, const float *dout, const float *q,
+                       const float *k, const float *g, const float *beta, const int32_t *doc_start, int T, int H,
+                       int D, int nchunk, int BH, float scale);
 
 /* ---- host side, shared by the two launchers ---- */
 

@@ -29,9 +29,12 @@
  * product: -DGDN_SPLIT_*=3, reported by cuda_gdn_tf32_plain() == 0) is held to the fp32
  * tolerance, 1e-5, which it met on every case.
  *
- * Every case runs six times: with the state kernels on 4 warps and on 8 (which the op picks
- * by the grid's size), each with the value columns a block that the op picks by the shape
- * (24 at every shape here), 32 and 48 (which it picks for larger grids). The kernels'
+ * Every case runs twelve times: in the three-kernel form, with the state kernels on 4 warps
+ * and on 8 (which the op picks by the grid's size), each with the value columns a block
+ * that the op picks by the shape (24 at every shape here), 32 and 48 (which it picks for
+ * larger grids); then the same six in the chained form (kernels/gdn_chain.cu), which runs
+ * the forward and backward chained where D <= 96 (the state kernels' settings then only
+ * reach the other cases). The kernels'
  * speed is measured by benchmarks/bench_mixers.c, not here.
  */
 #include <math.h>
@@ -48,7 +51,9 @@ int cuda_gdn_tf32_plain(void);
 int cuda_gdn_set_state_warps(int n);
 /* the state kernels' value columns a block: 0 by the shape (the default), 24, 32 or 48 */
 int cuda_gdn_set_state_cols(int n);
-static int state_warps, state_cols; /* what this pass of the cases forces */
+/* the GDN's form: 0 by the shape, 1 chained where D allows, 2 three kernels */
+int cuda_gdn_set_chain(int mode);
+static int state_warps, state_cols, chain; /* what this pass of the cases forces */
 
 #define TOL_TF32 2e-3
 static double tol; /* TOL_TF32, or GT_TOL_FP32 for a 3xTF32 build */
@@ -145,8 +150,10 @@ static void in_make(gdn_in *in, const gdn_case *c)
     in->ns = (size_t)c->B * c->T * c->H;
     in->nv = in->ns * c->D;
     in->nst = gdn_state_floats(c->B, c->T, c->H, c->D);
-    snprintf(in->name, sizeof in->name, "gdn B=%d T=%d H=%d D=%d docs=%s gates=%s state-warps=%d state-cols=%d",
-             c->B, c->T, c->H, c->D, doc_names[c->docs], gate_names[c->gates], state_warps, state_cols);
+    snprintf(in->name, sizeof in->name,
+             "gdn B=%d T=%d H=%d D=%d docs=%s gates=%s state-warps=%d state-cols=%d form=%s", c->B, c->T, c->H,
+             c->D, doc_names[c->docs], gate_names[c->gates], state_warps, state_cols,
+             chain == 1 ? "chained" : "three-kernels");
 
     in->q = gt_rand(&G, in->nv, -1, 1);
     in->k = gt_rand(&G, in->nv, -1, 1);
@@ -334,13 +341,16 @@ int main(void)
      * each over a whole contraction, and 8, which split it in halves; blocks of the
      * columns the op picks, of 32 and of 48 */
     static const int cols[] = {0, 32, 48};
-    for (state_warps = 4; state_warps <= 8; state_warps += 4)
-        for (int ci = 0; ci < 3; ci++) {
-            state_cols = cols[ci];
-            cuda_gdn_set_state_warps(state_warps);
-            cuda_gdn_set_state_cols(state_cols);
-            for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
-        }
+    for (chain = 2; chain >= 1; chain--)
+        for (state_warps = 4; state_warps <= 8; state_warps += 4)
+            for (int ci = 0; ci < 3; ci++) {
+                state_cols = cols[ci];
+                cuda_gdn_set_chain(chain);
+                cuda_gdn_set_state_warps(state_warps);
+                cuda_gdn_set_state_cols(state_cols);
+                for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
+            }
+    cuda_gdn_set_chain(0);
     cuda_gdn_set_state_warps(0);
     cuda_gdn_set_state_cols(0);
     printf("# %d failures\n", gt_failures());
