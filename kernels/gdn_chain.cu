@@ -39,10 +39,15 @@
  * through state_save itself (rows of D floats, read back by 4-byte loads, a row at a
  * time) took 0.44 instead of 0.40 ms.
  *
- * Shared memory, both directions: header, three [64, dp] regions and a region R of
- * max(two [64, GDN_PP] tiles, the state [r8(D), gdn_chain_sp(D)]): 107 KB at D = 85, two
- * blocks an SM; D <= GDN_CHAIN_MAXD. Kernels for D <= 64 (warp tiles of 16 x 32) and
- * D <= 96 (16 x 48, state update tiles of 16 x 24).
+ * Shared memory, both directions: header, three [64, x] regions and a region R of
+ * max(two [64, GDN_PP] tiles, the state [r8(D), gdn_chain_sp(D)]): 110 KB forward, 113 KB
+ * backward at D = 85, two blocks an SM; D <= GDN_CHAIN_MAXD. The regions that products
+ * read mostly down their columns (scalar fragment loads: V, eL W and Q in the forward; q,
+ * Qe, e0 beta X, dO and Xk in the backward) have rows of gdn_chain_sp(D) floats, 8 mod
+ * 32, where those loads meet no bank conflicts; the others keep gdn_kpitch(D), 4 mod 8,
+ * which suits ldmatrix (with all three at gdn_kpitch(D) the op took 1.597 instead of 1.569
+ * ms forward + backward_set at B 8, T 2048, H 12, D 85). Kernels for D <= 64 (warp tiles
+ * of 16 x 32) and D <= 96 (16 x 48, state update tiles of 16 x 24).
  */
 #include "gdn_internal.cuh"
 
@@ -94,11 +99,11 @@ static __device__ __forceinline__ void gdn_chain_receive(float *S, const float *
 }
 
 /* The state step's [D, D] result, tile `tile` of 16 x 8 nu (rt row tiles): acc (the
- * caller's base: 0 or Hc) + x S + A^T B, A [64, dp] (K) and B [64, dp] (eL W or -e0 beta
+ * caller's base: 0 or Hc) + x S + A^T B, A [64, ap] (K) and B [64, bp] (eL W or -e0 beta
  * X) both pre-rounded, to the ring slot (rows D..r8(D)-1 zero). All threads of a warp. */
 static __device__ __forceinline__ void gdn_chain_update(int nu, float acc[][4], int tile, int rt, float x,
-                                                        const float *S, int sps, const float *A, const float *B,
-                                                        int dp, int D, float *slot)
+                                                        const float *S, int sps, const float *A, int ap,
+                                                        const float *B, int bp, int D, float *slot)
 {
     const int mm = 16 * (tile % rt), nn = 8 * nu * (tile / rt), D8 = gdn_r8(D);
 #pragma unroll
@@ -108,7 +113,7 @@ static __device__ __forceinline__ void gdn_chain_update(int nu, float acc[][4], 
             const int m = gdn_frow(mm, r), n = gdn_fcol(nn, j, r);
             acc[j][r] = m < D ? acc[j][r] + x * S[m * sps + n] : 0.0f;
         }
-    gdn_mma_n(gdn_state_split(1), nu, acc, A, 1, dp, mm, D - 1, B, dp, 1, nn, D - 1, 0, GDN_C);
+    gdn_mma_n(gdn_state_split(1), nu, acc, A, 1, ap, mm, D - 1, B, bp, 1, nn, D - 1, 0, GDN_C);
 #pragma unroll
     for (int j = 0; j < nu; j++)
 #pragma unroll
@@ -157,13 +162,14 @@ gdn_fwd_chain(const int nt, float *o, float *state_save, float *Wbuf, unsigned *
     const int sps = gdn_chain_sp(D);
     const size_t ci = (size_t)bh * nchunk + c, rs = (size_t)H * D, slot = (size_t)D8 * sps;
     const gdn_hdr s = gdn_hdr_at(gdn_smem);
-    float *Ks = gdn_smem + GDN_HDR, *Vs = Ks + GDN_C * dp, *Us = Vs + GDN_C * dp, *R = Us + GDN_C * dp;
+    const int vp = sps; /* Vs's pitch, 8 mod 32: more of its reads are scalar ones down columns */
+    float *Ks = gdn_smem + GDN_HDR, *Vs = Ks + GDN_C * dp, *Us = Vs + GDN_C * vp, *R = Us + GDN_C * dp;
     float *Ts = R, *Te = R + GDN_C * GDN_PP, *S = R, *Wt = Vs;
     const int warp = tid >> 5, lane = tid & 31, m0 = 16 * (warp & 3), n0 = 32 * (warp >> 2), w0 = 8 * nt * (warp >> 2);
     const int nu = nt == 6 ? 3 : 4; /* the S update's tiles: 16 x 8 nu */
 
     gdn_load_async(Ks, dp, GDN_C, D8, k + gdn_row(b, t0, h, T, H, D), rs, L, 0, D);
-    gdn_load_async(Vs, dp, GDN_C, D8, v + gdn_row(b, t0, h, T, H, D), rs, L, 0, D);
+    gdn_load_async(Vs, vp, GDN_C, D8, v + gdn_row(b, t0, h, T, H, D), rs, L, 0, D);
     gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
     gdn_sync();
 
@@ -186,7 +192,7 @@ gdn_fwd_chain(const int nt, float *o, float *state_save, float *Wbuf, unsigned *
         gdn_invert_diag(Ts, Ts);
     } else {
         for (int r = (tid - GDN_C) >> 5; r < GDN_C; r += (GDN_NT - GDN_C) / 32)
-            for (int col = lane; col < D; col += 32) Vs[r * dp + col] *= s.bt[r];
+            for (int col = lane; col < D; col += 32) Vs[r * vp + col] *= s.bt[r];
     }
     __syncthreads();
     gdn_invert_offdiag(Ts);
@@ -205,7 +211,7 @@ gdn_fwd_chain(const int nt, float *o, float *state_save, float *Wbuf, unsigned *
         float au[GDN_NTW][4];
         gdn_state_zero(au);
         if (w0 < D) {
-            gdn_mma_n(GDN_SPLIT_SOLVE, nt, aw, Ts, GDN_PP, 1, m0, GDN_C - 1, Vs, dp, 1, w0, D - 1, 0, m0 + 16);
+            gdn_mma_n(GDN_SPLIT_SOLVE, nt, aw, Ts, GDN_PP, 1, m0, GDN_C - 1, Vs, vp, 1, w0, D - 1, 0, m0 + 16);
             gdn_mma_n(GDN_SPLIT_SOLVE, nt, au, Te, GDN_PP, 1, m0, GDN_C - 1, Ks, dp, 1, w0, D - 1, 0, m0 + 16);
         }
 #pragma unroll
@@ -238,7 +244,7 @@ gdn_fwd_chain(const int nt, float *o, float *state_save, float *Wbuf, unsigned *
                 if (n < D) {
                     wg[(size_t)t * Dp + n] = aw[j][r];
                     Us[t * dp + n] = aw[j][r];
-                    Wt[t * dp + n] = gdn_state_op(s.eL[t] * aw[j][r]);
+                    Wt[t * vp + n] = gdn_state_op(s.eL[t] * aw[j][r]);
                 } else if (n < Dp) {
                     wg[(size_t)t * Dp + n] = 0.0f;
                 }
@@ -254,7 +260,7 @@ gdn_fwd_chain(const int nt, float *o, float *state_save, float *Wbuf, unsigned *
             for (int tile = warp; tile < rt * ct; tile += GDN_NT / 32) {
                 float acc[GDN_NTW][4];
                 gdn_state_zero(acc);
-                gdn_chain_update(nu, acc, tile, rt, s.e0[L - 1], S, sps, Ks, Wt, dp, D, sn);
+                gdn_chain_update(nu, acc, tile, rt, s.e0[L - 1], S, sps, Ks, dp, Wt, vp, D, sn);
             }
         }
         gdn_chain_release(sync + 2 + ci);
@@ -266,14 +272,14 @@ gdn_fwd_chain(const int nt, float *o, float *state_save, float *Wbuf, unsigned *
      * registers, and hands them to the M W product as A fragments by shuffles */
     if (c + 1 >= nchunk) __syncthreads(); /* (the release's barrier otherwise) eL W is read */
     float *Qs = Vs, *Ws = Us;
-    gdn_load_async(Qs, dp, GDN_C, D8, q + gdn_row(b, t0, h, T, H, D), rs, L, 0, D);
+    gdn_load_async(Qs, vp, GDN_C, D8, q + gdn_row(b, t0, h, T, H, D), rs, L, 0, D);
     gdn_sync();
     {
         float mc[8][4];
         gdn_zero(mc);
         gdn_zero(mc + 4);
-        gdn_mma(GDN_SPLIT_PAIR, mc, Qs, dp, 1, m0, GDN_C - 1, Ks, 1, dp, 0, GDN_C - 1, 0, D);
-        if (m0 + 16 > 32) gdn_mma(GDN_SPLIT_PAIR, mc + 4, Qs, dp, 1, m0, GDN_C - 1, Ks, 1, dp, 32, GDN_C - 1, 0, D);
+        gdn_mma(GDN_SPLIT_PAIR, mc, Qs, vp, 1, m0, GDN_C - 1, Ks, 1, dp, 0, GDN_C - 1, 0, D);
+        if (m0 + 16 > 32) gdn_mma(GDN_SPLIT_PAIR, mc + 4, Qs, vp, 1, m0, GDN_C - 1, Ks, 1, dp, 32, GDN_C - 1, 0, D);
 #pragma unroll
         for (int j = 0; j < 8; j++)
 #pragma unroll
@@ -282,7 +288,7 @@ gdn_fwd_chain(const int nt, float *o, float *state_save, float *Wbuf, unsigned *
         float ao[GDN_NTW][4];
         gdn_state_zero(ao);
         if (w0 < D) {
-            gdn_mma_n(GDN_SPLIT_S0, nt, ao, Qs, dp, 1, m0, GDN_C - 1, S, sps, 1, w0, D - 1, 0, D);
+            gdn_mma_n(GDN_SPLIT_S0, nt, ao, Qs, vp, 1, m0, GDN_C - 1, S, sps, 1, w0, D - 1, 0, D);
 #pragma unroll
             for (int j = 0; j < nt; j++)
 #pragma unroll
@@ -363,15 +369,16 @@ gdn_bwd_chain(const int nt, float *Xbuf, float *dSbuf, float *Pbuf, unsigned *sy
     const size_t ci = (size_t)bh * nchunk + c, rs = (size_t)H * D, slot = (size_t)D8 * sps;
     const size_t tok = gdn_row(b, t0, h, T, H, D);
     const gdn_hdr s = gdn_hdr_at(gdn_smem);
-    float *Ks = gdn_smem + GDN_HDR, *Qs = Ks + GDN_C * dp, *Os = Qs + GDN_C * dp, *R = Os + GDN_C * dp;
+    const int qp = sps; /* the pitch of Qs and Os, 8 mod 32: most of their reads are scalar ones down columns */
+    float *Ks = gdn_smem + GDN_HDR, *Qs = Ks + GDN_C * dp, *Os = Qs + GDN_C * qp, *R = Os + GDN_C * qp;
     float *Ts = R, *Ms = R + GDN_C * GDN_PP, *Ns = Ms, *dS = R, *Qe = Qs, *Xt = Qs, *Xks = Os;
     const int warp = tid >> 5, lane = tid & 31, m0 = 16 * (warp & 3), n0 = 32 * (warp >> 2), w0 = 8 * nt * (warp >> 2);
     const int nu = nt == 6 ? 3 : 4, tpw = nt == 6 ? 3 : 1; /* the dS update's tiles: 16 x 8 nu, tpw a warp */
     const int rt = (D + 15) / 16, ntile = rt * ((D + 8 * nu - 1) / (8 * nu));
 
     gdn_load_async(Ks, dp, GDN_C, D8, k + tok, rs, L, 0, D);
-    gdn_load_async(Qs, dp, GDN_C, D8, q + tok, rs, L, 0, D); /* unscaled: scale is applied to M and Qe */
-    gdn_load_async(Os, dp, GDN_C, D8, dout + tok, rs, L, 0, D);
+    gdn_load_async(Qs, qp, GDN_C, D8, q + tok, rs, L, 0, D); /* unscaled: scale is applied to M and Qe */
+    gdn_load_async(Os, qp, GDN_C, D8, dout + tok, rs, L, 0, D);
     gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
     gdn_sync();
 
@@ -381,8 +388,10 @@ gdn_bwd_chain(const int nt, float *Xbuf, float *dSbuf, float *Pbuf, unsigned *sy
         float ak[4][4], aq[4][4];
         gdn_zero(ak);
         gdn_zero(aq);
-        if (n0 < m0 + 16)
-            gdn_mma_2a(GDN_SPLIT_PAIR, ak, aq, Ks, Qs, dp, 1, m0, GDN_C - 1, Ks, 1, dp, n0, GDN_C - 1, 0, D);
+        if (n0 < m0 + 16) {
+            gdn_mma(GDN_SPLIT_PAIR, ak, Ks, dp, 1, m0, GDN_C - 1, Ks, 1, dp, n0, GDN_C - 1, 0, D);
+            gdn_mma(GDN_SPLIT_PAIR, aq, Qs, qp, 1, m0, GDN_C - 1, Ks, 1, dp, n0, GDN_C - 1, 0, D);
+        }
         float *pk = Pbuf + ci * 2 * GDN_C * GDN_C;
 #pragma unroll
         for (int j = 0; j < 4; j++)
@@ -409,7 +418,7 @@ gdn_bwd_chain(const int nt, float *Xbuf, float *dSbuf, float *Pbuf, unsigned *sy
             *(float4 *)(pm + 4 * e) = *(const float4 *)(Ms + (e >> 4) * GDN_PP + 4 * (e & 15));
         for (int r = (tid - GDN_C) >> 5; r < GDN_C; r += (GDN_NT - GDN_C) / 32) {
             const float e0 = scale * s.e0[r];
-            for (int col = lane; col < D; col += 32) Qe[r * dp + col] *= e0;
+            for (int col = lane; col < D; col += 32) Qe[r * qp + col] *= e0;
         }
     }
     __syncthreads();
@@ -424,7 +433,7 @@ gdn_bwd_chain(const int nt, float *Xbuf, float *dSbuf, float *Pbuf, unsigned *sy
         const int tile = warp + i * (GDN_NT / 32);
         gdn_zero(hc[i]);
         if (tile < ntile)
-            gdn_mma_n(GDN_SPLIT_S0, nu, hc[i], Qe, 1, dp, 16 * (tile % rt), D - 1, Os, dp, 1, 8 * nu * (tile / rt),
+            gdn_mma_n(GDN_SPLIT_S0, nu, hc[i], Qe, 1, qp, 16 * (tile % rt), D - 1, Os, qp, 1, 8 * nu * (tile / rt),
                       D - 1, 0, GDN_C);
     }
     {
@@ -449,7 +458,7 @@ gdn_bwd_chain(const int nt, float *Xbuf, float *dSbuf, float *Pbuf, unsigned *sy
         float xk[GDN_NTW][4];
         gdn_state_zero(xk);
         if (w0 < D) {
-            gdn_mma_n(GDN_SPLIT_SOLVE, nt, xo, Ns, GDN_PP, 1, m0, GDN_C - 1, Os, dp, 1, w0, D - 1, m0, GDN_C);
+            gdn_mma_n(GDN_SPLIT_SOLVE, nt, xo, Ns, GDN_PP, 1, m0, GDN_C - 1, Os, qp, 1, w0, D - 1, m0, GDN_C);
             gdn_mma_n(GDN_SPLIT_SOLVE, nt, xk, Ts, 1, GDN_PP, m0, GDN_C - 1, Ks, dp, 1, w0, D - 1, m0, GDN_C);
         }
         __syncthreads(); /* dO and K are read */
@@ -458,7 +467,7 @@ gdn_bwd_chain(const int nt, float *Xbuf, float *dSbuf, float *Pbuf, unsigned *sy
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const int t = gdn_frow(m0, r), n = gdn_fcol(w0, j, r);
-                if (n < dp) Xks[t * dp + n] = n < D ? gdn_state_op(xk[j][r]) : 0.0f;
+                if (n < qp) Xks[t * qp + n] = n < D ? gdn_state_op(xk[j][r]) : 0.0f;
             }
     }
     if (GDN_STATE_PRE)
@@ -471,7 +480,7 @@ gdn_bwd_chain(const int nt, float *Xbuf, float *dSbuf, float *Pbuf, unsigned *sy
                       sps);
 
     /* X = Xo + Xk dS to Xbuf, -e0 beta X over Qe */
-    if (w0 < D) gdn_mma_n(gdn_state_split(0), nt, xo, Xks, dp, 1, m0, GDN_C - 1, dS, sps, 1, w0, D - 1, 0, D);
+    if (w0 < D) gdn_mma_n(gdn_state_split(0), nt, xo, Xks, qp, 1, m0, GDN_C - 1, dS, sps, 1, w0, D - 1, 0, D);
     {
         float *xg = Xbuf + ci * GDN_C * Dp;
 #pragma unroll
@@ -481,7 +490,7 @@ gdn_bwd_chain(const int nt, float *Xbuf, float *dSbuf, float *Pbuf, unsigned *sy
                 const int t = gdn_frow(m0, r), n = gdn_fcol(w0, j, r);
                 if (n < D) {
                     xg[(size_t)t * Dp + n] = xo[j][r];
-                    Xt[t * dp + n] = gdn_state_op(-(s.e0[t] * s.bt[t]) * xo[j][r]);
+                    Xt[t * qp + n] = gdn_state_op(-(s.e0[t] * s.bt[t]) * xo[j][r]);
                 }
             }
     }
@@ -494,7 +503,7 @@ gdn_bwd_chain(const int nt, float *Xbuf, float *dSbuf, float *Pbuf, unsigned *sy
 #pragma unroll
             for (int i = 0; i < tpw; i++) {
                 const int tile = warp + i * (GDN_NT / 32);
-                if (tile < ntile) gdn_chain_update(nu, hc[i], tile, rt, s.e0[L - 1], dS, sps, Ks, Xt, dp, D, sn);
+                if (tile < ntile) gdn_chain_update(nu, hc[i], tile, rt, s.e0[L - 1], dS, sps, Ks, dp, Xt, qp, D, sn);
             }
         }
         gdn_chain_release(sync + ci);
@@ -542,10 +551,13 @@ size_t gdn_chain_scratch_floats(int D, int BH, int nchunk)
     return (size_t)BH * 2 * gdn_r8(D) * gdn_chain_sp(D) + 2 + (size_t)BH * nchunk;
 }
 
-static size_t gdn_smem_chain(int D)
+/* the kernels' shared memory: header, [64, dp] regions, wide [64, gdn_chain_sp(D)] ones
+ * (one in the forward, two in the backward) and R */
+static size_t gdn_smem_chain(int D, int wide)
 {
     const int tiles = 2 * GDN_C * GDN_PP, st = gdn_r8(D) * gdn_chain_sp(D);
-    return sizeof(float) * (GDN_HDR + 3 * GDN_C * gdn_kpitch(D) + (tiles > st ? tiles : st));
+    return sizeof(float) * (GDN_HDR + GDN_C * ((3 - wide) * gdn_kpitch(D) + wide * gdn_chain_sp(D)) +
+                            (tiles > st ? tiles : st));
 }
 
 /* the ring and the counters in chain (gdn_chain_scratch_floats), the counters zeroed */
@@ -563,7 +575,7 @@ void gdn_fwd_chain_run(float *o, float *state_save, float *Wv, float *chain, con
 {
     unsigned *sync = gdn_chain_sync(chain, D, BH, nchunk);
     const gdn_fwd_chain_fn kern = D <= 64 ? gdn_fwd_chain_kernel64 : gdn_fwd_chain_kernel96;
-    const size_t sm = gdn_smem_chain(D);
+    const size_t sm = gdn_smem_chain(D, 1);
     gdn_allow_smem((const void *)kern, sm);
     kern<<<(unsigned)(BH * nchunk), GDN_NT, sm, cuda_stream()>>>(o, state_save, Wv, sync, chain, q, k, v, g, beta,
                                                                  doc_start, T, H, D, nchunk, BH, scale);
@@ -576,7 +588,7 @@ void gdn_bwd_chain_run(float *Xbuf, float *dSbuf, float *Pbuf, float *chain, con
 {
     unsigned *sync = gdn_chain_sync(chain, D, BH, nchunk);
     const gdn_bwd_chain_fn kern = D <= 64 ? gdn_bwd_chain_kernel64 : gdn_bwd_chain_kernel96;
-    const size_t sm = gdn_smem_chain(D);
+    const size_t sm = gdn_smem_chain(D, 2);
     gdn_allow_smem((const void *)kern, sm);
     kern<<<(unsigned)(BH * nchunk), GDN_NT, sm, cuda_stream()>>>(Xbuf, dSbuf, Pbuf, sync, chain, dout, q, k, g, beta,
                                                                  doc_start, T, H, D, nchunk, BH, scale);
