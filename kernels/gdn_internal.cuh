@@ -78,8 +78,9 @@
  * so two runs give the same bits.
  *
  * Cost at B = 8, T = 2048, H = 12, D = 85 (3072 chunks), measured on an H100 by
- * benchmarks/bench_mixers.c: forward 0.73 ms, backward 1.32 ms (1.23 ms writing the
- * gradients, as the model does); 0.81 and 1.40 ms before the state kernels' 48-column
+ * benchmarks/bench_mixers.c: forward 0.51 ms, backward 1.12 ms (1.03 ms writing the
+ * gradients, as the model does) with the chained kernels (gdn_chain.cu); in the
+ * three-kernel form forward 0.73 ms, backward 1.32 ms (1.23 ms); 0.81 and 1.40 ms before the state kernels' 48-column
  * blocks, the block solve of T and the pairs handed from the prep kernel to the grads
  * kernel (gdn_state_nt, gdn_invert_offdiag, Pbuf in gdn_backward.cu). Before that,
  * 0.85 and 1.59 ms: the forward prep, forward
