@@ -151,14 +151,16 @@
  * their chain of dependent products did not help either: the S update of two row tiles
  * interleaved in one warp and the W product's k steps split over two accumulator sets
  * took the op 2.44 -> 2.42 ms at B 8, T 2048 and 2.75 -> 2.93 ms at B 2, T 8192
- * (dropped). Reaching 1.5 ms would take
- * fusing prep and out (and prep and grads) so that K, Q and the pair matrices are loaded
- * and built once, dropping the Hc buffer (the state kernel can form Qs^T diag(e0) dO
- * itself), the grads kernel's panels double-buffered within two blocks per SM, operands
- * stored transposed where a product reads them column-wise (ldmatrix needs the
- * contraction index contiguous), and state_save with
- * aligned rows (its layout is part of the op's contract with the CPU backend; its rows
- * are copied 4 bytes at a time).
+ * (dropped). That paragraph is about the three-kernel form; the chained kernels
+ * (gdn_chain.cu) since fused prep, state and out, and the backward's prep and state, so
+ * that K, Q, Uk, Xk and Hc are loaded or built once per chunk, and took the op to 1.64
+ * ms (1.55 ms writing the gradients). What is left toward 1.5 ms: the grads kernel (0.66
+ * ms, 0.58 writing the gradients; it could take dv = beta X and v . X from the chained
+ * backward, which holds X in registers, or run its blocks inside that kernel as chunks'
+ * dS become ready), the two-blocks-an-SM occupancy of all three (registers and shared
+ * memory both), shared layouts that serve both ldmatrix and scalar loads without bank
+ * conflicts (a swizzle), and state_save with aligned rows (its layout is part of the op's
+ * contract with the CPU backend; its rows are copied 4 bytes at a time).
  */
 #ifndef DELTAMLA_GDN_INTERNAL_CUH
 #define DELTAMLA_GDN_INTERNAL_CUH
