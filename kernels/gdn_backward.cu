@@ -12,9 +12,11 @@
  *                        (the start- and end-state terms); dv = beta X; dbeta; dg by a
  *                        segmented suffix sum.
  * Where gdn_chain_use says so, one chained kernel (gdn_chain.cu) does the work of prep and
- * state (Pbuf, X, dS; no Xk, Hc or copy of K in scratch), and grads follows it.
+ * state (Pbuf, X, dS; no Xk, Hc or copy of K in scratch), and for D > 64 that of grads as
+ * well (gdn_bwd_fused); for D <= 64 grads follows it. The grads phase itself is in
+ * gdn_grads.cuh, which both kernels run.
  */
-#include "gdn_internal.cuh"
+#include "gdn_grads.cuh"
 
 /* Per (chunk, b*h): e0 and e0 beta to e0buf [bh][chunk][128]; Xk = T^T diag(eL) K (in the
  * state kernel's layout, [64, dp], pad columns zero); Hc = Qs^T diag(e0) dO [D, D];
@@ -277,333 +279,6 @@ GDN_BWD_STATE_KERNEL(gdn_bwd_state_kernel24, 3, 3)
 GDN_BWD_STATE_KERNEL(gdn_bwd_state_kernel32, 4, 3)
 GDN_BWD_STATE_KERNEL(gdn_bwd_state_kernel48, 6, 2)
 
-/* The grads kernel's dq and dk terms, a pass per ipw = 16 nt key columns ip (nt = 4 or 6,
- * a constant at each call: warp tiles of 16 x 8 nt; with 96 columns a pass, D = 85 takes
- * one pass where 64-column passes took two, each reading dO, X and W again). Per pass,
- * from the states: ZO = dO S0^T, Z = X S0^T, Y = W dS^T, so dQs = e0 ZO and
- * dK = eL Y - e0 beta Z, and the row sums qs . ZO, k . Z, k . Y, per warp tile over its
- * columns into dots [3][64][2] (each slot owned by one thread); then, starting from
- * those, the pairs' terms dQs += dQK K, dK += dKK K + dKK^T K + dQK^T Qs; then one
- * read-add-write of dq and dk (with set the old values are taken as 0, unread). The row
- * sums take qs and k from the K and Qs panels of the pairs' products. The region reg
- * holds 32-column panels of dO, X, W [64, GDN_VP] and ipw x 32 blocks of S0, dS, then
- * K and Qs [64, ipw + 8], then the tile's terms [64, ipw + 8] x 2 (rows of 8 mod 32
- * floats: the pairs' products read K and Qs down their columns, by scalar loads that a
- * pitch of 4 mod 8 had put in two-way bank conflicts; B 8, T 2048, H 12, D 85 on an H200:
- * 1.520 -> 1.512 ms forward + backward_set). Returns the thread's part of <S0, dS>. All
- * threads. */
-static __device__ __forceinline__ float gdn_grads_dqdk(const int nt, float *reg, const float *dKK, const float *dQK,
-                                                       float *dots, gdn_hdr s, float *dq, float *dk,
-                                                       const float *dout, const float *q, const float *k,
-                                                       const float *Xc, const float *Wc, const float *S0,
-                                                       const float *dSc, size_t tok, size_t rs, int L, int D,
-                                                       float scale, int set)
-{
-    const int tid = threadIdx.x, warp = tid >> 5, wm = warp & 3, wn = warp >> 2, m0 = 16 * wm, n0 = 8 * nt * wn;
-    const int lg = (tid & 31) >> 2, lq = tid & 3, Dp = gdn_r4(D), ipw = 16 * nt, kqp = ipw + 8;
-    float sds = 0.0f;
-    for (int ip = 0; ip < D; ip += ipw) {
-        const int iw = gdn_imin(ipw, D - ip), act = n0 < iw;
-        float a1[GDN_NTW][4], a2[GDN_NTW][4]; /* the tile's dQs and dK */
-        {
-            float zo[GDN_NTW][4], z[GDN_NTW][4], y[GDN_NTW][4];
-#pragma unroll
-            for (int j = 0; j < GDN_NTW; j++)
-#pragma unroll
-                for (int r = 0; r < 4; r++) zo[j][r] = z[j][r] = y[j][r] = 0.0f;
-            float *Op = reg, *Xp = Op + GDN_C * GDN_VP, *Wp = Xp + GDN_C * GDN_VP;
-            float *Sp = Wp + GDN_C * GDN_VP, *dSp = Sp + ipw * GDN_VP;
-            for (int jp = 0; jp < D; jp += GDN_KP) {
-                const int jw = gdn_imin(GDN_KP, D - jp);
-                gdn_load_async(Op, GDN_VP, GDN_C, GDN_KP, dout + tok, rs, L, jp, D);
-                gdn_load_async(Xp, GDN_VP, GDN_C, GDN_KP, Xc, Dp, GDN_C, jp, D);
-                gdn_load_async(Wp, GDN_VP, GDN_C, GDN_KP, Wc, Dp, GDN_C, jp, D);
-                gdn_load_async(Sp, GDN_VP, ipw, GDN_KP, S0 + (size_t)ip * D, D, iw, jp, D);
-                gdn_load_async(dSp, GDN_VP, ipw, GDN_KP, dSc + (size_t)ip * Dp, Dp, iw, jp, D);
-                gdn_sync();
-                if (act) {
-                    gdn_mma_2a_n(GDN_SPLIT_S0, nt, zo, z, Op, Xp, GDN_VP, 1, m0, GDN_C - 1, Sp, 1, GDN_VP, n0, ipw - 1,
-                                 0, jw);
-                    gdn_mma_n(GDN_SPLIT_S0, nt, y, Wp, GDN_VP, 1, m0, GDN_C - 1, dSp, 1, GDN_VP, n0, ipw - 1, 0, jw);
-                }
-                for (int e = tid; e < ipw * GDN_KP; e += GDN_NT) {
-                    const int x = (e / GDN_KP) * GDN_VP + e % GDN_KP;
-                    sds = fmaf(Sp[x], dSp[x], sds);
-                }
-                gdn_sync();
-            }
-            float *Kq = reg, *Qq = Kq + GDN_C * kqp; /* over the panels above (the barrier ordered them) */
-            gdn_load_async(Kq, kqp, GDN_C, ipw, k + tok, rs, L, ip, D);
-            gdn_load_async(Qq, kqp, GDN_C, ipw, q + tok, rs, L, ip, D); /* unscaled */
-            gdn_sync();
-            float pq[2] = {0, 0}, pk[2] = {0, 0}, py[2] = {0, 0};
-#pragma unroll
-            for (int j = 0; j < GDN_NTW; j++)
-#pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    if (j >= nt) continue;
-                    const int t = gdn_frow(m0, r), n = gdn_fcol(n0, j, r);
-                    if (t < L && n < iw) {
-                        const float qv = Qq[t * kqp + n], kv = Kq[t * kqp + n];
-                        pq[r >> 1] = fmaf(qv, zo[j][r], pq[r >> 1]);
-                        pk[r >> 1] = fmaf(kv, z[j][r], pk[r >> 1]);
-                        py[r >> 1] = fmaf(kv, y[j][r], py[r >> 1]);
-                    }
-                    a1[j][r] = scale * s.e0[t] * zo[j][r];
-                    a2[j][r] = s.eL[t] * y[j][r] - s.e0[t] * s.bt[t] * z[j][r];
-                }
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                pq[i] = gdn_quad_sum(pq[i]);
-                pk[i] = gdn_quad_sum(pk[i]);
-                py[i] = gdn_quad_sum(py[i]);
-            }
-            if (lq == 0)
-#pragma unroll
-                for (int i = 0; i < 2; i++) {
-                    const int row = m0 + lg + 8 * i;
-                    dots[row * 2 + wn] += scale * pq[i];
-                    dots[2 * GDN_C + row * 2 + wn] += pk[i];
-                    dots[4 * GDN_C + row * 2 + wn] += py[i];
-                }
-            if (act) {
-                gdn_mma_2a_n(GDN_SPLIT_GRAD, nt, a1, a2, dQK, dKK, GDN_PP, 1, m0, GDN_C - 1, Kq, kqp, 1, n0, ipw - 1, 0,
-                             m0 + 16);
-                gdn_mma_n(GDN_SPLIT_GRAD, nt, a2, dKK, 1, GDN_PP, m0, GDN_C - 1, Kq, kqp, 1, n0, ipw - 1, m0, GDN_C);
-                gdn_mma_n(GDN_SPLIT_GRAD, nt, a2, dQK, 1, GDN_PP, m0, GDN_C - 1, Qq, kqp, 1, n0, ipw - 1, m0, GDN_C);
-            }
-        }
-        /* the tile's dq and dk terms parked over K and Qs, then one coalesced
-         * read-add-write of the pass's rows, a warp per row */
-        float *Pq = reg, *Pk = Pq + GDN_C * kqp;
-        gdn_sync();
-        if (act)
-#pragma unroll
-            for (int j = 0; j < GDN_NTW; j++)
-#pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    if (j >= nt) continue;
-                    const int x = gdn_frow(m0, r) * kqp + gdn_fcol(n0, j, r);
-                    Pq[x] = a1[j][r];
-                    Pk[x] = a2[j][r];
-                }
-        gdn_sync();
-        for (int t0r = warp; t0r < L; t0r += 2 * (GDN_NT / 32)) {
-            float oq[2][GDN_NTW / 2], ok[2][GDN_NTW / 2];
-#pragma unroll
-            for (int i = 0; i < 2; i++)
-#pragma unroll
-                for (int u = 0; u < GDN_NTW / 2; u++) {
-                    const int t = t0r + i * (GDN_NT / 32), n = (tid & 31) + 32 * u;
-                    const int in = !set && u < nt / 2 && t < L && n < iw;
-                    const size_t x = tok + (size_t)t * rs + ip + n;
-                    oq[i][u] = in ? dq[x] : 0.0f;
-                    ok[i][u] = in ? dk[x] : 0.0f;
-                }
-#pragma unroll
-            for (int i = 0; i < 2; i++)
-#pragma unroll
-                for (int u = 0; u < GDN_NTW / 2; u++) {
-                    const int t = t0r + i * (GDN_NT / 32), n = (tid & 31) + 32 * u;
-                    if (u < nt / 2 && t < L && n < iw) {
-                        const size_t x = tok + (size_t)t * rs + ip + n;
-                        dq[x] = oq[i][u] + Pq[t * kqp + n];
-                        dk[x] = ok[i][u] + Pk[t * kqp + n];
-                    }
-                }
-        }
-        gdn_sync(); /* the next pass's panels lie over Pq and Pk */
-    }
-    return sds;
-}
-
-/* Per (chunk, b*h): the local gradients (steps 3-8 of cpu_gdn.c) into dq, dk, dv, dg,
- * dbeta, from S0 (state_save), dS (dL/dS_end, from the state kernel), W and X.
- * Shared: header; dKK and dQK [64, GDN_PP]; partial sums of the pairs' rows [2][64][2]
- * (one per column half) and columns [64][4] (one per row quarter); partial sums of the
- * state terms' rows [3][64][2]; per-row sums [8][64]; per-thread sums of <S0, dS> [256];
- * then one region reused by the phases (gdn_grads_region):
- *   pairs:  32-column panels of X, dO, W, V (4 x [64, GDN_VP]), with dKK and dQK first
- *           holding E o KK and M from the prep kernel (Pbuf)
- *   dk/dq:  as gdn_grads_dqdk lays it out
- * Warp w computes the warp tile (16 (w % 4), 32 (w / 4)) of every [64, 64] result of the
- * pairs (gdn_grads_dqdk's tiles are 16 x 48 where D > 64); row and column sums of a tile
- * are reduced across its lanes by shuffles in a fixed order. */
-static __host__ __device__ __forceinline__ int gdn_grads_region(int D)
-{
-    const int ipw = D > 64 ? 96 : 64, pairs = 4 * GDN_C * GDN_VP, panels = (3 * GDN_C + 2 * ipw) * GDN_VP;
-    const int kq = 2 * GDN_C * (ipw + 8), m = panels > kq ? panels : kq;
-    return m > pairs ? m : pairs;
-}
-#define GDN_B3_PART (8 * GDN_C)
-#define GDN_B3_DOTS (6 * GDN_C)
-static __device__ __forceinline__ void
-gdn_bwd_grads(const int nt, float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout,
-              const float *q, const float *k, const float *v, const float *g, const float *beta,
-              const float *state_save, const float *dSbuf, const float *Wbuf, const float *Xbuf, const float *Pbuf,
-              const int32_t *doc_start, int T, int H, int D, int nchunk, float scale, int set)
-{
-    const int c = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x;
-    const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0);
-    const size_t ci = (size_t)bh * nchunk + c, rs = (size_t)H * D, tok = gdn_row(b, t0, h, T, H, D);
-    const gdn_hdr s = gdn_hdr_at(gdn_smem);
-    float *dKK = gdn_smem + GDN_HDR, *dQK = dKK + GDN_C * GDN_PP, *part = dQK + GDN_C * GDN_PP;
-    float *dots = part + GDN_B3_PART, *red = dots + GDN_B3_DOTS, *sdsp = red + 8 * GDN_C;
-    float *reg = sdsp + GDN_NT;
-    float *rE = red, *cE = red + GDN_C, *rB = red + 2 * GDN_C, *vX = red + 3 * GDN_C;
-    float *kY = red + 4 * GDN_C, *dG = red + 5 * GDN_C, *sdsum = red + 6 * GDN_C;
-    const int warp = tid >> 5, wm = warp & 3, wn = warp >> 2, m0 = 16 * wm, n0 = 32 * wn;
-    const int lg = (tid & 31) >> 2, lq = tid & 3;
-    const int upper = n0 >= m0 + 16; /* the warp tile lies right of the diagonal */
-    const int Dp = gdn_r4(D);
-    const float *S0 = state_save + ci * D * D, *dSc = dSbuf + ci * D * Dp;
-    const float *Wc = Wbuf + ci * GDN_C * Dp, *Xc = Xbuf + ci * GDN_C * Dp;
-
-    for (int e = tid; e < GDN_B3_DOTS; e += GDN_NT) dots[e] = 0.0f;
-    gdn_chunk_scalars(s, g, beta, doc_start, b, h, t0, L, T, H);
-
-    /* ---- pairs: E o KK and M = scale E o QK from the prep kernel (Pbuf) into dKK and dQK,
-     * in flight with the first panels below ---- */
-    gdn_load_async(dKK, GDN_PP, GDN_C, GDN_C, Pbuf + ci * 2 * GDN_C * GDN_C, GDN_C, GDN_C, 0, GDN_C);
-    gdn_load_async(dQK, GDN_PP, GDN_C, GDN_C, Pbuf + (ci * 2 + 1) * GDN_C * GDN_C, GDN_C, GDN_C, 0, GDN_C);
-    /* ---- C1 = X W^T and C2 = dO W^T; dv += beta X and v . X on the way.
-     * Then dKK_ts = -E beta_t C1 (s < t), dQK_ts = E C2 (s <= t); the dG term
-     * E (QK C2 - KK beta_t C1) and the dbeta term E KK C1 (s < t) are summed by rows and
-     * columns, first over the thread's fragment, then over the lanes of the warp tile,
-     * then over the warp tiles of each row/column */
-    float vx = 0.0f;
-    {
-        float c1[4][4], c2[4][4];
-        gdn_zero(c1);
-        gdn_zero(c2);
-        float *Xp = reg, *Op = Xp + GDN_C * GDN_VP, *Wp = Op + GDN_C * GDN_VP, *Vp = Wp + GDN_C * GDN_VP;
-        for (int p = 0; p < D; p += GDN_KP) {
-            const int pw = gdn_imin(GDN_KP, D - p);
-            gdn_load_async(Op, GDN_VP, GDN_C, GDN_KP, dout + tok, rs, L, p, D);
-            gdn_load_async(Vp, GDN_VP, GDN_C, GDN_KP, v + tok, rs, L, p, D);
-            gdn_load_async(Xp, GDN_VP, GDN_C, GDN_KP, Xc, Dp, GDN_C, p, D);
-            gdn_load_async(Wp, GDN_VP, GDN_C, GDN_KP, Wc, Dp, GDN_C, p, D);
-            gdn_sync();
-            if (!upper)
-                gdn_mma_2a(GDN_SPLIT_PAIR, c1, c2, Xp, Op, GDN_VP, 1, m0, GDN_C - 1, Wp, 1, GDN_VP, n0, GDN_C - 1, 0,
-                           pw);
-            if (tid < GDN_C)
-                for (int col = 0; col < pw; col++) vx = fmaf(Vp[tid * GDN_VP + col], Xp[tid * GDN_VP + col], vx);
-            static_assert(GDN_C * GDN_KP == 8 * GDN_NT, "the dv update covers a panel in 8 passes");
-            /* dv += beta X (dv = beta X with set: old values not read): all loads of a thread
-             * first; the [64, GDN_KP] panel as 8 passes of 8 rows, a lane per column */
-            {
-                float old[8];
-#pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    const int e = tid + u * GDN_NT, r = e / GDN_KP, col = e % GDN_KP;
-                    old[u] = !set && r < L && col < pw ? dv[tok + (size_t)r * rs + p + col] : 0.0f;
-                }
-#pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    const int e = tid + u * GDN_NT, r = e / GDN_KP, col = e % GDN_KP;
-                    if (r < L && col < pw) dv[tok + (size_t)r * rs + p + col] = old[u] + s.bt[r] * Xp[r * GDN_VP + col];
-                }
-            }
-            gdn_sync();
-        }
-        float re[2] = {0, 0}, rb[2] = {0, 0}, ce[4][2] = {{0, 0}, {0, 0}, {0, 0}, {0, 0}};
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                const int t = gdn_frow(m0, r), u = gdn_fcol(n0, j, r), x = t * GDN_PP + u;
-                const float ekk = dKK[x], m = dQK[x]; /* E KK, scale E QK */
-                const float E = gdn_decay(s, t, u, L), bc = s.bt[t] * c1[j][r];
-                float dkk = 0.0f, dee = 0.0f, dbp = 0.0f;
-                if (u < t) {
-                    dkk = -E * bc;
-                    dee = m * c2[j][r] - ekk * bc;
-                    dbp = ekk * c1[j][r];
-                }
-                dKK[x] = dkk;
-                dQK[x] = scale * E * c2[j][r]; /* scaled: the dk/dq products take q, k unscaled */
-                re[r >> 1] += dee;
-                rb[r >> 1] += dbp;
-                ce[j][r & 1] += dee;
-            }
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            re[i] = gdn_quad_sum(re[i]);
-            rb[i] = gdn_quad_sum(rb[i]);
-        }
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int x = 0; x < 2; x++)
-#pragma unroll
-                for (int sh = 4; sh <= 16; sh <<= 1) ce[j][x] += __shfl_xor_sync(0xffffffffu, ce[j][x], sh);
-        if (lq == 0)
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                const int row = m0 + lg + 8 * i;
-                part[row * 2 + wn] = re[i];
-                part[2 * GDN_C + row * 2 + wn] = rb[i];
-            }
-        if (lg == 0)
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int x = 0; x < 2; x++) part[4 * GDN_C + gdn_fcol(n0, j, x) * 4 + wm] = ce[j][x];
-    }
-    gdn_sync();
-    if (tid < GDN_C) {
-        rE[tid] = part[tid * 2] + part[tid * 2 + 1];
-        rB[tid] = part[2 * GDN_C + tid * 2] + part[2 * GDN_C + tid * 2 + 1];
-        const float *pc = part + 4 * GDN_C + tid * 4;
-        cE[tid] = (pc[0] + pc[1]) + (pc[2] + pc[3]);
-        vX[tid] = vx;
-    }
-
-    /* ---- dq, dk: passes over 64 key columns (D <= 64) or 96 (gdn_grads_dqdk) ---- */
-    const float sds = gdn_grads_dqdk(nt, reg, dKK, dQK, dots, s, dq, dk, dout, q, k, Xc, Wc, S0, dSc, tok, rs, L, D,
-                                     scale, set);
-
-    /* ---- per-token scalars: dbeta, dG, then dg by segmented suffix sums ---- */
-    sdsp[tid] = sds;
-    gdn_sync();
-    if (tid < GDN_C) {
-        const int r = tid;
-        const float qz = dots[r * 2] + dots[r * 2 + 1];
-        const float kz = dots[2 * GDN_C + r * 2] + dots[2 * GDN_C + r * 2 + 1];
-        const float ky = dots[4 * GDN_C + r * 2] + dots[4 * GDN_C + r * 2 + 1];
-        kY[r] = ky;
-        dG[r] = rE[r] - cE[r] + s.e0[r] * (qz - s.bt[r] * kz) - s.eL[r] * ky;
-        if (r < L) {
-            float *db = dbeta + ((size_t)b * T + t0 + r) * H + h;
-            *db = (set ? 0.0f : *db) + (vX[r] - s.e0[r] * kz - rB[r]);
-        }
-    } else if (tid == GDN_C) {
-        float a = 0.0f;
-        for (int x = 0; x < GDN_NT; x++) a += sdsp[x];
-        sdsum[0] = a;
-    }
-    gdn_sync();
-    if (tid == 0) {
-        /* the end-state terms of the last token, then suffix sums within segments */
-        float tail = 0.0f;
-        for (int r = 0; r < L; r++) tail = fmaf(s.eL[r], kY[r], tail);
-        dG[L - 1] += tail + s.e0[L - 1] * sdsum[0];
-        float acc = 0.0f;
-        for (int r = L - 1; r >= 0; r--) {
-            acc += dG[r];
-            dG[r] = acc;
-            if (s.reset[r]) acc = 0.0f;
-        }
-    }
-    gdn_sync();
-    if (tid < L) { /* a document's first token has no gate gradient (its g is not used) */
-        float *dgt = dg + ((size_t)b * T + t0 + tid) * H + h;
-        if (!s.reset[tid]) *dgt = (set ? 0.0f : *dgt) + dG[tid];
-        else if (set) *dgt = 0.0f;
-    }
-}
-
 /* the grads kernel for D <= 64 (dq, dk passes of 64 key columns) and for D > 64 (96):
  * two kernels, so that each gets the registers its own tiles need (in one kernel the
  * wide tiles' pressure made D = 64 2% slower) */
@@ -613,8 +288,8 @@ gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, c
                      const float *dSbuf, const float *Wbuf, const float *Xbuf, const float *Pbuf,
                      const int32_t *doc_start, int T, int H, int D, int nchunk, float scale, int set)
 {
-    gdn_bwd_grads(4, dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf, Xbuf, Pbuf, doc_start, T,
-                  H, D, nchunk, scale, set);
+    gdn_bwd_grads(4, blockIdx.x, blockIdx.y, dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf,
+                  Xbuf, Pbuf, doc_start, T, H, D, nchunk, scale, set);
 }
 
 static __global__ void __launch_bounds__(GDN_NT, 2)
@@ -624,8 +299,8 @@ gdn_bwd_grads_wide_kernel(float *dq, float *dk, float *dv, float *dg, float *dbe
                           const float *Pbuf, const int32_t *doc_start, int T, int H, int D, int nchunk, float scale,
                           int set)
 {
-    gdn_bwd_grads(6, dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf, Xbuf, Pbuf, doc_start, T,
-                  H, D, nchunk, scale, set);
+    gdn_bwd_grads(6, blockIdx.x, blockIdx.y, dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf,
+                  Xbuf, Pbuf, doc_start, T, H, D, nchunk, scale, set);
 }
 
 /* =================================================================================== */
@@ -636,11 +311,6 @@ gdn_bwd_grads_wide_kernel(float *dq, float *dk, float *dv, float *dg, float *dbe
 static size_t gdn_smem_bwd_prep(int D)
 {
     return sizeof(float) * (GDN_HDR + GDN_C * gdn_kpitch(D) + GDN_C * gdn_kpitch_pp(D) + GDN_C * GDN_PP);
-}
-static size_t gdn_smem_bwd_grads(int D)
-{
-    return sizeof(float) *
-           (GDN_HDR + 2 * GDN_C * GDN_PP + GDN_B3_PART + GDN_B3_DOTS + 8 * GDN_C + GDN_NT + gdn_grads_region(D));
 }
 
 /* the grads kernel, after the state kernel or the chained backward */
@@ -679,9 +349,12 @@ static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbet
         const size_t own = rows * Dp + states + 2 * rows * GDN_C;
         float *Xbuf = (float *)cuda_scratch((own + gdn_chain_scratch_floats(D, BH, nchunk)) * sizeof(float));
         float *dSbuf = Xbuf + rows * Dp, *Pbuf = dSbuf + states, *chain = Pbuf + 2 * rows * GDN_C;
-        gdn_bwd_chain_run(Xbuf, dSbuf, Pbuf, chain, dout, q, k, g, beta, doc_start, T, H, D, nchunk, BH, scale);
-        gdn_grads_run(dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf, Xbuf, Pbuf, doc_start, T,
-                      H, D, nchunk, BH, scale, set);
+        const gdn_bwd_args a = {dq,   dk,    dv,    dg,   dbeta, dout, q,         k, v, g, beta,   state_save, Wbuf,
+                                Xbuf, dSbuf, Pbuf,  NULL, NULL,  doc_start, T, H, D, nchunk, BH,  set,  scale};
+        gdn_bwd_chain_run(a, chain);
+        if (!gdn_bwd_fused(D))
+            gdn_grads_run(dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf, Xbuf, Pbuf, doc_start,
+                          T, H, D, nchunk, BH, scale, set);
         return;
     }
     const size_t dp = gdn_kpitch(D);

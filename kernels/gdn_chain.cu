@@ -1,8 +1,9 @@
 /* gdn_chain.cu: the chained forms of the GDN forward and backward (cuda_gdn_forward and
  * cuda_gdn_backward run them where gdn_chain_use says so): the whole forward in one kernel
  * where gdn_forward.cu runs prep, state and out kernels, and the backward's prep and state
- * in one kernel before gdn_backward.cu's grads kernel. The design and the shared helpers
- * are in gdn_internal.cuh.
+ * in one kernel, which for D > 64 also runs the grads phase (gdn_grads.cuh; for D <= 64
+ * gdn_backward.cu's grads kernel follows it). The design and the shared helpers are in
+ * gdn_internal.cuh.
  *
  * One block per (chunk, b*h), handed out in chunk order (last to first for the backward)
  * by a ticket, a counter in scratch: a block takes its ticket when it starts, so it only
@@ -38,6 +39,13 @@
  * (gdn_chain_use: chained where B H >= nchunk). A first form that handed the states on
  * through state_save itself (rows of D floats, read back by 4-byte loads, a row at a
  * time) took 0.44 instead of 0.40 ms.
+ * Since then (bench_mixers on an H100, each change against the build before it in one
+ * call): the forward's M built once per warp tile and read back from shared memory
+ * (0.516 -> 0.494 ms), its K rounded during the solve and its Q loaded during the save of
+ * S0 (0.504 -> 0.487 ms); the grads phase in the backward's kernel (backward_set 1.039 ->
+ * 1.031 ms). Tried and dropped: the Uk and Xk tiles of the mirror row tile, so that
+ * every warp does the same work in the products with T (no change); the backward's K
+ * rounded during the solve (0.008 ms slower).
  *
  * Shared memory, both directions: header, three [64, x] regions and a region R of
  * max(two [64, GDN_PP] tiles, the state [r8(D), gdn_chain_sp(D)]): 110 KB forward, 113 KB
@@ -49,7 +57,13 @@
  * ms forward + backward_set at B 8, T 2048, H 12, D 85). Kernels for D <= 64 (warp tiles
  * of 16 x 32) and D <= 96 (16 x 48, state update tiles of 16 x 24).
  */
-#include "gdn_internal.cuh"
+#include "gdn_grads.cuh"
+
+/* The forward's K rounded to its TF32 operand (gdn_state_op) for the state update while
+ * two warps solve for T's diagonal blocks, where that leaves the products with K before
+ * the update as they were (their operands rounded to TF32 alike: GDN_SPLIT_SOLVE 1); else
+ * after them */
+#define GDN_CHAIN_KPRE (GDN_STATE_PRE && GDN_SPLIT_SOLVE == 1)
 
 static __device__ __forceinline__ unsigned gdn_ld_acquire(const unsigned *p)
 {
@@ -146,7 +160,12 @@ static __device__ __forceinline__ void gdn_chain_save(float *g, size_t rs, const
  * (none where the next chunk starts a document), S0 to state_save; then o = diag(scale
  * e0) Q S0 + M W as gdn_fwd_out_kernel. Regions: K (rounded to TF32 once its products
  * before the state update are done; the rounding leaves Q K^T's bits as they were), V
- * scaled by beta, then eL W, then Q; -Uk, then W; and R: T and T diag(beta e0), then S0.
+ * scaled by beta, then eL W, then Q; -Uk, then W; and R: T and T diag(beta e0), then S0,
+ * then M. The output's M is built once per warp tile (on or below the diagonal) and read
+ * back from R: each warp had built the 16 rows of M its tile needs in registers, so that
+ * the two warps of a row tile both built them, and the bottom row tiles' warps, with two
+ * tiles of M and the longest M W, set the pace (forward 0.516 -> 0.494 ms at B 8, T 2048,
+ * H 12, D 85 on an H100).
  * sync: [0] the ticket counter, [1 + bh nchunk + c] the flag of chunk c's start state;
  * all zero at launch. */
 static __device__ __forceinline__ void
@@ -174,7 +193,7 @@ gdn_fwd_chain(const int nt, float *o, float *state_save, float *Wbuf, unsigned *
     gdn_sync();
 
     /* A_ts = beta_t E_ts KK_ts below the diagonal, then T = (I + A)^-1 while warps 2-7
-     * scale the rows of V by beta, then T diag(beta e0) */
+     * scale the rows of V by beta (and round K: GDN_CHAIN_KPRE), then T diag(beta e0) */
     {
         float acc[4][4];
         gdn_zero(acc);
@@ -192,7 +211,10 @@ gdn_fwd_chain(const int nt, float *o, float *state_save, float *Wbuf, unsigned *
         gdn_invert_diag(Ts, Ts);
     } else {
         for (int r = (tid - GDN_C) >> 5; r < GDN_C; r += (GDN_NT - GDN_C) / 32)
-            for (int col = lane; col < D; col += 32) Vs[r * vp + col] *= s.bt[r];
+            for (int col = lane; col < D; col += 32) {
+                Vs[r * vp + col] *= s.bt[r];
+                if (GDN_CHAIN_KPRE) Ks[r * dp + col] = gdn_state_op(Ks[r * dp + col]);
+            }
     }
     __syncthreads();
     gdn_invert_offdiag(Ts);
@@ -223,7 +245,7 @@ gdn_fwd_chain(const int nt, float *o, float *state_save, float *Wbuf, unsigned *
             }
     }
     __syncthreads(); /* Us is whole; V, T and Te are done with */
-    if (GDN_STATE_PRE)
+    if (GDN_STATE_PRE && !GDN_CHAIN_KPRE)
         for (int r = warp; r < GDN_C; r += GDN_NT / 32)
             for (int col = lane; col < D; col += 32) Ks[r * dp + col] = gdn_state_op(Ks[r * dp + col]);
 
@@ -265,61 +287,38 @@ gdn_fwd_chain(const int nt, float *o, float *state_save, float *Wbuf, unsigned *
         }
         gdn_chain_release(sync + 2 + ci);
     }
+    /* Q over eL W (read: the release's barrier, or the one after W), in flight during the save */
+    float *Qs = Vs, *Ws = Us, *Ms = R;
+    gdn_load_async(Qs, vp, GDN_C, D8, q + gdn_row(b, t0, h, T, H, D), rs, L, 0, D);
     gdn_chain_save(state_save + ci * D * D, D, S, sps, D);
 
     /* o = diag(scale e0) Q S0 + M W, M = scale E o QK (lower, with the diagonal): Q over
-     * eL W, W (unscaled) over -Uk; each warp builds M's 16 rows of its tile whole, in
-     * registers, and hands them to the M W product as A fragments by shuffles */
-    if (c + 1 >= nchunk) __syncthreads(); /* (the release's barrier otherwise) eL W is read */
-    float *Qs = Vs, *Ws = Us;
-    gdn_load_async(Qs, vp, GDN_C, D8, q + gdn_row(b, t0, h, T, H, D), rs, L, 0, D);
+     * eL W, W (unscaled) over -Uk; the warp tiles of M on or below the diagonal (6 of 8)
+     * into shared memory over S0, once the products with K and S0 are done */
     gdn_sync();
     {
-        float mc[8][4];
+        float mc[4][4], ao[GDN_NTW][4];
         gdn_zero(mc);
-        gdn_zero(mc + 4);
-        gdn_mma(GDN_SPLIT_PAIR, mc, Qs, vp, 1, m0, GDN_C - 1, Ks, 1, dp, 0, GDN_C - 1, 0, D);
-        if (m0 + 16 > 32) gdn_mma(GDN_SPLIT_PAIR, mc + 4, Qs, vp, 1, m0, GDN_C - 1, Ks, 1, dp, 32, GDN_C - 1, 0, D);
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int r = 0; r < 4; r++)
-                mc[j][r] *= scale * gdn_decay(s, gdn_frow(m0, r), gdn_fcol(0, j, r), L);
-        float ao[GDN_NTW][4];
         gdn_state_zero(ao);
+        if (n0 < m0 + 16) gdn_mma(GDN_SPLIT_PAIR, mc, Qs, vp, 1, m0, GDN_C - 1, Ks, 1, dp, n0, GDN_C - 1, 0, D);
         if (w0 < D) {
             gdn_mma_n(GDN_SPLIT_S0, nt, ao, Qs, vp, 1, m0, GDN_C - 1, S, sps, 1, w0, D - 1, 0, D);
 #pragma unroll
             for (int j = 0; j < nt; j++)
 #pragma unroll
                 for (int r = 0; r < 4; r++) ao[j][r] *= scale * s.e0[gdn_frow(m0, r)];
-            /* M's accumulator rows: lane (g, q) holds columns 2q, 2q + 1 of each n-tile; its A
-             * fragment wants columns q and q + 4, held by lanes (g, q / 2) and (g, 2 + q / 2) */
-            const int src0 = (lane & ~3) | ((lane & 3) >> 1), src1 = src0 + 2, odd = lane & 1;
-            gdn_mpos p = gdn_mpos_at(dp, 1, m0, GDN_C - 1, dp, 1, w0, D - 1, 0, nt);
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                if (8 * j >= m0 + 16) break;
-                float x[4];
-#pragma unroll
-                for (int hf = 0; hf < 2; hf++) {
-                    const int src = hf ? src1 : src0;
-                    const float v0 = __shfl_sync(0xffffffffu, mc[j][0], src);
-                    const float v1 = __shfl_sync(0xffffffffu, mc[j][1], src);
-                    const float v2 = __shfl_sync(0xffffffffu, mc[j][2], src);
-                    const float v3 = __shfl_sync(0xffffffffu, mc[j][3], src);
-                    x[2 * hf] = odd ? v1 : v0;
-                    x[2 * hf + 1] = odd ? v3 : v2;
-                }
-                uint32_t ah[4], al[4], bh[GDN_NTW][2], bl[GDN_NTW][2];
-                gdn_split_n(GDN_SPLIT_SOLVE, 0, x, ah, al, 4);
-                gdn_bfrags(GDN_SPLIT_SOLVE, Ws, &p, bh, bl, nt);
-#pragma unroll
-                for (int jn = 0; jn < GDN_NTW; jn++)
-                    if (jn < nt) gdn_mma_x(GDN_SPLIT_SOLVE, ao[jn], ah, al, bh[jn], bl[jn]);
-                gdn_mpos_step(&p, nt);
-            }
         }
+        __syncthreads(); /* S0 is read: M lies over it */
+        if (n0 < m0 + 16)
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int r = 0; r < 4; r++) {
+                    const int t = gdn_frow(m0, r), u = gdn_fcol(n0, j, r);
+                    Ms[t * GDN_PP + u] = mc[j][r] * (scale * gdn_decay(s, t, u, L));
+                }
+        __syncthreads();
+        if (w0 < D) gdn_mma_n(GDN_SPLIT_SOLVE, nt, ao, Ms, GDN_PP, 1, m0, GDN_C - 1, Ws, dp, 1, w0, D - 1, 0, m0 + 16);
 #pragma unroll
         for (int j = 0; j < nt; j++)
 #pragma unroll
@@ -356,13 +355,11 @@ GDN_FWD_CHAIN_KERNEL(gdn_fwd_chain_kernel96, 6)
  * (then Qe, then -e0 beta X), dO (then Xk), and R: A and T (then diag(eL) T), M (then N),
  * then dS. sync as in the forward, the flags by the chunk whose end gradient they give. */
 static __device__ __forceinline__ void
-gdn_bwd_chain(const int nt, float *Xbuf, float *dSbuf, float *Pbuf, unsigned *sync, float *ring, const float *dout,
-              const float *q, const float *k, const float *g, const float *beta, const int32_t *doc_start, int T,
-              int H, int D, int nchunk, int BH, float scale)
+gdn_bwd_chain(const int nt, const int fused, int tk, uint64_t &bar, float *Xbuf, float *dSbuf, float *Pbuf,
+              unsigned *sync, float *ring, const float *dout, const float *q, const float *k, const float *g,
+              const float *beta, const int32_t *doc_start, int T, int H, int D, int nchunk, int BH, float scale)
 {
-    __shared__ int ticket;
-    __shared__ uint64_t bar;
-    const int tk = gdn_chain_ticket(sync, &bar, &ticket), tid = threadIdx.x;
+    const int tid = threadIdx.x;
     const int c = nchunk - 1 - tk / BH, bh = tk % BH, b = bh / H, h = bh % H;
     const int t0 = c * GDN_C, L = gdn_imin(GDN_C, T - t0), dp = gdn_kpitch(D), D8 = gdn_r8(D), Dp = gdn_r4(D);
     const int sps = gdn_chain_sp(D);
@@ -470,7 +467,7 @@ gdn_bwd_chain(const int nt, float *Xbuf, float *dSbuf, float *Pbuf, unsigned *sy
                 if (n < qp) Xks[t * qp + n] = n < D ? gdn_state_op(xk[j][r]) : 0.0f;
             }
     }
-    if (GDN_STATE_PRE)
+    if (GDN_STATE_PRE) /* here, not with the solve as in the forward: 0.008 ms slower there */
         for (int r = warp; r < GDN_C; r += GDN_NT / 32)
             for (int col = lane; col < D; col += 32) Ks[r * dp + col] = gdn_state_op(Ks[r * dp + col]);
 
@@ -509,23 +506,45 @@ gdn_bwd_chain(const int nt, float *Xbuf, float *dSbuf, float *Pbuf, unsigned *sy
         gdn_chain_release(sync + ci);
     }
     gdn_chain_save(dSbuf + ci * D * Dp, Dp, dS, sps, D);
+    if (fused) gdn_chain_release(sync + 2 + (size_t)BH * nchunk + ci); /* X, dS and Pbuf are in place */
 }
 
-/* the chained backward for D <= 64 (nt 4) and D <= 96 (nt 6) */
-typedef void (*gdn_bwd_chain_fn)(float *, float *, float *, unsigned *, float *, const float *, const float *,
-                                 const float *, const float *, const float *, const int32_t *, int, int, int, int,
-                                 int, float);
-#define GDN_BWD_CHAIN_KERNEL(name, nt)                                                                             \
+/* The chained backward for D <= 64 (nt 4) and D <= 96 (nt 6, with the grads phase of
+ * gdn_grads.cuh in the same kernel). Tickets 0 .. BH nchunk - 1 run the chain; in the
+ * kernel with grads (gdn_bwd_fused) the next BH nchunk run the grads phase of the chunks
+ * in the same order, each after the done flag of its chunk (sync[2 + BH nchunk + ci],
+ * set by the chunk's chain block once X, dS and Pbuf are written). A grads block waits
+ * only on chain blocks, which took their tickets before it, and only the last chunks'
+ * chain blocks are still running when the first grads blocks start: so the grads blocks
+ * fill the SMs while the chain's last steps run, where the grads kernel had waited for
+ * the chain kernel to end (B 8, T 2048, H 12, D 85, one H100: backward 1.130 -> 1.113 ms,
+ * backward_set 1.039 -> 1.031; at H 16, D 64 the grads kernel after the chain was faster,
+ * 0.94 against 0.95 ms on an H200, hence gdn_bwd_fused). Handing out the grads tickets
+ * between the chain's, each level of grads a few chunks behind the chain (2, 4 or 8), so
+ * that they find their chunk's X, dS and Pbuf still in L2, took the backward to 1.43-1.50
+ * ms: the chain's blocks then start later and its steps wait on each other. */
+#define GDN_BWD_CHAIN_KERNEL(name, nt, fused)                                                                      \
     static __global__ void __launch_bounds__(GDN_NT, 2)                                                            \
-    name(float *Xbuf, float *dSbuf, float *Pbuf, unsigned *sync, float *ring, const float *dout, const float *q,  \
-         const float *k, const float *g, const float *beta, const int32_t *doc_start, int T, int H, int D,         \
-         int nchunk, int BH, float scale)                                                                          \
+    name(gdn_bwd_args a)                                                                                           \
     {                                                                                                              \
-        gdn_bwd_chain(nt, Xbuf, dSbuf, Pbuf, sync, ring, dout, q, k, g, beta, doc_start, T, H, D, nchunk, BH,      \
-                      scale);                                                                                      \
+        __shared__ int ticket;                                                                                     \
+        __shared__ uint64_t bar;                                                                                   \
+        const int tk = gdn_chain_ticket(a.sync, &bar, &ticket), n = a.BH * a.nchunk;                               \
+        if (!fused || tk < n) {                                                                                    \
+            gdn_bwd_chain(nt, fused, tk, bar, a.Xbuf, a.dSbuf, a.Pbuf, a.sync, a.ring, a.dout, a.q, a.k, a.g,      \
+                          a.beta, a.doc_start, a.T, a.H, a.D, a.nchunk, a.BH, a.scale);                            \
+            return;                                                                                                \
+        }                                                                                                          \
+        const int c = a.nchunk - 1 - (tk - n) / a.BH, bh = (tk - n) % a.BH;                                        \
+        if (threadIdx.x == 0)                                                                                      \
+            while (!gdn_ld_acquire(a.sync + 2 + n + (size_t)bh * a.nchunk + c)) __nanosleep(32);                   \
+        __syncthreads();                                                                                           \
+        gdn_bwd_grads(nt, c, bh, a.dq, a.dk, a.dv, a.dg, a.dbeta, a.dout, a.q, a.k, a.v, a.g, a.beta,              \
+                      a.state_save, a.dSbuf, a.Wbuf, a.Xbuf, a.Pbuf, a.doc_start, a.T, a.H, a.D, a.nchunk,         \
+                      a.scale, a.set);                                                                             \
     }
-GDN_BWD_CHAIN_KERNEL(gdn_bwd_chain_kernel64, 4)
-GDN_BWD_CHAIN_KERNEL(gdn_bwd_chain_kernel96, 6)
+GDN_BWD_CHAIN_KERNEL(gdn_bwd_chain_kernel64, 4, 0)
+GDN_BWD_CHAIN_KERNEL(gdn_bwd_chain_kernel96, 6, 1)
 
 /* =================================================================================== */
 /* launchers                                                                           */
@@ -548,7 +567,7 @@ int gdn_chain_use(int D, int BH, int nchunk)
 
 size_t gdn_chain_scratch_floats(int D, int BH, int nchunk)
 {
-    return (size_t)BH * 2 * gdn_r8(D) * gdn_chain_sp(D) + 2 + (size_t)BH * nchunk;
+    return (size_t)BH * 2 * gdn_r8(D) * gdn_chain_sp(D) + 2 + 2 * (size_t)BH * nchunk;
 }
 
 /* the kernels' shared memory: header, [64, dp] regions, wide [64, gdn_chain_sp(D)] ones
@@ -563,7 +582,7 @@ static size_t gdn_smem_chain(int D, int wide)
 /* the ring and the counters in chain (gdn_chain_scratch_floats), the counters zeroed */
 static unsigned *gdn_chain_sync(float *chain, int D, int BH, int nchunk)
 {
-    const size_t nring = (size_t)BH * 2 * gdn_r8(D) * gdn_chain_sp(D), nsync = 2 + (size_t)BH * nchunk;
+    const size_t nring = (size_t)BH * 2 * gdn_r8(D) * gdn_chain_sp(D), nsync = 2 + 2 * (size_t)BH * nchunk;
     unsigned *sync = (unsigned *)(chain + nring);
     CUDA_CHECK(cudaMemsetAsync(sync, 0, nsync * sizeof(unsigned), cuda_stream()));
     return sync;
@@ -582,15 +601,16 @@ void gdn_fwd_chain_run(float *o, float *state_save, float *Wv, float *chain, con
     LAUNCH_CHECK();
 }
 
-void gdn_bwd_chain_run(float *Xbuf, float *dSbuf, float *Pbuf, float *chain, const float *dout, const float *q,
-                       const float *k, const float *g, const float *beta, const int32_t *doc_start, int T, int H,
-                       int D, int nchunk, int BH, float scale)
+int gdn_bwd_fused(int D) { return D > 64; }
+
+void gdn_bwd_chain_run(gdn_bwd_args a, float *chain)
 {
-    unsigned *sync = gdn_chain_sync(chain, D, BH, nchunk);
-    const gdn_bwd_chain_fn kern = D <= 64 ? gdn_bwd_chain_kernel64 : gdn_bwd_chain_kernel96;
-    const size_t sm = gdn_smem_chain(D, 2);
+    a.sync = gdn_chain_sync(chain, a.D, a.BH, a.nchunk);
+    a.ring = chain;
+    const int fused = gdn_bwd_fused(a.D);
+    void (*kern)(gdn_bwd_args) = fused ? gdn_bwd_chain_kernel96 : gdn_bwd_chain_kernel64;
+    const size_t sc = gdn_smem_chain(a.D, 2), sg = fused ? gdn_smem_bwd_grads(a.D) : 0, sm = sc > sg ? sc : sg;
     gdn_allow_smem((const void *)kern, sm);
-    kern<<<(unsigned)(BH * nchunk), GDN_NT, sm, cuda_stream()>>>(Xbuf, dSbuf, Pbuf, sync, chain, dout, q, k, g, beta,
-                                                                 doc_start, T, H, D, nchunk, BH, scale);
+    kern<<<(unsigned)((1 + fused) * a.BH * a.nchunk), GDN_NT, sm, cuda_stream()>>>(a);
     LAUNCH_CHECK();
 }

@@ -78,8 +78,8 @@
  * so two runs give the same bits.
  *
  * Cost at B = 8, T = 2048, H = 12, D = 85 (3072 chunks), measured on an H100 by
- * benchmarks/bench_mixers.c: forward 0.51 ms, backward 1.12 ms (1.03 ms writing the
- * gradients, as the model does) with the chained kernels (gdn_chain.cu); in the
+ * benchmarks/bench_mixers.c: forward 0.49 ms, backward 1.11 ms (1.01-1.02 ms writing
+ * the gradients, as the model does) with the chained kernels (gdn_chain.cu); in the
  * three-kernel form forward 0.73 ms, backward 1.32 ms (1.23 ms); 0.81 and 1.40 ms before the state kernels' 48-column
  * blocks, the block solve of T and the pairs handed from the prep kernel to the grads
  * kernel (gdn_state_nt, gdn_invert_offdiag, Pbuf in gdn_backward.cu). Before that,
@@ -154,12 +154,16 @@
  * (dropped). That paragraph is about the three-kernel form; the chained kernels
  * (gdn_chain.cu) since fused prep, state and out, and the backward's prep and state, so
  * that K, Q, Uk, Xk and Hc are loaded or built once per chunk, and took the op to 1.64
- * ms (1.55 ms writing the gradients). What is left toward 1.5 ms: the grads kernel (0.66
- * ms, 0.58 writing the gradients; it could take dv = beta X and v . X from the chained
- * backward, which holds X in registers, or run its blocks inside that kernel as chunks'
- * dS become ready), the two-blocks-an-SM occupancy of all three (registers and shared
- * memory both), shared layouts that serve both ldmatrix and scalar loads without bank
- * conflicts (a swizzle), and state_save with aligned rows (its layout is part of the op's
+ * ms (1.55 ms writing the gradients); with the grads phase in the chained backward's
+ * kernel, the forward's M built once per warp tile, v . X on the grads phase's idle warps
+ * and its dg scan on one warp, 1.60 ms (1.49-1.51 writing the gradients; on an H100 of the
+ * same call the build before took 1.65 and 1.56). What is left: the two-blocks-an-SM
+ * occupancy of all three (registers and shared memory both); the 4-byte copies of q, k, v
+ * and dO, whose rows start anywhere when D is odd (a copy shifted to 16-byte boundaries
+ * would do, but the regions that ldmatrix reads need aligned rows); dv = beta X and
+ * v . X from the chained backward, which holds X in registers (the grads phase would then
+ * skip V); shared layouts that serve both ldmatrix and scalar loads without bank
+ * conflicts (a swizzle); and state_save with aligned rows (its layout is part of the op's
  * contract with the CPU backend; its rows are copied 4 bytes at a time).
  */
 #ifndef DELTAMLA_GDN_INTERNAL_CUH
@@ -403,10 +407,25 @@ size_t gdn_chain_scratch_floats(int D, int BH, int nchunk);
 void gdn_fwd_chain_run(float *o, float *state_save, float *Wv, float *chain, const float *q, const float *k,
                        const float *v, const float *g, const float *beta, const int32_t *doc_start, int T, int H,
                        int D, int nchunk, int BH, float scale);
-/* the backward's Pbuf, X and dS: in place of its prep and state kernels */
-void gdn_bwd_chain_run(float *Xbuf, float *dSbuf, float *Pbuf, float *chain, const float *dout, const float *q,
-                       const float *k, const float *g, const float *beta, const int32_t *doc_start, int T, int H,
-                       int D, int nchunk, int BH, float scale);
+/* the whole backward's arguments: gradients (written where set, else accumulated), inputs,
+ * W (state_save's W rows), the scratch arrays X, dS and Pbuf, and the ring and counters
+ * (set by gdn_bwd_chain_run) */
+typedef struct {
+    float *dq, *dk, *dv, *dg, *dbeta;
+    const float *dout, *q, *k, *v, *g, *beta, *state_save, *Wbuf;
+    float *Xbuf, *dSbuf, *Pbuf, *ring;
+    unsigned *sync;
+    const int32_t *doc_start;
+    int T, H, D, nchunk, BH, set;
+    float scale;
+} gdn_bwd_args;
+/* whether the chained backward runs the grads phase in its own kernel (D > 64: at B 8,
+ * T 2048, H 16, D 64 on an H200 the grads kernel after it was 0.013 ms faster) */
+int gdn_bwd_fused(int D);
+/* the backward's chain, in place of its prep and state kernels, and with the grads phase
+ * where gdn_bwd_fused (else gdn_grads_run follows); chain is the scratch of
+ * gdn_chain_scratch_floats */
+void gdn_bwd_chain_run(gdn_bwd_args a, float *chain);
 
 /* ---- host side, shared by the two launchers ---- */
 
