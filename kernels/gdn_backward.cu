@@ -13,7 +13,7 @@
  *                        segmented suffix sum.
  * Where gdn_chain_use says so, one chained kernel (gdn_chain.cu) does the work of prep and
  * state (Pbuf, X, dS; no Xk, Hc or copy of K in scratch), and for D > 64 that of grads as
- * well (gdn_bwd_fused); for D <= 64 grads follows it. The grads phase itself is in
+ * well; for D <= 64 grads follows it. The grads phase itself is in
  * gdn_grads.cuh, which both kernels run.
  */
 #include "gdn_grads.cuh"
@@ -349,10 +349,11 @@ static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbet
         const size_t own = rows * Dp + states + 2 * rows * GDN_C;
         float *Xbuf = (float *)cuda_scratch((own + gdn_chain_scratch_floats(D, BH, nchunk)) * sizeof(float));
         float *dSbuf = Xbuf + rows * Dp, *Pbuf = dSbuf + states, *chain = Pbuf + 2 * rows * GDN_C;
-        const gdn_bwd_args a = {dq,   dk,    dv,    dg,   dbeta, dout, q,         k, v, g, beta,   state_save, Wbuf,
-                                Xbuf, dSbuf, Pbuf,  NULL, NULL,  doc_start, T, H, D, nchunk, BH,  set,  scale};
-        gdn_bwd_chain_run(a, chain);
-        if (!gdn_bwd_fused(D))
+        const gdn_bwd_args a = {.dq = dq, .dk = dk, .dv = dv, .dg = dg, .dbeta = dbeta, .dout = dout, .q = q,
+                                .k = k, .v = v, .g = g, .beta = beta, .state_save = state_save, .Wbuf = Wbuf,
+                                .Xbuf = Xbuf, .dSbuf = dSbuf, .Pbuf = Pbuf, .doc_start = doc_start, .T = T, .H = H,
+                                .D = D, .nchunk = nchunk, .BH = BH, .set = set, .scale = scale};
+        if (!gdn_bwd_chain_run(a, chain))
             gdn_grads_run(dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf, Xbuf, Pbuf, doc_start,
                           T, H, D, nchunk, BH, scale, set);
         return;

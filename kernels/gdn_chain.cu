@@ -511,7 +511,7 @@ gdn_bwd_chain(const int nt, const int fused, int tk, uint64_t &bar, float *Xbuf,
 
 /* The chained backward for D <= 64 (nt 4) and D <= 96 (nt 6, with the grads phase of
  * gdn_grads.cuh in the same kernel). Tickets 0 .. BH nchunk - 1 run the chain; in the
- * kernel with grads (gdn_bwd_fused) the next BH nchunk run the grads phase of the chunks
+ * kernel with grads (D > 64) the next BH nchunk run the grads phase of the chunks
  * in the same order, each after the done flag of its chunk (sync[2 + BH nchunk + ci],
  * set by the chunk's chain block once X, dS and Pbuf are written). A grads block waits
  * only on chain blocks, which took their tickets before it, and only the last chunks'
@@ -519,7 +519,7 @@ gdn_bwd_chain(const int nt, const int fused, int tk, uint64_t &bar, float *Xbuf,
  * fill the SMs while the chain's last steps run, where the grads kernel had waited for
  * the chain kernel to end (B 8, T 2048, H 12, D 85, one H100: backward 1.130 -> 1.113 ms,
  * backward_set 1.039 -> 1.031; at H 16, D 64 the grads kernel after the chain was faster,
- * 0.94 against 0.95 ms on an H200, hence gdn_bwd_fused). Handing out the grads tickets
+ * 0.942 against 0.954 ms on an H200, hence D > 64 only). Handing out the grads tickets
  * between the chain's, each level of grads a few chunks behind the chain (2, 4 or 8), so
  * that they find their chunk's X, dS and Pbuf still in L2, took the backward to 1.43-1.50
  * ms: the chain's blocks then start later and its steps wait on each other. */
@@ -601,16 +601,15 @@ void gdn_fwd_chain_run(float *o, float *state_save, float *Wv, float *chain, con
     LAUNCH_CHECK();
 }
 
-int gdn_bwd_fused(int D) { return D > 64; }
-
-void gdn_bwd_chain_run(gdn_bwd_args a, float *chain)
+int gdn_bwd_chain_run(gdn_bwd_args a, float *chain)
 {
     a.sync = gdn_chain_sync(chain, a.D, a.BH, a.nchunk);
     a.ring = chain;
-    const int fused = gdn_bwd_fused(a.D);
+    const int fused = a.D > 64; /* the D <= 96 kernel carries the grads phase */
     void (*kern)(gdn_bwd_args) = fused ? gdn_bwd_chain_kernel96 : gdn_bwd_chain_kernel64;
     const size_t sc = gdn_smem_chain(a.D, 2), sg = fused ? gdn_smem_bwd_grads(a.D) : 0, sm = sc > sg ? sc : sg;
     gdn_allow_smem((const void *)kern, sm);
     kern<<<(unsigned)((1 + fused) * a.BH * a.nchunk), GDN_NT, sm, cuda_stream()>>>(a);
     LAUNCH_CHECK();
+    return fused;
 }

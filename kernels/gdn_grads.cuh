@@ -22,23 +22,6 @@
  * pitch of 4 mod 8 had put in two-way bank conflicts; B 8, T 2048, H 12, D 85 on an H200:
  * 1.520 -> 1.512 ms forward + backward_set). Returns the thread's part of <S0, dS>. All
  * threads. */
-/* The loads of gdn_grads_dqdk's panel (ip, jp) into reg: dO, X, W [64, GDN_KP] and the
- * ipw x GDN_KP blocks of S0 and dS (issued only; issuing the first before the pairs'
- * epilogue, to overlap their latency with it, made the op 0.005 ms slower). All threads. */
-static __device__ __forceinline__ void gdn_grads_panel(const int nt, float *reg, int ip, int jp, const float *dout,
-                                                       const float *Xc, const float *Wc, const float *S0,
-                                                       const float *dSc, size_t tok, size_t rs, int L, int D)
-{
-    const int ipw = 16 * nt, iw = gdn_imin(ipw, D - ip), Dp = gdn_r4(D);
-    float *Op = reg, *Xp = Op + GDN_C * GDN_VP, *Wp = Xp + GDN_C * GDN_VP;
-    float *Sp = Wp + GDN_C * GDN_VP, *dSp = Sp + ipw * GDN_VP;
-    gdn_load_async(Op, GDN_VP, GDN_C, GDN_KP, dout + tok, rs, L, jp, D);
-    gdn_load_async(Xp, GDN_VP, GDN_C, GDN_KP, Xc, Dp, GDN_C, jp, D);
-    gdn_load_async(Wp, GDN_VP, GDN_C, GDN_KP, Wc, Dp, GDN_C, jp, D);
-    gdn_load_async(Sp, GDN_VP, ipw, GDN_KP, S0 + (size_t)ip * D, D, iw, jp, D);
-    gdn_load_async(dSp, GDN_VP, ipw, GDN_KP, dSc + (size_t)ip * Dp, Dp, iw, jp, D);
-}
-
 static __device__ __forceinline__ float gdn_grads_dqdk(const int nt, float *reg, const float *dKK, const float *dQK,
                                                        float *dots, gdn_hdr s, float *dq, float *dk,
                                                        const float *dout, const float *q, const float *k,
@@ -62,8 +45,12 @@ static __device__ __forceinline__ float gdn_grads_dqdk(const int nt, float *reg,
             float *Sp = Wp + GDN_C * GDN_VP, *dSp = Sp + ipw * GDN_VP;
             for (int jp = 0; jp < D; jp += GDN_KP) {
                 const int jw = gdn_imin(GDN_KP, D - jp);
-                gdn_grads_panel(nt, reg, ip, jp, dout, Xc, Wc, S0, dSc, tok, rs, L, D);
-                gdn_sync();
+                gdn_load_async(Op, GDN_VP, GDN_C, GDN_KP, dout + tok, rs, L, jp, D);
+                gdn_load_async(Xp, GDN_VP, GDN_C, GDN_KP, Xc, Dp, GDN_C, jp, D);
+                gdn_load_async(Wp, GDN_VP, GDN_C, GDN_KP, Wc, Dp, GDN_C, jp, D);
+                gdn_load_async(Sp, GDN_VP, ipw, GDN_KP, S0 + (size_t)ip * D, D, iw, jp, D);
+                gdn_load_async(dSp, GDN_VP, ipw, GDN_KP, dSc + (size_t)ip * Dp, Dp, iw, jp, D);
+                gdn_sync(); /* (issuing the first panel before the pairs' epilogue: 0.005 ms slower) */
                 if (act) {
                     gdn_mma_2a_n(GDN_SPLIT_S0, nt, zo, z, Op, Xp, GDN_VP, 1, m0, GDN_C - 1, Sp, 1, GDN_VP, n0, ipw - 1,
                                  0, jw);

@@ -419,13 +419,11 @@ typedef struct {
     int T, H, D, nchunk, BH, set;
     float scale;
 } gdn_bwd_args;
-/* whether the chained backward runs the grads phase in its own kernel (D > 64: at B 8,
- * T 2048, H 16, D 64 on an H200 the grads kernel after it was 0.013 ms faster) */
-int gdn_bwd_fused(int D);
-/* the backward's chain, in place of its prep and state kernels, and with the grads phase
- * where gdn_bwd_fused (else gdn_grads_run follows); chain is the scratch of
- * gdn_chain_scratch_floats */
-void gdn_bwd_chain_run(gdn_bwd_args a, float *chain);
+/* the backward's chain, in place of its prep and state kernels, and for D > 64 the grads
+ * phase in the same kernel (at B 8, T 2048, H 16, D 64 on an H200 the grads kernel after
+ * it was 0.012 ms faster); returns whether it ran the grads phase (else gdn_grads_run
+ * follows). chain is the scratch of gdn_chain_scratch_floats. */
+int gdn_bwd_chain_run(gdn_bwd_args a, float *chain);
 
 /* ---- host side, shared by the two launchers ---- */
 
