@@ -281,27 +281,27 @@ GDN_BWD_STATE_KERNEL(gdn_bwd_state_kernel48, 6, 2)
 
 /* the grads kernel for D <= 64 (dq, dk passes of 64 key columns) and for D > 64 (96):
  * two kernels, so that each gets the registers its own tiles need (in one kernel the
- * wide tiles' pressure made D = 64 2% slower) */
-static __global__ void __launch_bounds__(GDN_NT, 2)
-gdn_bwd_grads_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout, const float *q,
-                     const float *k, const float *v, const float *g, const float *beta, const float *state_save,
-                     const float *dSbuf, const float *Wbuf, const float *Xbuf, const float *Pbuf,
-                     const int32_t *doc_start, int T, int H, int D, int nchunk, float scale, int set)
-{
-    gdn_bwd_grads(4, blockIdx.x, blockIdx.y, dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf,
-                  Xbuf, Pbuf, doc_start, T, H, D, nchunk, scale, set);
-}
-
-static __global__ void __launch_bounds__(GDN_NT, 2)
-gdn_bwd_grads_wide_kernel(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout,
-                          const float *q, const float *k, const float *v, const float *g, const float *beta,
-                          const float *state_save, const float *dSbuf, const float *Wbuf, const float *Xbuf,
-                          const float *Pbuf, const int32_t *doc_start, int T, int H, int D, int nchunk, float scale,
-                          int set)
-{
-    gdn_bwd_grads(6, blockIdx.x, blockIdx.y, dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save, dSbuf, Wbuf,
-                  Xbuf, Pbuf, doc_start, T, H, D, nchunk, scale, set);
-}
+ * wide tiles' pressure made D = 64 2% slower); and for the head dims of gdn_fixed_d with D
+ * a constant (dc) */
+typedef void (*gdn_bwd_grads_fn)(float *, float *, float *, float *, float *, const float *, const float *,
+                                 const float *, const float *, const float *, const float *, const float *,
+                                 const float *, const float *, const float *, const float *, const int32_t *, int, int,
+                                 int, int, float, int);
+#define GDN_BWD_GRADS_KERNEL(name, nt, dc)                                                                         \
+    static __global__ void __launch_bounds__(GDN_NT, 2)                                                            \
+    name(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout, const float *q, const float *k, \
+         const float *v, const float *g, const float *beta, const float *state_save, const float *dSbuf,           \
+         const float *Wbuf, const float *Xbuf, const float *Pbuf, const int32_t *doc_start, int T, int H, int D,    \
+         int nchunk, float scale, int set)                                                                         \
+    {                                                                                                              \
+        gdn_bwd_grads(nt, blockIdx.x, blockIdx.y, dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save,      \
+                      dSbuf, Wbuf, Xbuf, Pbuf, doc_start, T, H, dc ? dc : D, nchunk, scale, set);                  \
+    }
+GDN_BWD_GRADS_KERNEL(gdn_bwd_grads_kernel, 4, 0)
+GDN_BWD_GRADS_KERNEL(gdn_bwd_grads_wide_kernel, 6, 0)
+GDN_BWD_GRADS_KERNEL(gdn_bwd_grads_kernel_d64, 4, 64)
+GDN_BWD_GRADS_KERNEL(gdn_bwd_grads_kernel_d85, 6, 85)
+GDN_BWD_GRADS_KERNEL(gdn_bwd_grads_kernel_d96, 6, 96)
 
 /* =================================================================================== */
 /* launcher                                                                            */
@@ -320,12 +320,13 @@ static void gdn_grads_run(float *dq, float *dk, float *dv, float *dg, float *dbe
                           const int32_t *doc_start, int T, int H, int D, int nchunk, int BH, float scale, int set)
 {
     const size_t sm = gdn_smem_bwd_grads(D);
-    gdn_allow_smem((const void *)gdn_bwd_grads_kernel, sm);
-    gdn_allow_smem((const void *)gdn_bwd_grads_wide_kernel, sm);
-    void (*grads)(float *, float *, float *, float *, float *, const float *, const float *, const float *,
-                  const float *, const float *, const float *, const float *, const float *, const float *,
-                  const float *, const float *, const int32_t *, int, int, int, int, float, int) =
-        D > 64 ? gdn_bwd_grads_wide_kernel : gdn_bwd_grads_kernel;
+    const int dc = gdn_fixed_d(D);
+    const gdn_bwd_grads_fn grads = dc == 64   ? gdn_bwd_grads_kernel_d64
+                                   : dc == 85 ? gdn_bwd_grads_kernel_d85
+                                   : dc == 96 ? gdn_bwd_grads_kernel_d96
+                                   : D > 64   ? gdn_bwd_grads_wide_kernel
+                                              : gdn_bwd_grads_kernel;
+    gdn_allow_smem((const void *)grads, sm);
     grads<<<dim3(nchunk, BH), GDN_NT, sm, cuda_stream()>>>(dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save,
                                                             dSbuf, Wbuf, Xbuf, Pbuf, doc_start, T, H, D, nchunk, scale,
                                                             set);

@@ -329,21 +329,25 @@ gdn_fwd_chain(const int nt, float *o, float *state_save, float *Wbuf, unsigned *
     }
 }
 
-/* the chained forward for D <= 64 (nt 4) and D <= 96 (nt 6) */
+/* the chained forward for D <= 64 (nt 4) and D <= 96 (nt 6), and for the head dims of
+ * gdn_fixed_d with D a constant (dc) */
 typedef void (*gdn_fwd_chain_fn)(float *, float *, float *, unsigned *, float *, const float *, const float *,
                                  const float *, const float *, const float *, const int32_t *, int, int, int, int, int,
                                  float);
-#define GDN_FWD_CHAIN_KERNEL(name, nt)                                                                             \
+#define GDN_FWD_CHAIN_KERNEL(name, nt, dc)                                                                         \
     static __global__ void __launch_bounds__(GDN_NT, 2)                                                            \
     name(float *o, float *state_save, float *Wbuf, unsigned *sync, float *ring, const float *q, const float *k,   \
          const float *v, const float *g, const float *beta, const int32_t *doc_start, int T, int H, int D,         \
          int nchunk, int BH, float scale)                                                                          \
     {                                                                                                              \
-        gdn_fwd_chain(nt, o, state_save, Wbuf, sync, ring, q, k, v, g, beta, doc_start, T, H, D, nchunk, BH,       \
-                      scale);                                                                                      \
+        gdn_fwd_chain(nt, o, state_save, Wbuf, sync, ring, q, k, v, g, beta, doc_start, T, H, dc ? dc : D, nchunk, \
+                      BH, scale);                                                                                  \
     }
-GDN_FWD_CHAIN_KERNEL(gdn_fwd_chain_kernel64, 4)
-GDN_FWD_CHAIN_KERNEL(gdn_fwd_chain_kernel96, 6)
+GDN_FWD_CHAIN_KERNEL(gdn_fwd_chain_kernel64, 4, 0)
+GDN_FWD_CHAIN_KERNEL(gdn_fwd_chain_kernel96, 6, 0)
+GDN_FWD_CHAIN_KERNEL(gdn_fwd_chain_kernel_d64, 4, 64)
+GDN_FWD_CHAIN_KERNEL(gdn_fwd_chain_kernel_d85, 6, 85)
+GDN_FWD_CHAIN_KERNEL(gdn_fwd_chain_kernel_d96, 6, 96)
 
 /* ---- backward ----
  * Per (chunk, b*h), chunks last to first: E o KK and M to Pbuf and T (as
@@ -523,7 +527,7 @@ gdn_bwd_chain(const int nt, const int fused, int tk, uint64_t &bar, float *Xbuf,
  * between the chain's, each level of grads a few chunks behind the chain (2, 4 or 8), so
  * that they find their chunk's X, dS and Pbuf still in L2, took the backward to 1.43-1.50
  * ms: the chain's blocks then start later and its steps wait on each other. */
-#define GDN_BWD_CHAIN_KERNEL(name, nt, fused)                                                                      \
+#define GDN_BWD_CHAIN_KERNEL(name, nt, fused, dc)                                                                  \
     static __global__ void __launch_bounds__(GDN_NT, 2)                                                            \
     name(gdn_bwd_args a)                                                                                           \
     {                                                                                                              \
@@ -532,7 +536,7 @@ gdn_bwd_chain(const int nt, const int fused, int tk, uint64_t &bar, float *Xbuf,
         const int tk = gdn_chain_ticket(a.sync, &bar, &ticket), n = a.BH * a.nchunk;                               \
         if (!fused || tk < n) {                                                                                    \
             gdn_bwd_chain(nt, fused, tk, bar, a.Xbuf, a.dSbuf, a.Pbuf, a.sync, a.ring, a.dout, a.q, a.k, a.g,      \
-                          a.beta, a.doc_start, a.T, a.H, a.D, a.nchunk, a.BH, a.scale);                            \
+                          a.beta, a.doc_start, a.T, a.H, dc ? dc : a.D, a.nchunk, a.BH, a.scale);                  \
             return;                                                                                                \
         }                                                                                                          \
         const int c = a.nchunk - 1 - (tk - n) / a.BH, bh = (tk - n) % a.BH;                                        \
@@ -540,11 +544,14 @@ gdn_bwd_chain(const int nt, const int fused, int tk, uint64_t &bar, float *Xbuf,
             while (!gdn_ld_acquire(a.sync + 2 + n + (size_t)bh * a.nchunk + c)) __nanosleep(32);                   \
         __syncthreads();                                                                                           \
         gdn_bwd_grads(nt, c, bh, a.dq, a.dk, a.dv, a.dg, a.dbeta, a.dout, a.q, a.k, a.v, a.g, a.beta,              \
-                      a.state_save, a.dSbuf, a.Wbuf, a.Xbuf, a.Pbuf, a.doc_start, a.T, a.H, a.D, a.nchunk,         \
+                      a.state_save, a.dSbuf, a.Wbuf, a.Xbuf, a.Pbuf, a.doc_start, a.T, a.H, dc ? dc : a.D, a.nchunk, \
                       a.scale, a.set);                                                                             \
     }
-GDN_BWD_CHAIN_KERNEL(gdn_bwd_chain_kernel64, 4, 0)
-GDN_BWD_CHAIN_KERNEL(gdn_bwd_chain_kernel96, 6, 1)
+GDN_BWD_CHAIN_KERNEL(gdn_bwd_chain_kernel64, 4, 0, 0)
+GDN_BWD_CHAIN_KERNEL(gdn_bwd_chain_kernel96, 6, 1, 0)
+GDN_BWD_CHAIN_KERNEL(gdn_bwd_chain_kernel_d64, 4, 0, 64)
+GDN_BWD_CHAIN_KERNEL(gdn_bwd_chain_kernel_d85, 6, 1, 85)
+GDN_BWD_CHAIN_KERNEL(gdn_bwd_chain_kernel_d96, 6, 1, 96)
 
 /* =================================================================================== */
 /* launchers                                                                           */
@@ -593,7 +600,12 @@ void gdn_fwd_chain_run(float *o, float *state_save, float *Wv, float *chain, con
                        int D, int nchunk, int BH, float scale)
 {
     unsigned *sync = gdn_chain_sync(chain, D, BH, nchunk);
-    const gdn_fwd_chain_fn kern = D <= 64 ? gdn_fwd_chain_kernel64 : gdn_fwd_chain_kernel96;
+    const int dc = gdn_fixed_d(D);
+    const gdn_fwd_chain_fn kern = dc == 64   ? gdn_fwd_chain_kernel_d64
+                                  : dc == 85 ? gdn_fwd_chain_kernel_d85
+                                  : dc == 96 ? gdn_fwd_chain_kernel_d96
+                                  : D <= 64  ? gdn_fwd_chain_kernel64
+                                             : gdn_fwd_chain_kernel96;
     const size_t sm = gdn_smem_chain(D, 1);
     gdn_allow_smem((const void *)kern, sm);
     kern<<<(unsigned)(BH * nchunk), GDN_NT, sm, cuda_stream()>>>(o, state_save, Wv, sync, chain, q, k, v, g, beta,
@@ -606,7 +618,12 @@ int gdn_bwd_chain_run(gdn_bwd_args a, float *chain)
     a.sync = gdn_chain_sync(chain, a.D, a.BH, a.nchunk);
     a.ring = chain;
     const int fused = a.D > 64; /* the D <= 96 kernel carries the grads phase */
-    void (*kern)(gdn_bwd_args) = fused ? gdn_bwd_chain_kernel96 : gdn_bwd_chain_kernel64;
+    const int dc = gdn_fixed_d(a.D);
+    void (*kern)(gdn_bwd_args) = dc == 64   ? gdn_bwd_chain_kernel_d64
+                                 : dc == 85 ? gdn_bwd_chain_kernel_d85
+                                 : dc == 96 ? gdn_bwd_chain_kernel_d96
+                                 : fused    ? gdn_bwd_chain_kernel96
+                                            : gdn_bwd_chain_kernel64;
     const size_t sc = gdn_smem_chain(a.D, 2), sg = fused ? gdn_smem_bwd_grads(a.D) : 0, sm = sc > sg ? sc : sg;
     gdn_allow_smem((const void *)kern, sm);
     kern<<<(unsigned)((1 + fused) * a.BH * a.nchunk), GDN_NT, sm, cuda_stream()>>>(a);

@@ -78,8 +78,9 @@
  * so two runs give the same bits.
  *
  * Cost at B = 8, T = 2048, H = 12, D = 85 (3072 chunks), measured on an H100 by
- * benchmarks/bench_mixers.c: forward 0.49 ms, backward 1.11 ms (1.01-1.02 ms writing
- * the gradients, as the model does) with the chained kernels (gdn_chain.cu); in the
+ * benchmarks/bench_mixers.c: forward 0.46 ms, backward 1.09 ms (0.99 ms writing the
+ * gradients, as the model does) with the chained kernels (gdn_chain.cu) built for D = 85
+ * (gdn_fixed_d; 0.49, 1.11 and 1.01-1.02 ms in the general ones); in the
  * three-kernel form forward 0.73 ms, backward 1.32 ms (1.23 ms); 0.81 and 1.40 ms before the state kernels' 48-column
  * blocks, the block solve of T and the pairs handed from the prep kernel to the grads
  * kernel (gdn_state_nt, gdn_invert_offdiag, Pbuf in gdn_backward.cu). Before that,
@@ -390,6 +391,15 @@ static __device__ __forceinline__ void gdn_invert_offdiag(float *Ts)
 #pragma unroll
     for (int r = 0; r < 4; r++) Ts[(32 + i0 + r) * GDN_PP + j] = -t10[r];
 }
+
+/* The head dims that have kernels of their own, with D a compile-time constant: those of
+ * the model's presets (config.c: 64 for small and moe-2b, 85 for moe-1b, 96 for base)
+ * that the chained kernels and the grads kernels take. With D known, every pitch, bound,
+ * trip count and clamp that derives from it folds into the instructions, where the
+ * general kernels compute them at run time: the chained forms took 0.485 -> 0.458 ms
+ * forward and 1.015 -> 0.988 ms backward_set at B 8, T 2048, H 12, D 85 on an H100. Any
+ * other D runs the general kernels, with the same arithmetic. Returns D, or 0. */
+static inline int gdn_fixed_d(int D) { return D == 64 || D == 85 || D == 96 ? D : 0; }
 
 /* ---- the chained forms (gdn_chain.cu) ---- */
 #define GDN_CHAIN_MAXD 96 /* the widest head they take (their warp tiles: 2 x 48 columns) */

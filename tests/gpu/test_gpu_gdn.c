@@ -2,9 +2,10 @@
  * against the CPU oracle (src/cpu/cpu_gdn.c), forward and backward, then a rough timing
  * at the model's shape.
  *
- * Shapes cover D in {5, 64, 85, 128, 256}, T below, at, between and above multiples of
- * the chunk (37, 64, 100, 130, 200, 2048), H in {1, 3, 12}, B in {1, 2}, including the
- * model's B=2 T=2048 H=12 D=85. Document starts come in patterns that put them inside
+ * Shapes cover D in {5, 64, 72, 85, 96, 128, 256} (64, 85 and 96 run kernels of their
+ * own, with D a constant: gdn_fixed_d; 5 and 72 the general ones), T below, at, between
+ * and above multiples of the chunk (37, 64, 100, 130, 200, 2048), H in {1, 3, 12}, B in
+ * {1, 2}, including the model's B=2 T=2048 H=12 D=85. Document starts come in patterns that put them inside
  * chunks, on chunk boundaries where the carried state is not zero, at t = 0 and at
  * random; gates are either uniform in [-3, -0.01] or logsigmoid of N(0, 1). Keys are L2
  * normalised per head, q and v uniform in [-1, 1], beta uniform in (0, 1), scale
@@ -336,6 +337,8 @@ int main(void)
         {1, 37, 12, 256, DOCS_EARLY, GATES_LOGSIG},   /* largest D, one short chunk */
         {2, 64, 12, 85, DOCS_EARLY, GATES_UNIFORM},   /* two documents in one chunk */
         {1, 2048, 1, 64, DOCS_RANDOM, GATES_LOGSIG},  /* random starts along a long row */
+        {2, 130, 3, 96, DOCS_MIXED, GATES_LOGSIG},    /* the base preset's head dim */
+        {1, 200, 3, 72, DOCS_RANDOM, GATES_UNIFORM},  /* a head dim of the general chained kernels */
     };
     /* every case with each form of the state kernels (kernels/gdn_state.cuh): 4 warps,
      * each over a whole contraction, and 8, which split it in halves; blocks of the
