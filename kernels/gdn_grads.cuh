@@ -7,6 +7,19 @@
 
 #include "gdn_internal.cuh"
 
+/* *g = x where set, else *g += x, for a gradient element that this thread alone updates
+ * in the op: the add as a reduction in L2 (atomicAdd with its result unused compiles to
+ * red.global.add.f32, which no instruction waits for), where a read-add-write had waited
+ * for its load. The one add per element leaves the result as determined as before: the
+ * same round-to-nearest sum, but that the reduction flushes subnormal sums to zero. */
+static __device__ __forceinline__ void gdn_grad_put(float *g, float x, int set)
+{
+    if (set)
+        *g = x;
+    else
+        atomicAdd(g, x);
+}
+
 /* The grads kernel's dq and dk terms, a pass per ipw = 16 nt key columns ip (nt = 4 or 6,
  * a constant at each call: warp tiles of 16 x 8 nt; with 96 columns a pass, D = 85 takes
  * one pass where 64-column passes took two, each reading dO, X and W again). Per pass,
@@ -14,7 +27,7 @@
  * dK = eL Y - e0 beta Z, and the row sums qs . ZO, k . Z, k . Y, per warp tile over its
  * columns into dots [3][64][2] (each slot owned by one thread); then, starting from
  * those, the pairs' terms dQs += dQK K, dK += dKK K + dKK^T K + dQK^T Qs; then one
- * read-add-write of dq and dk (with set the old values are taken as 0, unread). The row
+ * coalesced add to dq and dk (gdn_grad_put; with set, a write). The row
  * sums take qs and k from the K and Qs panels of the pairs' products. The region reg
  * holds 32-column panels of dO, X, W [64, GDN_VP] and ipw x 32 blocks of S0, dS, then
  * K and Qs [64, ipw + 8], then the tile's terms [64, ipw + 8] x 2 (rows of 8 mod 32
@@ -103,8 +116,8 @@ static __device__ __forceinline__ float gdn_grads_dqdk(const int nt, float *reg,
                 gdn_mma_n(GDN_SPLIT_GRAD, nt, a2, dQK, 1, GDN_PP, m0, GDN_C - 1, Qq, kqp, 1, n0, ipw - 1, m0, GDN_C);
             }
         }
-        /* the tile's dq and dk terms parked over K and Qs, then one coalesced
-         * read-add-write of the pass's rows, a warp per row */
+        /* the tile's dq and dk terms parked over K and Qs, then added to (set: written
+         * over) the pass's rows of dq and dk, a warp per row */
         float *Pq = reg, *Pk = Pq + GDN_C * kqp;
         gdn_sync();
         if (act)
@@ -118,30 +131,16 @@ static __device__ __forceinline__ float gdn_grads_dqdk(const int nt, float *reg,
                     Pk[x] = a2[j][r];
                 }
         gdn_sync();
-        for (int t0r = warp; t0r < L; t0r += 2 * (GDN_NT / 32)) {
-            float oq[2][GDN_NTW / 2], ok[2][GDN_NTW / 2];
+        for (int t = warp; t < L; t += GDN_NT / 32)
 #pragma unroll
-            for (int i = 0; i < 2; i++)
-#pragma unroll
-                for (int u = 0; u < GDN_NTW / 2; u++) {
-                    const int t = t0r + i * (GDN_NT / 32), n = (tid & 31) + 32 * u;
-                    const int in = !set && u < nt / 2 && t < L && n < iw;
+            for (int u = 0; u < GDN_NTW / 2; u++) {
+                const int n = (tid & 31) + 32 * u;
+                if (u < nt / 2 && n < iw) {
                     const size_t x = tok + (size_t)t * rs + ip + n;
-                    oq[i][u] = in ? dq[x] : 0.0f;
-                    ok[i][u] = in ? dk[x] : 0.0f;
+                    gdn_grad_put(dq + x, Pq[t * kqp + n], set);
+                    gdn_grad_put(dk + x, Pk[t * kqp + n], set);
                 }
-#pragma unroll
-            for (int i = 0; i < 2; i++)
-#pragma unroll
-                for (int u = 0; u < GDN_NTW / 2; u++) {
-                    const int t = t0r + i * (GDN_NT / 32), n = (tid & 31) + 32 * u;
-                    if (u < nt / 2 && t < L && n < iw) {
-                        const size_t x = tok + (size_t)t * rs + ip + n;
-                        dq[x] = oq[i][u] + Pq[t * kqp + n];
-                        dk[x] = ok[i][u] + Pk[t * kqp + n];
-                    }
-                }
-        }
+            }
         gdn_sync(); /* the next pass's panels lie over Pq and Pk */
     }
     return sds;
@@ -209,16 +208,8 @@ static __device__ __forceinline__ void gdn_grads_dg(gdn_hdr s, const float *dG, 
     float in = __shfl_down_sync(0xffffffffu, a, 1); /* O_(l+1) */
     if (lane == 31) in = 0.0f;
     const float o1 = x1 + in, o0 = x0 + (f1 ? 0.0f : o1);
-    if (r0 < L) {
-        float *d = dgc + (size_t)r0 * H;
-        if (!f0) *d = (set ? 0.0f : *d) + o0;
-        else if (set) *d = 0.0f;
-    }
-    if (r1 < L) {
-        float *d = dgc + (size_t)r1 * H;
-        if (!f1) *d = (set ? 0.0f : *d) + o1;
-        else if (set) *d = 0.0f;
-    }
+    if (r0 < L && (set || !f0)) gdn_grad_put(dgc + (size_t)r0 * H, f0 ? 0.0f : o0, set);
+    if (r1 < L && (set || !f1)) gdn_grad_put(dgc + (size_t)r1 * H, f1 ? 0.0f : o1, set);
 }
 
 #define GDN_B3_PART (8 * GDN_C)
@@ -278,20 +269,13 @@ gdn_bwd_grads(const int nt, int c, int bh, float *dq, float *dk, float *dv, floa
             if ((unsigned)vr < GDN_C)
                 for (int col = 0; col < pw; col++) vx = fmaf(Vp[vr * GDN_VP + col], Xp[vr * GDN_VP + col], vx);
             static_assert(GDN_C * GDN_KP == 8 * GDN_NT, "the dv update covers a panel in 8 passes");
-            /* dv += beta X (dv = beta X with set: old values not read): all loads of a thread
-             * first; the [64, GDN_KP] panel as 8 passes of 8 rows, a lane per column */
-            {
-                float old[8];
+            /* dv += beta X (dv = beta X with set): the [64, GDN_KP] panel as 8 passes of 8
+             * rows, a lane per column */
 #pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    const int e = tid + u * GDN_NT, r = e / GDN_KP, col = e % GDN_KP;
-                    old[u] = !set && r < L && col < pw ? dv[tok + (size_t)r * rs + p + col] : 0.0f;
-                }
-#pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    const int e = tid + u * GDN_NT, r = e / GDN_KP, col = e % GDN_KP;
-                    if (r < L && col < pw) dv[tok + (size_t)r * rs + p + col] = old[u] + s.bt[r] * Xp[r * GDN_VP + col];
-                }
+            for (int u = 0; u < 8; u++) {
+                const int e = tid + u * GDN_NT, r = e / GDN_KP, col = e % GDN_KP;
+                if (r < L && col < pw)
+                    gdn_grad_put(dv + tok + (size_t)r * rs + p + col, s.bt[r] * Xp[r * GDN_VP + col], set);
             }
             gdn_sync();
         }
@@ -363,8 +347,7 @@ gdn_bwd_grads(const int nt, int c, int bh, float *dq, float *dk, float *dv, floa
         kY[r] = ky;
         dG[r] = rE[r] - cE[r] + s.e0[r] * (qz - s.bt[r] * kz) - s.eL[r] * ky;
         if (r < L) {
-            float *db = dbeta + ((size_t)b * T + t0 + r) * H + h;
-            *db = (set ? 0.0f : *db) + (vX[r] - s.e0[r] * kz - rB[r]);
+            gdn_grad_put(dbeta + ((size_t)b * T + t0 + r) * H + h, vX[r] - s.e0[r] * kz - rB[r], set);
         }
     }
     gdn_sync();
