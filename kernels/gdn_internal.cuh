@@ -158,7 +158,13 @@
  * ms (1.55 ms writing the gradients); with the grads phase in the chained backward's
  * kernel, the forward's M built once per warp tile, v . X on the grads phase's idle warps
  * and its dg scan on one warp, 1.60 ms (1.49-1.51 writing the gradients; on an H100 of the
- * same call the build before took 1.65 and 1.56). What is left: the two-blocks-an-SM
+ * same call the build before took 1.65 and 1.56); built for D = 85 (gdn_fixed_d), with
+ * the accumulating backward's adds as reductions (gdn_grad_put), 1.55 ms (1.45 writing
+ * the gradients). Operands stored pre-rounded to TF32 for every product that reads them
+ * (skipping the products' own rounding, the same bits) changed nothing measurable. What
+ * is left: a fifth of the backward's DRAM traffic is the pairs (E o KK and M, 200 MB
+ * written and read at this shape), which would pack into one [64, 64] block per chunk
+ * (one lower triangle each); the two-blocks-an-SM
  * occupancy of all three (registers and shared memory both); the 4-byte copies of q, k, v
  * and dO, whose rows start anywhere when D is odd (a copy shifted to 16-byte boundaries
  * would do, but the regions that ldmatrix reads need aligned rows); dv = beta X and
