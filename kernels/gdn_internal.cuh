@@ -164,8 +164,8 @@
  * (skipping the products' own rounding, the same bits) changed nothing measurable. What
  * is left: about an eighth of the backward's DRAM traffic (1.7 GB) is the pairs (E o KK
  * and M, 200 MB written and read at this shape), which would pack into one [64, 64] block
- * per chunk (one lower triangle each); the two-blocks-an-SM occupancy of all three (registers and shared memory both); the 4-byte copies of q, k, v
- * and dO, whose rows start anywhere when D is odd (a copy shifted to 16-byte boundaries
+ * per chunk (one lower triangle each); the two-blocks-an-SM occupancy of all three
+ * (registers and shared memory both); the 4-byte copies of q, k, v and dO, whose rows start anywhere when D is odd (a copy shifted to 16-byte boundaries
  * would do, but the regions that ldmatrix reads need aligned rows); dv = beta X and
  * v . X from the chained backward, which holds X in registers (the grads phase would then
  * skip V); shared layouts that serve both ldmatrix and scalar loads without bank
