@@ -161,16 +161,17 @@
  * same call the build before took 1.65 and 1.56); built for D = 85 (gdn_fixed_d), with
  * the accumulating backward's adds as reductions (gdn_grad_put), 1.55 ms (1.45 writing
  * the gradients). Operands stored pre-rounded to TF32 for every product that reads them
- * (skipping the products' own rounding, the same bits) changed nothing measurable. What
- * is left: about an eighth of the backward's DRAM traffic (1.7 GB) is the pairs (E o KK
- * and M, 200 MB written and read at this shape), which would pack into one [64, 64] block
- * per chunk (one lower triangle each); the two-blocks-an-SM occupancy of all three
- * (registers and shared memory both); the 4-byte copies of q, k, v and dO, whose rows start anywhere when D is odd (a copy shifted to 16-byte boundaries
- * would do, but the regions that ldmatrix reads need aligned rows); dv = beta X and
- * v . X from the chained backward, which holds X in registers (the grads phase would then
- * skip V); shared layouts that serve both ldmatrix and scalar loads without bank
- * conflicts (a swizzle); and state_save with aligned rows (its layout is part of the op's
- * contract with the CPU backend; its rows are copied 4 bytes at a time).
+ * (skipping the products' own rounding, the same bits) changed nothing measurable. What is
+ * left: about an eighth of the backward's DRAM traffic (1.7 GB) is the pairs (E o KK and
+ * M, 200 MB written and read at this shape), which would pack into one [64, 64] block per
+ * chunk (one lower triangle each); the two-blocks-an-SM occupancy of all three (registers
+ * and shared memory both); the 4-byte copies of q, k, v and dO, whose rows start anywhere
+ * when D is odd (a copy shifted to 16-byte boundaries would do, but the regions that
+ * ldmatrix reads need aligned rows); dv = beta X and v . X from the chained backward,
+ * which holds X in registers (the grads phase would then skip V); shared layouts that
+ * serve both ldmatrix and scalar loads without bank conflicts (a swizzle); and state_save
+ * with aligned rows (its layout is part of the op's contract with the CPU backend; its
+ * rows are copied 4 bytes at a time).
  */
 #ifndef DELTAMLA_GDN_INTERNAL_CUH
 #define DELTAMLA_GDN_INTERNAL_CUH
