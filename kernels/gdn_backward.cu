@@ -22,7 +22,8 @@
  * state kernel's layout, [64, dp], pad columns zero); Hc = Qs^T diag(e0) dO [D, D];
  * Xo = T^T M^T dO = N dO, N = T^T M^T (upper triangular, built once: one product per
  * panel of dO instead of two); E o KK (strictly lower) and M = scale E o QK (lower) to
- * Pbuf [bh][chunk][2][64][64], the grads kernel's dG and dbeta terms (it had computed
+ * Pbuf [bh][chunk][64][64], both triangles in one block (gdn_pairs_put_m), the grads
+ * kernel's dG and dbeta terms (it had computed
  * both products again from K and q: with them read from here the grads kernel took 0.655
  * instead of 0.700 ms and this one 0.384 instead of 0.356, the backward 1.318 -> 1.304).
  * (W is the forward's, from state_save.)
@@ -69,7 +70,7 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
         gdn_zero(aq);
         if (n0 < m0 + 16)
             gdn_mma_2a(GDN_SPLIT_PAIR, ak, aq, Ks, Qs, dp, 1, m0, GDN_C - 1, Ks, 1, dp, n0, GDN_C - 1, 0, D);
-        float *pk = Pbuf + ci * 2 * GDN_C * GDN_C; /* E o KK for the grads kernel (M follows below) */
+        float *pb = Pbuf + ci * GDN_C * GDN_C; /* E o KK for the grads kernel (M follows below) */
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -78,8 +79,8 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
                 const float E0 = gdn_decay(s, t, u, L), E1 = gdn_decay(s, t, u + 1, L);
                 Ms[t * GDN_PP + u] = scale * E0 * aq[j][r];
                 Ms[t * GDN_PP + u + 1] = scale * E1 * aq[j][r + 1];
-                *(float2 *)(pk + t * GDN_C + u) =
-                    make_float2(u < t ? E0 * ak[j][r] : 0.0f, u + 1 < t ? E1 * ak[j][r + 1] : 0.0f);
+                gdn_pairs_put_kk(pb, t, u, E0 * ak[j][r]);
+                gdn_pairs_put_kk(pb, t, u + 1, E1 * ak[j][r + 1]);
                 ak[j][r] = u < t ? s.bt[t] * E0 * ak[j][r] : 0.0f;
                 ak[j][r + 1] = u + 1 < t ? s.bt[t] * E1 * ak[j][r + 1] : 0.0f;
             }
@@ -100,9 +101,7 @@ gdn_bwd_prep_kernel(float *Xbuf, float *Xkbuf, float *Kpbuf, float *Hcbuf, float
             const float eL = s.eL[r];
             for (int col = lane; col < D; col += 32) Ks[r * dp + col] *= eL;
         }
-        float *pm = Pbuf + (ci * 2 + 1) * GDN_C * GDN_C; /* M for the grads kernel */
-        for (int e = tid - GDN_C; e < GDN_C * GDN_C / 4; e += GDN_NT - GDN_C)
-            *(float4 *)(pm + 4 * e) = *(const float4 *)(Ms + (e >> 4) * GDN_PP + 4 * (e & 15));
+        gdn_pairs_put_m(Pbuf + ci * GDN_C * GDN_C, Ms, GDN_C, GDN_NT - GDN_C); /* M for the grads kernel */
     }
     __syncthreads();
     gdn_invert_offdiag(Ts);
@@ -335,8 +334,8 @@ static void gdn_grads_run(float *dq, float *dk, float *dv, float *dg, float *dbe
 
 /* Backward: accumulates into dq, dk, dv, dg, dbeta, or (set) writes them. W comes from
  * state_save. Scratch: a [64, gdn_r4(D)] array, 2 [64, gdn_kpitch(D)] arrays (the state
- * kernel's operands in its layout, gdn_refill), 2 [D, gdn_r4(D)] arrays and a [128]
- * vector (e0, e0 beta) per (b, h, chunk). */
+ * kernel's operands in its layout, gdn_refill), 2 [D, gdn_r4(D)] arrays, a [128] vector
+ * (e0, e0 beta) and the pairs' [64, 64] block per (b, h, chunk). */
 static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbeta, const float *dout, const float *q,
                          const float *k, const float *v, const float *g, const float *beta, const float *state_save,
                          const int32_t *doc_start, int B, int T, int H, int D, float scale, int set)
@@ -347,9 +346,9 @@ static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbet
     fatal_check(gdn_w_pitch(D) == (int)Dp);
     const float *Wbuf = state_save + gdn_state_w_offset(B, T, H, D);
     if (gdn_chain_use(D, BH, nchunk)) {
-        const size_t own = rows * Dp + states + 2 * rows * GDN_C;
+        const size_t own = rows * Dp + states + rows * GDN_C;
         float *Xbuf = (float *)cuda_scratch((own + gdn_chain_scratch_floats(D, BH, nchunk)) * sizeof(float));
-        float *dSbuf = Xbuf + rows * Dp, *Pbuf = dSbuf + states, *chain = Pbuf + 2 * rows * GDN_C;
+        float *dSbuf = Xbuf + rows * Dp, *Pbuf = dSbuf + states, *chain = Pbuf + rows * GDN_C;
         const gdn_bwd_args a = {.dq = dq, .dk = dk, .dv = dv, .dg = dg, .dbeta = dbeta, .dout = dout, .q = q,
                                 .k = k, .v = v, .g = g, .beta = beta, .state_save = state_save, .Wbuf = Wbuf,
                                 .Xbuf = Xbuf, .dSbuf = dSbuf, .Pbuf = Pbuf, .doc_start = doc_start, .T = T, .H = H,
@@ -360,7 +359,7 @@ static void gdn_backward(float *dq, float *dk, float *dv, float *dg, float *dbet
         return;
     }
     const size_t dp = gdn_kpitch(D);
-    float *Xbuf = (float *)cuda_scratch((rows * Dp + 2 * rows * dp + 2 * states + 2 * rows + 2 * rows * GDN_C) *
+    float *Xbuf = (float *)cuda_scratch((rows * Dp + 2 * rows * dp + 2 * states + 2 * rows + rows * GDN_C) *
                                         sizeof(float));
     float *Xkbuf = Xbuf + rows * Dp, *Kpbuf = Xkbuf + rows * dp, *Hcbuf = Kpbuf + rows * dp;
     float *dSbuf = Hcbuf + states, *e0buf = dSbuf + states, *Pbuf = e0buf + 2 * rows;

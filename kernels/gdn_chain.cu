@@ -393,7 +393,7 @@ gdn_bwd_chain(const int nt, const int fused, int tk, uint64_t &bar, float *Xbuf,
             gdn_mma(GDN_SPLIT_PAIR, ak, Ks, dp, 1, m0, GDN_C - 1, Ks, 1, dp, n0, GDN_C - 1, 0, D);
             gdn_mma(GDN_SPLIT_PAIR, aq, Qs, qp, 1, m0, GDN_C - 1, Ks, 1, dp, n0, GDN_C - 1, 0, D);
         }
-        float *pk = Pbuf + ci * 2 * GDN_C * GDN_C;
+        float *pb = Pbuf + ci * GDN_C * GDN_C;
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
@@ -403,7 +403,8 @@ gdn_bwd_chain(const int nt, const int fused, int tk, uint64_t &bar, float *Xbuf,
                 const float k0 = u < t ? E0 * ak[j][r] : 0.0f, k1 = u + 1 < t ? E1 * ak[j][r + 1] : 0.0f;
                 Ms[t * GDN_PP + u] = scale * E0 * aq[j][r];
                 Ms[t * GDN_PP + u + 1] = scale * E1 * aq[j][r + 1];
-                *(float2 *)(pk + t * GDN_C + u) = make_float2(k0, k1);
+                gdn_pairs_put_kk(pb, t, u, k0);
+                gdn_pairs_put_kk(pb, t, u + 1, k1);
                 Ts[t * GDN_PP + u] = s.bt[t] * k0;
                 Ts[t * GDN_PP + u + 1] = s.bt[t] * k1;
             }
@@ -414,9 +415,7 @@ gdn_bwd_chain(const int nt, const int fused, int tk, uint64_t &bar, float *Xbuf,
     if (tid < GDN_C) {
         gdn_invert_diag(Ts, Ts);
     } else {
-        float *pm = Pbuf + (ci * 2 + 1) * GDN_C * GDN_C;
-        for (int e = tid - GDN_C; e < GDN_C * GDN_C / 4; e += GDN_NT - GDN_C)
-            *(float4 *)(pm + 4 * e) = *(const float4 *)(Ms + (e >> 4) * GDN_PP + 4 * (e & 15));
+        gdn_pairs_put_m(Pbuf + ci * GDN_C * GDN_C, Ms, GDN_C, GDN_NT - GDN_C);
         for (int r = (tid - GDN_C) >> 5; r < GDN_C; r += (GDN_NT - GDN_C) / 32) {
             const float e0 = scale * s.e0[r];
             for (int col = lane; col < D; col += 32) Qe[r * qp + col] *= e0;

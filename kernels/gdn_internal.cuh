@@ -32,9 +32,10 @@
  * sequence end are zero): forward Uk and the state kernel's copy of K, backward Xk and the
  * copy of K, in the state kernels' shared-memory layout (rows of gdn_kpitch(D) floats,
  * pad columns zero: gdn_refill); backward Xo/X ([64, D]), Hc and dS ([D, D]) with rows of
- * gdn_r4(D) floats; the backward's E o KK and M ([64, 64] each, from its prep kernel to its
- * grads kernel); and the per-token decays (eL, e0; e0, e0 beta). W (Wv, then W) lives in
- * state_save, after the start states (backend.h): the forward writes it there and the
+ * gdn_r4(D) floats; the backward's E o KK and M (the two triangles of one [64, 64] block,
+ * from its prep kernel to its grads kernel: gdn_pairs_put_m); and the per-token decays
+ * (eL, e0; e0, e0 beta). W (Wv, then W) lives in state_save, after the start states
+ * (backend.h): the forward writes it there and the
  * backward reads it, where its prep kernel used to solve for it again from S0 (2.84 ->
  * 2.64 ms forward + backward at the shape below).
  *
@@ -78,7 +79,7 @@
  * so two runs give the same bits.
  *
  * Cost at B = 8, T = 2048, H = 12, D = 85 (3072 chunks), measured on an H100 by
- * benchmarks/bench_mixers.c: forward 0.46 ms, backward 1.09 ms (0.99 ms writing the
+ * benchmarks/bench_mixers.c: forward 0.46 ms, backward 1.06 ms (0.97 ms writing the
  * gradients, as the model does) with the chained kernels (gdn_chain.cu) built for D = 85
  * (gdn_fixed_d; 0.49, 1.11 and 1.01-1.02 ms in the general ones); in the
  * three-kernel form forward 0.73 ms, backward 1.32 ms (1.23 ms); 0.81 and 1.40 ms before the state kernels' 48-column
@@ -161,17 +162,16 @@
  * same call the build before took 1.65 and 1.56); built for D = 85 (gdn_fixed_d), with
  * the accumulating backward's adds as reductions (gdn_grad_put), 1.55 ms (1.45 writing
  * the gradients). Operands stored pre-rounded to TF32 for every product that reads them
- * (skipping the products' own rounding, the same bits) changed nothing measurable. What is
- * left: about an eighth of the backward's DRAM traffic (1.7 GB) is the pairs (E o KK and
- * M, 200 MB written and read at this shape), which would pack into one [64, 64] block per
- * chunk (one lower triangle each); the two-blocks-an-SM occupancy of all three (registers
- * and shared memory both); the 4-byte copies of q, k, v and dO, whose rows start anywhere
- * when D is odd (a copy shifted to 16-byte boundaries would do, but the regions that
- * ldmatrix reads need aligned rows); dv = beta X and v . X from the chained backward,
- * which holds X in registers (the grads phase would then skip V); shared layouts that
- * serve both ldmatrix and scalar loads without bank conflicts (a swizzle); and state_save
- * with aligned rows (its layout is part of the op's contract with the CPU backend; its
- * rows are copied 4 bytes at a time).
+ * (skipping the products' own rounding, the same bits) changed nothing measurable. With
+ * the pairs (E o KK and M) packed into one [64, 64] block per chunk where they had taken
+ * two (100 MB less written and read at this shape), 1.52 ms (1.43). What is left: the
+ * two-blocks-an-SM occupancy of all three (registers and shared memory both); the 4-byte
+ * copies of q, k, v and dO, whose rows start anywhere when D is odd (a copy shifted to
+ * 16-byte boundaries would do, but the regions that ldmatrix reads need aligned rows); dv
+ * = beta X and v . X from the chained backward, which holds X in registers (the grads
+ * phase would then skip V); shared layouts that serve both ldmatrix and scalar loads
+ * without bank conflicts (a swizzle); and state_save with aligned rows (its layout is part
+ * of the op's contract with the CPU backend; its rows are copied 4 bytes at a time).
  */
 #ifndef DELTAMLA_GDN_INTERNAL_CUH
 #define DELTAMLA_GDN_INTERNAL_CUH
