@@ -280,7 +280,7 @@ GDN_BWD_STATE_KERNEL(gdn_bwd_state_kernel48, 6, 2)
 
 /* the grads kernel for D <= 64 (dq, dk passes of 64 key columns) and for D > 64 (96):
  * two kernels, so that each gets the registers its own tiles need (in one kernel the
- * wide tiles' pressure made D = 64 2% slower); and for the head dims of gdn_fixed_d with D
+ * wide tiles' pressure made D = 64 2% slower); and for the head dims of GDN_FIXED_D with D
  * a constant (dc) */
 typedef void (*gdn_bwd_grads_fn)(float *, float *, float *, float *, float *, const float *, const float *,
                                  const float *, const float *, const float *, const float *, const float *,
@@ -298,9 +298,18 @@ typedef void (*gdn_bwd_grads_fn)(float *, float *, float *, float *, float *, co
     }
 GDN_BWD_GRADS_KERNEL(gdn_bwd_grads_kernel, 4, 0)
 GDN_BWD_GRADS_KERNEL(gdn_bwd_grads_wide_kernel, 6, 0)
-GDN_BWD_GRADS_KERNEL(gdn_bwd_grads_kernel_d64, 4, 64)
-GDN_BWD_GRADS_KERNEL(gdn_bwd_grads_kernel_d85, 6, 85)
-GDN_BWD_GRADS_KERNEL(gdn_bwd_grads_kernel_d96, 6, 96)
+#define GDN_BWD_GRADS_FIXED(d) GDN_BWD_GRADS_KERNEL(gdn_bwd_grads_kernel_d##d, GDN_FIXED_NT(d), d)
+GDN_FIXED_D(GDN_BWD_GRADS_FIXED)
+
+/* the grads kernel for head dim D: its own where GDN_FIXED_D lists D, else the general one */
+static gdn_bwd_grads_fn gdn_bwd_grads_pick(int D)
+{
+#define GDN_PICK(d)                                                                                                \
+    if (D == (d)) return gdn_bwd_grads_kernel_d##d;
+    GDN_FIXED_D(GDN_PICK)
+#undef GDN_PICK
+    return D > 64 ? gdn_bwd_grads_wide_kernel : gdn_bwd_grads_kernel;
+}
 
 /* =================================================================================== */
 /* launcher                                                                            */
@@ -319,12 +328,7 @@ static void gdn_grads_run(float *dq, float *dk, float *dv, float *dg, float *dbe
                           const int32_t *doc_start, int T, int H, int D, int nchunk, int BH, float scale, int set)
 {
     const size_t sm = gdn_smem_bwd_grads(D);
-    const int dc = gdn_fixed_d(D);
-    const gdn_bwd_grads_fn grads = dc == 64   ? gdn_bwd_grads_kernel_d64
-                                   : dc == 85 ? gdn_bwd_grads_kernel_d85
-                                   : dc == 96 ? gdn_bwd_grads_kernel_d96
-                                   : D > 64   ? gdn_bwd_grads_wide_kernel
-                                              : gdn_bwd_grads_kernel;
+    const gdn_bwd_grads_fn grads = gdn_bwd_grads_pick(D);
     gdn_allow_smem((const void *)grads, sm);
     grads<<<dim3(nchunk, BH), GDN_NT, sm, cuda_stream()>>>(dq, dk, dv, dg, dbeta, dout, q, k, v, g, beta, state_save,
                                                             dSbuf, Wbuf, Xbuf, Pbuf, doc_start, T, H, D, nchunk, scale,

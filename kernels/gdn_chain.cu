@@ -330,7 +330,7 @@ gdn_fwd_chain(const int nt, float *o, float *state_save, float *Wbuf, unsigned *
 }
 
 /* the chained forward for D <= 64 (nt 4) and D <= 96 (nt 6), and for the head dims of
- * gdn_fixed_d with D a constant (dc) */
+ * GDN_FIXED_D with D a constant (dc) */
 typedef void (*gdn_fwd_chain_fn)(float *, float *, float *, unsigned *, float *, const float *, const float *,
                                  const float *, const float *, const float *, const int32_t *, int, int, int, int, int,
                                  float);
@@ -345,9 +345,8 @@ typedef void (*gdn_fwd_chain_fn)(float *, float *, float *, unsigned *, float *,
     }
 GDN_FWD_CHAIN_KERNEL(gdn_fwd_chain_kernel64, 4, 0)
 GDN_FWD_CHAIN_KERNEL(gdn_fwd_chain_kernel96, 6, 0)
-GDN_FWD_CHAIN_KERNEL(gdn_fwd_chain_kernel_d64, 4, 64)
-GDN_FWD_CHAIN_KERNEL(gdn_fwd_chain_kernel_d85, 6, 85)
-GDN_FWD_CHAIN_KERNEL(gdn_fwd_chain_kernel_d96, 6, 96)
+#define GDN_FWD_CHAIN_FIXED(d) GDN_FWD_CHAIN_KERNEL(gdn_fwd_chain_kernel_d##d, GDN_FIXED_NT(d), d)
+GDN_FIXED_D(GDN_FWD_CHAIN_FIXED)
 
 /* ---- backward ----
  * Per (chunk, b*h), chunks last to first: E o KK and M to Pbuf and T (as
@@ -548,9 +547,8 @@ gdn_bwd_chain(const int nt, const int fused, int tk, uint64_t &bar, float *Xbuf,
     }
 GDN_BWD_CHAIN_KERNEL(gdn_bwd_chain_kernel64, 4, 0, 0)
 GDN_BWD_CHAIN_KERNEL(gdn_bwd_chain_kernel96, 6, 1, 0)
-GDN_BWD_CHAIN_KERNEL(gdn_bwd_chain_kernel_d64, 4, 0, 64)
-GDN_BWD_CHAIN_KERNEL(gdn_bwd_chain_kernel_d85, 6, 1, 85)
-GDN_BWD_CHAIN_KERNEL(gdn_bwd_chain_kernel_d96, 6, 1, 96)
+#define GDN_BWD_CHAIN_FIXED(d) GDN_BWD_CHAIN_KERNEL(gdn_bwd_chain_kernel_d##d, GDN_FIXED_NT(d), ((d) > 64), d)
+GDN_FIXED_D(GDN_BWD_CHAIN_FIXED)
 
 /* =================================================================================== */
 /* launchers                                                                           */
@@ -594,17 +592,31 @@ static unsigned *gdn_chain_sync(float *chain, int D, int BH, int nchunk)
     return sync;
 }
 
+/* the kernel for head dim D: its own where GDN_FIXED_D lists D, else the general one */
+static gdn_fwd_chain_fn gdn_fwd_chain_pick(int D)
+{
+#define GDN_PICK(d)                                                                                                \
+    if (D == (d)) return gdn_fwd_chain_kernel_d##d;
+    GDN_FIXED_D(GDN_PICK)
+#undef GDN_PICK
+    return D <= 64 ? gdn_fwd_chain_kernel64 : gdn_fwd_chain_kernel96;
+}
+
+static void (*gdn_bwd_chain_pick(int D))(gdn_bwd_args)
+{
+#define GDN_PICK(d)                                                                                                \
+    if (D == (d)) return gdn_bwd_chain_kernel_d##d;
+    GDN_FIXED_D(GDN_PICK)
+#undef GDN_PICK
+    return D <= 64 ? gdn_bwd_chain_kernel64 : gdn_bwd_chain_kernel96;
+}
+
 void gdn_fwd_chain_run(float *o, float *state_save, float *Wv, float *chain, const float *q, const float *k,
                        const float *v, const float *g, const float *beta, const int32_t *doc_start, int T, int H,
                        int D, int nchunk, int BH, float scale)
 {
     unsigned *sync = gdn_chain_sync(chain, D, BH, nchunk);
-    const int dc = gdn_fixed_d(D);
-    const gdn_fwd_chain_fn kern = dc == 64   ? gdn_fwd_chain_kernel_d64
-                                  : dc == 85 ? gdn_fwd_chain_kernel_d85
-                                  : dc == 96 ? gdn_fwd_chain_kernel_d96
-                                  : D <= 64  ? gdn_fwd_chain_kernel64
-                                             : gdn_fwd_chain_kernel96;
+    const gdn_fwd_chain_fn kern = gdn_fwd_chain_pick(D);
     const size_t sm = gdn_smem_chain(D, 1);
     gdn_allow_smem((const void *)kern, sm);
     kern<<<(unsigned)(BH * nchunk), GDN_NT, sm, cuda_stream()>>>(o, state_save, Wv, sync, chain, q, k, v, g, beta,
@@ -616,13 +628,8 @@ int gdn_bwd_chain_run(gdn_bwd_args a, float *chain)
 {
     a.sync = gdn_chain_sync(chain, a.D, a.BH, a.nchunk);
     a.ring = chain;
-    const int fused = a.D > 64; /* the D <= 96 kernel carries the grads phase */
-    const int dc = gdn_fixed_d(a.D);
-    void (*kern)(gdn_bwd_args) = dc == 64   ? gdn_bwd_chain_kernel_d64
-                                 : dc == 85 ? gdn_bwd_chain_kernel_d85
-                                 : dc == 96 ? gdn_bwd_chain_kernel_d96
-                                 : fused    ? gdn_bwd_chain_kernel96
-                                            : gdn_bwd_chain_kernel64;
+    const int fused = a.D > 64; /* the D <= 96 kernels carry the grads phase */
+    void (*kern)(gdn_bwd_args) = gdn_bwd_chain_pick(a.D);
     const size_t sc = gdn_smem_chain(a.D, 2), sg = fused ? gdn_smem_bwd_grads(a.D) : 0, sm = sc > sg ? sc : sg;
     gdn_allow_smem((const void *)kern, sm);
     kern<<<(unsigned)((1 + fused) * a.BH * a.nchunk), GDN_NT, sm, cuda_stream()>>>(a);

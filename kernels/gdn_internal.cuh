@@ -81,7 +81,7 @@
  * Cost at B = 8, T = 2048, H = 12, D = 85 (3072 chunks), measured on an H100 by
  * benchmarks/bench_mixers.c: forward 0.46 ms, backward 1.06 ms (0.97 ms writing the
  * gradients, as the model does) with the chained kernels (gdn_chain.cu) built for D = 85
- * (gdn_fixed_d; 0.49, 1.11 and 1.01-1.02 ms in the general ones); in the
+ * (GDN_FIXED_D; 0.49, 1.11 and 1.01-1.02 ms in the general ones); in the
  * three-kernel form forward 0.73 ms, backward 1.32 ms (1.23 ms); 0.81 and 1.40 ms before the state kernels' 48-column
  * blocks, the block solve of T and the pairs handed from the prep kernel to the grads
  * kernel (gdn_state_nt, gdn_invert_offdiag, Pbuf in gdn_backward.cu). Before that,
@@ -159,7 +159,7 @@
  * ms (1.55 ms writing the gradients); with the grads phase in the chained backward's
  * kernel, the forward's M built once per warp tile, v . X on the grads phase's idle warps
  * and its dg scan on one warp, 1.60 ms (1.49-1.51 writing the gradients; on an H100 of the
- * same call the build before took 1.65 and 1.56); built for D = 85 (gdn_fixed_d), with
+ * same call the build before took 1.65 and 1.56); built for D = 85 (GDN_FIXED_D), with
  * the accumulating backward's adds as reductions (gdn_grad_put), 1.55 ms (1.45 writing
  * the gradients). Operands stored pre-rounded to TF32 for every product that reads them
  * (skipping the products' own rounding, the same bits) changed nothing measurable. With
@@ -404,8 +404,12 @@ static __device__ __forceinline__ void gdn_invert_offdiag(float *Ts)
  * trip count and clamp that derives from it folds into the instructions, where the
  * general kernels compute them at run time: the chained forms took 0.485 -> 0.458 ms
  * forward and 1.015 -> 0.988 ms backward_set at B 8, T 2048, H 12, D 85 on an H100. Any
- * other D runs the general kernels, with the same arithmetic. Returns D, or 0. */
-static inline int gdn_fixed_d(int D) { return D == 64 || D == 85 || D == 96 ? D : 0; }
+ * other D runs the general kernels, with the same arithmetic. The list, as X(D) for each
+ * head dim: the files build their instances (named ..._d<D>) from it and pick among them
+ * by it. */
+#define GDN_FIXED_D(X) X(64) X(85) X(96)
+/* the warp tiles' n-tiles of the kernels for head dim d: 4 (16 x 32) to 64, else 6 */
+#define GDN_FIXED_NT(d) ((d) <= 64 ? 4 : 6)
 
 /* ---- the chained forms (gdn_chain.cu) ---- */
 #define GDN_CHAIN_MAXD 96 /* the widest head they take (their warp tiles: 2 x 48 columns) */

@@ -3,7 +3,7 @@
  * at the model's shape.
  *
  * Shapes cover D in {5, 64, 72, 85, 96, 128, 256} (64, 85 and 96 run kernels of their
- * own, with D a constant: gdn_fixed_d; 5 and 72 the general ones), T below, at, between
+ * own, with D a constant: GDN_FIXED_D; 5 and 72 the general ones), T below, at, between
  * and above multiples of the chunk (37, 64, 100, 130, 200, 2048), H in {1, 3, 12}, B in
  * {1, 2}, including the model's B=2 T=2048 H=12 D=85. Document starts come in patterns that put them inside
  * chunks, on chunk boundaries where the carried state is not zero, at t = 0 and at
